@@ -1,0 +1,1 @@
+"""mailx: a mail exchanger on Twisted."""

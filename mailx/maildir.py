@@ -1,0 +1,137 @@
+# -*- test-case-name: tests.test_maildir -*-
+"""Durable Maildir delivery, as Dovecot reads it.
+
+Twisted's maildir code never fsyncs (research notes section 6), so this is
+the whole sequence by hand: create in ``tmp/`` with O_EXCL, write, fsync the
+file, rename into ``new/``, fsync ``new/``.  After the last fsync the message
+survives a power cut; before the rename it is invisible to readers.  All of
+it blocks, so callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+SUBDIRS = ("tmp", "new", "cur")
+JUNK_FOLDER = ".Junk"  # Maildir++ folder name Dovecot shows as "Junk"
+
+_pid = os.getpid()
+
+
+def _safe_host(hostname: str) -> str:
+    # maildir(5): "/" and ":" in the host part are written as \057 and \072.
+    return hostname.replace("/", r"\057").replace(":", r"\072")
+
+
+def ensure_maildir(path: Path) -> None:
+    """Create ``path/{tmp,new,cur}`` (mode 0700) if missing."""
+    for sub in SUBDIRS:
+        os.makedirs(path / sub, mode=0o700, exist_ok=True)
+
+
+def ensure_folder(maildir: Path, folder: str = JUNK_FOLDER) -> Path:
+    """A Maildir++ subfolder such as ``.Junk``, with its ``maildirfolder`` marker."""
+    path = maildir / folder
+    ensure_maildir(path)
+    marker = path / "maildirfolder"
+    if not marker.exists():
+        marker.touch(mode=0o600)
+    return path
+
+
+def unique_name(queue_id: str, copy: int, hostname: str) -> str:
+    """``<sec>.M<usec>P<pid>Q<queue id>R<copy>.<host>`` (maildir(5)); unique by the queue ID."""
+    now = time.time()
+    sec = int(now)
+    usec = int((now - sec) * 1_000_000)
+    return f"{sec}.M{usec}P{_pid}Q{queue_id}R{copy}.{_safe_host(hostname)}"
+
+
+_OUR_NAME = re.compile(r"^\d+\.M\d+P\d+Q[0-9A-F]+R\d+\.")
+
+
+def write_message(maildir: Path, name: str, parts: Iterable[bytes]) -> Path:
+    """Write one message durably into ``maildir/new/name,S=<size>``; blocking.
+
+    The size suffix is Dovecot's (it spares Dovecot a stat for quota).
+
+    On any error the partial ``tmp/`` file is removed and the error raised:
+    nothing half-written is ever visible in ``new/``.
+    """
+    tmp = maildir / "tmp" / name
+    size = 0
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        ensure_maildir(maildir)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            for part in parts:
+                size += len(part)
+                view = memoryview(part)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        new = maildir / "new" / f"{name},S={size}"
+        os.rename(tmp, new)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_directory(maildir / "new")
+    return new
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_message(path: Path) -> None:
+    """Take back a delivered copy (used when a later copy of the same message failed)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    fsync_directory(path.parent)
+
+
+def clean_tmp(maildir: Path) -> int:
+    """Remove our own leftovers in ``tmp/`` (a crash mid-write); returns how many.
+
+    Only files named by ``unique_name`` are touched: another delivery agent
+    (Dovecot's LDA) may be writing its own files there.
+    """
+    removed = 0
+    for folder in (maildir, maildir / JUNK_FOLDER):
+        try:
+            entries = list(os.scandir(folder / "tmp"))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if _OUR_NAME.match(entry.name):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def default_hostname() -> str:
+    return socket.gethostname()

@@ -1,0 +1,440 @@
+# -*- test-case-name: tests.test_smtp -*-
+"""The SMTP dialogue, line by line, over StringTransport with a controllable clock.
+
+These pin down the protocol layer alone (replies, ordering, limits, framing);
+tests/test_server.py proves the same things over real sockets end to end.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from mailx import replies
+from mailx.replies import SMTPReplyError
+from mailx.smtp import MAX_DATA_LINE, MailxSMTPFactory
+
+
+def make_config(**limits: object) -> SimpleNamespace:
+    base = dict(
+        message_size=10_000,
+        recipients=3,
+        connections=2,
+        connections_per_ip=1,
+        idle_timeout=60.0,
+        session_timeout=600.0,
+        error_limit=20,
+    )
+    base.update(limits)
+    return SimpleNamespace(hostname="mx.example.test", limits=SimpleNamespace(**base))
+
+
+class RecordingMessage:
+    def __init__(self, owner: FakeDelivery) -> None:
+        self.owner = owner
+        self.data = b""
+        self.lost = False
+
+    def dataReceived(self, chunk: bytes) -> None:
+        self.data += chunk
+
+    def eomReceived(self) -> object:
+        self.owner.delivered.append(self.data)
+        return self.owner.eom_result
+
+    def connectionLost(self) -> None:
+        self.lost = True
+
+
+class FakeDelivery:
+    """Accepts example.test recipients; optionally answers through Deferreds."""
+
+    def __init__(self) -> None:
+        self.delivered: list[bytes] = []
+        self.pending: list[defer.Deferred] = []
+        self.slow = False
+        self.eom_result: object = None
+        self.messages: list[RecordingMessage] = []
+
+    def _maybe_slow(self, value: object) -> object:
+        if not self.slow:
+            return value
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((d, value))
+        return d
+
+    def release(self) -> None:
+        """Fire the oldest pending check (as a slow DNS answer would)."""
+        d, value = self.pending.pop(0)
+        if isinstance(value, Exception):
+            d.errback(value)
+        else:
+            d.callback(value)
+
+    def mail(self, qid: str, sender: str, size: int) -> object:
+        return self._maybe_slow(None)
+
+    def rcpt(self, qid: str, recipient: str) -> object:
+        if not recipient.endswith("@example.test"):
+            error = SMTPReplyError(replies.RELAY_DENIED)
+            if self.slow:
+                return self._maybe_slow(error)
+            raise error
+        return self._maybe_slow(recipient)
+
+    def data(self, qid: str, sender: str, routes: list) -> RecordingMessage:
+        message = RecordingMessage(self)
+        self.messages.append(message)
+        return message
+
+    def disconnected(self) -> None:
+        pass
+
+
+class Dialogue:
+    """One protocol instance on a StringTransport; ``send`` returns the new replies."""
+
+    def __init__(self, factory: MailxSMTPFactory, peer: str = "192.0.2.1") -> None:
+        self.clock = Clock()
+        self.proto = factory.buildProtocol(None)
+        self.proto.callLater = self.clock.callLater
+        self.transport = StringTransport(peerAddress=SimpleNamespace(host=peer, port=4000))
+        self.proto.makeConnection(self.transport)
+
+    def output(self) -> list[bytes]:
+        value = self.transport.value()
+        self.transport.clear()
+        return [line for line in value.split(b"\r\n") if line]
+
+    def send(self, data: bytes) -> list[bytes]:
+        self.proto.dataReceived(data)
+        return self.output()
+
+    def codes(self, data: bytes) -> list[int]:
+        return [int(line[:3]) for line in self.send(data) if line[3:4] == b" "]
+
+
+class SMTPDialogueTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.delivery = FakeDelivery()
+        self.factory = MailxSMTPFactory(make_config(), lambda session: self.delivery)
+        self.d = Dialogue(self.factory)
+        self.banner = self.d.output()
+
+    def ehlo(self) -> list[bytes]:
+        return self.d.send(b"EHLO client.test\r\n")
+
+    def test_banner_names_host(self) -> None:
+        self.assertEqual(self.banner, [b"220 mx.example.test ESMTP mailx"])
+
+    def test_ehlo_advertises_extensions(self) -> None:
+        lines = self.ehlo()
+        self.assertEqual(
+            lines,
+            [
+                b"250-mx.example.test Hello 192.0.2.1",
+                b"250-PIPELINING",
+                b"250-SIZE 10000",
+                b"250-8BITMIME",
+                b"250 ENHANCEDSTATUSCODES",
+            ],
+        )
+
+    def test_ehlo_without_name_is_501(self) -> None:
+        self.assertEqual(self.d.send(b"EHLO\r\n"), [b"501 5.5.4 HELO/EHLO needs a domain or address"])
+
+    def test_mail_before_helo_is_503(self) -> None:
+        self.assertEqual(self.d.codes(b"MAIL FROM:<a@b.test>\r\n"), [503])
+
+    def test_full_transaction(self) -> None:
+        self.ehlo()
+        replies_ = self.d.send(
+            b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+        )
+        self.assertEqual(
+            replies_,
+            [b"250 2.1.0 Sender OK", b"250 2.1.5 Recipient OK",
+             b"354 Start mail input; end with <CRLF>.<CRLF>"],
+        )
+        self.assertEqual(self.d.codes(b"Subject: x\r\n\r\nbody\r\n.\r\n"), [250])
+        self.assertEqual(self.delivery.delivered, [b"Subject: x\r\n\r\nbody\r\n"])
+
+    def test_dot_unstuffing(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.d.send(b"..first\r\nmid\r\n..\r\n...x\r\n.\r\n")
+        self.assertEqual(self.delivery.delivered, [b".first\r\nmid\r\n.\r\n..x\r\n"])
+
+    def test_end_of_data_split_across_reads(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        for piece in (b"line one\r", b"\n", b".", b"\r", b"\n"):
+            self.d.send(piece)
+        self.assertEqual(self.delivery.delivered, [b"line one\r\n"])
+
+    def test_relay_denied(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
+        self.assertEqual(
+            self.d.send(b"RCPT TO:<x@elsewhere.test>\r\n"), [b"550 5.7.1 Relaying denied"]
+        )
+
+    def test_recipient_limit_is_452(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
+        for i in range(3):
+            self.assertEqual(self.d.codes(b"RCPT TO:<r%d@example.test>\r\n" % i), [250])
+        self.assertEqual(
+            self.d.send(b"RCPT TO:<r9@example.test>\r\n"), [b"452 4.5.3 Too many recipients"]
+        )
+
+    def test_declared_size_too_large_is_552(self) -> None:
+        self.ehlo()
+        self.assertEqual(
+            self.d.send(b"MAIL FROM:<a@sender.test> SIZE=10001\r\n"),
+            [b"552 5.3.4 Message size exceeds fixed maximum message size"],
+        )
+        self.assertEqual(self.d.codes(b"MAIL FROM:<a@sender.test> SIZE=10000\r\n"), [250])
+
+    def test_counted_size_too_large_is_552_and_nothing_delivered(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.assertEqual(self.d.codes((b"x" * 998 + b"\r\n") * 11 + b".\r\n"), [552])
+        self.assertEqual(self.delivery.delivered, [])
+        self.assertTrue(self.delivery.messages[0].lost)
+        self.assertEqual(self.d.codes(b"NOOP\r\n"), [250])
+
+    def test_unknown_parameter_is_555(self) -> None:
+        self.ehlo()
+        self.assertEqual(self.d.codes(b"MAIL FROM:<a@b.test> FOO=BAR\r\n"), [555])
+
+    def test_bad_sender_syntax_is_501(self) -> None:
+        self.ehlo()
+        self.assertEqual(self.d.send(b"MAIL FROM:<a b@c>\r\n")[0][:9], b"501 5.1.7")
+
+    def test_bad_recipient_syntax_is_501(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\n")
+        self.assertEqual(self.d.send(b"RCPT TO:<@@>\r\n")[0][:9], b"501 5.1.3")
+
+    def test_command_line_over_512_octets_is_500(self) -> None:
+        self.ehlo()
+        self.assertEqual(
+            self.d.send(b"NOOP " + b"x" * 506 + b"\r\n"), [b"500 5.5.2 Line too long"]
+        )
+        self.assertEqual(self.d.codes(b"NOOP " + b"x" * 505 + b"\r\n"), [250])
+
+    def test_nul_in_command_is_500(self) -> None:
+        self.ehlo()
+        self.assertEqual(self.d.send(b"NOOP\0\r\n"), [b"500 5.5.2 NUL character in command"])
+
+    def test_unterminated_command_flood_closes(self) -> None:
+        self.d.send(b"A" * 5000)
+        self.assertTrue(self.d.transport.disconnecting)
+
+    def test_data_line_up_to_64k_is_accepted(self) -> None:
+        self.ehlo()
+        self.factory.settings.message_size = 1_000_000
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.assertEqual(self.d.codes(b"y" * MAX_DATA_LINE + b"\r\n.\r\n"), [250])
+
+    def test_data_line_over_64k_refuses_and_closes(self) -> None:
+        self.ehlo()
+        self.factory.settings.message_size = 1_000_000
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        out = self.d.send(
+            b"y" * (MAX_DATA_LINE + 1) + b"\r\nMAIL FROM:<x@y.test>\r\nRCPT TO:<bob@example.test>\r\n"
+        )
+        self.assertEqual(out, [b"500 5.5.6 Line too long in message data, message refused"])
+        self.assertTrue(self.d.transport.disconnecting)
+        self.assertEqual(self.delivery.delivered, [])
+
+    def test_data_partial_line_over_64k_closes(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.d.send(b"z" * (MAX_DATA_LINE + 10))
+        self.assertTrue(self.d.transport.disconnecting)
+
+    def test_bare_lf_and_cr_are_normalised(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.d.send(b"a\nb\rc\r\n.\r\n")
+        self.assertEqual(self.delivery.delivered, [b"a\r\nb\r\nc\r\n"])
+
+    def test_pipelined_burst_with_slow_checks_replies_in_order(self) -> None:
+        self.delivery.slow = True
+        self.ehlo()
+        burst = (
+            b"MAIL FROM:<a@sender.test>\r\n"
+            b"RCPT TO:<alice@example.test>\r\n"
+            b"RCPT TO:<x@elsewhere.test>\r\n"
+            b"RCPT TO:<bob@example.test>\r\n"
+            b"DATA\r\n"
+            b"Subject: pipelined\r\n\r\nbody\r\n.\r\n"
+            b"QUIT\r\n"
+        )
+        self.assertEqual(self.d.send(burst), [])
+        self.assertTrue(self.d.transport.producerState == "paused")
+        seen = []
+        while self.delivery.pending:
+            self.delivery.release()
+            seen.extend(self.d.output())
+        self.assertEqual(
+            seen,
+            [
+                b"250 2.1.0 Sender OK",
+                b"250 2.1.5 Recipient OK",
+                b"550 5.7.1 Relaying denied",
+                b"250 2.1.5 Recipient OK",
+                b"354 Start mail input; end with <CRLF>.<CRLF>",
+                b"250 2.0.0 OK",
+                b"221 2.0.0 Bye",
+            ],
+        )
+        self.assertEqual(self.delivery.delivered, [b"Subject: pipelined\r\n\r\nbody\r\n"])
+
+    def test_eom_tempfail_is_451_not_550(self) -> None:
+        self.delivery.eom_result = defer.fail(SMTPReplyError(replies.LOCAL_ERROR))
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.assertEqual(
+            self.d.send(b"x\r\n.\r\n"), [b"451 4.3.0 Local error in processing, try again later"]
+        )
+
+    def test_unexpected_eom_error_is_451(self) -> None:
+        self.delivery.eom_result = defer.fail(OSError("disk gone"))
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.assertEqual(self.d.codes(b"x\r\n.\r\n"), [451])
+        self.flushLoggedErrors(OSError)
+
+    def test_rset_noop_vrfy_help(self) -> None:
+        self.ehlo()
+        self.assertEqual(self.d.send(b"RSET\r\n"), [b"250 2.0.0 Reset OK"])
+        self.assertEqual(self.d.send(b"NOOP\r\n"), [b"250 2.0.0 OK"])
+        self.assertEqual(self.d.codes(b"VRFY alice\r\n"), [252])
+        self.assertEqual(self.d.codes(b"HELP\r\n"), [214])
+        self.assertEqual(self.d.codes(b"EXPN team\r\n"), [502])
+        self.assertEqual(self.d.codes(b"FOO\r\n"), [500])
+
+    def test_rset_forgets_the_transaction(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nRSET\r\n")
+        self.assertEqual(self.d.codes(b"DATA\r\n"), [503])
+
+    def test_data_needs_recipients(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\n")
+        self.assertEqual(self.d.send(b"DATA\r\n"), [b"503 5.5.1 Need RCPT before DATA"])
+
+    def test_starttls_unavailable_without_certificate(self) -> None:
+        self.ehlo()
+        self.assertEqual(self.d.send(b"STARTTLS\r\n"), [b"454 4.7.0 TLS not available"])
+
+    def test_idle_timeout_closes_with_421(self) -> None:
+        self.d.clock.advance(59)
+        self.assertFalse(self.d.transport.disconnecting)
+        self.d.send(b"NOOP\r\n")
+        self.d.clock.advance(59)
+        self.assertFalse(self.d.transport.disconnecting)
+        self.d.clock.advance(2)
+        self.assertEqual(self.d.output(), [b"421 4.4.2 Idle timeout, closing connection"])
+        self.assertTrue(self.d.transport.disconnecting)
+
+    def test_session_deadline_closes_even_when_busy(self) -> None:
+        for _ in range(19):
+            self.d.clock.advance(30)
+            self.assertEqual(self.d.codes(b"NOOP\r\n"), [250])
+        self.d.clock.advance(31)
+        self.assertIn(b"421 4.4.2 Session too long, closing connection", self.d.output())
+        self.assertTrue(self.d.transport.disconnecting)
+
+    def test_error_limit_closes_session(self) -> None:
+        self.factory.settings.error_limit = 3
+        self.d.send(b"BAD\r\nBAD\r\n")
+        self.assertFalse(self.d.transport.disconnecting)
+        self.assertEqual(
+            self.d.send(b"BAD\r\nNOOP\r\n")[-1], b"421 4.7.0 Too many errors, closing connection"
+        )
+        self.assertTrue(self.d.transport.disconnecting)
+
+    def test_quit_ignores_what_follows(self) -> None:
+        self.assertEqual(self.d.codes(b"QUIT\r\nNOOP\r\n"), [221])
+
+
+class ConnectionLimitTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.factory = MailxSMTPFactory(make_config(), lambda session: FakeDelivery())
+
+    def test_per_ip_limit_is_421(self) -> None:
+        first = Dialogue(self.factory, peer="192.0.2.1")
+        second = Dialogue(self.factory, peer="192.0.2.1")
+        self.assertEqual(first.output()[0][:3], b"220")
+        self.assertEqual(
+            second.output(), [b"421 4.7.0 Too many connections from your address, try again later"]
+        )
+        self.assertTrue(second.transport.disconnecting)
+
+    def test_total_limit_is_421(self) -> None:
+        Dialogue(self.factory, peer="192.0.2.1")
+        Dialogue(self.factory, peer="192.0.2.2")
+        third = Dialogue(self.factory, peer="192.0.2.3")
+        self.assertEqual(third.output(), [b"421 4.7.0 Too many connections, try again later"])
+
+    def test_slot_is_released_on_disconnect(self) -> None:
+        first = Dialogue(self.factory, peer="192.0.2.1")
+        first.proto.connectionLost(None)
+        again = Dialogue(self.factory, peer="192.0.2.1")
+        self.assertEqual(again.output()[0][:3], b"220")
+
+
+_commands = st.sampled_from(
+    [
+        b"EHLO c.test", b"HELO c.test", b"MAIL FROM:<a@b.test>", b"MAIL FROM:<>",
+        b"RCPT TO:<alice@example.test>", b"RCPT TO:<x@other.test>", b"DATA", b"RSET",
+        b"NOOP", b"VRFY x", b"QUIT", b"STARTTLS", b"\0", b"", b"MAIL FROM:<a@b.test> SIZE=99999",
+    ]
+)
+
+
+class DialoguePropertyTests(unittest.TestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.one_of(_commands, st.binary(max_size=40)), max_size=25), st.data())
+    def test_every_complete_command_gets_exactly_one_reply(self, lines: list, data: st.DataObject) -> None:
+        """Whatever arrives, and however it is split into reads, replies stay one per line."""
+        delivery = FakeDelivery()
+        factory = MailxSMTPFactory(make_config(error_limit=1000), lambda s: delivery)
+        dialogue = Dialogue(factory)
+        dialogue.output()
+        stream = b"".join(line.replace(b"\r", b"").replace(b"\n", b"") + b"\r\n" for line in lines)
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+        pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        out = b""
+        for piece in pieces:
+            dialogue.proto.dataReceived(piece)
+            out += dialogue.transport.value()
+            dialogue.transport.clear()
+        codes = [int(line[:3]) for line in out.split(b"\r\n") if line and line[3:4] == b" "]
+        # Walk the input as the server must: one reply per command line, none
+        # for message lines, one for the terminating "." line.
+        mode = "command"
+        for line in stream.split(b"\r\n")[:-1]:
+            if mode == "data":
+                if line == b".":
+                    self.assertTrue(codes, "no reply to the end of data")
+                    codes.pop(0)
+                    mode = "command"
+                continue
+            self.assertTrue(codes, f"no reply to {line!r}")
+            code = codes.pop(0)
+            if code in (221, 421):
+                break
+            if code == 354:
+                mode = "data"
+        self.assertEqual(codes, [])
