@@ -728,11 +728,11 @@ class MailxSMTPFactory(ServerFactory):
         return self._counter
 
     def new_session_id(self) -> str:
-        return "S%X%04X" % (self._epoch & 0xFFFFFF, self._next() & 0xFFFF)
+        return f"S{self._epoch & 0xFFFFFF:X}{self._next() & 0xFFFF:04X}"
 
     def new_queue_id(self) -> str:
         """Unique across restarts: seconds since the epoch, then a counter."""
-        return "%X%06X" % (int(time.time()), self._next() & 0xFFFFFF)
+        return f"{int(time.time()):X}{self._next() & 0xFFFFFF:06X}"
 
 
 class _ProxyFirstWrapper(HAProxyProtocolWrapper):

@@ -1,0 +1,114 @@
+# -*- test-case-name: tests.test_process -*-
+"""``twistd mailx`` as users run it: start-up errors and memory under a 50 MiB message."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from mailx.testing.server import TWISTD, LineClient, ServerProcess, free_port, write_config
+
+MiB = 1024 * 1024
+
+
+def memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class StartupErrorTests(unittest.TestCase):
+    def run_twistd(self, config_text: str) -> subprocess.CompletedProcess[str]:
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        (directory / "mailx.yaml").write_text(config_text)
+        return subprocess.run(
+            [*TWISTD, "--nodaemon", "--pidfile=", "mailx", "--config", "mailx.yaml"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def test_bad_config_exits_1_with_one_line_per_problem(self) -> None:
+        result = self.run_twistd(
+            "hostname: mx.example.test\n"
+            "limits:\n"
+            "  message_sise: 10MiB\n"
+            "domains:\n"
+            "  example.test:\n"
+            "    mailboxes: [alice]\n"
+            "    aliases:\n"
+            "      postmaster: alice\n"
+            "      sales: bobb\n"
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+        self.assertIn("mailx.yaml:3: limits.message_sise", result.stderr)
+        self.assertIn("mailx.yaml:9: domains.example.test.aliases.sales", result.stderr)
+
+    def test_port_in_use_fails_start_up(self) -> None:
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        self.addCleanup(busy.close)
+        port = busy.getsockname()[1]
+        result = self.run_twistd(
+            f"listen:\n  smtp: ['tcp:{port}:interface=127.0.0.1']\n"
+            "domains:\n  example.test:\n    mailboxes: [postmaster]\n"
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(f"cannot listen on tcp:{port}", result.stdout + result.stderr)
+
+
+class MemoryTests(unittest.TestCase):
+    timeout = 300
+
+    def test_50_mib_message_grows_memory_by_less_than_10_mib(self) -> None:
+        directory = Path(self.mktemp()).absolute()
+        port = free_port()
+        config = write_config(
+            directory,
+            {
+                "listen": {"smtp": [f"tcp:{port}:interface=127.0.0.1"]},
+                "limits": {"message_size": "60MiB"},
+            },
+        )
+        server = ServerProcess(config, port)
+        server.start()
+        self.addCleanup(server.kill)
+        line = b"M" * 76 + b"\r\n"
+        lines_per_chunk = 8192
+        chunk = line * lines_per_chunk
+        chunks = (50 * MiB) // len(chunk) + 1
+
+        def send(message_chunks: int) -> tuple[int, bytes]:
+            client = LineClient(port)
+            try:
+                client.reply()
+                for command in (b"EHLO c.test", b"MAIL FROM:<big@sender.test>",
+                                b"RCPT TO:<alice@example.test>", b"DATA"):
+                    client.command(command)
+                client.send(b"Subject: big\r\n\r\n")
+                for _ in range(message_chunks):
+                    client.send(chunk)
+                client.send(b".\r\n")
+                return client.reply()
+            finally:
+                client.close()
+
+        self.assertEqual(send(1)[0], 250)  # warm up: thread pool, imports, buffers
+        before = memory_kib(server.proc.pid, "VmRSS")
+        code, _ = send(chunks)
+        self.assertEqual(code, 250)
+        peak = memory_kib(server.proc.pid, "VmHWM")
+        growth_mib = (peak - before) / 1024
+        self.assertLess(growth_mib, 10, f"peak RSS grew by {growth_mib:.1f} MiB")
+        biggest = max((directory / "mail/example.test/alice/new").iterdir(), key=lambda p: p.stat().st_size)
+        with biggest.open("rb") as stored:
+            body_lines = sum(1 for stored_line in stored if stored_line == b"M" * 76 + b"\n")
+        self.assertEqual(body_lines, chunks * lines_per_chunk)
