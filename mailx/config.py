@@ -1,0 +1,1088 @@
+# -*- test-case-name: tests.test_config -*-
+"""The configuration file (SPEC section 3): YAML in, an immutable, validated `Config` out.
+
+Every problem is collected and reported at once, each with file, line and key
+(``mailx.yaml:14: domains.example.test.aliases.sales: unknown mailbox
+'bobb'``): fixing a file one error per restart is miserable.  Line numbers
+come from walking the node tree `yaml.compose` builds, not the bare data.
+
+Defaults live in `DEFAULTS` and `BLOCK_DEFAULTS` and nowhere else; the
+repository's ``mailx.yaml`` mirrors them with comments.  Decisions worth
+knowing:
+
+- Sizes: a plain integer is bytes; ``B``, ``KiB``, ``MiB``, ``GiB`` are powers
+  of 1024 and ``KB``, ``MB``, ``GB`` powers of 1000, as the units say.
+  Units are case-sensitive (``Mb`` would be megabits).
+- Durations: a plain number is seconds; ``s``, ``m``, ``h``, ``d`` may be
+  combined (``1h30m``).
+- ``hostname`` defaults to the system's fully qualified name
+  (`socket.getfqdn`): an MX must greet with its own name, and "localhost"
+  would be wrong everywhere but on a laptop.
+- Domains, mailboxes and alias names are folded (IDNA A-labels, lower
+  case); two keys that fold to the same thing are an error.  IDNA uses the
+  ``idna`` package (IDNA2008 with UTS #46) when installed, which it is with
+  twisted[tls]; otherwise Python's own codec (IDNA2003).
+- ``subaddress_delimiter``: each character is a delimiter, as Postfix's
+  recipient_delimiter; null or "" disables subaddressing.
+- Mailbox names and alias keys are ASCII dot-atoms (SMTPUTF8 is not
+  supported); a mailbox name may not contain "/" since it names a directory.
+- An alias target must name a mailbox or alias explicitly (optionally with
+  a subaddress): the catch-all never catches a target, so a typo is caught
+  here and not silently delivered to the catch-all.
+- A DKIM key file is not read at load: ``mailxctl dkim keygen`` creates it
+  from this very configuration.  TLS files must be readable.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from mailx.routing import (
+    AddressError,
+    Finding,
+    audit_domains,
+    is_dot_atom,
+    normalize_domain,
+    parse_address,
+)
+
+# Flip when the outbound queue (SPEC section 8) lands: aliases may then forward
+# to outside addresses, and outbound.srs_secret becomes required once one does.
+FORWARDING_SUPPORTED = False
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+"""Marks a key without a default, inside an optional block (``tls``, ``dkim``)."""
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, dict):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Defaults: the one place.  Values are written as they would be in YAML and go
+# through the same parsers as the file's.
+
+DEFAULTS: Mapping[str, Any] = _frozen(
+    {
+        "hostname": None,  # None: the system's FQDN, socket.getfqdn()
+        "public_addresses": [],
+        "listen": {
+            # Unprivileged and local until the owner says otherwise (SPEC section 2).
+            "smtp": ["tcp:2525:interface=127.0.0.1"],
+        },
+        "tls": None,  # {certificate, key}; STARTTLS is offered only when set
+        "limits": {
+            "message_size": "25MiB",  # Gmail's 25 MB; Postfix's default is 10240000
+            "recipients": 100,  # RFC 5321 4.5.3.1.8: at least 100 must be accepted
+            "connections": 1000,
+            "connections_per_ip": 20,
+            "connection_rate_per_ip": 60,  # new connections per minute; 0: off
+            "idle_timeout": "5m",  # RFC 5321 4.5.3.2.7: server timeout at least 5 minutes
+            "session_timeout": "30m",
+            "error_limit": 20,  # bad commands and unknown recipients per session; Postfix: 20
+            # Pause before the banner; a client that talks first is refused
+            # (RFC 5321 4.3.1).  Postfix's postscreen_greet_wait is 6s; real
+            # MTAs wait 5 minutes for a banner (RFC 5321 4.5.3.2.1); 0: off.
+            "greeting_delay": "1s",
+        },
+        "paths": {"mail": "var/mail", "spool": "var/spool"},
+        "dns": {
+            "nameservers": [],  # empty: the system's resolvers
+            "timeout": "5s",
+            "watch": None,  # e.g. "6h": re-check our own published records
+        },
+        "authentication": {"spf": True, "dkim": True, "dmarc": "enforce"},
+        "checks": {"dnsbl": []},
+        "domains": {},  # see BLOCK_DEFAULTS["domain"]; at least one is required
+        "outbound": {
+            "srs_secret": None,
+            "smarthost": None,  # null: straight to the recipient's MX
+            "port": 25,
+            # RFC 5321 4.5.4.1: retry interval at least 30 minutes is the
+            # classic advice; the first tries come sooner, as Postfix's do.
+            "retry": ["5m", "15m", "30m", "1h", "2h", "4h"],
+            "queue_lifetime": "5d",  # RFC 5321 4.5.4.1: give up after 4-5 days; Postfix: 5d
+        },
+    }
+)
+
+# Defaults inside blocks that are optional or repeated.
+BLOCK_DEFAULTS: Mapping[str, Mapping[str, Any]] = _frozen(
+    {
+        "tls": {"certificate": REQUIRED, "key": REQUIRED},
+        "dkim": {"selector": REQUIRED, "key": REQUIRED},
+        "dnsbl": {"zone": REQUIRED, "action": "reject"},
+        "domain": {
+            "mailboxes": [],
+            "aliases": {},
+            "subaddress_delimiter": "+",
+            "dkim": None,
+            "alias_of": None,
+        },
+    }
+)
+
+DMARC_MODES = ("enforce", "monitor", "off")
+# The punctuation a local part may contain (RFC 5322 3.2.3 atext, and "."):
+# letters and digits as delimiters would split ordinary names.
+_DELIMITERS = frozenset("!#$%&'*+-/=?^_`{|}~.")
+DNSBL_ACTIONS = ("reject", "junk")
+CATCH_ALL = "*"
+
+_OUTSIDE_NOT_SUPPORTED = (
+    "forwarding to outside addresses is not supported yet (outbound queue not implemented)"
+)
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    message_size: int  # bytes
+    recipients: int
+    connections: int
+    connections_per_ip: int
+    idle_timeout: float  # seconds
+    session_timeout: float  # seconds
+    error_limit: int
+    connection_rate_per_ip: int  # per minute; 0: off
+    greeting_delay: float  # seconds; 0: off
+
+
+@dataclass(frozen=True)
+class Paths:
+    mail: Path
+    spool: Path
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    nameservers: tuple[tuple[str, int], ...]
+    timeout: float
+    watch: float | None
+
+
+@dataclass(frozen=True)
+class AuthenticationConfig:
+    spf: bool
+    dkim: bool
+    dmarc: str  # "enforce" | "monitor" | "off"
+
+
+@dataclass(frozen=True)
+class DNSBLZone:
+    zone: str
+    action: str  # "reject" | "junk"
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    dnsbl: tuple[DNSBLZone, ...]
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    selector: str
+    key: Path
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """One domain.  An ``alias_of`` domain has no mailboxes or aliases of its own
+    and shares its target's subaddress_delimiter."""
+
+    name: str
+    mailboxes: frozenset[str]
+    aliases: Mapping[str, tuple[str, ...]]  # targets: "name", "name@our.domain", "x@elsewhere"
+    subaddress_delimiter: str | None
+    dkim: DKIMConfig | None
+    alias_of: str | None
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    srs_secrets: tuple[str, ...]  # the first signs; all are accepted
+    smarthost: str | None
+    port: int
+    retry: tuple[float, ...]
+    queue_lifetime: float
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    hostname: str
+    public_addresses: tuple[str, ...]
+    listen: tuple[str, ...]
+    tls: TLSConfig | None
+    limits: Limits
+    paths: Paths
+    dns: DNSConfig
+    authentication: AuthenticationConfig
+    checks: ChecksConfig
+    domains: Mapping[str, DomainConfig]
+    outbound: OutboundConfig
+
+    @property
+    def first_domain(self) -> str:
+        """The domain whose postmaster a bare ``<postmaster>`` reaches (RFC 5321 4.5.1)."""
+        return next(iter(self.domains))
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a configuration file, located."""
+
+    file: str
+    line: int | None
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(map(str, problems)))
+
+    def __str__(self) -> str:
+        return "\n".join(map(str, self.problems))
+
+
+class _Invalid(ValueError):
+    """A value's problem, raised by a parser and recorded at the value's node."""
+
+
+# ---------------------------------------------------------------------------
+# YAML nodes with their lines
+
+
+@dataclass
+class _Node:
+    kind: str  # "map" | "seq" | "scalar"
+    line: int
+    key: str  # dotted path, for messages: domains.example.test.aliases.team[1]
+    value: Any  # dict[str, _Node] | list[_Node] | the constructed scalar
+    raw: str | None = None  # a scalar as written: "off" stays "off", not False
+
+    @property
+    def null(self) -> bool:
+        return self.kind == "scalar" and self.value is None
+
+    def describe(self) -> str:
+        if self.kind == "map":
+            return "a mapping"
+        if self.kind == "seq":
+            return "a list"
+        if self.value is None:
+            return "null"
+        if isinstance(self.value, bool):
+            return f"the boolean {self.raw}"
+        if isinstance(self.value, int | float):
+            return f"the number {self.raw}"
+        return f"'{self.raw}'"
+
+
+def _child_key(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+def _default_node(value: Any, key: str, line: int) -> _Node:
+    """A node for a default value, located at the block that omitted it."""
+    if isinstance(value, Mapping):
+        return _Node(
+            "map",
+            line,
+            key,
+            {k: _default_node(v, _child_key(key, k), line) for k, v in value.items()},
+        )
+    if isinstance(value, tuple):
+        return _Node(
+            "seq", line, key, [_default_node(v, f"{key}[{i}]", line) for i, v in enumerate(value)]
+        )
+    raw = None if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return _Node("scalar", line, key, value, raw)
+
+
+class _Tree:
+    """Turns `yaml.compose` output into `_Node`s, noting duplicate keys on the way."""
+
+    def __init__(self, loader: yaml.SafeLoader, report: Callable[[int, str, str], None]) -> None:
+        self._loader = loader
+        self._report = report
+        self._active: set[int] = set()
+
+    def build(self, node: yaml.Node, key: str, line: int) -> _Node:
+        if id(node) in self._active:
+            raise _Invalid("a YAML alias refers to itself")
+        self._active.add(id(node))
+        try:
+            return self._build(node, key, line)
+        finally:
+            self._active.discard(id(node))
+
+    def _build(self, node: yaml.Node, key: str, line: int) -> _Node:
+        if isinstance(node, yaml.MappingNode):
+            self._loader.flatten_mapping(node)  # "<<" merge keys
+            items: dict[str, _Node] = {}
+            for key_node, value_node in node.value:
+                key_line = key_node.start_mark.line + 1
+                if not isinstance(key_node, yaml.ScalarNode):
+                    self._report(key_line, key, "keys must be plain names")
+                    continue
+                path = _child_key(key, key_node.value)
+                if key_node.value in items:
+                    first = items[key_node.value].line
+                    self._report(key_line, path, f"duplicate key (first on line {first})")
+                    continue
+                items[key_node.value] = self.build(value_node, path, key_line)
+            return _Node("map", line, key, items)
+        if isinstance(node, yaml.SequenceNode):
+            return _Node(
+                "seq",
+                line,
+                key,
+                [
+                    self.build(item, f"{key}[{i}]", item.start_mark.line + 1)
+                    for i, item in enumerate(node.value)
+                ],
+            )
+        return _Node(
+            "scalar", line, key, self._loader.construct_object(node, deep=True), node.value
+        )
+
+
+def _yaml_problem(error: yaml.YAMLError, text: str) -> tuple[int | None, str]:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None:
+        line = mark.line + 1
+    elif isinstance(error, yaml.reader.ReaderError):
+        line = text.count("\n", 0, error.position) + 1
+    else:
+        line = None
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    message = f"{context}, {problem}" if context else problem
+    return line, f"YAML syntax error: {message}"
+
+
+# ---------------------------------------------------------------------------
+# Value parsers: a node in, a value out, or _Invalid.
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)\Z")
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _is_number(node: _Node) -> bool:
+    return isinstance(node.value, int | float) and not isinstance(node.value, bool)
+
+
+def parse_size(value: str | int | float) -> int:
+    """Bytes from ``25MiB``, ``10MB``, ``512`` (units: see the module docstring); ValueError if not a size."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative ({value})")
+        return int(value)
+    match = _SIZE.match(value.strip()) if isinstance(value, str) else None
+    if match is None or match[2] not in _SIZE_UNITS:
+        shown = f"'{value}'" if isinstance(value, str) else repr(value)
+        raise ValueError(
+            f"{shown} is not a size: use bytes, or a number with B, KiB, MiB, GiB"
+            " (or KB, MB, GB for powers of 1000)"
+        )
+    return int(float(match[1]) * _SIZE_UNITS[match[2]])
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from ``5m``, ``1h30m``, ``2.5`` (plain numbers are seconds); ValueError if not a duration."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative ({value})")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            return float(text)
+        if text and re.fullmatch(rf"(?:{_DURATION.pattern}\s*)+", text):
+            return float(
+                sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION.findall(text))
+            )
+    shown = f"'{value}'" if isinstance(value, str) else repr(value)
+    raise ValueError(
+        f"{shown} is not a duration: use seconds, or s, m, h, d (e.g. 30s, 5m, 1h30m, 5d)"
+    )
+
+
+class _Loader:
+    """One load: the file's name and directory, and the problems found so far."""
+
+    def __init__(self, file: str, base: Path) -> None:
+        self.file = file
+        self.base = base
+        self.problems: list[Problem] = []
+        # Alias targets that forward outside, when FORWARDING_SUPPORTED.
+        self.forwards: list[_Node] = []
+        # Where alias keys and targets were written: (domain, alias[, index]) -> node.
+        self.alias_nodes: dict[tuple, _Node] = {}
+
+    # -- recording --------------------------------------------------------
+
+    def problem(self, line: int | None, key: str | None, message: str) -> None:
+        self.problems.append(Problem(self.file, line, key, message))
+
+    def at(self, node: _Node, message: str) -> None:
+        self.problem(node.line, node.key, message)
+
+    def value(self, node: _Node, parse: Callable[..., Any], *args: Any) -> Any:
+        """parse(node, *args), or None with the problem recorded."""
+        try:
+            return parse(node, *args)
+        except _Invalid as e:
+            self.at(node, str(e))
+            return None
+
+    # -- structure --------------------------------------------------------
+
+    def block(self, node: _Node, defaults: Mapping[str, Any]) -> dict[str, _Node] | None:
+        """A mapping's entries, defaults filled in, unknown keys reported."""
+        if node.null:
+            given: dict[str, _Node] = {}
+        elif node.kind != "map":
+            self.at(node, f"expected a mapping, got {node.describe()}")
+            return None
+        else:
+            given = node.value
+        for name, child in given.items():
+            if name not in defaults:
+                close = difflib.get_close_matches(name, list(defaults), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                self.problem(child.line, child.key, f"unknown key{hint}")
+        result = {}
+        for name, default in defaults.items():
+            if name in given:
+                result[name] = given[name]
+            elif default is REQUIRED:
+                self.problem(node.line, _child_key(node.key, name), "required")
+            else:
+                result[name] = _default_node(default, _child_key(node.key, name), node.line)
+        return result
+
+    def items(
+        self, node: _Node, parse: Callable[..., Any], *args: Any, single: bool = False
+    ) -> tuple:
+        """A list's parsed items, the bad ones reported and dropped.
+
+        single: a lone scalar counts as a one-item list.
+        """
+        if node.null:
+            return ()
+        if node.kind == "scalar" and single:
+            nodes = [node]
+        elif node.kind != "seq":
+            self.at(node, f"expected a list, got {node.describe()}")
+            return ()
+        else:
+            nodes = node.value
+        parsed = (self.value(item, parse, *args) for item in nodes)
+        return tuple(v for v in parsed if v is not None)
+
+    # -- scalars ----------------------------------------------------------
+
+    @staticmethod
+    def text(node: _Node) -> str:
+        if node.kind != "scalar" or node.null:
+            raise _Invalid(f"expected a string, got {node.describe()}")
+        if not node.raw:
+            raise _Invalid("must not be empty")
+        return node.raw
+
+    @staticmethod
+    def boolean(node: _Node) -> bool:
+        if not isinstance(node.value, bool):
+            raise _Invalid(f"expected true or false, got {node.describe()}")
+        return node.value
+
+    @staticmethod
+    def count(node: _Node, minimum: int = 0, maximum: int | None = None) -> int:
+        if not isinstance(node.value, int) or isinstance(node.value, bool):
+            raise _Invalid(f"expected a whole number, got {node.describe()}")
+        if node.value < minimum or (maximum is not None and node.value > maximum):
+            upper = f" and at most {maximum}" if maximum is not None else ""
+            raise _Invalid(f"must be at least {minimum}{upper}, got {node.value}")
+        return node.value
+
+    def size(self, node: _Node) -> int:
+        if node.kind != "scalar" or node.null:
+            raise _Invalid(f"expected a size such as 25MiB, got {node.describe()}")
+        try:
+            size = parse_size(node.value if _is_number(node) else node.raw)
+        except ValueError as e:
+            raise _Invalid(str(e)) from None
+        if size < 1:
+            raise _Invalid("must be at least 1 byte")
+        return size
+
+    def duration(self, node: _Node, optional: bool = False, zero: bool = False) -> float | None:
+        """Seconds; null only if optional, 0 only if zero (meaning off)."""
+        if optional and node.null:
+            return None
+        if node.kind != "scalar" or node.null:
+            raise _Invalid(f"expected a duration such as 5m, got {node.describe()}")
+        try:
+            seconds = parse_duration(node.value if _is_number(node) else node.raw)
+        except ValueError as e:
+            raise _Invalid(str(e)) from None
+        if seconds <= 0 and not (zero and seconds == 0):
+            raise _Invalid("must be longer than zero")
+        return seconds
+
+    def choice(self, node: _Node, choices: tuple[str, ...]) -> str:
+        if node.kind != "scalar" or node.raw not in choices:
+            raise _Invalid(f"must be one of {', '.join(choices)}, got {node.describe()}")
+        return node.raw
+
+    def domain(self, node: _Node) -> str:
+        try:
+            return normalize_domain(self.text(node))
+        except AddressError as e:
+            raise _Invalid(str(e)) from None
+
+    def path(self, node: _Node) -> Path:
+        """Relative paths are relative to the configuration file's directory (SPEC section 3)."""
+        return Path(os.path.normpath(self.base / os.path.expanduser(self.text(node))))
+
+    def readable_file(self, node: _Node) -> Path:
+        path = self.path(node)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise _Invalid(f"cannot read {path}: {e.strerror}") from None
+        return path
+
+    def ip(self, node: _Node) -> str:
+        text = self.text(node)
+        try:
+            return ipaddress.ip_address(text).compressed
+        except ValueError:
+            raise _Invalid(f"'{text}' is not an IP address") from None
+
+    def nameserver(self, node: _Node) -> tuple[str, int]:
+        """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address; port 53 by default."""
+        text = self.text(node)
+        bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", text)
+        if bracketed:
+            host, port = bracketed[1], bracketed[2]
+        elif text.count(":") == 1:
+            host, port = text.split(":")
+        else:
+            host, port = text, None
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise _Invalid(
+                f"'{text}': a nameserver must be an IP address, optionally with :port"
+            ) from None
+        if bracketed and address.version != 6:
+            raise _Invalid(f"'{text}': brackets are for IPv6 addresses")
+        if port is None:
+            return address.compressed, 53
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise _Invalid(f"'{text}': bad port '{port}'")
+        return address.compressed, int(port)
+
+    def server_endpoint(self, node: _Node) -> str:
+        """A Twisted server endpoint string, checked by building (not listening on) it."""
+        from twisted.internet.endpoints import serverFromString
+
+        text = self.text(node)
+        try:
+            endpoint = serverFromString(_NO_REACTOR, text)
+        except Exception as e:  # the parsers raise ValueError, TypeError, OSError...
+            raise _Invalid(f"'{text}' is not a Twisted endpoint: {e}") from None
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            raise _Invalid(f"'{text}': port {port} out of range")
+        return text
+
+    def client_endpoint(self, node: _Node) -> str | None:
+        from twisted.internet.endpoints import clientFromString
+
+        if node.null:
+            return None
+        text = self.text(node)
+        try:
+            clientFromString(_NO_REACTOR, text)
+        except Exception as e:
+            raise _Invalid(
+                f"'{text}' is not a Twisted client endpoint (e.g. tcp:relay.example.net:587): {e}"
+            ) from None
+        return text
+
+    def local_name(self, node: _Node, what: str) -> str:
+        """A mailbox or alias name: an ASCII dot-atom, up to 64 octets (RFC 5321 4.5.3.1.1)."""
+        name = self.text(node)
+        if not name.isascii() or not is_dot_atom(name):
+            raise _Invalid(
+                f"'{name}' is not a valid {what} name (letters, digits, . and !#$%&'*+-/=?^_`{{|}}~)"
+            )
+        if len(name) > 64:
+            raise _Invalid(f"'{name}' is longer than 64 characters")
+        return name.lower()
+
+    # -- sections ---------------------------------------------------------
+
+    def hostname(self, node: _Node) -> str | None:
+        if node.null:
+            fqdn = socket.getfqdn()
+            try:
+                return normalize_domain(fqdn)
+            except AddressError:
+                self.at(node, f"the system's host name '{fqdn}' is not a domain name: set hostname")
+                return None
+        return self.value(node, self.domain)
+
+    def limits(self, node: _Node) -> Limits | None:
+        fields = self.block(node, DEFAULTS["limits"])
+        if fields is None:
+            return None
+        values = {
+            "message_size": self.value(fields["message_size"], self.size),
+            "recipients": self.value(fields["recipients"], self.count, 1),
+            "connections": self.value(fields["connections"], self.count, 1),
+            "connections_per_ip": self.value(fields["connections_per_ip"], self.count, 1),
+            "connection_rate_per_ip": self.value(fields["connection_rate_per_ip"], self.count, 0),
+            "idle_timeout": self.value(fields["idle_timeout"], self.duration),
+            "session_timeout": self.value(fields["session_timeout"], self.duration),
+            "error_limit": self.value(fields["error_limit"], self.count, 1),
+            "greeting_delay": self.value(fields["greeting_delay"], self.duration, False, True),
+        }
+        return Limits(**values)
+
+    def tls(self, node: _Node) -> TLSConfig | None:
+        if node.null:
+            return None
+        fields = self.block(node, BLOCK_DEFAULTS["tls"])
+        if fields is None:
+            return None
+        certificate = (
+            self.value(fields["certificate"], self.readable_file)
+            if "certificate" in fields
+            else None
+        )
+        key = self.value(fields["key"], self.readable_file) if "key" in fields else None
+        return TLSConfig(certificate, key)
+
+    def paths(self, node: _Node) -> Paths | None:
+        fields = self.block(node, DEFAULTS["paths"])
+        if fields is None:
+            return None
+        return Paths(self.value(fields["mail"], self.path), self.value(fields["spool"], self.path))
+
+    def dns(self, node: _Node) -> DNSConfig | None:
+        fields = self.block(node, DEFAULTS["dns"])
+        if fields is None:
+            return None
+        return DNSConfig(
+            nameservers=self.items(fields["nameservers"], self.nameserver),
+            timeout=self.value(fields["timeout"], self.duration),
+            watch=self.value(fields["watch"], self.duration, True),
+        )
+
+    def authentication(self, node: _Node) -> AuthenticationConfig | None:
+        fields = self.block(node, DEFAULTS["authentication"])
+        if fields is None:
+            return None
+        return AuthenticationConfig(
+            spf=self.value(fields["spf"], self.boolean),
+            dkim=self.value(fields["dkim"], self.boolean),
+            dmarc=self.value(fields["dmarc"], self.choice, DMARC_MODES),
+        )
+
+    def dnsbl_zone(self, node: _Node) -> DNSBLZone | None:
+        if node.kind == "scalar":  # a bare zone name: the default action
+            return DNSBLZone(self.domain(node), BLOCK_DEFAULTS["dnsbl"]["action"])
+        fields = self.block(node, BLOCK_DEFAULTS["dnsbl"])
+        if fields is None or "zone" not in fields:
+            return None
+        zone = self.value(fields["zone"], self.domain)
+        action = self.value(fields["action"], self.choice, DNSBL_ACTIONS)
+        return None if zone is None or action is None else DNSBLZone(zone, action)
+
+    def checks(self, node: _Node) -> ChecksConfig | None:
+        fields = self.block(node, DEFAULTS["checks"])
+        if fields is None:
+            return None
+        return ChecksConfig(dnsbl=self.items(fields["dnsbl"], self.dnsbl_zone))
+
+    def srs_secret(self, node: _Node) -> tuple[str, ...]:
+        return self.items(node, self.text, single=True)
+
+    def outbound(self, node: _Node) -> OutboundConfig | None:
+        fields = self.block(node, DEFAULTS["outbound"])
+        if fields is None:
+            return None
+        retry_node = fields["retry"]
+        retry = self.items(retry_node, self.duration)
+        if retry_node.kind == "seq" and not retry_node.value:
+            self.at(retry_node, "needs at least one interval")
+        return OutboundConfig(
+            srs_secrets=self.srs_secret(fields["srs_secret"]),
+            smarthost=self.value(fields["smarthost"], self.client_endpoint),
+            port=self.value(fields["port"], self.count, 1, 65535),
+            retry=retry,
+            queue_lifetime=self.value(fields["queue_lifetime"], self.duration),
+        )
+
+    # -- domains ----------------------------------------------------------
+
+    def domains(self, node: _Node) -> dict[str, DomainConfig]:
+        """Each domain on its own, then what spans domains: alias_of, alias targets, postmaster."""
+        if node.null or (node.kind == "map" and not node.value):
+            self.at(node, "no domains configured")
+            return {}
+        if node.kind != "map":
+            self.at(node, f"expected a mapping of domain names, got {node.describe()}")
+            return {}
+        parsed: dict[str, DomainConfig] = {}
+        nodes: dict[str, _Node] = {}
+        for key, child in node.value.items():
+            try:
+                name = normalize_domain(key)
+            except AddressError as e:
+                self.at(child, f"not a valid domain name: {e}")
+                continue
+            if name in nodes:
+                first = nodes[name]
+                self.at(
+                    child, f"same domain as '{first.key.split('.', 1)[1]}' on line {first.line}"
+                )
+                continue
+            nodes[name] = child
+            domain = self.domain_block(name, child)
+            if domain is not None:
+                parsed[name] = domain
+        return self.link_domains(parsed, nodes)
+
+    def domain_block(self, name: str, node: _Node) -> DomainConfig | None:
+        fields = self.block(node, BLOCK_DEFAULTS["domain"])
+        if fields is None:
+            return None
+        alias_of = None if fields["alias_of"].null else self.value(fields["alias_of"], self.domain)
+        if not fields["alias_of"].null:
+            for key in ("mailboxes", "aliases", "subaddress_delimiter"):
+                if node.kind == "map" and key in node.value:
+                    self.at(
+                        node.value[key],
+                        f"{name} is an alias of another domain (alias_of) and has no {key} of its own",
+                    )
+        mailboxes = self.mailboxes(fields["mailboxes"])
+        aliases = self.aliases(name, fields["aliases"], mailboxes)
+        delimiter = self.value(fields["subaddress_delimiter"], self.delimiter)
+        dkim = self.dkim(fields["dkim"])
+        return DomainConfig(
+            name=name,
+            mailboxes=frozenset(mailboxes),
+            aliases=MappingProxyType(aliases),
+            subaddress_delimiter=delimiter or None,
+            dkim=dkim,
+            alias_of=alias_of,
+        )
+
+    def mailboxes(self, node: _Node) -> dict[str, _Node]:
+        found: dict[str, _Node] = {}
+        for item_node in self.items(node, lambda n: n):
+            name = self.value(item_node, self.local_name, "mailbox")
+            if name is None:
+                continue
+            if name == CATCH_ALL:
+                self.at(item_node, "'*' is the catch-all alias key, not a mailbox name")
+            elif "/" in name:
+                self.at(
+                    item_node, f"'{name}' names a directory: '/' is not allowed in a mailbox name"
+                )
+            elif name in found:
+                self.at(item_node, f"duplicate mailbox '{name}' (also on line {found[name].line})")
+            else:
+                found[name] = item_node
+        return found
+
+    def aliases(
+        self, domain: str, node: _Node, mailboxes: Mapping[str, _Node]
+    ) -> dict[str, tuple[str, ...]]:
+        if node.null:
+            return {}
+        if node.kind != "map":
+            self.at(node, f"expected a mapping of alias names to targets, got {node.describe()}")
+            return {}
+        aliases: dict[str, tuple[str, ...]] = {}
+        seen: dict[str, _Node] = {}
+        for key, child in node.value.items():
+            if key == CATCH_ALL:
+                name = CATCH_ALL
+            else:
+                name = self.value(
+                    _Node("scalar", child.line, child.key, key, key), self.local_name, "alias"
+                )
+                if name is None:
+                    continue
+            if name in seen:
+                self.at(child, f"duplicate alias '{name}' (also on line {seen[name].line})")
+                continue
+            seen[name] = child
+            if name in mailboxes:
+                self.at(child, f"'{name}' is both a mailbox and an alias")
+                continue
+            if child.kind == "scalar" and not child.null:
+                target_nodes = [child]
+            elif child.kind == "seq":
+                target_nodes = child.value
+            else:
+                target_nodes = []
+            if not target_nodes:
+                self.at(child, f"an alias needs at least one target, got {child.describe()}")
+                continue
+            targets = []
+            for item in target_nodes:
+                target = self.value(item, self.alias_target)
+                if target is not None:
+                    self.alias_nodes[(domain, name, len(targets))] = item
+                    targets.append(target)
+            self.alias_nodes[(domain, name)] = child
+            if targets:
+                aliases[name] = tuple(targets)
+        return aliases
+
+    def alias_target(self, node: _Node) -> str:
+        """``name`` (this domain), ``name@domain`` (ours, or outside: forwarding)."""
+        if node.kind != "scalar":
+            raise _Invalid(f"an alias target must be a name or an address, got {node.describe()}")
+        text = self.text(node)
+        if "@" in text:
+            try:
+                return str(parse_address(text))
+            except AddressError as e:
+                raise _Invalid(f"bad address '{text}': {e}") from None
+        if text == CATCH_ALL:
+            raise _Invalid("'*' is the catch-all key, not a target")
+        return self.local_name(node, "mailbox or alias")
+
+    @staticmethod
+    def delimiter(node: _Node) -> str | None:
+        if node.null:
+            return None
+        if node.kind != "scalar":
+            raise _Invalid(f"expected a string such as '+', got {node.describe()}")
+        text = node.raw or ""
+        if any(c not in _DELIMITERS for c in text):
+            raise _Invalid(
+                f"'{text}': delimiters must be punctuation allowed in a local part, such as + or -"
+            )
+        return text
+
+    def dkim(self, node: _Node) -> DKIMConfig | None:
+        if node.null:
+            return None
+        fields = self.block(node, BLOCK_DEFAULTS["dkim"])
+        if fields is None or "selector" not in fields or "key" not in fields:
+            return None
+        # RFC 6376 3.1: selector = sub-domain *( "." sub-domain )
+        selector = self.value(fields["selector"], self.domain)
+        key = self.value(fields["key"], self.path)
+        return None if selector is None or key is None else DKIMConfig(selector, key)
+
+    def link_domains(
+        self, parsed: dict[str, DomainConfig], nodes: dict[str, _Node]
+    ) -> dict[str, DomainConfig]:
+        """Resolve alias_of, then audit aliases and postmasters across domains."""
+        usable = dict(parsed)
+        for name, domain in parsed.items():
+            if domain.alias_of is None:
+                continue
+            where = nodes[name].value["alias_of"]
+            target = parsed.get(domain.alias_of)
+            if domain.alias_of == name:
+                self.at(where, "a domain cannot be an alias of itself")
+            elif domain.alias_of not in nodes:
+                close = difflib.get_close_matches(domain.alias_of, list(nodes), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                self.at(where, f"'{domain.alias_of}' is not a configured domain{hint}")
+            elif target is None:
+                pass  # the target's own problems are reported already
+            elif target.alias_of is not None:
+                self.at(
+                    where,
+                    f"{domain.alias_of} is itself an alias of {target.alias_of}: use alias_of: {target.alias_of}",
+                )
+            else:
+                usable[name] = replace(domain, subaddress_delimiter=target.subaddress_delimiter)
+                continue
+            del usable[name]
+        for finding in audit_domains(usable):
+            self.report_finding(finding, nodes)
+        return usable
+
+    def report_finding(self, finding: Finding, nodes: dict[str, _Node]) -> None:
+        """Locate what `audit_domains` found; outside targets are errors unless FORWARDING_SUPPORTED."""
+        if finding.kind == "postmaster":
+            self.at(nodes[finding.domain], finding.message)
+            return
+        node = self.alias_nodes[(finding.domain, finding.alias, finding.index)]
+        if finding.kind != "forward":
+            self.at(node, finding.message)
+        elif not FORWARDING_SUPPORTED:
+            self.at(node, _OUTSIDE_NOT_SUPPORTED)
+        else:
+            self.forwards.append(node)
+
+    def require_srs_secret(self, outbound: OutboundConfig | None) -> None:
+        """Forwarding rewrites the envelope sender with SRS (SPEC section 8), which needs a secret."""
+        if not FORWARDING_SUPPORTED or not self.forwards or outbound is None:
+            return
+        if not outbound.srs_secrets:
+            first = self.forwards[0]
+            self.problem(
+                first.line,
+                "outbound.srs_secret",
+                f"required: {first.key} forwards to an outside address (SRS, SPEC section 8)",
+            )
+
+
+class _NoReactor:
+    """Endpoint strings are parsed with this, so checking one never touches the network."""
+
+
+_NO_REACTOR = _NoReactor()
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and return the configuration at ``path``; `ConfigError` if unusable."""
+    file = os.fspath(path)
+    try:
+        data = Path(file).read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            [Problem(file, None, None, f"cannot read configuration: {e.strerror}")]
+        ) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError([Problem(file, line, None, "not valid UTF-8")]) from None
+    return load_config_text(text, file)
+
+
+def load_config_text(text: str, path: str | os.PathLike[str]) -> Config:
+    """Validate configuration ``text`` as if read from ``path`` (for messages and relative paths)."""
+    file = os.fspath(path)
+    source = Path(os.path.abspath(file))
+    loader = _Loader(file, source.parent)
+    try:
+        root = _parse_yaml(text, loader)
+    except yaml.YAMLError as e:
+        line, message = _yaml_problem(e, text)
+        raise ConfigError([Problem(file, line, None, message)]) from None
+    except _Invalid as e:
+        raise ConfigError([Problem(file, None, None, str(e))]) from None
+    if root is None:
+        raise ConfigError([Problem(file, 1, "domains", "no domains configured")])
+    config = _build(loader, root, source)
+    if loader.problems:
+        # Top to bottom, as a person reads the file.
+        raise ConfigError(sorted(loader.problems, key=lambda p: p.line or 0))
+    return config
+
+
+def _parse_yaml(text: str, loader: _Loader) -> _Node | None:
+    """The document as located nodes; None when it is empty."""
+    yaml_loader = yaml.SafeLoader(text)  # raises ReaderError on control characters
+    try:
+        document = yaml_loader.get_single_node()
+        if document is None:
+            return None
+        return _Tree(yaml_loader, loader.problem).build(document, "", 1)
+    finally:
+        yaml_loader.dispose()
+
+
+def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
+    fields = loader.block(root, DEFAULTS)
+    if fields is None:
+        return None
+    listen = loader.block(fields["listen"], DEFAULTS["listen"])
+    endpoints: tuple[str, ...] = ()
+    if listen is not None:
+        smtp = listen["smtp"]
+        endpoints = loader.items(smtp, loader.server_endpoint, single=True)
+        if smtp.null or (smtp.kind == "seq" and not smtp.value):
+            loader.at(smtp, "needs at least one endpoint to listen on")
+    outbound = loader.outbound(fields["outbound"])
+    config = Config(
+        source=source,
+        hostname=loader.hostname(fields["hostname"]),
+        public_addresses=loader.items(fields["public_addresses"], loader.ip),
+        listen=endpoints,
+        tls=loader.tls(fields["tls"]),
+        limits=loader.limits(fields["limits"]),
+        paths=loader.paths(fields["paths"]),
+        dns=loader.dns(fields["dns"]),
+        authentication=loader.authentication(fields["authentication"]),
+        checks=loader.checks(fields["checks"]),
+        domains=MappingProxyType(loader.domains(fields["domains"])),
+        outbound=outbound,
+    )
+    loader.require_srs_secret(outbound)
+    return config

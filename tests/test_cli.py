@@ -1,0 +1,325 @@
+# -*- test-case-name: tests.test_cli -*-
+"""``mailxctl check`` and ``mailxctl route`` (SPEC section 9): mailx.cli."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from mailx import cli
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+DEFAULT = str(REPOSITORY / "mailx.yaml")
+
+GOOD = """\
+hostname: mx.example.test
+domains:
+  example.test:
+    mailboxes: [alice, bob]
+    aliases:
+      postmaster: alice
+      team: [alice, bob]
+      "*": bob
+  bücher.example:
+    alias_of: example.test
+"""
+
+# Two problems: line 3 and line 5.
+BAD = """\
+hostname: mx.example.test
+limits:
+  recipients: lots
+domains:
+  example.test:
+    mailboxes: [alice]
+    aliases:
+      postmaster: alise
+"""
+
+
+class CLITestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp()).resolve()
+        self.directory.mkdir(parents=True)
+        self.patch(
+            os, "environ", {k: v for k, v in os.environ.items() if k != cli.CONFIG_ENVIRONMENT}
+        )
+
+    def write(self, text: str, name: str = "mailx.yaml") -> str:
+        path = self.directory / name
+        path.write_text(text)
+        return str(path)
+
+    def run_cli(self, *argv: str) -> tuple[int, str, str]:
+        """main(argv) in-process: (exit status, stdout, stderr)."""
+        stdout, stderr = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        self.patch(sys, "stderr", stderr)
+        status = cli.main(list(argv))
+        return status, stdout.getvalue(), stderr.getvalue()
+
+    def json_of(self, *argv: str) -> tuple[int, dict]:
+        status, out, _ = self.run_cli(*argv, "--json")
+        return status, json.loads(out)
+
+
+class CheckTests(CLITestCase):
+    def test_repository_default_is_ok(self) -> None:
+        status, out, err = self.run_cli("check", "-c", DEFAULT)
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn(f"{DEFAULT}: OK", out)
+
+    def test_summary_names_hostname_and_listen(self) -> None:
+        _, out, _ = self.run_cli("check", "-c", DEFAULT)
+        self.assertIn("hostname: mx.example.test", out)
+        self.assertIn("listen: tcp:2525:interface=127.0.0.1", out)
+
+    def test_summary_lists_mailboxes_and_alias_expansion(self) -> None:
+        _, out, _ = self.run_cli("check", "-c", self.write(GOOD))
+        self.assertIn("  mailboxes: alice, bob", out)
+        self.assertIn(
+            "    team → alice, bob  (delivers to alice@example.test, bob@example.test)", out
+        )
+
+    def test_summary_shows_catch_all(self) -> None:
+        _, out, _ = self.run_cli("check", "-c", self.write(GOOD))
+        self.assertIn("  catch-all:\n    * → bob  (delivers to bob@example.test)", out)
+
+    def test_summary_shows_alias_of_domain_in_both_forms(self) -> None:
+        _, out, _ = self.run_cli("check", "-c", self.write(GOOD))
+        self.assertIn("domain xn--bcher-kva.example (bücher.example): alias of example.test", out)
+
+    def test_summary_shows_where_bare_postmaster_goes(self) -> None:
+        _, out, _ = self.run_cli("check", "-c", self.write(GOOD))
+        self.assertIn("bare <postmaster>: postmaster@example.test", out)
+
+    def test_json(self) -> None:
+        status, data = self.json_of("check", "-c", self.write(GOOD))
+        self.assertEqual(status, 0)
+        self.assertEqual(data["hostname"], "mx.example.test")
+        domain = data["domains"][0]
+        self.assertEqual(
+            domain["aliases"]["team"],
+            {
+                "targets": ["alice", "bob"],
+                "delivers_to": ["alice@example.test", "bob@example.test"],
+            },
+        )
+        self.assertEqual(
+            domain["catch_all"], {"targets": ["bob"], "delivers_to": ["bob@example.test"]}
+        )
+        self.assertEqual(data["domains"][1]["alias_of"], "example.test")
+
+    def test_bad_config_exits_1(self) -> None:
+        status, _, _ = self.run_cli("check", "-c", self.write(BAD))
+        self.assertEqual(status, 1)
+
+    def test_bad_config_prints_each_problem_on_stderr(self) -> None:
+        path = self.write(BAD)
+        _, out, err = self.run_cli("check", "-c", path)
+        self.assertEqual(out, "")
+        self.assertEqual(
+            err.splitlines(),
+            [
+                f"{path}:3: limits.recipients: expected a whole number, got 'lots'",
+                f"{path}:8: domains.example.test.aliases.postmaster: unknown mailbox 'alise'"
+                " (did you mean 'alice'?)",
+            ],
+        )
+
+    def test_bad_config_json_lists_problems(self) -> None:
+        path = self.write(BAD)
+        status, data = self.json_of("check", "-c", path)
+        self.assertEqual(status, 1)
+        self.assertEqual(data["ok"], False)
+        self.assertEqual(
+            [(p["file"], p["line"], p["key"]) for p in data["problems"]],
+            [(path, 3, "limits.recipients"), (path, 8, "domains.example.test.aliases.postmaster")],
+        )
+
+    def test_missing_config_exits_1_without_traceback(self) -> None:
+        status, _, err = self.run_cli("check", "-c", str(self.directory / "nope.yaml"))
+        self.assertEqual(status, 1)
+        self.assertIn("cannot read configuration: No such file or directory", err)
+        self.assertNotIn("Traceback", err)
+
+
+class ConfigFileChoiceTests(CLITestCase):
+    def test_option_before_the_command(self) -> None:
+        status, out, _ = self.run_cli("-c", self.write(GOOD), "check")
+        self.assertEqual(status, 0)
+        self.assertIn("example.test", out)
+
+    def test_environment_variable(self) -> None:
+        os.environ[cli.CONFIG_ENVIRONMENT] = self.write(GOOD, "from-env.yaml")
+        _, out, _ = self.run_cli("check")
+        self.assertIn("from-env.yaml: OK", out)
+
+    def test_option_beats_environment(self) -> None:
+        os.environ[cli.CONFIG_ENVIRONMENT] = str(self.directory / "nope.yaml")
+        status, out, _ = self.run_cli("check", "-c", self.write(GOOD, "chosen.yaml"))
+        self.assertEqual(status, 0)
+        self.assertIn("chosen.yaml: OK", out)
+
+    def test_current_directory_by_default(self) -> None:
+        self.write(GOOD)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.directory)
+        _, out, _ = self.run_cli("check")
+        self.assertIn(f"{self.directory / 'mailx.yaml'}: OK", out)
+
+
+class RouteTests(CLITestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.config = self.write(GOOD)
+
+    def test_mailbox(self) -> None:
+        status, out, _ = self.run_cli("route", "-c", self.config, "alice+news@Example.Test")
+        self.assertEqual(status, 0)
+        self.assertEqual(
+            out.splitlines(),
+            [
+                "alice+news@example.test",
+                "  example.test is a local domain",
+                "  'alice+news' → 'alice' (subaddress '+news' stripped)",
+                f"  alice@example.test is a mailbox → {self.directory}/var/mail/example.test/alice",
+                "delivers to:",
+                f"  mailbox alice@example.test: {self.directory}/var/mail/example.test/alice",
+                "250 2.1.5 Recipient OK",
+            ],
+        )
+
+    def test_alias_lists_every_maildir(self) -> None:
+        _, out, _ = self.run_cli("route", "-c", self.config, "team@xn--bcher-kva.example")
+        self.assertIn(
+            f"  mailbox alice@example.test: {self.directory}/var/mail/example.test/alice", out
+        )
+        self.assertIn(
+            f"  mailbox bob@example.test: {self.directory}/var/mail/example.test/bob", out
+        )
+
+    def test_bare_postmaster(self) -> None:
+        status, out, _ = self.run_cli("route", "-c", self.config, "postmaster")
+        self.assertEqual(status, 0)
+        self.assertIn("mailbox alice@example.test", out)
+
+    def test_angle_brackets_are_accepted(self) -> None:
+        status, _, _ = self.run_cli("route", "-c", self.config, "<alice@example.test>")
+        self.assertEqual(status, 0)
+
+    def test_foreign_domain_exits_1_with_the_reply(self) -> None:
+        status, out, _ = self.run_cli("route", "-c", self.config, "alice@elsewhere.test")
+        self.assertEqual(status, 1)
+        self.assertEqual(out.splitlines()[-1], "550 5.7.1 Relaying denied")
+
+    def test_unknown_recipient_exits_1_with_the_reply(self) -> None:
+        config = self.write(GOOD.replace('      "*": bob\n', ""), "no-catch-all.yaml")
+        status, out, _ = self.run_cli("route", "-c", config, "zed@example.test")
+        self.assertEqual(status, 1)
+        self.assertEqual(
+            out.splitlines(),
+            [
+                "zed@example.test",
+                "  example.test is a local domain",
+                "  'zed' is not a mailbox or alias of example.test, and there is no catch-all",
+                "550 5.1.1 No such user here",
+            ],
+        )
+
+    def test_bad_syntax_exits_1_with_the_reply(self) -> None:
+        status, out, _ = self.run_cli("route", "-c", self.config, "not an address")
+        self.assertEqual(status, 1)
+        self.assertEqual(out.splitlines()[-1], "501 5.1.3 Bad recipient address syntax")
+
+    def test_json(self) -> None:
+        status, data = self.json_of("route", "-c", self.config, "team@example.test")
+        self.assertEqual(status, 0)
+        self.assertEqual(
+            (data["accepted"], data["reply"]["code"], [d["address"] for d in data["destinations"]]),
+            (True, 250, ["alice@example.test", "bob@example.test"]),
+        )
+        self.assertEqual(
+            data["destinations"][0]["maildir"], f"{self.directory}/var/mail/example.test/alice"
+        )
+        self.assertIn("team@example.test is an alias → alice, bob", data["trace"])
+
+    def test_json_refusal(self) -> None:
+        status, data = self.json_of("route", "-c", self.config, "alice@elsewhere.test")
+        self.assertEqual(status, 1)
+        self.assertEqual(
+            (data["accepted"], data["reply"]),
+            (False, {"code": 550, "enhanced": "5.7.1", "text": "Relaying denied"}),
+        )
+
+    def test_bad_config_exits_1(self) -> None:
+        status, _, err = self.run_cli(
+            "route", "-c", self.write(BAD, "bad.yaml"), "alice@example.test"
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("limits.recipients", err)
+
+
+class UsageTests(CLITestCase):
+    def test_no_command_exits_2(self) -> None:
+        status, _, err = self.run_cli()
+        self.assertEqual(status, 2)
+        self.assertIn("usage: mailxctl", err)
+
+    def test_unknown_command_exits_2(self) -> None:
+        self.assertEqual(self.run_cli("frobnicate")[0], 2)
+
+    def test_route_without_address_exits_2(self) -> None:
+        self.assertEqual(self.run_cli("route")[0], 2)
+
+    def test_unknown_option_exits_2(self) -> None:
+        self.assertEqual(self.run_cli("check", "--frobnicate")[0], 2)
+
+    def test_help_exits_0(self) -> None:
+        status, out, _ = self.run_cli("--help")
+        self.assertEqual(status, 0)
+        self.assertIn("check", out)
+        self.assertIn("route", out)
+
+    def test_a_registered_command_becomes_a_subcommand(self) -> None:
+        def arguments(parser: argparse.ArgumentParser) -> None:
+            parser.add_argument("word")
+
+        def echo(context: cli.Context) -> int:
+            print(context.args.word)
+            return 0
+
+        self.addCleanup(cli.COMMANDS.pop, "echo")
+        cli.command("echo", "print a word", arguments)(echo)
+        self.assertEqual(self.run_cli("echo", "hello"), (0, "hello\n", ""))
+
+
+class EntryPointTests(unittest.TestCase):
+    def run_module(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+        env.pop(cli.CONFIG_ENVIRONMENT, None)
+        return subprocess.run(
+            [sys.executable, "-m", "mailx.cli", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPOSITORY,
+            timeout=60,
+        )
+
+    def test_module_runs_check_on_the_default_config(self) -> None:
+        result = self.run_module("check")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertIn("mailx.yaml: OK", result.stdout)
+
+    def test_module_exit_status_of_an_unroutable_address(self) -> None:
+        result = self.run_module("route", "zed@example.test")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("550 5.1.1", result.stdout)
