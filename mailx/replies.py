@@ -49,6 +49,7 @@ class SMTPReplyError(Exception):
 
 # Session
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+CONNECTION_RATE = Reply(421, "4.7.0", "Too many connections from your address recently, try again later")
 TOO_MANY_CONNECTIONS_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 SESSION_TIMEOUT = Reply(421, "4.4.2", "Session too long, closing connection")

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -36,23 +38,41 @@ class Options(usage.Options):
             self["config"] = os.environ.get("MAILX_CONFIG", "mailx.yaml")
 
 
+class TLSConfigError(Exception):
+    """The certificate or key cannot be used; reported like a config error."""
+
+
 def tls_context(config: Config) -> Any:
-    """Server TLS options from the PEM chain and key; TLS 1.2 and up."""
+    """Server TLS options from the PEM chain and key; TLS 1.2 and up.
+
+    The key is checked against the certificate here, so a renewal that put
+    the wrong key in place fails at start-up (or reload), not at the first
+    STARTTLS.
+    """
     if config.tls is None:
         return None
+    from OpenSSL import SSL, crypto
     from twisted.internet import ssl
 
-    cert_pem = config.tls.certificate.read_bytes()
-    key_pem = config.tls.key.read_bytes()
-    certs = _pem_blocks(cert_pem)
-    leaf = ssl.PrivateCertificate.loadPEM(certs[0] + key_pem)
-    extra = [ssl.Certificate.loadPEM(c).original for c in certs[1:]]
-    return ssl.CertificateOptions(
-        privateKey=leaf.privateKey.original,
-        certificate=leaf.original,
-        extraCertChain=extra,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
+    try:
+        certs = _pem_blocks(config.tls.certificate.read_bytes())
+        if not certs:
+            raise TLSConfigError(f"tls.certificate: no certificate in {config.tls.certificate}")
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, config.tls.key.read_bytes())
+        leaf = crypto.load_certificate(crypto.FILETYPE_PEM, certs[0])
+        chain = [crypto.load_certificate(crypto.FILETYPE_PEM, c) for c in certs[1:]]
+        options = ssl.CertificateOptions(
+            privateKey=key,
+            certificate=leaf,
+            extraCertChain=chain,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
+        options.getContext()  # loads the pair: a key that does not match fails here
+    except (OSError, crypto.Error, SSL.Error, ValueError) as e:
+        raise TLSConfigError(
+            f"tls: cannot use {config.tls.certificate} with {config.tls.key}: {e}"
+        ) from None
+    return options
 
 
 def _pem_blocks(data: bytes) -> list[bytes]:
@@ -61,7 +81,12 @@ def _pem_blocks(data: bytes) -> list[bytes]:
 
 
 class MailxService(service.MultiService):
-    """The running server: listeners, the disk thread pool, start-up recovery."""
+    """The running server: listeners, the disk thread pool, start-up recovery,
+    reload on SIGHUP and a graceful stop on SIGTERM."""
+
+    # How long a stop waits for sessions in DATA to finish before cutting them
+    # off; an unfinished message was never acknowledged, so nothing is lost.
+    shutdown_grace = 30.0
 
     def __init__(self, config: Config, reactor: Any = None) -> None:
         super().__init__()
@@ -70,48 +95,71 @@ class MailxService(service.MultiService):
         self.reactor = reactor
         self.config = config
         self.disk_pool = ThreadPool(minthreads=0, maxthreads=DISK_THREADS, name="mailx-disk")
-        self.context = DeliveryContext(config, self.disk_pool, reactor)
+        self.context = self._context_for(config)
         self.factory = MailxSMTPFactory(
             config, self._delivery_for, tls_context=tls_context(config)
         )
         self.endpoints = [server_endpoint(reactor, d) for d in config.listen]
         self.ports: list[Any] = []
+        self._listening = False
+        self._stopping: defer.Deferred | None = None
+
+    def _context_for(self, config: Config) -> DeliveryContext:
+        return DeliveryContext(config, self.disk_pool, self.reactor)
 
     def _delivery_for(self, session: Any) -> SessionDelivery:
+        # The context of the moment the session starts: a reload does not
+        # change the rules under a transaction in progress.
         return SessionDelivery(self.context, session)
 
-    def prepare_storage(self) -> None:
-        """Create the directories and clear what a crash left behind."""
+    def prepare_storage(self, clean: bool = True) -> None:
+        """Create the directories and (at start-up) clear what a crash left behind."""
         config = self.config
         incoming = config.paths.spool / "incoming"
         os.makedirs(incoming, mode=0o700, exist_ok=True)
-        dropped = spool.clean_incoming(incoming)
-        if dropped:
-            log.info(
-                "start-up: discarded {n} incomplete incoming message(s) (never acknowledged)",
-                n=dropped,
-            )
+        if clean:
+            dropped = spool.clean_incoming(incoming)
+            if dropped:
+                log.info(
+                    "start-up: discarded {n} incomplete incoming message(s) (never acknowledged)",
+                    n=dropped,
+                )
         cleaned = 0
         for domain in config.domains.values():
             for mailbox in sorted(domain.mailboxes):
                 path = config.paths.mail / domain.name / mailbox
                 maildir.ensure_maildir(path)
-                cleaned += maildir.clean_tmp(path)
+                if clean:
+                    cleaned += maildir.clean_tmp(path)
         if cleaned:
             log.info("start-up: removed {n} unfinished Maildir tmp file(s)", n=cleaned)
 
-    def startService(self) -> None:
-        self.prepare_storage()
-        self.disk_pool.start()
-        super().startService()
+    def privilegedStartService(self) -> None:
+        # twistd calls this as root, before --uid/--gid take effect: bind
+        # port 25 here; everything that writes files waits for startService.
+        self._listen()
+        super().privilegedStartService()
+
+    def _listen(self) -> None:
+        if self._listening:
+            return
+        self._listening = True
         for description, endpoint in zip(self.config.listen, self.endpoints, strict=True):
             # Stream endpoints listen synchronously; a port in use must stop
             # start-up with a clear error rather than leave a deaf server.
             failures: list[Failure] = []
             endpoint.listen(self.factory).addCallbacks(self.ports.append, failures.append)
             if failures:
-                self.disk_pool.stop()
                 raise ListenError(f"cannot listen on {description}: {failures[0].getErrorMessage()}")
+
+    def startService(self) -> None:
+        self.prepare_storage()
+        self.disk_pool.start()
+        super().startService()
+        self._listen()
+        self.pidfile = self.config.paths.spool / "mailx.pid"
+        self.pidfile.write_text(f"{os.getpid()}\n")
+        self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         log.info(
             "mailx ready as {hostname} on {listen}, domains: {domains}",
             hostname=self.config.hostname,
@@ -119,13 +167,72 @@ class MailxService(service.MultiService):
             domains=", ".join(self.config.domains),
         )
 
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """Re-read the configuration file; keep the old one if the new one is wrong."""
+        try:
+            config = load_config(self.config.source)
+            context = tls_context(config)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload refused: {problem}", problem=str(problem))
+            return False
+        except TLSConfigError as e:
+            log.error("reload refused: {problem}", problem=str(e))
+            return False
+        if config.listen != self.config.listen:
+            log.warn("reload: listen endpoints changed; they take effect at the next restart")
+        self.config = config
+        self.prepare_storage(clean=False)
+        self.context = self._context_for(config)
+        self.factory.reconfigure(config, self._delivery_for, context)
+        log.info(
+            "reloaded {source}: domains: {domains}",
+            source=str(config.source),
+            domains=", ".join(config.domains),
+        )
+        return True
+
     def stopService(self) -> Any:
+        if self._stopping is not None:
+            again: defer.Deferred = defer.Deferred()
+            self._stopping.addBoth(lambda result: (again.callback(None), result)[1])
+            return again
+        if getattr(self, "_previous_sighup", None) is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         ports, self.ports = self.ports, []
+        self._listening = False
         stopping = [defer.maybeDeferred(port.stopListening) for port in ports]
         stopping.append(defer.maybeDeferred(super().stopService))
+        self.factory.shutdown()
         d = defer.gatherResults(stopping, consumeErrors=True)
-        d.addBoth(lambda result: (self.disk_pool.stop(), result)[1])
+        d.addBoth(lambda _: self._drain_sessions())
+        d.addBoth(lambda _: self._stop_disk_pool())
+        self._stopping = d
         return d
+
+    @defer.inlineCallbacks
+    def _drain_sessions(self) -> Any:
+        deadline = self.reactor.seconds() + self.shutdown_grace
+        while self.factory.sessions and self.reactor.seconds() < deadline:
+            yield deferLater(self.reactor, 0.05, lambda: None)
+        for proto in list(self.factory.sessions):
+            log.info("shutdown: cutting off a session that did not finish in time")
+            proto.transport.abortConnection()
+
+    def _stop_disk_pool(self) -> None:
+        # ThreadPool.stop joins the workers: every fsync in flight completes.
+        self.disk_pool.stop()
+        pidfile = getattr(self, "pidfile", None)
+        if pidfile is not None:
+            try:
+                pidfile.unlink()
+            except FileNotFoundError:
+                pass
+        log.info("mailx stopped")
 
 
 class ListenError(Exception):
@@ -135,8 +242,10 @@ class ListenError(Exception):
 def makeService(options: Options) -> MailxService:
     try:
         config = load_config(options["config"])
+        return MailxService(config)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
-        raise SystemExit(1) from None
-    return MailxService(config)
+    except TLSConfigError as e:
+        print(f"{options['config']}: {e}", file=sys.stderr)
+    raise SystemExit(1)

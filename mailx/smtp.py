@@ -23,8 +23,10 @@ protocol skeleton:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -117,6 +119,8 @@ class MailxESMTP(smtp.ESMTP):
         self._processing = False
         self._closing = False
         self._session_deadline: Any = None
+        self._greeting: Any = None
+        self._pause: Any = None
         self._admitted = False
         self._reset_transaction()
 
@@ -139,14 +143,41 @@ class MailxESMTP(smtp.ESMTP):
         log.info(
             "{session}: connect from {ip}:{port}", session=self.session.session_id, ip=ip, port=port
         )
-        self.sendCode(220, self.host + b" ESMTP mailx")
         self.setTimeout(self.timeout)
         self._session_deadline = self.callLater(
             self.settings.session_timeout, self._session_too_long
         )
+        if self.settings.greeting_delay > 0:
+            # Like Postfix's postscreen greet pause: real MTAs wait for the
+            # banner (RFC 5321 4.5.3.2.1 gives them 5 minutes); spamware
+            # that talks first is told so and dropped.
+            self._blocked = True
+            self._greeting = self.callLater(self.settings.greeting_delay, self._greet_client)
+        else:
+            self._greet_client()
+
+    def _greet_client(self) -> None:
+        self._greeting = None
+        if self.factory.shutting_down:
+            self._close_with(replies.SHUTTING_DOWN)
+            return
+        if self._buffer:
+            log.info(
+                "{session}: early talker from {ip} refused",
+                session=self.session.session_id,
+                ip=self.session.client_ip,
+            )
+            self._close_with(replies.EARLY_TALKER)
+            return
+        self._blocked = False
+        self.sendCode(220, self.host + b" ESMTP mailx")
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.setTimeout(None)
+        if self._greeting is not None and self._greeting.active():
+            self._greeting.cancel()
+        if self._pause is not None and self._pause.active():
+            self._pause.cancel()
         if self._session_deadline is not None and self._session_deadline.active():
             self._session_deadline.cancel()
         if self.mode == DATA and self._message is not None:
@@ -157,6 +188,10 @@ class MailxESMTP(smtp.ESMTP):
             log.info("{session}: disconnect", session=self.session.session_id)
         if self.delivery is not None:
             self.delivery.disconnected()
+
+    def shutdown(self) -> None:
+        if self.mode == COMMAND and not self._blocked:
+            self._close_with(replies.SHUTTING_DOWN)
 
     def timeoutConnection(self) -> None:
         self._close_with(replies.IDLE_TIMEOUT)
@@ -198,14 +233,21 @@ class MailxESMTP(smtp.ESMTP):
             return
         self.resetTimeout()
         self._buffer += data
-        self._process()
+        if self._greeting is None:
+            self._process()
 
     def _process(self) -> None:
         if self._processing:
             return
         self._processing = True
         try:
-            while not self._blocked and not self._closing and self._buffer:
+            while not self._blocked and not self._closing:
+                if self.factory.shutting_down and self.mode == COMMAND:
+                    # Between transactions: the client retries elsewhere or later.
+                    self._close_with(replies.SHUTTING_DOWN)
+                    break
+                if not self._buffer:
+                    break
                 if self.mode == DATA:
                     if not self._process_data():
                         break
@@ -361,9 +403,23 @@ class MailxESMTP(smtp.ESMTP):
         handler(self, arg)
 
     def _count_error(self) -> None:
+        """Postfix's smtpd_soft/hard_error_limit: slow down, then hang up."""
         self._errors += 1
         if self._errors >= self.settings.error_limit:
             self._close_with(replies.TOO_MANY_ERRORS)
+        elif self._errors > self.settings.error_limit // 2 and not self._blocked:
+            # smtpd_error_sleep_time: the next command waits, which costs a
+            # guessing client time and us nothing.
+            self._blocked = True
+            self.transport.pauseProducing()
+            self._pause = self.callLater(self.settings.error_sleep, self._resume_after_pause)
+
+    def _resume_after_pause(self) -> None:
+        self._pause = None
+        self._blocked = False
+        if not self._closing:
+            self.transport.resumeProducing()
+            self._process()
 
     def _reset_transaction(self) -> None:
         self._sender: str | None = None
@@ -660,6 +716,9 @@ class Settings:
         "error_limit",
         "connections",
         "connections_per_ip",
+        "connection_rate_per_ip",
+        "greeting_delay",
+        "error_sleep",
     )
 
     def __init__(self, config: Any) -> None:
@@ -672,6 +731,22 @@ class Settings:
         self.error_limit = limits.error_limit
         self.connections = limits.connections
         self.connections_per_ip = limits.connections_per_ip
+        self.connection_rate_per_ip = limits.connection_rate_per_ip
+        self.greeting_delay = limits.greeting_delay
+        # Postfix's smtpd_error_sleep_time default.
+        self.error_sleep = 1.0
+
+
+def _exempt_from_rate(ip: str) -> bool:
+    """Loopback clients (a local proxy, monitoring, the tests) are not rate-limited.
+
+    Postfix exempts $mynetworks from anvil's rate limits the same way; the
+    concurrency limits still apply.
+    """
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 class MailxSMTPFactory(ServerFactory):
@@ -697,22 +772,60 @@ class MailxSMTPFactory(ServerFactory):
         self.tls_context = tls_context
         self.sessions: set[MailxESMTP] = set()
         self.per_ip: dict[str, int] = {}
+        self.recent: dict[str, deque[float]] = {}
+        self.shutting_down = False
         self._counter = 0
         self._epoch = int(time.time())
+        self.clock: Callable[[], float] = time.monotonic
+
+    def reconfigure(self, config: Any, delivery_for: Callable[[Session], Any], tls_context: Any) -> None:
+        """New sessions get the new configuration; running ones keep theirs."""
+        self.settings = Settings(config)
+        self.delivery_for = delivery_for
+        self.tls_context = tls_context
 
     def buildProtocol(self, addr: Any) -> MailxESMTP:
         return self.protocol(self)
 
     def admit(self, proto: MailxESMTP, ip: str) -> Reply | None:
+        if self.shutting_down:
+            return replies.SHUTTING_DOWN
         if len(self.sessions) >= self.settings.connections:
             log.info("refused connection from {ip}: too many connections", ip=ip)
             return replies.TOO_MANY_CONNECTIONS
         if self.per_ip.get(ip, 0) >= self.settings.connections_per_ip:
             log.info("refused connection from {ip}: too many connections from it", ip=ip)
             return replies.TOO_MANY_CONNECTIONS_FROM_IP
+        if self._over_rate(ip):
+            log.info("refused connection from {ip}: connection rate limit", ip=ip)
+            return replies.CONNECTION_RATE
         self.sessions.add(proto)
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return None
+
+    def _over_rate(self, ip: str) -> bool:
+        """Postfix's smtpd_client_connection_rate_limit, over a sliding minute."""
+        limit = self.settings.connection_rate_per_ip
+        if not limit or _exempt_from_rate(ip):
+            return False
+        now = self.clock()
+        window = self.recent.setdefault(ip, deque())
+        while window and window[0] <= now - 60:
+            window.popleft()
+        if len(self.recent) > 10_000:
+            # Bounded memory under a flood of addresses: forget quiet clients.
+            for other in [k for k, v in self.recent.items() if not v or v[-1] <= now - 60]:
+                del self.recent[other]
+        if len(window) >= limit:
+            return True
+        window.append(now)
+        return False
+
+    def shutdown(self) -> None:
+        """Stop taking sessions; idle ones are told 421 now, busy ones after their message."""
+        self.shutting_down = True
+        for proto in list(self.sessions):
+            proto.shutdown()
 
     def release(self, proto: MailxESMTP) -> None:
         self.sessions.discard(proto)

@@ -131,7 +131,7 @@ class DefaultsTests(ConfigTestCase):
         limits = self.config.limits
         self.assertEqual(
             dataclasses.astuple(limits),
-            (25 * 1024 * 1024, 100, 1000, 20, 300.0, 1800.0, 20, 60, 0.0),
+            (25 * 1024 * 1024, 100, 1000, 20, 300.0, 1800.0, 20, 60, 1.0),
         )
 
     def test_listen(self) -> None:

@@ -30,6 +30,8 @@ def make_config(**limits: object) -> SimpleNamespace:
         idle_timeout=60.0,
         session_timeout=600.0,
         error_limit=20,
+        connection_rate_per_ip=0,
+        greeting_delay=0.0,
     )
     base.update(limits)
     return SimpleNamespace(hostname="mx.example.test", limits=SimpleNamespace(**base))
@@ -357,11 +359,39 @@ class SMTPDialogueTests(unittest.TestCase):
 
     def test_error_limit_closes_session(self) -> None:
         self.factory.settings.error_limit = 3
-        self.d.send(b"BAD\r\nBAD\r\n")
+        self.d.send(b"BAD\r\n")
+        self.assertEqual(self.d.codes(b"BAD\r\n"), [500])
+        self.d.clock.advance(1)
         self.assertFalse(self.d.transport.disconnecting)
         self.assertEqual(
             self.d.send(b"BAD\r\nNOOP\r\n")[-1], b"421 4.7.0 Too many errors, closing connection"
         )
+        self.assertTrue(self.d.transport.disconnecting)
+
+    def test_errors_past_half_the_limit_slow_the_session_down(self) -> None:
+        self.factory.settings.error_limit = 4
+        self.assertEqual(self.d.codes(b"BAD\r\nBAD\r\nBAD\r\nNOOP\r\n"), [500, 500, 500])
+        self.assertEqual(self.d.transport.producerState, "paused")
+        self.d.clock.advance(0.9)
+        self.assertEqual(self.d.output(), [])
+        self.d.clock.advance(0.1)
+        self.assertEqual(self.d.output(), [b"250 2.0.0 OK"])
+
+    def test_shutdown_closes_idle_session_with_421(self) -> None:
+        self.ehlo()
+        self.factory.shutdown()
+        self.assertEqual(self.d.output(), [b"421 4.3.2 Service shutting down, try again later"])
+        self.assertTrue(self.d.transport.disconnecting)
+
+    def test_shutdown_lets_a_message_in_data_finish(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: x\r\n")
+        self.factory.shutdown()
+        self.assertFalse(self.d.transport.disconnecting)
+        self.assertEqual(
+            self.d.codes(b"\r\nbody\r\n.\r\nMAIL FROM:<>\r\n"), [250, 421]
+        )
+        self.assertEqual(self.delivery.delivered, [b"Subject: x\r\n\r\nbody\r\n"])
         self.assertTrue(self.d.transport.disconnecting)
 
     def test_quit_ignores_what_follows(self) -> None:
@@ -371,6 +401,41 @@ class SMTPDialogueTests(unittest.TestCase):
 class ConnectionLimitTests(unittest.TestCase):
     def setUp(self) -> None:
         self.factory = MailxSMTPFactory(make_config(), lambda session: FakeDelivery())
+
+    def test_early_talker_is_refused(self) -> None:
+        self.factory.settings.greeting_delay = 1.0
+        talker = Dialogue(self.factory)
+        self.assertEqual(talker.send(b"EHLO spam.test\r\nMAIL FROM:<x@y.test>\r\n"), [])
+        talker.clock.advance(1)
+        self.assertEqual(talker.output(), [b"554 5.5.0 Protocol error: you spoke before the greeting"])
+        self.assertTrue(talker.transport.disconnecting)
+
+    def test_patient_client_gets_banner_after_pause(self) -> None:
+        self.factory.settings.greeting_delay = 1.0
+        patient = Dialogue(self.factory)
+        self.assertEqual(patient.output(), [])
+        patient.clock.advance(1)
+        self.assertEqual(patient.output(), [b"220 mx.example.test ESMTP mailx"])
+        self.assertEqual(patient.codes(b"EHLO ok.test\r\n"), [250])
+
+    def test_connection_rate_per_ip(self) -> None:
+        self.factory.settings.connection_rate_per_ip = 2
+        clock = [1000.0]
+        self.factory.clock = lambda: clock[0]
+        for _ in range(2):
+            Dialogue(self.factory, peer="192.0.2.1").proto.connectionLost(None)
+        third = Dialogue(self.factory, peer="192.0.2.1")
+        self.assertEqual(third.output()[0][:9], b"421 4.7.0")
+        self.assertEqual(Dialogue(self.factory, peer="192.0.2.9").output()[0][:3], b"220")
+        clock[0] += 61
+        self.assertEqual(Dialogue(self.factory, peer="192.0.2.1").output()[0][:3], b"220")
+
+    def test_loopback_is_exempt_from_the_rate(self) -> None:
+        self.factory.settings.connection_rate_per_ip = 1
+        for _ in range(3):
+            d = Dialogue(self.factory, peer="127.0.0.1")
+            self.assertEqual(d.output()[0][:3], b"220")
+            d.proto.connectionLost(None)
 
     def test_per_ip_limit_is_421(self) -> None:
         first = Dialogue(self.factory, peer="192.0.2.1")

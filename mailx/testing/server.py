@@ -24,6 +24,7 @@ BASE_CONFIG: dict[str, Any] = {
     "hostname": "mx.example.test",
     "listen": {"smtp": ["tcp:0:interface=127.0.0.1"]},
     "paths": {"mail": "mail", "spool": "spool"},
+    "limits": {"greeting_delay": "0s"},
     "authentication": {"spf": False, "dkim": False, "dmarc": "off"},
     "domains": {
         "example.test": {
