@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -368,6 +369,34 @@ def _refused(context: Context, address: str, reply: replies.Reply, trace: Sequen
     }
     context.emit(data, "\n".join([address, *(f"  {step}" for step in trace), str(reply)]))
     return EXIT_WRONG
+
+
+# ---------------------------------------------------------------------------
+# reload
+
+
+def signal_server(config: Config, signum: int) -> int | None:
+    """Send ``signum`` to the running server of ``config``; its pid, or None if not running."""
+    from mailx.service import pid_path
+
+    try:
+        pid = int(pid_path(config).read_text().strip())
+        os.kill(pid, signum)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid
+
+
+@command("reload", "make the running server re-read its configuration (SIGHUP)")
+def reload(context: Context) -> int:
+    """``mailxctl reload``: check the file first, so a typo is reported here, not in a log."""
+    config = context.load_config()
+    pid = signal_server(config, signal.SIGHUP)
+    if pid is None:
+        context.emit({"reloaded": False, "reason": "not running"}, "mailx is not running")
+        return EXIT_WRONG
+    context.emit({"reloaded": True, "pid": pid}, f"sent SIGHUP to mailx (pid {pid})")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

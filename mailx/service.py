@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
@@ -36,6 +37,11 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["config"] is None:
             self["config"] = os.environ.get("MAILX_CONFIG", "mailx.yaml")
+
+
+def pid_path(config: Config) -> Path:
+    """Where the running server writes its pid, for ``mailxctl reload`` and friends."""
+    return config.paths.spool / "mailx.pid"
 
 
 class TLSConfigError(Exception):
@@ -157,7 +163,7 @@ class MailxService(service.MultiService):
         self.disk_pool.start()
         super().startService()
         self._listen()
-        self.pidfile = self.config.paths.spool / "mailx.pid"
+        self.pidfile = pid_path(self.config)
         self.pidfile.write_text(f"{os.getpid()}\n")
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         log.info(

@@ -136,6 +136,9 @@ class MailxESMTP(smtp.ESMTP):
             return
         self._admitted = True
         self.session = Session(self.factory.new_session_id(), ip, port)
+        if _openssl_connection(self.transport) is not None:
+            self.startedTLS = True  # an implicit-TLS (ssl:) listener
+            self.session.tls = "TLS"
         self.canStartTLS = (
             interfaces.ITLSTransport.providedBy(self.transport) and self.ctx is not None
         )
@@ -451,6 +454,8 @@ class MailxESMTP(smtp.ESMTP):
         self._reset_transaction()
         self.session.helo = name.decode("ascii", "replace")
         self.session.esmtp = esmtp
+        if self.startedTLS:
+            self.session.tls = self.tls_description()
         greeting = self.host + b" Hello " + self.session.client_ip.encode("ascii")
         if not esmtp:
             self.sendCode(250, greeting)
@@ -690,11 +695,30 @@ class MailxESMTP(smtp.ESMTP):
         """'TLSv1.3:TLS_AES_256_GCM_SHA384' for the Received header, once known."""
         if not self.startedTLS:
             return None
-        conn = getattr(self.transport, "getHandle", lambda: None)()
+        conn = _openssl_connection(self.transport)
         try:
             return f"{conn.get_protocol_version_name()}:{conn.get_cipher_name()}"
         except Exception:
             return "TLS"
+
+
+def _openssl_connection(transport: Any) -> Any:
+    """The OpenSSL connection under a transport: implicit TLS, STARTTLS, behind PROXY."""
+    from OpenSSL import SSL
+
+    for _ in range(4):
+        if transport is None:
+            return None
+        if getattr(transport, "TLS", False) and hasattr(transport, "protocol"):
+            handle = transport.protocol.getHandle()  # STARTTLS on a TCP transport
+            if isinstance(handle, SSL.Connection):
+                return handle
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if isinstance(handle, SSL.Connection):
+            return handle
+        transport = getattr(transport, "transport", None)
+    return None
 
 
 MailxESMTP._handlers = {
