@@ -65,7 +65,8 @@ class DeliveryContext:
     config: Any
     disk_pool: ThreadPool
     reactor: Any
-    authenticator: Any = None
+    authenticator: Any = None  # mailx.auth.Authenticator; None when every check is off
+    blocklists: Any = None  # mailx.dnsbl.Blocklists; None without checks.dnsbl
     incoming: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +82,11 @@ class SessionDelivery:
         self.context = context
         self.config = context.config
         self.session = session
+        self.junk = False  # a DNSBL with action "junk" listed the client
+        self._listing: defer.Deferred | None = None
+        if context.blocklists is not None:
+            # Started at connect so the answer is usually in by the first RCPT.
+            self._listing = context.blocklists.check(session.client_ip)
 
     def mail(self, queue_id: str, sender: str, size: int) -> None:
         log.info(
@@ -98,6 +104,36 @@ class SessionDelivery:
             first = next(iter(self.config.domains))
             recipient = f"postmaster@{first}"
         decision = route(self.config, recipient)
+        if self._listing is None or decision.address.local == "postmaster":
+            return self._accepted(queue_id, recipient, decision)
+        # Each RCPT gets its own Deferred on the one lookup at connect.
+        listing: defer.Deferred = defer.Deferred()
+        self._listing.addBoth(lambda result: (listing.callback(result), result)[1])
+
+        def decide(found: Any) -> Route:
+            if found is not None and found.action == "reject":
+                raise SMTPReplyError(
+                    replies.DNSBL_BLOCKED.with_text(
+                        replies.DNSBL_BLOCKED.text.format(
+                            ip=self.session.client_ip, zone=found.zone
+                        )
+                    )
+                )
+            if found is not None:
+                if not self.junk:
+                    log.info(
+                        "{qid}: client {ip} listed in {zone} ({code}): filing into Junk",
+                        qid=queue_id,
+                        ip=self.session.client_ip,
+                        zone=found.zone,
+                        code=found.answer,
+                    )
+                self.junk = True
+            return self._accepted(queue_id, recipient, decision)
+
+        return listing.addCallback(decide)
+
+    def _accepted(self, queue_id: str, recipient: str, decision: Route) -> Route:
         log.info(
             "{qid}: to=<{rcpt}> accepted: {destinations}",
             qid=queue_id,
@@ -184,6 +220,8 @@ class IncomingMessage:
                 )
             size = len(self.header) + self.body.size
             action = verdict.action if verdict is not None else "accept"
+            if action == "accept" and self.delivery.junk:
+                action = "junk"
             results = verdict.log_fields() if verdict is not None else {}
             log.info(
                 "{qid}: {action} size={size} nrcpt={nrcpt} {results}",

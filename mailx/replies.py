@@ -85,6 +85,7 @@ TLS_GO_AHEAD = Reply(220, "2.0.0", "Ready to start TLS")
 RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
 UNKNOWN_RECIPIENT = Reply(550, "5.1.1", "No such user here")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+DNSBL_BLOCKED = Reply(554, "5.7.1", "Service unavailable; client [{ip}] blocked using {zone}")
 SRS_FORGED = Reply(550, "5.7.1", "Invalid SRS address")
 
 # Messages

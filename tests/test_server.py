@@ -8,19 +8,14 @@ import smtplib
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx.testing.server import LineClient, in_thread, message, send_mail, start_server
-
-
-def dialogue(port: int, script: list[bytes], proxy_from: str | None = None) -> list[tuple[int, bytes]]:
-    """Send each line (or raw chunk) and collect one reply per line; blocking."""
-    client = LineClient(port, proxy_from=proxy_from)
-    try:
-        out = [client.reply()]
-        for line in script:
-            out.append(client.command(line))
-        return out
-    finally:
-        client.close()
+from mailx.testing.server import (
+    LineClient,
+    dialogue,
+    in_thread,
+    message,
+    send_mail,
+    start_server,
+)
 
 
 class DeliveryTests(unittest.TestCase):

@@ -167,6 +167,24 @@ class LineClient:
             pass
 
 
+def dialogue(
+    port: int, script: Sequence[bytes], proxy_from: str | None = None
+) -> list[tuple[int, bytes]]:
+    """The banner, then one reply per line of ``script``; blocking (run it in a thread).
+
+    A script line may hold a whole message ending in "." (its lines joined
+    by CRLF): it is one write and gets one reply.
+    """
+    client = LineClient(port, proxy_from=proxy_from)
+    try:
+        out = [client.reply()]
+        for line in script:
+            out.append(client.command(line))
+        return out
+    finally:
+        client.close()
+
+
 def in_thread(func: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
     return deferToThread(func, *args, **kwargs)
 
