@@ -18,8 +18,12 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mailx import maildir, spool
+from mailx.auth import Authenticator
+from mailx.auth.dmarc import default_psl
 from mailx.config import Config, ConfigError, load_config
 from mailx.delivery import DeliveryContext, SessionDelivery
+from mailx.dns import Resolver
+from mailx.dnsbl import Blocklists
 from mailx.smtp import MailxSMTPFactory, server_endpoint
 
 log = Logger(namespace="mailx.service")
@@ -27,6 +31,9 @@ log = Logger(namespace="mailx.service")
 # Enough threads that concurrent fsyncs share journal commits (STYLE.md),
 # few enough that a flood cannot exhaust memory with blocked writers.
 DISK_THREADS = 16
+# SPF alone may need 10 sequential lookups per message; enough threads that
+# 50 concurrent sessions do not queue behind one another.
+DNS_THREADS = 32
 
 
 class Options(usage.Options):
@@ -101,6 +108,10 @@ class MailxService(service.MultiService):
         self.reactor = reactor
         self.config = config
         self.disk_pool = ThreadPool(minthreads=0, maxthreads=DISK_THREADS, name="mailx-disk")
+        # DNS lookups block in dnspython; their own pool keeps a slow DNS
+        # server from starving the disk writers.
+        self.dns_pool = ThreadPool(minthreads=0, maxthreads=DNS_THREADS, name="mailx-dns")
+        self._public_suffixes: Any = None
         self.context = self._context_for(config)
         self.factory = MailxSMTPFactory(
             config, self._delivery_for, tls_context=tls_context(config)
@@ -111,7 +122,31 @@ class MailxService(service.MultiService):
         self._stopping: defer.Deferred | None = None
 
     def _context_for(self, config: Config) -> DeliveryContext:
-        return DeliveryContext(config, self.disk_pool, self.reactor)
+        """Everything sessions share under one configuration, built once per (re)load."""
+        resolver = Resolver(
+            config.dns.nameservers,
+            config.dns.timeout,
+            reactor=self.reactor,
+            threadpool=self.dns_pool,
+        )
+        auth = config.authentication
+        authenticator = None
+        if auth.spf or auth.dkim or auth.dmarc != "off":
+            authenticator = Authenticator(resolver, auth, config.hostname, psl=self._psl())
+        blocklists = Blocklists(resolver, config.checks.dnsbl) if config.checks.dnsbl else None
+        return DeliveryContext(
+            config,
+            self.disk_pool,
+            self.reactor,
+            authenticator=authenticator,
+            blocklists=blocklists,
+        )
+
+    def _psl(self) -> Any:
+        # Parsing the Public Suffix List costs ~40 ms; once per process.
+        if self._public_suffixes is None:
+            self._public_suffixes = default_psl()
+        return self._public_suffixes
 
     def _delivery_for(self, session: Any) -> SessionDelivery:
         # The context of the moment the session starts: a reload does not
@@ -161,6 +196,7 @@ class MailxService(service.MultiService):
     def startService(self) -> None:
         self.prepare_storage()
         self.disk_pool.start()
+        self.dns_pool.start()
         super().startService()
         self._listen()
         self.pidfile = pid_path(self.config)
@@ -232,6 +268,7 @@ class MailxService(service.MultiService):
     def _stop_disk_pool(self) -> None:
         # ThreadPool.stop joins the workers: every fsync in flight completes.
         self.disk_pool.stop()
+        self.dns_pool.stop()
         pidfile = getattr(self, "pidfile", None)
         if pidfile is not None:
             try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dkim
@@ -108,7 +107,9 @@ class _Verifier(dkim.DKIM):
         ktype = tags.get(b"k", b"rsa").lower()
         algorithm = sig[b"a"].lower()
         if not algorithm.startswith(ktype + b"-"):
-            raise _Outcome("permerror", f"key type {_text(ktype)} does not match a={_text(algorithm)}")
+            raise _Outcome(
+                "permerror", f"key type {_text(ktype)} does not match a={_text(algorithm)}"
+            )
         hashes = tags.get(b"h")
         if hashes is not None:
             allowed = {h.strip().lower() for h in hashes.split(b":")}
@@ -225,7 +226,9 @@ def verify_dkim(resolver: Resolver, message: bytes) -> tuple[DKIMResult, ...]:
         about = _describe(value)
         if index >= MAX_SIGNATURES:
             results.append(
-                DKIMResult("policy", reason=f"not verified: over {MAX_SIGNATURES} signatures", **about)
+                DKIMResult(
+                    "policy", reason=f"not verified: over {MAX_SIGNATURES} signatures", **about
+                )
             )
             continue
         results.append(_verify_one(verifier, index, about))
@@ -265,8 +268,3 @@ def _verify_one(verifier: _Verifier, index: int, about: dict) -> DKIMResult:
         # RFC 8301 3.1: verifiers MUST NOT consider rsa-sha1 signatures valid.
         result, reason = "policy", "rsa-sha1 is not accepted (RFC 8301)"
     return DKIMResult(result=result, reason=reason, unsigned_octets=unsigned, **about)
-
-
-def passing_domains(results: Sequence[DKIMResult]) -> list[str]:
-    """The d= of every passing signature: DMARC's DKIM identifiers."""
-    return [r.domain for r in results if r.passed and r.domain]
