@@ -30,7 +30,7 @@ from zope.interface import Interface, implementer
 
 from mailx import maildir, replies
 from mailx.replies import SMTPReplyError
-from mailx.routing import MailboxDestination, Route, route
+from mailx.routing import MailboxDestination, Route, quote_local, route
 from mailx.spool import SpoolBuffer
 
 log = Logger(namespace="mailx.delivery")
@@ -284,10 +284,18 @@ class IncomingMessage:
             f"\tfor <{dest.address}>; {formatdate(localtime=True)}\r\n"
         )
         return [
-            f"Return-Path: <{self.sender}>\r\n".encode(),
+            f"Return-Path: <{_quoted_path(self.sender)}>\r\n".encode(),
             f"Delivered-To: {dest.address}\r\n".encode(),
             received.encode("utf-8"),
         ]
+
+
+def _quoted_path(sender: str) -> str:
+    """The reverse-path as it is written in a header (RFC 5321 4.1.2 quoting)."""
+    if not sender:
+        return ""
+    local, _, domain = sender.rpartition("@")
+    return f"{quote_local(local)}@{domain}"
 
 
 def split_header(header: bytes) -> list[bytes]:

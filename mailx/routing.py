@@ -152,14 +152,16 @@ def _parse_literal(text: str) -> str:
         raise AddressError(f"bad address literal {text!r}") from None
 
 
-def parse_address(text: str) -> Address:
+def parse_address(text: str, fold_case: bool = True) -> Address:
     """Parse ``local@domain`` (no angle brackets) into an `Address`.
 
     The local part may be quoted; ``"alice"@x`` and ``alice@x`` are the same
     mailbox (RFC 5321 4.1.2 asks for the unquoted form where possible).
     Local parts are case-folded (SPEC section 3: they match
     case-insensitively); domains become IDNA A-labels.  Address literals are
-    parsed but are never one of our domains.
+    parsed but are never one of our domains.  ``fold_case=False`` keeps the
+    local part as written: a sender's local part belongs to its own domain
+    (RFC 5321 2.4), and SPF macros and bounces must see it unchanged.
     """
     if not isinstance(text, str):
         raise AddressError(f"expected text, got {type(text).__name__}")
@@ -194,7 +196,7 @@ def parse_address(text: str) -> Address:
         domain = _parse_literal(domain_text)
     else:
         domain = normalize_domain(domain_text)
-    return Address(local.lower(), domain)
+    return Address(local.lower() if fold_case else local, domain)
 
 
 def split_subaddress(local: str, delimiters: str | None) -> tuple[str, str]:

@@ -446,8 +446,11 @@ class MailxESMTP(smtp.ESMTP):
         self._greet(rest, esmtp=True)
 
     def _greet(self, rest: bytes, esmtp: bool) -> None:
+        # RFC 5321 wants a domain or address literal; like Postfix (without
+        # reject_invalid_helo_hostname) any text is taken: SPF's HELO check
+        # and the Received header judge it, not the dialogue.
         name = rest.strip()
-        if not name or b" " in name:
+        if not name:
             self.reply(replies.SYNTAX_ERROR.with_text("HELO/EHLO needs a domain or address"))
             self._count_error()
             return
@@ -593,14 +596,18 @@ class MailxESMTP(smtp.ESMTP):
             self.reply(bad.with_text("Address must be ASCII (SMTPUTF8 not offered)"))
             self._count_error()
             return None
-        if prefix == b"TO:" and text.lower() == "postmaster":
+        recipient = prefix == b"TO:"
+        if recipient and text.lower() == "postmaster":
             return "postmaster", params
         try:
-            address = parse_address(text)
+            address = parse_address(text, fold_case=recipient)
         except AddressError as e:
             self.reply(bad.with_text(f"Bad address syntax: {e}"))
             self._count_error()
             return None
+        if recipient:
+            return str(address), params
+        # The sender unquoted, as SPF and the logs want it; Return-Path quotes it again.
         return f"{address.local}@{address.domain}", params
 
     def do_DATA(self, rest: bytes) -> None:

@@ -1,0 +1,245 @@
+# -*- test-case-name: tests.test_auth_server -*-
+"""SPF, DKIM and DMARC through the running server, as a sender on the internet sees them.
+
+Zone data comes from a loopback DNS server; the client's address comes from
+a PROXY header on a ``haproxy:`` listener; the verdict is read from the
+delivered message's Authentication-Results or from the SMTP reply.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from mailx.testing import rfc7208
+from mailx.testing.dnsserver import serve_for_test, start_dns_server
+from mailx.testing.server import dialogue, in_thread, start_server
+
+AUTHSERV = "mx.example.test"
+
+
+def auth_config(dns_port: int, **authentication: Any) -> dict[str, Any]:
+    return {
+        "listen": {"smtp": ["haproxy:tcp:0:interface=127.0.0.1"]},
+        "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "1s"},
+        "authentication": {"spf": True, "dkim": True, "dmarc": "enforce", **authentication},
+    }
+
+
+def transaction(helo: str, mail_from: str, body: bytes, rcpt: str = "alice@example.test") -> list[bytes]:
+    return [
+        b"EHLO " + helo.encode(),
+        b"MAIL FROM:<" + mail_from.encode() + b">",
+        b"RCPT TO:<" + rcpt.encode() + b">",
+        b"DATA",
+        body.rstrip(b"\r\n") + b"\r\n.",
+        b"QUIT",
+    ]
+
+
+def results_header(stored: bytes) -> str:
+    """Our Authentication-Results field, unfolded."""
+    head = stored.split(b"\n\n", 1)[0].decode()
+    match = re.search(rf"^Authentication-Results: {re.escape(AUTHSERV)};(.*(?:\n[ \t].*)*)", head, re.M)
+    assert match, f"no Authentication-Results in:\n{head}"
+    return " ".join(match.group(1).split())
+
+
+class RFC7208OverTheWireTests(unittest.TestCase):
+    """The openspf suite, each case as a real SMTP transaction.
+
+    Cases whose MAIL FROM is not a valid RFC 5321 path (a 64-octet label, an
+    empty label, no local part) cannot reach SPF over the wire: the server
+    answers 501 at MAIL FROM, which these tests check instead.
+    """
+
+    REFUSED_AT_MAIL = {
+        "toolonglabel": "a DNS label over 63 octets is not a valid domain (RFC 1035 2.3.4)",
+        "emptylabel": "an empty label is not a valid domain (RFC 5321 4.1.2)",
+        "nolocalpart": "an empty local part is not a valid path (RFC 5321 4.1.2)",
+    }
+
+    @defer.inlineCallbacks
+    def check_case(self, case: rfc7208.SPFCase) -> Any:
+        dns = rfc7208.serve(case.zone)
+        self.addCleanup(dns.stop)
+        config = auth_config(dns.port, dkim=False, dmarc="off")
+        config["dns"]["timeout"] = "0.3s"
+        server = start_server(self, config)
+        mail_from = case.mail_from
+        local, _, domain = mail_from.rpartition("@")
+        if local and " " in local:
+            mail_from = f'"{local}"@{domain}'
+        body = b"Subject: " + case.name.encode() + b"\r\n\r\nRFC 7208 " + case.spec.encode() + b"\r\n"
+        replies = yield in_thread(
+            dialogue, server.port, transaction(case.helo, mail_from, body), case.client_ip
+        )
+        if case.name in self.REFUSED_AT_MAIL:
+            self.assertEqual((replies[2][0], replies[2][1][:5]), (501, b"5.1.7"))
+            return
+        self.assertEqual([code for code, _ in replies], [220, 250, 250, 250, 354, 250, 221])
+        [stored] = server.messages("alice")
+        found = re.search(r"\bspf=(\w+)", results_header(stored)).group(1)
+        self.assertIn(found, case.results, f"{case.name} (RFC 7208 {case.spec})")
+
+
+rfc7208.install_cases(RFC7208OverTheWireTests)
+
+
+def make_dkim_key() -> tuple[bytes, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
+
+
+class PolicyThroughServerTests(unittest.TestCase):
+    """Each DMARC policy action, and the header, end to end."""
+
+    def setUp(self) -> None:
+        self.private_key, record = make_dkim_key()
+        self.dns = serve_for_test(
+            self,
+            {
+                "good.test": {"TXT": ["v=spf1 ip4:203.0.113.0/24 -all"]},
+                "_dmarc.good.test": {"TXT": ["v=DMARC1; p=reject"]},
+                "sel._domainkey.good.test": {"TXT": [record]},
+                "bank.test": {"TXT": ["v=spf1 ip4:198.51.100.0/24 -all"]},
+                "_dmarc.bank.test": {"TXT": ["v=DMARC1; p=reject"]},
+                "shop.test": {"TXT": ["v=spf1 -all"]},
+                "_dmarc.shop.test": {"TXT": ["v=DMARC1; p=quarantine"]},
+                "slow.test": {"TXT": ["v=spf1 -all"]},
+            },
+        )
+
+    def start(self, **authentication: Any) -> Any:
+        return start_server(self, auth_config(self.dns.port, **authentication))
+
+    def message(self, author: str, subject: str = "test") -> bytes:
+        return (
+            f"From: {author}\r\nTo: alice@example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@x.test>\r\n\r\nHello.\r\n"
+        ).encode()
+
+    def send(self, server: Any, ip: str, mail_from: str, body: bytes) -> defer.Deferred:
+        return in_thread(dialogue, server.port, transaction("client.test", mail_from, body), ip)
+
+    @defer.inlineCallbacks
+    def test_spf_pass_and_dmarc_pass_are_recorded(self) -> None:
+        server = self.start()
+        replies = yield self.send(server, "203.0.113.5", "news@good.test", self.message("news@good.test"))
+        self.assertEqual(replies[5][0], 250)
+        header = results_header(server.messages("alice")[0])
+        self.assertIn("spf=pass", header)
+        self.assertIn("smtp.mailfrom=news@good.test", header)
+        self.assertIn("dkim=none", header)
+        self.assertIn("dmarc=pass", header)
+        self.assertIn("header.from=good.test", header)
+
+    @defer.inlineCallbacks
+    def test_dmarc_reject_is_550_under_enforce(self) -> None:
+        server = self.start()
+        replies = yield self.send(server, "203.0.113.5", "ceo@bank.test", self.message("ceo@bank.test"))
+        self.assertEqual(replies[5], (550, b"5.7.1 Rejected by DMARC policy of the sender's domain"))
+        self.assertEqual(server.all_messages(), [])
+
+    @defer.inlineCallbacks
+    def test_dmarc_reject_is_only_recorded_under_monitor(self) -> None:
+        server = self.start(dmarc="monitor")
+        replies = yield self.send(server, "203.0.113.5", "ceo@bank.test", self.message("ceo@bank.test"))
+        self.assertEqual(replies[5][0], 250)
+        self.assertIn("dmarc=fail", results_header(server.messages("alice")[0]))
+
+    @defer.inlineCallbacks
+    def test_dmarc_quarantine_files_into_junk(self) -> None:
+        server = self.start()
+        replies = yield self.send(server, "203.0.113.5", "deals@shop.test", self.message("deals@shop.test"))
+        self.assertEqual(replies[5][0], 250)
+        self.assertEqual(server.messages("alice"), [])
+        [junk] = server.messages("alice", folder=".Junk")
+        self.assertIn("dmarc=fail", results_header(junk))
+        self.assertTrue((server.maildir("alice") / ".Junk" / "maildirfolder").exists())
+
+    @defer.inlineCallbacks
+    def test_dmarc_off_skips_policy(self) -> None:
+        server = self.start(dmarc="off")
+        replies = yield self.send(server, "203.0.113.5", "ceo@bank.test", self.message("ceo@bank.test"))
+        self.assertEqual(replies[5][0], 250)
+        self.assertNotIn("dmarc=", results_header(server.messages("alice")[0]))
+
+    @defer.inlineCallbacks
+    def test_dns_timeout_deciding_the_outcome_is_451(self) -> None:
+        self.dns.timeout("_dmarc.slow.test")
+        server = self.start()
+        replies = yield self.send(server, "203.0.113.5", "x@slow.test", self.message("x@slow.test"))
+        self.assertEqual(replies[5][0], 451)
+        self.assertTrue(replies[5][1].startswith(b"4.7."))
+        self.assertEqual(server.all_messages(), [])
+
+    @defer.inlineCallbacks
+    def test_dkim_signature_passes_dmarc_when_spf_fails(self) -> None:
+        """A forwarded message: SPF fails at our IP, the aligned DKIM signature carries DMARC."""
+        server = self.start()
+        message = self.message("news@good.test", "signed")
+        signature = dkim.sign(
+            message, b"sel", b"good.test", self.private_key, include_headers=[b"from", b"subject"]
+        )
+        replies = yield self.send(server, "192.0.2.99", "news@good.test", signature + message)
+        self.assertEqual(replies[5][0], 250)
+        header = results_header(server.messages("alice")[0])
+        self.assertIn("spf=fail", header)
+        self.assertIn("dkim=pass", header)
+        self.assertIn("header.d=good.test", header)
+        self.assertIn("header.s=sel", header)
+        self.assertIn("header.b=", header)
+        self.assertIn("dmarc=pass", header)
+
+    @defer.inlineCallbacks
+    def test_forged_results_are_replaced_by_ours(self) -> None:
+        server = self.start()
+        forged = (
+            f"Authentication-Results: {AUTHSERV.upper()}; spf=pass; dkim=pass; dmarc=pass\r\n"
+        ).encode() + self.message("ceo@bank.test")
+        replies = yield self.send(server, "198.51.100.7", "ceo@bank.test", forged)
+        self.assertEqual(replies[5][0], 250)
+        stored = server.messages("alice")[0]
+        self.assertEqual(stored.count(b"Authentication-Results:"), 1)
+        self.assertIn("spf=pass", results_header(stored))
+
+    @defer.inlineCallbacks
+    def test_header_is_folded_to_78_columns(self) -> None:
+        server = self.start()
+        yield self.send(server, "203.0.113.5", "news@good.test", self.message("news@good.test"))
+        head = server.messages("alice")[0].split(b"\n\n", 1)[0]
+        start = head.index(b"Authentication-Results:")
+        field = head[start:].split(b"\nReceived:")[0].split(b"\n")
+        self.assertTrue(all(len(line) <= 78 for line in field), field)
+
+
+class NoDNSTests(unittest.TestCase):
+    """A DNS server that never answers: temporary failures, never a silent pass."""
+
+    @defer.inlineCallbacks
+    def test_unreachable_dns_never_gives_permanent_refusal(self) -> None:
+        dns = start_dns_server({})
+        dns.timeout("anything.test")
+        self.addCleanup(dns.stop)
+        dns.timeout("_dmarc.anything.test")
+        server = start_server(self, auth_config(dns.port))
+        body = b"From: a@anything.test\r\nSubject: x\r\n\r\nbody\r\n"
+        replies = yield in_thread(
+            dialogue, server.port, transaction("c.test", "a@anything.test", body), "203.0.113.77"
+        )
+        self.assertIn(replies[5][0], (250, 451))
+        self.assertNotEqual(replies[5][0] // 100, 5)
