@@ -12,12 +12,14 @@ address), 2 usage errors (argparse's own convention).  Output is for people;
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mailx import replies
@@ -29,6 +31,7 @@ from mailx.routing import (
     Router,
     RouteRefused,
     domain_to_unicode,
+    normalize_domain,
 )
 
 EXIT_OK = 0
@@ -305,10 +308,23 @@ def render_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@command("check", "validate the configuration and summarize domains and addresses")
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dns",
+        action="store_true",
+        help="also look up every domain's DNS records and compare them (mailxctl dns --check)",
+    )
+
+
+@command(
+    "check", "validate the configuration and summarize domains and addresses", _check_arguments
+)
 def check(context: Context) -> int:
     """``mailxctl check``: a bad configuration exits 1 with one line per problem (via main)."""
-    summary = summarize(context.load_config())
+    config = context.load_config()
+    summary = summarize(config)
+    if context.args.dns:
+        return _check_dns(context, config, summary)
     context.emit(summary, render_summary(summary))
     return EXIT_OK
 
@@ -397,6 +413,289 @@ def reload(context: Context) -> int:
         return EXIT_WRONG
     context.emit({"reloaded": True, "pid": pid}, f"sent SIGHUP to mailx (pid {pid})")
     return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# dns, dkim keygen, check --dns (SPEC section 9; mailx.dnssetup, mailx.dkimkeys)
+
+
+def _address_of(version: int) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            address = None
+        if address is None or address.version != version:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an IPv{version} address")
+        return address.compressed
+
+    return parse
+
+
+def _dns_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("domain", help="one of the configured domains")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="look the records up and say, record by record, what is right and what to fix",
+    )
+    parser.add_argument(
+        "--ip",
+        action="append",
+        type=_address_of(4),
+        metavar="A",
+        help="this server's public IPv4 address (repeatable; default: public_addresses)",
+    )
+    parser.add_argument(
+        "--ipv6",
+        action="append",
+        type=_address_of(6),
+        metavar="A",
+        help="this server's public IPv6 address (repeatable; default: public_addresses)",
+    )
+
+
+@command(
+    "dns", "the DNS records to publish for DOMAIN; --check compares the live ones", _dns_arguments
+)
+def dns_command(context: Context) -> int:
+    """``mailxctl dns DOMAIN [--check]``: exit 1 when a required record is missing or wrong."""
+    from mailx import dnssetup
+
+    config = context.load_config()
+    args = context.args
+    addresses = [*(args.ip or []), *(args.ipv6 or [])] or None
+    try:
+        plan = dnssetup.plan(config, args.domain, addresses)
+    except ValueError as e:
+        context.emit({"ok": False, "error": str(e)}, f"mailxctl dns: {e}")
+        return EXIT_WRONG
+    data = dnssetup.plan_json(plan)
+    if not args.check:
+        context.emit(data, dnssetup.render_plan(plan))
+        return EXIT_OK
+    findings = dnssetup.check_plan(plan, dnssetup.resolver_for(config))
+    bad = dnssetup.failed(findings)
+    data.update(ok=not bad, findings=[dnssetup.finding_json(f) for f in findings])
+    context.emit(data, dnssetup.render_findings(plan.domain, findings))
+    return EXIT_WRONG if bad else EXIT_OK
+
+
+def _check_dns(context: Context, config: Config, summary: dict[str, Any]) -> int:
+    """``mailxctl check --dns``: the summary, then every domain's DNS check."""
+    from mailx import dnssetup
+
+    results = dnssetup.check_config(config)
+    bad = any(dnssetup.failed(findings) for findings in results.values())
+    summary = {
+        **summary,
+        "ok": not bad,
+        "dns": {
+            domain: {
+                "ok": not dnssetup.failed(findings),
+                "findings": [dnssetup.finding_json(f) for f in findings],
+            }
+            for domain, findings in results.items()
+        },
+    }
+    text = [render_summary(summary)]
+    for domain, findings in results.items():
+        text += ["", f"DNS of {domain}:", dnssetup.render_findings(domain, findings)]
+    context.emit(summary, "\n".join(text))
+    return EXIT_WRONG if bad else EXIT_OK
+
+
+def _selector(text: str) -> str:
+    # RFC 6376 3.1: selector = sub-domain *( "." sub-domain )
+    try:
+        return normalize_domain(text)
+    except AddressError as e:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a DKIM selector: {e}") from None
+
+
+def _dkim_arguments(parser: argparse.ArgumentParser) -> None:
+    from mailx.dkimkeys import ALGORITHMS
+
+    actions = parser.add_subparsers(dest="dkim_action", metavar="ACTION", required=True)
+    keygen = actions.add_parser(
+        "keygen",
+        help="create a signing key for DOMAIN and print its DNS record",
+        description="Create a DKIM signing key for DOMAIN (never overwriting one) and print"
+        " the TXT record to publish and the mailx.yaml line to add.",
+    )
+    _common_options(keygen, suppress=True)
+    keygen.add_argument("domain", help="one of the configured domains")
+    keygen.add_argument(
+        "--selector",
+        type=_selector,
+        help="the selector (default: the configured one, else mx<YEAR><MONTH>)",
+    )
+    keygen.add_argument(
+        "--algorithm",
+        choices=ALGORITHMS,
+        default="rsa",
+        help="rsa (2048 bits, understood everywhere; the default) or ed25519 (RFC 8463)",
+    )
+    keygen.add_argument(
+        "--output",
+        metavar="PATH",
+        help="where to write the key (default: the configured dkim.key, else"
+        " dkim/DOMAIN.SELECTOR.key beside the configuration file)",
+    )
+
+
+@command(
+    "dkim", "DKIM keys: `dkim keygen DOMAIN` creates one and prints its record", _dkim_arguments
+)
+def dkim_command(context: Context) -> int:
+    """``mailxctl dkim keygen DOMAIN``: exit 1 if the domain is not ours or the key exists."""
+    from mailx import dkimkeys, dnssetup
+
+    config = context.load_config()
+    args = context.args
+    try:
+        domain = normalize_domain(args.domain)
+        problem = None
+    except AddressError as e:
+        domain, problem = args.domain, f"'{args.domain}' is not a domain name: {e}"
+    if problem is None and domain not in config.domains:
+        problem = f"{domain} is not a configured domain (configured: {', '.join(config.domains)})"
+    if problem:
+        context.emit({"ok": False, "error": problem}, f"mailxctl dkim keygen: {problem}")
+        return EXIT_WRONG
+    configured = config.domains[domain].dkim
+    selector = args.selector or (configured.selector if configured else None)
+    selector = selector or dkimkeys.default_selector()
+    if args.output:
+        path = Path(os.path.abspath(os.path.expanduser(args.output)))
+    elif configured is not None and configured.selector == selector:
+        path = configured.key
+    else:
+        path = config.source.parent / "dkim" / f"{domain}.{selector}.key"
+    key = dkimkeys.generate_key(args.algorithm)
+    try:
+        dkimkeys.write_key(key, path)
+    except dkimkeys.KeyFileError as e:
+        context.emit({"ok": False, "error": str(e)}, f"mailxctl dkim keygen: {e}")
+        return EXIT_WRONG
+    record = dnssetup.Expected(
+        "DKIM",
+        f"{selector}._domainkey.{domain}",
+        "TXT",
+        dkimkeys.dns_record(key),
+        required=True,
+        purpose="",
+        fix="",
+    )
+    try:
+        shown_path = str(path.relative_to(config.source.parent))
+    except ValueError:
+        shown_path = str(path)
+    snippet = f"dkim: {{selector: {selector}, key: {shown_path}}}"
+    in_config = configured is not None and (configured.selector, configured.key) == (
+        selector,
+        path,
+    )
+    algorithm = f"rsa-{dkimkeys.RSA_BITS}" if args.algorithm == "rsa" else args.algorithm
+    data = {
+        "ok": True,
+        "domain": domain,
+        "selector": selector,
+        "algorithm": args.algorithm,
+        "key": str(path),
+        "name": record.name,
+        "record": record.value,
+        "strings": dnssetup.txt_strings(record.value),
+        "zone": dnssetup.zone_line(record),
+        "config": None if in_config else snippet,
+    }
+    text = [
+        f"wrote a new {algorithm} DKIM key for {domain}: {path} (mode 0600)",
+        "",
+        "Publish this record (zone file):",
+        "",
+        data["zone"],
+        "",
+        f"or in a DNS provider's web form: type TXT, name {record.name}, value:",
+        "",
+        record.value,
+        "",
+    ]
+    if in_config:
+        text.append(f"{config.source.name} already names this key under domains.{domain}.")
+    else:
+        text += [
+            f"Then add this line to {config.source.name} under domains -> {domain}"
+            " (replacing any dkim: line there):",
+            "",
+            f"    {snippet}",
+        ]
+    text += ["", f"and check it with: mailxctl dns {domain} --check"]
+    context.emit(data, "\n".join(text))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# check-message
+
+
+def _check_message_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="the message, as saved (.eml, Maildir file)")
+    parser.add_argument("--ip", required=True, help="the client address it came from")
+    parser.add_argument("--helo", required=True, help="the name the client gave in HELO/EHLO")
+    parser.add_argument(
+        "--mail-from", required=True, dest="mail_from", help='the envelope sender ("" for <>)'
+    )
+
+
+@command(
+    "check-message",
+    "run the SPF, DKIM and DMARC checks on a saved message, as the server would",
+    _check_message_arguments,
+)
+def check_message(context: Context) -> int:
+    """Exit 0 when the server would accept the message, 1 when it would refuse or defer it."""
+    from mailx.auth import Authenticator
+    from mailx.auth.results import strip_forged_results
+    from mailx.dns import Resolver
+
+    config = context.load_config()
+    args = context.args
+    try:
+        raw = Path(args.file).read_bytes()
+    except OSError as e:
+        print(f"mailxctl: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+        return EXIT_WRONG
+    # Saved messages usually have LF line ends; DKIM is computed over CRLF.
+    message = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    message = strip_forged_results(message, config.hostname)
+    mail_from = args.mail_from.strip("<>")
+    resolver = Resolver(config.dns.nameservers, config.dns.timeout)
+    authenticator = Authenticator(resolver, config.authentication, config.hostname)
+    verdict = authenticator.check_sync(args.ip, args.helo, mail_from, message)
+    lines = []
+    if verdict.spf is not None:
+        lines.append(f"spf={verdict.spf.result} ({verdict.spf.identity} {verdict.spf.sender}): "
+                     f"{verdict.spf.reason}")
+    if verdict.dkim is not None:
+        if not verdict.dkim:
+            lines.append("dkim=none: no DKIM-Signature")
+        for result in verdict.dkim:
+            lines.append(f"dkim={result.result} (d={result.domain} s={result.selector}): "
+                         f"{result.reason}")
+    if verdict.dmarc is not None:
+        lines.append(f"dmarc={verdict.dmarc.result} (header.from={verdict.dmarc.from_domain}, "
+                     f"policy={verdict.dmarc.policy}, disposition={verdict.dmarc.disposition}): "
+                     f"{verdict.dmarc.reason}")
+    outcome = {
+        "accept": "accept: delivered to the inbox",
+        "junk": "junk: filed into the Junk folder",
+        "reject": f"reject: {verdict.reply}",
+        "tempfail": f"defer: {verdict.reply}",
+    }[verdict.action]
+    lines += [f"action={outcome}", "", verdict.header]
+    context.emit(verdict.as_dict(), "\n".join(lines))
+    return EXIT_OK if verdict.action in ("accept", "junk") else EXIT_WRONG
 
 
 if __name__ == "__main__":

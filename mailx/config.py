@@ -87,6 +87,9 @@ DEFAULTS: Mapping[str, Any] = _frozen(
     {
         "hostname": None,  # None: the system's FQDN, socket.getfqdn()
         "public_addresses": [],
+        # Receives DMARC aggregate (rua, RFC 7489 7.2) and TLS-RPT (RFC 8460)
+        # reports; `mailxctl dns` puts it in the records it prints.
+        "reports": None,
         "listen": {
             # Unprivileged and local until the owner says otherwise (SPEC section 2).
             "smtp": ["tcp:2525:interface=127.0.0.1"],
@@ -251,6 +254,7 @@ class Config:
     checks: ChecksConfig
     domains: Mapping[str, DomainConfig]
     outbound: OutboundConfig
+    reports: str | None = None  # address for DMARC and TLS-RPT reports
 
     @property
     def first_domain(self) -> str:
@@ -691,6 +695,15 @@ class _Loader:
                 return None
         return self.value(node, self.domain)
 
+    def report_address(self, node: _Node) -> str | None:
+        if node.null:
+            return None
+        text = self.text(node)
+        try:
+            return str(parse_address(text))
+        except AddressError as e:
+            raise _Invalid(f"bad address '{text}': {e}") from None
+
     def limits(self, node: _Node) -> Limits | None:
         fields = self.block(node, DEFAULTS["limits"])
         if fields is None:
@@ -1083,6 +1096,7 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         checks=loader.checks(fields["checks"]),
         domains=MappingProxyType(loader.domains(fields["domains"])),
         outbound=outbound,
+        reports=loader.value(fields["reports"], loader.report_address),
     )
     loader.require_srs_secret(outbound)
     return config

@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mailx import maildir, spool
+from mailx import dnswatch, maildir, spool
 from mailx.auth import Authenticator
 from mailx.auth.dmarc import default_psl
 from mailx.config import Config, ConfigError, load_config
@@ -118,6 +118,9 @@ class MailxService(service.MultiService):
         )
         self.endpoints = [server_endpoint(reactor, d) for d in config.listen]
         self.ports: list[Any] = []
+        # dns.watch: re-check our own published records, reading the config
+        # of the moment so a reload's changes apply from the next round.
+        dnswatch.add_dns_watch(self, lambda: self.config)
         self._listening = False
         self._stopping: defer.Deferred | None = None
 
