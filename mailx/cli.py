@@ -698,5 +698,125 @@ def check_message(context: Context) -> int:
     return EXIT_OK if verdict.action in ("accept", "junk") else EXIT_WRONG
 
 
+# ---------------------------------------------------------------------------
+# queue (SPEC section 9; mailx.queue)
+
+QUEUE_ACTIONS = ("list", "show", "flush", "remove")
+
+
+def _queue_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", nargs="?", default="list", choices=QUEUE_ACTIONS, help="default: list"
+    )
+    parser.add_argument("id", nargs="?", metavar="ID", help="queue ID, for show and remove")
+
+
+def _ago(seconds: float) -> str:
+    """``3m12s``, ``2h5m``, ``1d3h``: two units are enough to read a queue."""
+    seconds = int(max(0, seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    shown = [f"{n}{unit}" for n, unit in parts if n][:2]
+    return "".join(shown) or "0s"
+
+
+def _queue_lines(entry: dict[str, Any], now: float) -> list[str]:
+    sender = entry["sender"] or "<>"
+    kind = "" if entry["kind"] == "forward" else f"  ({entry['kind']} notice)"
+    lines = [f"{entry['id']}  {_ago(entry['age']):>6}  {entry['size']:>8}  {sender}{kind}"]
+    for r in entry["recipients"]:
+        line = f"    {r['address']}  {r['state']}  attempts={r['attempts']}"
+        if r["next_attempt"] is not None:
+            wait = r["next_attempt"] - now
+            line += f"  next {'in ' + _ago(wait) if wait > 0 else 'now'}"
+        if r["last_reply"]:
+            line += f"  ({r['last_reply']})"
+        if r["last_host"]:
+            line += f"  via {r['last_host']}"
+        lines.append(line)
+    return lines
+
+
+def _queue_of(config: Config) -> Any:
+    from mailx.queue import Queue
+
+    return Queue(config.paths.spool / "queue")
+
+
+@command(
+    "queue",
+    "list, show, flush (retry now) or remove the messages waiting to be forwarded",
+    _queue_arguments,
+)
+def queue_command(context: Context) -> int:
+    """``mailxctl queue [list|show ID|flush|remove ID]``.
+
+    It reads the queue directory directly (the server keeps nothing else);
+    ``flush`` leaves a request file the running server picks up within a
+    second (or at its next start); ``remove`` is safe while it runs.
+    """
+    import time
+
+    from mailx.queue import QueueError, envelope_summary, valid_id
+
+    args = context.args
+    config = context.load_config()
+    queue = _queue_of(config)
+    now = time.time()
+    if args.action in ("show", "remove") and (args.id is None or not valid_id(args.id)):
+        print(f"mailxctl: queue {args.action} needs a queue ID", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action == "list":
+        entries = [envelope_summary(e, now) for e in queue.scan()]
+        pending = sum(1 for e in entries for r in e["recipients"] if r["state"] == "pending")
+        lines = [line for e in entries for line in _queue_lines(e, now)]
+        lines.append(
+            f"-- {len(entries)} message(s), {pending} recipient(s) pending"
+            if entries
+            else "the queue is empty"
+        )
+        context.emit({"messages": entries, "pending": pending}, "\n".join(lines))
+        return EXIT_OK
+    if args.action == "show":
+        try:
+            envelope = queue.load(args.id)
+            header = queue.read_header(args.id).decode("utf-8", "replace")
+        except (QueueError, OSError) as e:
+            context.emit({"id": args.id, "found": False}, f"mailxctl: {e}")
+            return EXIT_WRONG
+        entry = envelope_summary(envelope, now)
+        entry["header"] = header
+        entry["recipients"] = [
+            {**shown, "mail_from": r.mail_from, "status": r.status}
+            for shown, r in zip(entry["recipients"], envelope.recipients, strict=True)
+        ]
+        lines = _queue_lines(entry, now)
+        lines.insert(1, f"    arrived {_ago(entry['age'])} ago from {envelope.client or '?'}")
+        for r in envelope.recipients:
+            lines.append(f"    {r.address}: sent to <{r.original}>, envelope sender <{r.mail_from}>")
+        lines += ["", header.rstrip("\r\n").replace("\r\n", "\n")]
+        context.emit(entry, "\n".join(lines))
+        return EXIT_OK
+    if args.action == "remove":
+        if not queue.remove(args.id):
+            context.emit({"id": args.id, "removed": False}, f"no message {args.id} in the queue")
+            return EXIT_WRONG
+        context.emit({"id": args.id, "removed": True}, f"removed {args.id}")
+        return EXIT_OK
+    queue.request_flush()
+    try:
+        pid = signal_server(config, 0)  # signal 0: is it running?
+    except PermissionError:  # running, as another user
+        pid = -1
+    if pid is None:
+        text = "mailx is not running: the queue is retried when it starts"
+    else:
+        text = f"flush requested: mailx (pid {pid}) retries every waiting message now"
+    context.emit({"flush": True, "running": pid is not None, "pid": pid}, text)
+    return EXIT_OK
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -57,9 +57,9 @@ from mailx.routing import (
     parse_address,
 )
 
-# Flip when the outbound queue (SPEC section 8) lands: aliases may then forward
-# to outside addresses, and outbound.srs_secret becomes required once one does.
-FORWARDING_SUPPORTED = False
+# Aliases may forward to outside addresses (SPEC section 8: mailx.outbound);
+# outbound.srs_secret is then required.
+FORWARDING_SUPPORTED = True
 
 
 class _Required:
@@ -126,6 +126,13 @@ DEFAULTS: Mapping[str, Any] = _frozen(
             # classic advice; the first tries come sooner, as Postfix's do.
             "retry": ["5m", "15m", "30m", "1h", "2h", "4h"],
             "queue_lifetime": "5d",  # RFC 5321 4.5.4.1: give up after 4-5 days; Postfix: 5d
+            # {username, password}: AUTH PLAIN or LOGIN at the smarthost, over TLS only.
+            "smarthost_auth": None,
+            # A "still trying" notice to the sender; Sendmail's queuewarn is 4h, null: none.
+            "delay_warning": "4h",
+            # Connections at once; Postfix: 100 processes, 20 per destination.
+            "connections": 100,
+            "connections_per_domain": 20,
         },
     }
 )
@@ -136,6 +143,7 @@ BLOCK_DEFAULTS: Mapping[str, Mapping[str, Any]] = _frozen(
         "tls": {"certificate": REQUIRED, "key": REQUIRED},
         "dkim": {"selector": REQUIRED, "key": REQUIRED},
         "dnsbl": {"zone": REQUIRED, "action": "reject"},
+        "smarthost_auth": {"username": REQUIRED, "password": REQUIRED},
         "domain": {
             "mailboxes": [],
             "aliases": {},
@@ -232,12 +240,25 @@ class DomainConfig:
 
 
 @dataclass(frozen=True)
+class SmarthostAuth:
+    username: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"SmarthostAuth(username={self.username!r}, password=<hidden>)"
+
+
+@dataclass(frozen=True)
 class OutboundConfig:
     srs_secrets: tuple[str, ...]  # the first signs; all are accepted
     smarthost: str | None
     port: int
     retry: tuple[float, ...]
     queue_lifetime: float
+    smarthost_auth: SmarthostAuth | None = None
+    delay_warning: float | None = 4 * 3600.0  # seconds; None: no delay notice
+    connections: int = 100
+    connections_per_domain: int = 20
 
 
 @dataclass(frozen=True)
@@ -788,13 +809,31 @@ class _Loader:
         retry = self.items(retry_node, self.duration)
         if retry_node.kind == "seq" and not retry_node.value:
             self.at(retry_node, "needs at least one interval")
+        smarthost = self.value(fields["smarthost"], self.client_endpoint)
+        auth = self.smarthost_auth(fields["smarthost_auth"])
+        if auth is not None and smarthost is None:
+            self.at(fields["smarthost_auth"], "credentials are only used with outbound.smarthost")
         return OutboundConfig(
             srs_secrets=self.srs_secret(fields["srs_secret"]),
-            smarthost=self.value(fields["smarthost"], self.client_endpoint),
+            smarthost=smarthost,
             port=self.value(fields["port"], self.count, 1, 65535),
             retry=retry,
             queue_lifetime=self.value(fields["queue_lifetime"], self.duration),
+            smarthost_auth=auth,
+            delay_warning=self.value(fields["delay_warning"], self.duration, True),
+            connections=self.value(fields["connections"], self.count, 1),
+            connections_per_domain=self.value(fields["connections_per_domain"], self.count, 1),
         )
+
+    def smarthost_auth(self, node: _Node) -> SmarthostAuth | None:
+        if node.null:
+            return None
+        fields = self.block(node, BLOCK_DEFAULTS["smarthost_auth"])
+        if fields is None or "username" not in fields or "password" not in fields:
+            return None
+        username = self.value(fields["username"], self.text)
+        password = self.value(fields["password"], self.text)
+        return None if username is None or password is None else SmarthostAuth(username, password)
 
     # -- domains ----------------------------------------------------------
 

@@ -15,8 +15,8 @@ discarded after a crash (the client was never told it was accepted).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -30,14 +30,17 @@ from zope.interface import Interface, implementer
 
 from mailx import maildir, replies
 from mailx.replies import SMTPReplyError
-from mailx.routing import MailboxDestination, Route, quote_local, route
+from mailx.routing import ForwardDestination, MailboxDestination, Route, quote_local, route
 from mailx.spool import SpoolBuffer
+from mailx.srs import srs_route
 
 log = Logger(namespace="mailx.delivery")
 
-# Postfix's header_size_limit is 102400; past ours the header section is left
-# alone (not parsed, not filtered), as Postfix moves the rest to the body.
+# Postfix's header_size_limit is 102400; ours is ten times that, and a header
+# section past it refuses the message (it cannot be checked or filtered).
 MAX_HEADER_SECTION = 1024 * 1024
+# Postfix's hopcount_limit; RFC 5321 6.3 suggests counting Received fields.
+MAX_RECEIVED = 50
 _FIELD_START = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 
@@ -67,6 +70,7 @@ class DeliveryContext:
     reactor: Any
     authenticator: Any = None  # mailx.auth.Authenticator; None when every check is off
     blocklists: Any = None  # mailx.dnsbl.Blocklists; None without checks.dnsbl
+    outbound: Any = None  # mailx.outbound.Outbound: forwarding queue and SRS
     incoming: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -103,7 +107,8 @@ class SessionDelivery:
             # RFC 5321 4.5.1: <postmaster> without a domain must be accepted.
             first = next(iter(self.config.domains))
             recipient = f"postmaster@{first}"
-        decision = route(self.config, recipient)
+        srs = self.context.outbound.srs if self.context.outbound is not None else None
+        decision = srs_route(srs, self.config, recipient) or route(self.config, recipient)
         if self._listing is None or decision.address.local == "postmaster":
             return self._accepted(queue_id, recipient, decision)
         # Each RCPT gets its own Deferred on the one lookup at connect.
@@ -189,8 +194,9 @@ class IncomingMessage:
             self.header, self._in_header = header[:cut], False
             self.body.write(header[cut:])
         elif len(header) > MAX_HEADER_SECTION:
-            self.header, self._in_header = b"", False
-            self.body.write(header)
+            # Passing it on unparsed would keep forged Authentication-Results
+            # and a From that DMARC never saw; no real message comes close.
+            raise SMTPReplyError(replies.HEADER_TOO_BIG)
         else:
             self.header = header
 
@@ -210,6 +216,7 @@ class IncomingMessage:
         try:
             fields = split_header(self.header)
             fields = [f for f in fields if not _is_forged_results(f, config.hostname)]
+            self.routes = self._without_loops(fields)
             verdict = None
             if ctx.authenticator is not None:
                 verdict = yield ctx.authenticator.check(
@@ -239,9 +246,15 @@ class IncomingMessage:
                 (dest, self._trace_headers(dest) + extra, action == "junk") for dest in mailboxes
             ]
             header = b"".join(fields)
+            outgoing = self._outgoing()
+            enqueue = None
+            if outgoing is not None:
+                enqueue = lambda data: ctx.outbound.queue.enqueue(outgoing, data)  # noqa: E731
             yield ctx.deliver_in_thread(
-                file_copies, config, self.queue_id, copies, header, self.body
+                file_copies, config, self.queue_id, copies, header, self.body, enqueue
             )
+            if outgoing is not None:
+                ctx.outbound.submitted(outgoing)
             for dest, _, junk in copies:
                 log.info(
                     "{qid}: delivered to=<{address}> mailbox={mailbox}{junk}",
@@ -261,6 +274,75 @@ class IncomingMessage:
             raise SMTPReplyError(replies.LOCAL_ERROR) from None
         finally:
             self.body.discard()
+
+    def _without_loops(self, fields: list[bytes]) -> list[Route]:
+        """The routes minus what already went through us; 554 5.4.6 if nothing is left.
+
+        RFC 5321 6.3: more than MAX_RECEIVED Received fields is a loop.  A
+        Delivered-To we wrote (the recipient's address, or the mailbox's) means
+        the message was delivered or forwarded to that address before and came
+        back, as Postfix's local(8) detects, for local and forwarded copies
+        alike.  Only the copies that loop are dropped (that address has the
+        message already); the message is refused when all of them do.
+        """
+        received = sum(1 for f in fields if f[:9].lower() == b"received:")
+        if received > MAX_RECEIVED:
+            reason = f"{received} Received header fields"
+        else:
+            seen = {
+                f[13:].strip().strip(b"<>").decode("utf-8", "replace").lower()
+                for f in fields
+                if f[:13].lower() == b"delivered-to:"
+            }
+            if not seen:
+                return self.routes
+            kept, dropped = [], []
+            for r in self.routes:
+                if str(r.address) in seen:
+                    dropped.append(str(r.address))
+                    continue
+                dests = tuple(
+                    d for d in r.destinations
+                    if not (isinstance(d, MailboxDestination) and d.address in seen)
+                )
+                dropped.extend(d.address for d in r.destinations if d not in dests)
+                if dests:
+                    kept.append(replace(r, destinations=dests))
+            if not dropped:
+                return self.routes
+            reason = f"already delivered to {', '.join(dropped)}"
+            if kept:
+                log.info(
+                    "{qid}: mail loop, not delivered again to {to}",
+                    qid=self.queue_id,
+                    to=", ".join(dropped),
+                )
+                return kept
+        raise SMTPReplyError(replies.MAIL_LOOP.with_text(f"{replies.MAIL_LOOP.text}: {reason}"))
+
+    def _outgoing(self) -> Any:
+        """The queue entry for the outside recipients (SPEC 8), or None without any.
+
+        Each copy gets our Received and a Delivered-To naming the address it
+        was sent to (as Postfix does when an alias forwards), and no
+        Return-Path (RFC 5321 4.4: that is the final delivery's).  Below them
+        the message goes out byte for byte, so DKIM signatures still verify.
+        """
+        forwards = []
+        for r in self.routes:
+            # Delivered-To and Received, as for a mailbox; not Return-Path.
+            trace = b"".join(self._trace_headers(ForwardDestination(str(r.address)))[1:])
+            for d in r.destinations:
+                if isinstance(d, ForwardDestination):
+                    forwards.append((str(r.address), d.address, trace))
+        if not forwards:
+            return None
+        outbound = self.delivery.context.outbound
+        if outbound is None:
+            raise RuntimeError("forwarding without an outbound queue")
+        return outbound.envelope_for(
+            self.queue_id, self.sender, self.delivery.session.helo or "", forwards
+        )
 
     def _message_for_checks(self, fields: list[bytes]) -> bytes:
         """The message as the checks need it; the body only when a DKIM signature needs it."""
@@ -355,8 +437,10 @@ def file_copies(
     copies: list[tuple[MailboxDestination, list[bytes], bool]],
     header: bytes,
     body: SpoolBuffer,
+    enqueue: Callable[[Iterator[bytes]], Any] | None = None,
 ) -> list[Path]:
-    """Write every Maildir copy durably; all or none (blocking, worker thread)."""
+    """Write every Maildir copy durably, then the forwarding queue entry (``enqueue``
+    of the message as received); all or none (blocking, worker thread)."""
     written: list[Path] = []
     try:
         for n, (dest, trace, junk) in enumerate(copies):
@@ -366,6 +450,8 @@ def file_copies(
             head = _lf(b"".join(trace) + header)
             name = maildir.unique_name(queue_id, n, config.hostname)
             written.append(maildir.write_message(box, name, _chain(head, _body_lf(body))))
+        if enqueue is not None:
+            enqueue(_chain(header, body.chunks()))
     except BaseException:
         for path in written:
             maildir.remove_message(path)

@@ -24,6 +24,8 @@ from mailx.config import Config, ConfigError, load_config
 from mailx.delivery import DeliveryContext, SessionDelivery
 from mailx.dns import Resolver
 from mailx.dnsbl import Blocklists
+from mailx.outbound import Outbound
+from mailx.queue import Queue
 from mailx.smtp import MailxSMTPFactory, server_endpoint
 
 log = Logger(namespace="mailx.service")
@@ -143,7 +145,23 @@ class MailxService(service.MultiService):
             self.reactor,
             authenticator=authenticator,
             blocklists=blocklists,
+            outbound=self._outbound_for(config, resolver),
         )
+
+    def _outbound_for(self, config: Config, resolver: Resolver) -> Outbound:
+        """The forwarding queue's scheduler (a child service, started and stopped with
+        us): made once, reconfigured on reload; the queue stays in the first spool."""
+        outbound: Outbound | None = getattr(self, "outbound", None)
+        if outbound is None:
+            queue = Queue(config.paths.spool / "queue")
+            outbound = Outbound(
+                config, queue, resolver, reactor=self.reactor, disk_pool=self.disk_pool
+            )
+            outbound.setServiceParent(self)
+            self.outbound = outbound
+        else:
+            outbound.reconfigure(config, resolver)
+        return outbound
 
     def _psl(self) -> Any:
         # Parsing the Public Suffix List costs ~40 ms; once per process.

@@ -58,6 +58,12 @@ MAX_DATA_LINE = 64 * 1024
 
 _PARAM = re.compile(rb"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
 _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def _partial_line_length(tail: bytes) -> int:
+    """Octets of an unfinished line, not counting a CR whose LF is still in flight."""
+    return len(tail) - 1 if tail.endswith(b"\r") else len(tail)
 
 
 def _normalise_breaks(region: bytes) -> bytes:
@@ -279,11 +285,11 @@ class MailxESMTP(smtp.ESMTP):
         else:
             last = buf.rfind(b"\r\n")
             if last < 0:
-                if len(buf) > MAX_DATA_LINE:
+                if _partial_line_length(buf) > MAX_DATA_LINE:
                     self._data_line_too_long()
                 return False
             region, rest, finished = buf[: last + 2], buf[last + 2 :], False
-            if len(rest) > MAX_DATA_LINE:
+            if _partial_line_length(rest) > MAX_DATA_LINE:
                 self._data_line_too_long()
                 return False
         self._buffer = rest
@@ -452,6 +458,11 @@ class MailxESMTP(smtp.ESMTP):
         name = rest.strip()
         if not name:
             self.reply(replies.SYNTAX_ERROR.with_text("HELO/EHLO needs a domain or address"))
+            self._count_error()
+            return
+        if _CONTROL.search(name):
+            # A bare LF or CR here would split a log line or a header in two.
+            self.reply(replies.SYNTAX_ERROR.with_text("Control characters in HELO/EHLO"))
             self._count_error()
             return
         self._reset_transaction()

@@ -152,7 +152,17 @@ class DefaultsTests(ConfigTestCase):
     def test_outbound(self) -> None:
         self.assertEqual(
             dataclasses.astuple(self.config.outbound),
-            ((), None, 25, (300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0), 432000.0),
+            (
+                (),
+                None,
+                25,
+                (300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0),
+                432000.0,
+                None,
+                14400.0,
+                100,
+                20,
+            ),
         )
 
     def test_paths_relative_to_the_file(self) -> None:
@@ -552,6 +562,38 @@ class OutboundTests(ConfigTestCase):
             "outbound.smarthost",
             "is not a Twisted client endpoint",
         )
+
+    def test_smarthost_auth(self) -> None:
+        config = self.load(
+            MINIMAL
+            + "outbound:\n  smarthost: 'tcp:relay.example.net:587'\n"
+            + "  smarthost_auth: {username: u, password: p}\n"
+        )
+        self.assertEqual(
+            (config.outbound.smarthost_auth.username, config.outbound.smarthost_auth.password),
+            ("u", "p"),
+        )
+        self.assertNotIn("'p'", repr(config.outbound.smarthost_auth))
+
+    def test_smarthost_auth_needs_a_smarthost(self) -> None:
+        self.assertProblem(
+            MINIMAL + "outbound:\n  smarthost_auth: {username: u, password: p}\n",
+            8,
+            "outbound.smarthost_auth",
+            "only used with outbound.smarthost",
+        )
+
+    def test_smarthost_auth_needs_a_password(self) -> None:
+        self.assertProblem(
+            MINIMAL + "outbound:\n  smarthost: 'tcp:r.example.net:587'\n  smarthost_auth: {username: u}\n",
+            9,
+            "outbound.smarthost_auth.password",
+            "required",
+        )
+
+    def test_delay_warning_off(self) -> None:
+        config = self.load(MINIMAL + "outbound:\n  delay_warning: null\n")
+        self.assertIsNone(config.outbound.delay_warning)
 
     def test_port_range(self) -> None:
         self.assertProblem(
@@ -967,14 +1009,6 @@ class AliasTests(ConfigTestCase):
     def test_catch_all(self) -> None:
         config = self.load(self.aliases("'*': [alice, bob]"))
         self.assertEqual(config.domains["example.test"].aliases["*"], ("alice", "bob"))
-
-    def test_outside_target_not_supported_yet(self) -> None:
-        self.assertProblem(
-            self.aliases("boss: someone@elsewhere.test"),
-            7,
-            "domains.example.test.aliases.boss",
-            "forwarding to outside addresses is not supported yet (outbound queue not implemented)",
-        )
 
     def test_outside_target_needs_srs_secret_once_supported(self) -> None:
         self.patch(config_module, "FORWARDING_SUPPORTED", True)

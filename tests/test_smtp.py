@@ -263,6 +263,19 @@ class SMTPDialogueTests(unittest.TestCase):
         self.d.send(b"z" * (MAX_DATA_LINE + 10))
         self.assertTrue(self.d.transport.disconnecting)
 
+    def test_longest_data_line_with_crlf_split_across_reads(self) -> None:
+        self.ehlo()
+        self.factory.settings.message_size = 1_000_000
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.d.send(b"y" * MAX_DATA_LINE + b"\r")
+        self.assertEqual(self.d.codes(b"\n.\r\n"), [250])
+
+    def test_helo_with_control_characters_is_501(self) -> None:
+        self.assertEqual(
+            self.d.send(b"EHLO a\nforged log line\r\n"),
+            [b"501 5.5.4 Control characters in HELO/EHLO"],
+        )
+
     def test_bare_lf_and_cr_are_normalised(self) -> None:
         self.ehlo()
         self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")

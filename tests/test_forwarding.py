@@ -1,0 +1,479 @@
+# -*- test-case-name: tests.test_forwarding -*-
+"""Forwarding end to end: mailx on 127.0.0.1, an SMTP sink as the outside world's MX.
+
+The loopback DNS server gives outside.test and sender.test MX hosts that
+resolve to 127.0.0.1, and ``outbound.port`` points at the sink, so every
+packet stays on 127.0.0.1.  The sink records each envelope and the exact
+bytes; the sender's MX is the same sink, so bounces land there too.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import dkim
+import yaml
+from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from mailx import cli
+from mailx.outbound import Timeouts
+from mailx.srs import SRS
+from mailx.testing.dnsserver import start_dns_server
+from mailx.testing.server import (
+    LineClient,
+    ServerProcess,
+    free_port,
+    send_mail,
+    start_server,
+    write_config,
+)
+from mailx.testing.sink import start_sink
+
+SECRET = "forwarding-test-secret"
+ZONES = {
+    "outside.test": {"MX": [(10, "mx.outside.test")]},
+    "mx.outside.test": {"A": ["127.0.0.1"]},
+    "sender.test": {"MX": [(10, "mx.sender.test")]},
+    "mx.sender.test": {"A": ["127.0.0.1"]},
+    "nullmx.test": {"MX": [(0, ".")]},
+}
+
+
+def original(
+    subject: str = "hello", body: bytes = b"Hello.\r\n", sender: str = "alice@sender.test"
+) -> bytes:
+    return (
+        f"From: Alice <{sender}>\r\n"
+        "To: boss@example.test\r\n"
+        f"Subject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@sender.test>\r\n"
+        "\r\n"
+    ).encode() + body
+
+
+def wait_until(predicate: Any, timeout: float = 20.0) -> defer.Deferred:
+    deadline = time.monotonic() + timeout
+
+    @defer.inlineCallbacks
+    def poll() -> Any:
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not reached in time")
+            yield task.deferLater(reactor, 0.02, lambda: None)
+
+    return poll()
+
+
+def config_overrides(dns_port: int, sink_port: int, **outbound: Any) -> dict[str, Any]:
+    return {
+        "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "2s"},
+        "domains": {
+            "example.test": {
+                "mailboxes": ["alice", "bob"],
+                "aliases": {
+                    "postmaster": "alice",
+                    "boss": "someone@outside.test",
+                    "both": ["bob", "someone@outside.test"],
+                    "void": "someone@nullmx.test",
+                },
+            }
+        },
+        "outbound": {
+            "srs_secret": [SECRET],
+            "port": sink_port,
+            "retry": ["1s"],
+            "queue_lifetime": "1h",
+            "delay_warning": None,
+            **outbound,
+        },
+    }
+
+
+class ForwardingCase(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dns = start_dns_server(ZONES)
+        self.addCleanup(self.dns.stop)
+        self.sink = start_sink()
+        self.addCleanup(self.sink.stop)
+        self.server = start_server(self, config_overrides(self.dns.port, self.sink.port))
+        self.queue_dir = self.server.config.paths.spool / "queue"
+
+    def queued(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.queue_dir) if not n.startswith("."))
+
+    def bounces(self) -> list[Any]:
+        return [m for m in self.sink.accepted if m.mail_from == ""]
+
+
+class ForwardTests(ForwardingCase):
+    @defer.inlineCallbacks
+    def test_forwarded_with_srs_and_the_message_byte_for_byte(self) -> None:
+        sent = original()
+        refused = yield send_mail(
+            self.server.port, "alice@sender.test", ["boss@example.test"], sent
+        )
+        self.assertEqual(refused, {})
+        [message] = yield self.sink.wait_for(1)
+        self.assertRegex(
+            message.mail_from, r"^SRS0=[^=]{6}=[A-Z2-7]{2}=sender\.test=alice@example\.test$"
+        )
+        self.assertEqual(message.recipients, ["someone@outside.test"])
+        trace, _, rest = message.data.partition(b"From: Alice")
+        self.assertEqual(b"From: Alice" + rest, sent)
+        self.assertTrue(trace.startswith(b"Delivered-To: boss@example.test\r\nReceived: from "))
+        self.assertIn(b"by mx.example.test (mailx) with ESMTP id ", trace)
+        self.assertIn(b"for <boss@example.test>;", trace)
+        self.assertNotIn(b"Return-Path", trace)
+        self.assertEqual(SRS((SECRET,)).reverse(message.mail_from), "alice@sender.test")
+        yield wait_until(lambda: self.queued() == [])
+
+    @defer.inlineCallbacks
+    def test_local_and_outside_recipients_of_one_message(self) -> None:
+        yield send_mail(self.server.port, "alice@sender.test", ["both@example.test"], original())
+        yield self.sink.wait_for(1)
+        [stored] = self.server.messages("bob")
+        self.assertIn(b"Delivered-To: bob@example.test\n", stored)
+
+    @defer.inlineCallbacks
+    def test_dkim_signature_verifies_at_the_peer(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+        message = original(body=b"Some text.\r\n.\r\n..dots\r\n\r\nTrailing spaces  \r\n")
+        signature = dkim.sign(
+            message, b"sel", b"sender.test", private, include_headers=[b"from", b"to", b"subject"]
+        )
+        signed = signature + message
+
+        def dnsfunc(name: bytes, timeout: Any = 5) -> bytes | None:
+            return record if name.rstrip(b".") == b"sel._domainkey.sender.test" else None
+
+        self.assertTrue(dkim.verify(signed, dnsfunc=dnsfunc))
+        yield send_mail(self.server.port, "alice@sender.test", ["boss@example.test"], signed)
+        [received] = yield self.sink.wait_for(1)
+        self.assertTrue(dkim.verify(received.data, dnsfunc=dnsfunc))
+
+    @defer.inlineCallbacks
+    def test_first_line_dot_and_dot_line_at_16384_arrive_intact(self) -> None:
+        first = b".\r\n" + original("first")
+        head = original("boundary", body=b"")
+        filler = b"".join(b"x" * 70 + b"\r\n" for _ in range(400))
+        second = head + filler[: 16384 - len(head) - 2] + b"\r\n.\r\nafter the dot line\r\n"
+        self.assertEqual(second.index(b"\r\n.\r\n") + 2, 16384)
+        yield send_mail(self.server.port, "alice@sender.test", ["boss@example.test"], first)
+        yield send_mail(self.server.port, "alice@sender.test", ["boss@example.test"], second)
+        received = yield self.sink.wait_for(2)
+        by_subject = {b"boundary" in m.data: m.data for m in received}
+        self.assertTrue(by_subject[False].endswith(b"\r\n" + first))
+        self.assertTrue(by_subject[True].endswith(b"\r\n" + second))
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(len(self.sink.messages), 2)  # nothing smuggled
+
+    @defer.inlineCallbacks
+    def test_451_then_250(self) -> None:
+        self.sink.script("rcpt", "451 4.7.1 Greylisted, come back later")
+        started = time.monotonic()
+        yield send_mail(self.server.port, "alice@sender.test", ["boss@example.test"], original())
+        [message] = yield self.sink.wait_for(1)
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)  # retry: [1s]
+        self.assertEqual(self.sink.connections, 2)
+        self.assertEqual(message.recipients, ["someone@outside.test"])
+        yield wait_until(lambda: self.queued() == [])
+
+    @defer.inlineCallbacks
+    def test_silent_peer_times_out_and_is_retried(self) -> None:
+        self.server.service.outbound.timeouts = Timeouts(greeting=0.5)
+        self.sink.silent = True
+        yield send_mail(self.server.port, "alice@sender.test", ["boss@example.test"], original())
+        yield wait_until(lambda: self.sink.connections >= 1)
+        yield task.deferLater(reactor, 0.7, lambda: None)
+        self.sink.silent = False
+        yield self.sink.wait_for(1)
+        self.assertGreaterEqual(self.sink.connections, 2)
+
+
+class QueueCommandTests(unittest.TestCase):
+    """``mailxctl queue`` against a running server."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dns = start_dns_server(ZONES)
+        self.addCleanup(self.dns.stop)
+        self.sink = start_sink()
+        self.addCleanup(self.sink.stop)
+        overrides = config_overrides(self.dns.port, self.sink.port, retry=["1h"])
+        self.server = start_server(self, overrides)
+
+    def mailxctl(self, *argv: str) -> tuple[int, str]:
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        status = cli.main(["-c", str(self.server.config.source), *argv])
+        return status, out.getvalue()
+
+    @defer.inlineCallbacks
+    def test_list_shows_the_deferred_message_and_flush_retries_it_now(self) -> None:
+        self.sink.script("rcpt", "451 4.7.1 Greylisted")
+        yield send_mail(self.server.port, "alice@sender.test", ["boss@example.test"], original())
+        outbound = self.server.service.outbound
+        yield wait_until(
+            lambda: any(
+                e.envelope.recipients[0].attempts == 1 and not e.busy
+                for e in outbound._entries.values()
+            )
+        )
+        status, text = self.mailxctl("queue", "list", "--json")
+        [entry] = json.loads(text)["messages"]
+        [recipient] = entry["recipients"]
+        self.assertEqual(
+            (recipient["address"], recipient["state"]), ("someone@outside.test", "pending")
+        )
+        self.assertEqual(recipient["last_reply"], "451 4.7.1 Greylisted")
+        self.assertGreater(recipient["next_attempt"] - time.time(), 3000)
+        status, text = self.mailxctl("queue", "flush")
+        self.assertEqual(status, 0)
+        self.assertIn(f"pid {os.getpid()}", text)
+        yield self.sink.wait_for(1)
+        yield wait_until(lambda: self.mailxctl("queue", "list")[1].strip() == "the queue is empty")
+
+
+class ReloadTests(ForwardingCase):
+    @defer.inlineCallbacks
+    def test_reload_rotates_the_srs_secret(self) -> None:
+        old_address = SRS((SECRET,)).forward("carol@sender.test", "example.test")
+        settings = yaml.safe_load(self.server.config.source.read_text())
+        settings["outbound"]["srs_secret"] = ["rotated-secret", SECRET]
+        self.server.config.source.write_text(yaml.safe_dump(settings))
+        self.assertTrue(self.server.service.reload())
+        yield send_mail(self.server.port, "alice@sender.test", ["boss@example.test"], original())
+        [message] = yield self.sink.wait_for(1)
+        self.assertEqual(SRS(("rotated-secret",)).reverse(message.mail_from), "alice@sender.test")
+        refused = yield send_mail(self.server.port, "", [old_address], original("bounce"))
+        self.assertEqual(refused, {})  # the old secret still verifies
+        yield self.sink.wait_for(2)
+
+
+class BounceTests(ForwardingCase):
+    @defer.inlineCallbacks
+    def test_550_sends_a_dsn_to_the_senders_mx(self) -> None:
+        self.sink.script("rcpt", "550 5.1.1 <someone@outside.test>: Recipient address rejected")
+        yield send_mail(
+            self.server.port, "alice@sender.test", ["boss@example.test"], original("lost")
+        )
+        [dsn] = yield self.sink.wait_for(1)
+        self.assertEqual((dsn.mail_from, dsn.recipients), ("", ["alice@sender.test"]))
+        self.assertIn(b"Content-Type: multipart/report; report-type=delivery-status", dsn.data)
+        self.assertIn(b"Final-Recipient: rfc822;someone@outside.test", dsn.data)
+        self.assertIn(b"Original-Recipient: rfc822;boss@example.test", dsn.data)
+        self.assertIn(b"Status: 5.1.1", dsn.data)
+        self.assertIn(
+            b"Diagnostic-Code: smtp;550 5.1.1 <someone@outside.test>: Recipient address rejected",
+            dsn.data,
+        )
+        self.assertIn(b"Subject: lost", dsn.data)
+        yield wait_until(lambda: self.queued() == [])
+
+    @defer.inlineCallbacks
+    def test_null_mx_bounces_at_once(self) -> None:
+        yield send_mail(self.server.port, "alice@sender.test", ["void@example.test"], original())
+        [dsn] = yield self.sink.wait_for(1)
+        self.assertEqual(dsn.recipients, ["alice@sender.test"])
+        self.assertIn(b"Status: 5.1.10", dsn.data)
+
+    @defer.inlineCallbacks
+    def test_no_bounce_for_a_bounce(self) -> None:
+        self.sink.script("rcpt", "550 5.1.1 no such user")
+        yield send_mail(self.server.port, "", ["boss@example.test"], original())
+        yield wait_until(lambda: self.queued() == [])
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(self.sink.accepted, [])
+
+    @defer.inlineCallbacks
+    def test_bounce_to_our_srs_address_reaches_the_original_sender(self) -> None:
+        srs_address = SRS((SECRET,)).forward("carol@sender.test", "example.test")
+        bounce = (
+            b"From: MAILER-DAEMON@outside.test\r\nSubject: Undelivered Mail\r\n"
+            b"Message-ID: <b1@outside.test>\r\n\r\nsorry\r\n"
+        )
+        refused = yield send_mail(self.server.port, "", [srs_address], bounce)
+        self.assertEqual(refused, {})
+        [message] = yield self.sink.wait_for(1)
+        self.assertEqual((message.mail_from, message.recipients), ("", ["carol@sender.test"]))
+        self.assertTrue(message.data.endswith(bounce))
+        self.assertIn(f"Delivered-To: {srs_address.lower()}".encode(), message.data)
+
+    @defer.inlineCallbacks
+    def test_forged_srs_address_is_refused_at_rcpt(self) -> None:
+        def dialogue() -> list[tuple[int, bytes]]:
+            client = LineClient(self.server.port)
+            try:
+                client.reply()
+                client.command(b"EHLO outside.test")
+                client.command(b"MAIL FROM:<>")
+                return [
+                    client.command(b"RCPT TO:<SRS0=AAAAAA=AB=victim.test=anyone@example.test>"),
+                    client.command(b"RCPT TO:<SRS0=A=AB=victim.test=anyone@example.test>"),
+                ]
+            finally:
+                client.close()
+
+        replies = yield deferToThread(dialogue)
+        for code, text in replies:
+            self.assertEqual(code, 550)
+            self.assertTrue(text.startswith(b"5.7.1"))
+
+
+class LoopTests(ForwardingCase):
+    def refused(self, message: bytes, recipient: bytes = b"boss@example.test") -> defer.Deferred:
+        def send() -> tuple[int, bytes]:
+            client = LineClient(self.server.port)
+            try:
+                client.reply()
+                client.command(b"EHLO sender.test")
+                client.command(b"MAIL FROM:<alice@sender.test>")
+                client.command(b"RCPT TO:<" + recipient + b">")
+                client.command(b"DATA")
+                return client.command(message + b".")
+            finally:
+                client.close()
+
+        return deferToThread(send)
+
+    @defer.inlineCallbacks
+    def test_our_delivered_to_for_the_same_address_is_a_loop(self) -> None:
+        code, text = yield self.refused(b"Delivered-To: boss@example.test\r\n" + original())
+        self.assertEqual(code, 554)
+        self.assertTrue(text.startswith(b"5.4.6"))
+        self.assertEqual(self.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_delivered_to_of_another_address_is_not(self) -> None:
+        code, _ = yield self.refused(b"Delivered-To: someone@outside.test\r\n" + original())
+        self.assertEqual(code, 250)
+
+    @defer.inlineCallbacks
+    def test_local_delivery_loops_too(self) -> None:
+        code, text = yield self.refused(
+            b"Delivered-To: alice@example.test\r\n" + original(), recipient=b"alice@example.test"
+        )
+        self.assertEqual((code, text[:5]), (554, b"5.4.6"))
+
+    @defer.inlineCallbacks
+    def test_only_the_looping_copy_is_dropped(self) -> None:
+        code, _ = yield self.refused(
+            b"Delivered-To: bob@example.test\r\n" + original(), recipient=b"both@example.test"
+        )
+        self.assertEqual(code, 250)
+        [message] = yield self.sink.wait_for(1)
+        self.assertEqual(message.recipients, ["someone@outside.test"])
+        self.assertEqual(self.server.messages("bob"), [])
+
+    @defer.inlineCallbacks
+    def test_more_than_50_received_is_a_loop(self) -> None:
+        received = b"Received: from a.test by b.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" * 51
+        code, text = yield self.refused(received + original())
+        self.assertEqual(code, 554)
+        self.assertTrue(text.startswith(b"5.4.6"))
+
+    @defer.inlineCallbacks
+    def test_50_received_is_not(self) -> None:
+        received = b"Received: from a.test by b.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" * 50
+        code, _ = yield self.refused(received + original())
+        self.assertEqual(code, 250)
+
+
+class CrashTests(unittest.TestCase):
+    """``twistd mailx`` as a child process: the queue survives kill -9 and restarts."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.dns = start_dns_server(ZONES)
+        self.addCleanup(self.dns.stop)
+        self.sink = start_sink()
+        self.addCleanup(self.sink.stop)
+        self.directory = Path(self.mktemp()).absolute()
+        self.port = free_port()
+        overrides = config_overrides(self.dns.port, self.sink.port, retry=["1h"])
+        overrides["listen"] = {"smtp": [f"tcp:{self.port}:interface=127.0.0.1"]}
+        self.config = write_config(self.directory, overrides)
+        self.process = ServerProcess(self.config, self.port)
+        self.addCleanup(self.process.kill)
+        self.queue_dir = self.directory / "spool" / "queue"
+
+    def envelopes(self) -> list[dict[str, Any]]:
+        found = []
+        for name in sorted(os.listdir(self.queue_dir)):
+            path = self.queue_dir / name / "envelope.json"
+            if not name.startswith(".") and path.exists():
+                found.append(json.loads(path.read_text()))
+        return found
+
+    @defer.inlineCallbacks
+    def test_queue_survives_kill_9_and_is_delivered_after_restart(self) -> None:
+        self.sink.script("rcpt", *["451 4.3.0 try later"] * 3)
+        yield deferToThread(self.process.start)
+        for n in range(3):
+            refused = yield send_mail(
+                self.port, "alice@sender.test", ["boss@example.test"], original(f"crash {n}")
+            )
+            self.assertEqual(refused, {})
+        yield wait_until(
+            lambda: (
+                len(self.envelopes()) == 3
+                and all(e["recipients"][0]["attempts"] == 1 for e in self.envelopes())
+            )
+        )
+        self.process.kill()
+        self.assertEqual(len(self.envelopes()), 3)
+        self.assertEqual(self.sink.accepted, [])
+        # retry is 1h: only start-up (and the flush it finds) can send them now.
+        yield deferToThread(self.process.start)
+        flag = self.queue_dir / ".flush"
+        flag.touch()
+        received = yield self.sink.wait_for(3)
+        subjects = sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in received)
+        self.assertEqual(subjects, [b"crash 0", b"crash 1", b"crash 2"])
+        yield wait_until(lambda: self.envelopes() == [])
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(len(self.sink.accepted), 3)  # each exactly once
+
+    @defer.inlineCallbacks
+    def test_kill_9_right_after_250_loses_nothing(self) -> None:
+        yield self.sink.stop()  # nothing answers: the message can only wait in the queue
+        yield deferToThread(self.process.start)
+        yield send_mail(self.port, "alice@sender.test", ["boss@example.test"], original("kept"))
+        self.process.kill()
+        [envelope] = self.envelopes()
+        self.assertEqual(envelope["recipients"][0]["state"], "pending")
+        # A new sink, on another port: point the configuration at it.
+        self.sink = start_sink()
+        self.addCleanup(self.sink.stop)
+        settings = yaml.safe_load(self.config.read_text())
+        settings["outbound"]["port"] = self.sink.port
+        self.config.write_text(yaml.safe_dump(settings))
+        yield deferToThread(self.process.start)
+        (self.queue_dir / ".flush").touch()  # the 1h retry, now
+        [message] = yield self.sink.wait_for(1)
+        self.assertIn(b"Subject: kept", message.data)
