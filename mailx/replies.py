@@ -33,7 +33,7 @@ class Reply:
         return f"{self.enhanced} {self.text}"
 
     def wire(self) -> bytes:
-        return f"{self.code} {self.enhanced} {self.text}\r\n".encode("utf-8")
+        return f"{self.code} {self.enhanced} {self.text}\r\n".encode()
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"
