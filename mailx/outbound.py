@@ -54,7 +54,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailx import dsn, maildir
+from mailx import dkimkeys, dsn, maildir
 from mailx.dns import DNSError, DNSVoidError, NullMXError, NXDomainError
 from mailx.queue import DELIVERED, FAILED, Envelope, Queue, Recipient
 from mailx.replies import Reply, SMTPReplyError
@@ -1134,6 +1134,10 @@ class Outbound(service.Service):
         notice_id = envelope.id + suffix
         now = self.clock.seconds()
         mailboxes, forwards = self._notice_route(envelope.sender)
+        if forwards:
+            # Signed with our domain's key so the notice passes DMARC at the
+            # sender's provider (a no-op without domains.<d>.dkim).
+            message = yield self._in_thread(dkimkeys.sign_if_configured, self.config, message)
         if mailboxes:
             yield self._in_thread(self._file_notice, notice_id, mailboxes, message)
             log.info(

@@ -24,7 +24,9 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailx import cli
+from mailx import cli, dkimkeys
+from mailx.auth.dkim import verify_dkim
+from mailx.dns import Resolver
 from mailx.outbound import Timeouts
 from mailx.srs import SRS
 from mailx.testing.dnsserver import start_dns_server
@@ -293,6 +295,24 @@ class BounceTests(ForwardingCase):
         )
         self.assertIn(b"Subject: lost", dsn.data)
         yield wait_until(lambda: self.queued() == [])
+
+    @defer.inlineCallbacks
+    def test_dsn_is_dkim_signed_by_our_domain(self) -> None:
+        """Our own bounces pass DMARC at the receiver (issue 5: mailx signs what it originates)."""
+        yield self.server.stop()
+        key = dkimkeys.generate_key("rsa")
+        key_path = dkimkeys.write_key(key, Path(self.mktemp()).absolute() / "example.test.key")
+        self.dns.set("mx1._domainkey.example.test", "TXT", [dkimkeys.dns_record(key)])
+        overrides = config_overrides(self.dns.port, self.sink.port)
+        overrides["domains"]["example.test"]["dkim"] = {"selector": "mx1", "key": str(key_path)}
+        server = start_server(self, overrides)
+        self.sink.script("rcpt", "550 5.1.1 no such user")
+        yield send_mail(server.port, "alice@sender.test", ["boss@example.test"], original("signed"))
+        [dsn] = yield self.sink.wait_for(1)
+        self.assertIn(b"DKIM-Signature:", dsn.data.split(b"\r\n\r\n", 1)[0])
+        resolver = Resolver(self.dns.nameservers, 2.0)
+        [result] = yield resolver.call(verify_dkim, resolver, dsn.data)
+        self.assertEqual((result.result, result.domain), ("pass", "example.test"))
 
     @defer.inlineCallbacks
     def test_null_mx_bounces_at_once(self) -> None:
