@@ -389,6 +389,10 @@ class MailxESMTP(smtp.ESMTP):
     # --- commands ---------------------------------------------------------
 
     def _command(self, line: bytes) -> None:
+        if len(line) > MAX_PARTIAL_COMMAND:
+            # The same answer whether or not the CRLF came in the same read.
+            self._close_with(replies.LINE_TOO_LONG)
+            return
         if len(line) > MAX_COMMAND_LINE:
             self.reply(replies.LINE_TOO_LONG)
             self._count_error()

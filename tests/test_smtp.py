@@ -232,6 +232,11 @@ class SMTPDialogueTests(unittest.TestCase):
         )
         self.assertEqual(self.d.codes(b"NOOP " + b"x" * 505 + b"\r\n"), [250])
 
+    def test_command_line_over_4k_closes_however_it_arrives(self) -> None:
+        self.ehlo()
+        self.assertEqual(self.d.send(b"NOOP " + b"x" * 5000 + b"\r\n"), [b"500 5.5.2 Line too long"])
+        self.assertTrue(self.d.transport.disconnecting)
+
     def test_nul_in_command_is_500(self) -> None:
         self.ehlo()
         self.assertEqual(self.d.send(b"NOOP\0\r\n"), [b"500 5.5.2 NUL character in command"])
