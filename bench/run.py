@@ -1,0 +1,643 @@
+"""mailx against an aiosmtpd peer, on this machine, in one command.
+
+    python3 bench/run.py                      # every scenario, mailx and the peer, 3 repeats
+    python3 bench/run.py --servers peer --repeat 1 --scenarios 1KiB-c10
+
+For each scenario and repeat, each server in turn (the order alternates from
+one repeat to the next) is started on a fresh Maildir, driven by the load
+generator, and measured:
+
+- msg/s = messages / (last file in new/ - first connection attempt). The
+  end is the moment the last message's file appeared in a Maildir ``new/``
+  (that directory's mtime once all files are there), not the last 250: a
+  message counts only once it is in a Maildir. The start is when the load
+  generator began its first connection (the Python client reports it; for
+  smtp-source, just before it is started).
+- peak RSS: VmHWM of the server process, read before it is stopped.
+- CPU: the server's user+system time during the run, per message.
+
+The table gives the median over the repeats, the range in brackets, the
+ratio of the medians (mailx / peer), and the largest peak RSS.
+
+Scenarios are data (``SCENARIOS``): a name, overrides deep-merged into mailx's
+configuration, extra peer arguments, message size, concurrency and count.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import loadgen
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+DOMAIN = "bench.test"
+MAILBOX = "alice"
+KiB = 1024
+MiB = 1024 * KiB
+# How long acknowledged messages may take to appear in new/ after the load
+# ends. SPEC section 5: a 250 means the file is already there, so this only
+# bounds how long a broken server is waited for.
+DELIVERY_GRACE = 30.0
+# Cores taken by other processes during a run above which the table is suspect.
+NOISE_WARNING = 0.2
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    size: int  # bytes per message, headers included
+    concurrency: int  # sessions at once
+    messages: int  # per run; --messages overrides
+    config: Mapping = field(default_factory=lambda: MappingProxyType({}))  # mailx overrides
+    peer_args: tuple[str, ...] = ()
+
+
+# Counts chosen so the default run (4 scenarios x 2 servers x 3 repeats)
+# takes a few minutes on a 2-core machine and each run lasts seconds, well
+# above the 20 ms polling and the few ms of start-up jitter.
+SCENARIOS = (
+    Scenario("1KiB-c1", 1 * KiB, 1, 2000),
+    Scenario("1KiB-c10", 1 * KiB, 10, 5000),
+    Scenario("1KiB-c50", 1 * KiB, 50, 5000),
+    Scenario("100KiB-c10", 100 * KiB, 10, 2000),
+)
+
+
+def mailx_config(run_dir: Path, port: int, overrides: Mapping) -> dict:
+    """The benchmark's mailx configuration: one domain, one mailbox, no checks."""
+    base = {
+        "hostname": "mx.bench.test",
+        "listen": {"smtp": [f"tcp:{port}:interface=127.0.0.1"]},
+        "paths": {"mail": str(run_dir / "mail"), "spool": str(run_dir / "spool")},
+        "limits": {
+            # The load generator is one IP with up to 50 sessions at once.
+            "connections_per_ip": 1000,
+            "connections": 2000,
+            "connection_rate_per_ip": 0,
+            # Off: the postscreen-like pause before the banner costs each
+            # session a fixed wait, not work; it is latency, not throughput,
+            # and the peer has none.
+            "greeting_delay": "0s",
+        },
+        "authentication": {"spf": False, "dkim": False, "dmarc": "off"},
+        "domains": {DOMAIN: {"mailboxes": [MAILBOX], "aliases": {"postmaster": MAILBOX}}},
+    }
+    return deep_merge(base, overrides)
+
+
+def deep_merge(base: Mapping, overrides: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# A server: given its run directory, port, the scenario and the options, the
+# command that starts it in the foreground. Every server files into
+# <run_dir>/mail/<domain>/<mailbox>/.
+
+
+def mailx_command(run_dir: Path, port: int, scenario: Scenario, args) -> list[str]:
+    path = run_dir / "mailx.yaml"
+    # JSON is YAML; indented, so a configuration error's line number is useful.
+    path.write_text(json.dumps(mailx_config(run_dir, port, scenario.config), indent=2))
+    return [*shlex.split(args.mailx_command), "--config", str(path)]
+
+
+def peer_command(run_dir: Path, port: int, scenario: Scenario, args,
+                 extra: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, str(BENCH / "peer_aiosmtpd.py"), "--port", str(port),
+            "--maildir", str(run_dir / "mail" / DOMAIN / MAILBOX),
+            "--domain", DOMAIN, "--mailbox", MAILBOX, *extra, *scenario.peer_args]
+
+
+# twistd of this interpreter. ("python3 -m twisted" is the newer "twist"
+# runner: no -n, JSON logs when not on a terminal.)
+TWISTD = shlex.join([sys.executable, "-c", "from twisted.scripts.twistd import run; run()"])
+
+
+SERVERS: dict[str, Callable[..., list[str]]] = {
+    "mailx": mailx_command,
+    "peer": peer_command,
+    # Not in the default set: the peer with its fsyncs in a thread pool.
+    "peer-threads": lambda *a: peer_command(*a, extra=("--fsync-in-thread",)),
+}
+
+
+class RunError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text)
+
+
+def wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> None:
+    """Until the server answers a connection with its 220 banner."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RunError(f"exited with status {proc.returncode} before accepting connections")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                banner = s.makefile("rb").readline()
+                if banner.startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RunError(f"not accepting connections on port {port} after {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A ``kB`` field of /proc/PID/status, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RunError(f"no {key} in /proc/{pid}/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of the process, all its threads (proc(5): fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h
+
+
+@dataclass(frozen=True)
+class CPUSnapshot:
+    when: float  # monotonic
+    machine: float  # CPU seconds of the whole machine, kernel threads included
+    own: float  # this process's
+    others: Mapping[int, float]  # every other user process's, by pid
+
+
+def cpu_snapshot(ours: set[int]) -> CPUSnapshot:
+    """Where the machine's CPU time stands (proc(5): /proc/stat, /proc/PID/stat).
+
+    ``others`` leaves out ``ours``, this process and kernel threads, and
+    counts each process's reaped children (cutime, cstime) so that short
+    test processes are seen.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9])
+    others = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in ours or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        # Fields 9 (flags) and 14-17 (utime, stime, cutime, cstime).
+        if not int(fields[6]) & PF_KTHREAD:
+            others[int(entry.name)] = sum(map(int, fields[11:15])) / ticks
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return CPUSnapshot(time.monotonic(), (user + nice + system + irq + softirq + steal) / ticks,
+                       usage.ru_utime + usage.ru_stime, MappingProxyType(others))
+
+
+def other_load(before: CPUSnapshot, after: CPUSnapshot, ours: float) -> float:
+    """Cores other processes used between two snapshots; ``ours``: our children's CPU seconds.
+
+    The smaller of two overestimates: the processes' own count (a child
+    reaped meanwhile brings all its CPU time, even from before), and the
+    machine's total minus ours (the kernel threads' work, some of it ours).
+    """
+    by_process = sum(t - before.others.get(pid, 0.0) for pid, t in after.others.items())
+    by_machine = after.machine - before.machine - ours - (after.own - before.own)
+    return max(0.0, min(by_process, by_machine)) / (after.when - before.when)
+
+
+def others_load(seconds: float = 1.0) -> float:
+    """Cores other processes use, sampled over ``seconds``."""
+    before = cpu_snapshot(set())
+    time.sleep(seconds)
+    return other_load(before, cpu_snapshot(set()), 0.0)
+
+
+def wait_quiet(limit: float) -> None:
+    """Up to ``limit`` seconds, until other processes use less than NOISE_WARNING cores."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if others_load() < NOISE_WARNING:
+            return
+    print(f"  (the machine stayed busy for {limit:.0f} s; running anyway)", flush=True)
+
+
+def maildir_new_dirs(mail_root: Path) -> list[Path]:
+    """Every new/ under <mail>/<domain>/<mailbox>/, Maildir++ folders (.Junk) included."""
+    found = []
+    for domain in _subdirs(mail_root):
+        for mailbox in _subdirs(domain):
+            found.append(mailbox / "new")
+            found.extend(folder / "new" for folder in _subdirs(mailbox)
+                         if folder.name.startswith("."))
+    return found
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        with os.scandir(path) as entries:
+            return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def count_files(directories: list[Path]) -> int:
+    total = 0
+    for directory in directories:
+        try:
+            with os.scandir(directory) as entries:
+                total += sum(1 for _ in entries)
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def wait_delivered(mail_root: Path, expected: int, timeout: float) -> tuple[int, float]:
+    """Poll (every 20 ms) until ``expected`` files are in new/; (count, when the last appeared).
+
+    When the last appeared is the newest mtime of those new/ directories
+    (a rename into a directory updates its mtime), on the monotonic clock.
+    If the count never arrives, the time is when polling gave up.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        directories = maildir_new_dirs(mail_root)
+        count = count_files(directories)
+        now = time.monotonic()
+        if count >= expected or now > deadline:
+            break
+        time.sleep(0.02)
+    if count < expected:
+        return count, now
+    newest = max((os.stat(d).st_mtime_ns for d in directories if d.exists()), default=None)
+    if newest is None:
+        return count, now
+    wall_minus_mono = time.time_ns() - time.monotonic_ns()
+    # The filesystem's clock ticks coarser than ours: never later than we saw it.
+    return count, min((newest - wall_minus_mono) / 1e9, now)
+
+
+@dataclass
+class LoadResult:
+    ok: int
+    errors: int
+    start: float  # monotonic: first connection attempt
+    acked: float  # monotonic: last reply (Python) or exit (smtp-source)
+    cpu: float  # the load generator's user+system seconds
+    detail: str
+
+
+def run_loadgen(kind: str, port: int, scenario: Scenario, messages: int, run_dir: Path,
+                timeout: float) -> LoadResult:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if kind == "smtp-source":
+        message_file = run_dir / "message.txt"
+        loadgen.write_message_file(message_file, scenario.size)
+        argv = loadgen.smtp_source_command(loadgen.find_smtp_source(), "127.0.0.1", port,
+                                           messages, scenario.concurrency, message_file)
+    else:
+        argv = [sys.executable, str(BENCH / "loadgen.py"), "--port", str(port),
+                "--messages", str(messages), "--concurrency", str(scenario.concurrency),
+                "--size", str(scenario.size)]
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RunError(f"load generator still running after {timeout:.0f} s") from None
+    acked = time.monotonic()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    detail = (err.decode(errors="replace").strip() + " " + out.decode(errors="replace")).strip()
+    if kind == "smtp-source":
+        # It stops at the first unexpected reply: all or nothing we can count.
+        ok = messages if proc.returncode == 0 else 0
+        return LoadResult(ok, messages - ok, start, acked, cpu, detail)
+    try:
+        report = json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RunError(f"load generator failed: {detail[-500:]}") from None
+    return LoadResult(report["ok"], report["errors"] + report["unsent"], report["first_connect"],
+                      report["last_reply"] or acked, cpu, detail if report["errors"] else "")
+
+
+def measure(server: str, scenario: Scenario, messages: int, run_dir: Path, args) -> dict:
+    """One run: start the server on an empty Maildir, load it, count, stop it."""
+    run_dir.mkdir(parents=True)
+    port = free_port()
+    argv = SERVERS[server](run_dir, port, scenario, args)
+    log = run_dir / "server.log"
+    # The mailx of this checkout, installed or not (an editable install in
+    # strict mode does not see modules added since).
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=run_dir,
+                                env=env, start_new_session=True)
+    try:
+        try:
+            wait_ready(proc, port, args.start_timeout)
+        except RunError as e:
+            raise RunError(f"{server} did not start: {e}\n  {shlex.join(argv)}\n"
+                           f"{log_tail(log)}") from None
+        cpu_before = cpu_seconds(proc.pid)
+        snapshot_before = cpu_snapshot({proc.pid})
+        load = run_loadgen(args.loadgen, port, scenario, messages, run_dir, args.timeout)
+        delivered, last_file = wait_delivered(run_dir / "mail", load.ok, DELIVERY_GRACE)
+        if proc.poll() is not None:
+            raise RunError(f"{server} exited during the run (status {proc.returncode})\n"
+                           f"{log_tail(log)}")
+        cpu = cpu_seconds(proc.pid) - cpu_before
+        # What other processes took meanwhile: the noise in this run.
+        other = other_load(snapshot_before, cpu_snapshot({proc.pid}), cpu + load.cpu)
+        peak_rss = proc_status(proc.pid, "VmHWM")
+    finally:
+        status = stop(proc)
+    elapsed = last_file - load.start
+    problems = []
+    if load.errors:
+        problems.append(f"{load.errors} of {messages} not acknowledged: {load.detail[-300:]}")
+    if delivered < load.ok:
+        problems.append(f"only {delivered} of {load.ok} acknowledged messages in a Maildir "
+                        f"{DELIVERY_GRACE:.0f} s after the last reply")
+    return {
+        "server": server,
+        "scenario": scenario.name,
+        "messages": messages,
+        "acknowledged": load.ok,
+        "delivered": delivered,
+        "elapsed": elapsed,
+        "elapsed_to_last_reply": load.acked - load.start,
+        "msgs_per_s": delivered / elapsed if elapsed > 0 and not problems else None,
+        "peak_rss": peak_rss,
+        "cpu_per_msg": cpu / delivered if delivered else None,
+        "loadgen_cpu": load.cpu,
+        "other_load": other,
+        "exit_status": status,
+        "problems": problems,
+    }
+
+
+def filesystem_of(path: Path) -> str:
+    """The filesystem type holding ``path``, from /proc/self/mountinfo (proc(5))."""
+    best, fstype = "", "unknown"
+    path_str = str(path.resolve())
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                mount_point = fields[4]
+                after = fields[fields.index("-") + 1]
+                inside = path_str == mount_point or path_str.startswith(
+                    mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, fstype = mount_point, after
+    except OSError:
+        pass
+    return fstype
+
+
+def human_bytes(n: float | None) -> str:
+    return "-" if n is None else f"{n / MiB:.1f} MiB"
+
+
+def summarize(runs: list[dict], scenarios: Sequence[Scenario], servers: Sequence[str]) -> list:
+    summary = []
+    for scenario in scenarios:
+        row = {"scenario": scenario.name, "size": scenario.size,
+               "concurrency": scenario.concurrency, "servers": {}}
+        for server in servers:
+            mine = [r for r in runs if r["scenario"] == scenario.name and r["server"] == server]
+            rates = [r["msgs_per_s"] for r in mine if r["msgs_per_s"] is not None]
+            cpus = [r["cpu_per_msg"] for r in mine if r["cpu_per_msg"] is not None]
+            row["servers"][server] = {
+                "runs": len(mine),
+                "failed": len(mine) - len(rates),
+                "median": statistics.median(rates) if rates else None,
+                "min": min(rates, default=None),
+                "max": max(rates, default=None),
+                "peak_rss": max((r["peak_rss"] for r in mine), default=None),
+                "cpu_ms_per_msg": statistics.median(cpus) * 1000 if cpus else None,
+            }
+        row["other_load"] = max((r["other_load"] for r in runs
+                                 if r["scenario"] == scenario.name), default=0.0)
+        summary.append(row)
+    return summary
+
+
+def table(summary: list, servers: Sequence[str]) -> str:
+    base = servers[0]
+    others = servers[1:]
+    head = (["scenario"] + [f"{s} msg/s" for s in servers]
+            + [f"{base}/{o}" for o in others] + [f"{s} peak RSS" for s in servers]
+            + [f"{s} CPU ms/msg" for s in servers] + ["other load"])
+    rows = []
+    for row in summary:
+        cells = [row["scenario"]]
+        stats = row["servers"]
+        for s in servers:
+            st = stats[s]
+            if st["median"] is None:
+                cells.append("failed")
+            else:
+                cell = f"{st['median']:.0f} ({st['min']:.0f}-{st['max']:.0f})"
+                if st["failed"]:
+                    cell += f" {st['failed']} failed"
+                cells.append(cell)
+        for o in others:
+            a, b = stats[base]["median"], stats[o]["median"]
+            cells.append(f"{a / b:.2f}" if a and b else "-")
+        cells += [human_bytes(stats[s]["peak_rss"]) for s in servers]
+        cells += ["-" if stats[s]["cpu_ms_per_msg"] is None else f"{stats[s]['cpu_ms_per_msg']:.2f}"
+                  for s in servers]
+        cells.append(f"{row['other_load']:.2f}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+             for r in [head, *rows]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    names = [s.name for s in SCENARIOS]
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="scenarios: " + ", ".join(
+            f"{s.name} ({s.size} B, concurrency {s.concurrency}, {s.messages} messages)"
+            for s in SCENARIOS))
+    parser.add_argument("--messages", type=int, help="messages per run, for every scenario")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario and server")
+    parser.add_argument("--scenarios", default=",".join(names),
+                        help="comma-separated names (default: all)")
+    parser.add_argument("--servers", default="mailx,peer",
+                        help=f"comma-separated, the first is compared with the others; "
+                             f"known: {', '.join(SERVERS)}")
+    parser.add_argument("--loadgen", choices=["auto", "python", "smtp-source"], default="auto",
+                        help="auto: smtp-source when installed, else the Python client")
+    parser.add_argument("--json", type=Path, help="write every run and the summary here")
+    parser.add_argument("--workdir", type=Path,
+                        help="where the Maildirs go (default: a new directory in /var/tmp; "
+                             "it must be a real disk, or fsync costs nothing)")
+    parser.add_argument("--keep", action="store_true", help="keep each run's directory")
+    parser.add_argument("--mailx-command", default=TWISTD + " -n --pidfile= mailx",
+                        help="how to start mailx; --config FILE is appended "
+                             "(default: this interpreter's twistd)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds one load may take")
+    parser.add_argument("--start-timeout", type=float, default=30.0)
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="before each run, wait up to this long for other processes "
+                             f"to use less than {NOISE_WARNING} cores")
+    args = parser.parse_args(argv)
+    wanted = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown += [s for s in args.servers if s not in SERVERS]
+    if unknown or not wanted or not args.servers:
+        parser.error(f"unknown or missing scenario or server: {', '.join(unknown) or 'none'}")
+    args.scenarios = [s for s in SCENARIOS if s.name in wanted]
+    if args.loadgen == "auto":
+        args.loadgen = "smtp-source" if loadgen.find_smtp_source() else "python"
+    elif args.loadgen == "smtp-source" and not loadgen.find_smtp_source():
+        parser.error("smtp-source not found (Debian: apt-get install postfix, 'No configuration')")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(
+        prefix="mailx-bench-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
+    workdir.mkdir(parents=True, exist_ok=True)
+    fstype = filesystem_of(workdir)
+    lg = (f"smtp-source ({loadgen.find_smtp_source()})" if args.loadgen == "smtp-source"
+          else "Python asyncio client (bench/loadgen.py)")
+    machine = {
+        "cpus": os.cpu_count(), "kernel": platform.release(),
+        "python": platform.python_version(), "workdir": str(workdir), "filesystem": fstype,
+    }
+    print(f"load generator: {lg}", flush=True)
+    print(f"machine: {machine['cpus']} CPUs, Linux {machine['kernel']}, "
+          f"Python {machine['python']}, Maildirs on {fstype} ({workdir})", flush=True)
+    if fstype in ("tmpfs", "ramfs", "overlay"):
+        print(f"warning: {fstype} makes fsync nearly free; use --workdir on a disk",
+              file=sys.stderr)
+
+    runs = []
+    failed = False
+    try:
+        for scenario in args.scenarios:
+            messages = args.messages or scenario.messages
+            for rep in range(args.repeat):
+                # Alternate the order so drift (page cache, journal, a noisy
+                # neighbour) does not always favour the same server.
+                order = args.servers if rep % 2 == 0 else args.servers[::-1]
+                for server in order:
+                    run_dir = workdir / f"{scenario.name}-{server}-{rep + 1}"
+                    if args.quiet_wait:
+                        wait_quiet(args.quiet_wait)
+                    try:
+                        result = measure(server, scenario, messages, run_dir, args)
+                    except RunError as e:
+                        print(f"{scenario.name} {server} #{rep + 1}: {e}", file=sys.stderr)
+                        return 1
+                    finally:
+                        if not args.keep:
+                            shutil.rmtree(run_dir, ignore_errors=True)
+                            os.sync()  # the deletions' journal work, before the next run
+                    result["repeat"] = rep + 1
+                    runs.append(result)
+                    rate = result["msgs_per_s"]
+                    cpu = result["cpu_per_msg"]
+                    print(f"  {scenario.name:<12} {server:<12} #{rep + 1}: "
+                          + (f"{rate:7.0f} msg/s" if rate else "  FAILED   ")
+                          + f"  {result['delivered']}/{messages} in {result['elapsed']:.2f} s,"
+                          f" RSS {human_bytes(result['peak_rss'])},"
+                          f" CPU {cpu * 1000 if cpu else 0:.2f} ms/msg,"
+                          f" load generator CPU {result['loadgen_cpu']:.1f} s,"
+                          f" other load {result['other_load']:.2f} cores",
+                          flush=True)
+                    for problem in result["problems"]:
+                        failed = True
+                        print(f"    {problem}", file=sys.stderr)
+    finally:
+        if not args.keep and not any(workdir.iterdir()) and args.workdir is None:
+            workdir.rmdir()
+
+    summary = summarize(runs, args.scenarios, args.servers)
+    print()
+    print(f"messages per second: median of {args.repeat} (range); "
+          f"load generator: {lg}; {machine['cpus']} CPUs")
+    print(table(summary, args.servers))
+    noisy = max((row["other_load"] for row in summary), default=0.0)
+    if noisy > NOISE_WARNING:
+        print(f"warning: other processes took up to {noisy:.2f} cores during the runs; "
+              "these figures measure the machine as much as the servers", file=sys.stderr)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "loadgen": args.loadgen, "machine": machine, "repeat": args.repeat,
+            "scenarios": [{"name": s.name, "size": s.size, "concurrency": s.concurrency,
+                           "messages": args.messages or s.messages, "config": dict(s.config),
+                           "peer_args": list(s.peer_args)} for s in args.scenarios],
+            "runs": runs, "summary": summary,
+        }, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
