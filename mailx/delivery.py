@@ -70,6 +70,7 @@ class DeliveryContext:
     reactor: Any
     authenticator: Any = None  # mailx.auth.Authenticator; None when every check is off
     blocklists: Any = None  # mailx.dnsbl.Blocklists; None without checks.dnsbl
+    committer: Any = None  # mailx.committer.GroupCommitter; None: the disk pool
     outbound: Any = None  # mailx.outbound.Outbound: forwarding queue and SRS
     incoming: Path = field(init=False)
 
@@ -77,7 +78,10 @@ class DeliveryContext:
         self.incoming = self.config.paths.spool / "incoming"
 
     def deliver_in_thread(self, func: Any, *args: Any) -> defer.Deferred:
-        return deferToThreadPool(self.reactor, self.disk_pool, func, *args)
+        """Run a filing function in the group committer (``sync_directory`` is its)."""
+        if self.committer is None:
+            return deferToThreadPool(self.reactor, self.disk_pool, func, *args)
+        return self.committer.submit(lambda batch: func(*args, sync_directory=batch.sync_later))
 
 
 @implementer(IDelivery)
@@ -438,6 +442,7 @@ def file_copies(
     header: bytes,
     body: SpoolBuffer,
     enqueue: Callable[[Iterator[bytes]], Any] | None = None,
+    sync_directory: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Write every Maildir copy durably, then the forwarding queue entry (``enqueue``
     of the message as received); all or none (blocking, worker thread)."""
@@ -449,7 +454,9 @@ def file_copies(
                 box = maildir.ensure_folder(box)
             head = _lf(b"".join(trace) + header)
             name = maildir.unique_name(queue_id, n, config.hostname)
-            written.append(maildir.write_message(box, name, _chain(head, _body_lf(body))))
+            written.append(
+                maildir.write_message(box, name, _chain(head, _body_lf(body)), sync_directory)
+            )
         if enqueue is not None:
             enqueue(_chain(header, body.chunks()))
     except BaseException:

@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 SUBDIRS = ("tmp", "new", "cur")
@@ -55,10 +55,17 @@ def unique_name(queue_id: str, copy: int, hostname: str) -> str:
 _OUR_NAME = re.compile(r"^\d+\.M\d+P\d+Q[0-9A-F]+R\d+\.")
 
 
-def write_message(maildir: Path, name: str, parts: Iterable[bytes]) -> Path:
+def write_message(
+    maildir: Path,
+    name: str,
+    parts: Iterable[bytes],
+    sync_directory: Callable[[Path], None] | None = None,
+) -> Path:
     """Write one message durably into ``maildir/new/name,S=<size>``; blocking.
 
     The size suffix is Dovecot's (it spares Dovecot a stat for quota).
+    ``sync_directory`` makes the rename durable; by default ``new/`` is
+    fsynced at once, a group committer passes its own to fsync once per batch.
 
     On any error the partial ``tmp/`` file is removed and the error raised:
     nothing half-written is ever visible in ``new/``.
@@ -89,7 +96,7 @@ def write_message(maildir: Path, name: str, parts: Iterable[bytes]) -> Path:
         except FileNotFoundError:
             pass
         raise
-    fsync_directory(maildir / "new")
+    (sync_directory or fsync_directory)(maildir / "new")
     return new
 
 

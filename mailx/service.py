@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from mailx import dnswatch, maildir, spool
 from mailx.auth import Authenticator
 from mailx.auth.dmarc import default_psl
+from mailx.committer import GroupCommitter
 from mailx.config import Config, ConfigError, load_config
 from mailx.delivery import DeliveryContext, SessionDelivery
 from mailx.dns import Resolver
@@ -110,6 +111,8 @@ class MailxService(service.MultiService):
         self.reactor = reactor
         self.config = config
         self.disk_pool = ThreadPool(minthreads=0, maxthreads=DISK_THREADS, name="mailx-disk")
+        # Incoming mail is filed by one group-committing thread (see committer).
+        self.committer = GroupCommitter(reactor, maildir.fsync_directory)
         # DNS lookups block in dnspython; their own pool keeps a slow DNS
         # server from starving the disk writers.
         self.dns_pool = ThreadPool(minthreads=0, maxthreads=DNS_THREADS, name="mailx-dns")
@@ -146,6 +149,7 @@ class MailxService(service.MultiService):
             authenticator=authenticator,
             blocklists=blocklists,
             outbound=self._outbound_for(config, resolver),
+            committer=self.committer,
         )
 
     def _outbound_for(self, config: Config, resolver: Resolver) -> Outbound:
@@ -218,6 +222,7 @@ class MailxService(service.MultiService):
         self.prepare_storage()
         self.disk_pool.start()
         self.dns_pool.start()
+        self.committer.start()
         super().startService()
         self._listen()
         self.pidfile = pid_path(self.config)
@@ -288,6 +293,7 @@ class MailxService(service.MultiService):
 
     def _stop_disk_pool(self) -> None:
         # ThreadPool.stop joins the workers: every fsync in flight completes.
+        self.committer.stop()
         self.disk_pool.stop()
         self.dns_pool.stop()
         pidfile = getattr(self, "pidfile", None)

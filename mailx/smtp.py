@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, interfaces
+from twisted.internet import defer, interfaces, tcp
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -226,14 +226,44 @@ class MailxESMTP(smtp.ESMTP):
         text = reply.text.format(**fields) if fields else reply.text
         if reply.enhanced:
             text = f"{reply.enhanced} {text}"
-        self.transport.write(b"%d %s\r\n" % (reply.code, text.encode("utf-8")))
+        self._send(b"%d %s\r\n" % (reply.code, text.encode("utf-8")))
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
         # Twisted's own callers (banner, EHLO) come through here.
         lines = message.splitlines() or [b""]
         out = [b"%03d-%s\r\n" % (code, line) for line in lines[:-1]]
         out.append(b"%03d %s\r\n" % (code, lines[-1]))
-        self.transport.write(b"".join(out))
+        self._send(b"".join(out))
+
+    def _send(self, data: bytes) -> None:
+        """Send a reply at once when nothing is queued before it.
+
+        ``transport.write`` queues the bytes and registers the socket for
+        writability until the next reactor turn: two epoll_ctl calls per
+        reply on top of the send, measured at ~10% of the CPU of a small
+        message.  A reply to a client that is waiting for it nearly always
+        fits the socket buffer, so on a plain TCP connection with an empty
+        write buffer it is sent directly (what asyncio's transports do);
+        TLS, a backlog or a partial send fall back to ``transport.write``,
+        which keeps the order.
+        """
+        transport = self.transport
+        while isinstance(transport, _ProxyFirstWrapper):
+            transport = transport.transport
+        if (
+            type(transport) is tcp.Server
+            and not transport.TLS
+            and transport.connected
+            and not transport.disconnecting
+            and not transport.dataBuffer
+            and not transport._tempDataBuffer
+        ):
+            sent = transport.writeSomeData(data)
+            if isinstance(sent, int):
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        self.transport.write(data)
 
     # --- input --------------------------------------------------------------
 
@@ -369,9 +399,13 @@ class MailxESMTP(smtp.ESMTP):
         done: Callable[[Any], None],
         failed: Callable[[Failure], None],
     ) -> None:
-        """Hold input until ``d`` fires, so pipelined replies stay in order."""
+        """Hold input until ``d`` fires, so pipelined replies stay in order.
+
+        Most checks answer at once (routing is a dictionary lookup): then
+        nothing is paused, which spares two epoll_ctl calls per command.
+        """
         self._blocked = True
-        self.transport.pauseProducing()
+        waiting = False
 
         def finish(result: object) -> None:
             if self._closing or self.transport is None:
@@ -381,10 +415,15 @@ class MailxESMTP(smtp.ESMTP):
             else:
                 done(result)
             self._blocked = False
-            self.transport.resumeProducing()
-            self._process()
+            if waiting:
+                self.transport.resumeProducing()
+                self._process()
+            # else: answered synchronously; the _process loop that called us goes on.
 
         d.addBoth(finish).addErrback(lambda f: log.failure("reply handling failed", f))
+        if self._blocked and not self._closing:
+            waiting = True
+            self.transport.pauseProducing()
 
     # --- commands ---------------------------------------------------------
 
@@ -671,7 +710,7 @@ class MailxESMTP(smtp.ESMTP):
         self.reply(replies.NOT_IMPLEMENTED)
 
     def do_HELP(self, rest: bytes) -> None:
-        self.transport.write(
+        self._send(
             b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT"
             + (b" STARTTLS" if self.canStartTLS else b"")
             + b"\r\n214 2.0.0 See RFC 5321\r\n"
