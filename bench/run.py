@@ -200,11 +200,37 @@ def proc_status(pid: int, key: str) -> int:
     raise RunError(f"no {key} in /proc/{pid}/status")
 
 
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and its live descendants (mailx files mail from a child process)."""
+    parents: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    parents[int(entry.name)] = int(f.read().rpartition(")")[2].split()[1])
+            except OSError:
+                continue
+    tree, grew = {pid}, True
+    while grew:
+        grew = False
+        for child, parent in parents.items():
+            if parent in tree and child not in tree:
+                tree.add(child)
+                grew = True
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system time of the process, all its threads (proc(5): fields 14, 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system time of the process and its children, all threads (proc(5): 14, 15)."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
@@ -395,7 +421,7 @@ def measure(server: str, scenario: Scenario, messages: int, run_dir: Path, args)
             raise RunError(f"{server} did not start: {e}\n  {shlex.join(argv)}\n"
                            f"{log_tail(log)}") from None
         cpu_before = cpu_seconds(proc.pid)
-        snapshot_before = cpu_snapshot({proc.pid})
+        snapshot_before = cpu_snapshot(process_tree(proc.pid))
         load = run_loadgen(args.loadgen, port, scenario, messages, run_dir, args.timeout)
         delivered, last_file = wait_delivered(run_dir / "mail", load.ok, DELIVERY_GRACE)
         if proc.poll() is not None:
@@ -403,8 +429,9 @@ def measure(server: str, scenario: Scenario, messages: int, run_dir: Path, args)
                            f"{log_tail(log)}")
         cpu = cpu_seconds(proc.pid) - cpu_before
         # What other processes took meanwhile: the noise in this run.
-        other = other_load(snapshot_before, cpu_snapshot({proc.pid}), cpu + load.cpu)
-        peak_rss = proc_status(proc.pid, "VmHWM")
+        other = other_load(snapshot_before, cpu_snapshot(process_tree(proc.pid)), cpu + load.cpu)
+        # The whole tree: mailx's Maildir writer is a child process.
+        peak_rss = sum(proc_status(member, "VmHWM") for member in process_tree(proc.pid))
     finally:
         status = stop(proc)
     elapsed = last_file - load.start

@@ -71,6 +71,7 @@ class DeliveryContext:
     authenticator: Any = None  # mailx.auth.Authenticator; None when every check is off
     blocklists: Any = None  # mailx.dnsbl.Blocklists; None without checks.dnsbl
     committer: Any = None  # mailx.committer.GroupCommitter; None: the disk pool
+    writer: Any = None  # mailx.writer.WriterClient: files mailbox-only messages
     outbound: Any = None  # mailx.outbound.Outbound: forwarding queue and SRS
     incoming: Path = field(init=False)
 
@@ -254,9 +255,15 @@ class IncomingMessage:
             enqueue = None
             if outgoing is not None:
                 enqueue = lambda data: ctx.outbound.queue.enqueue(outgoing, data)  # noqa: E731
-            yield ctx.deliver_in_thread(
-                file_copies, config, self.queue_id, copies, header, self.body, enqueue
-            )
+            if enqueue is None and ctx.writer is not None and copies:
+                yield ctx.writer.file(
+                    *_writer_request(config, self.queue_id, copies, header), self.body
+                )
+            else:
+                # Mailbox copies and the queue entry in one all-or-none step.
+                yield ctx.deliver_in_thread(
+                    file_copies, config, self.queue_id, copies, header, self.body, enqueue
+                )
             if outgoing is not None:
                 ctx.outbound.submitted(outgoing)
             for dest, _, junk in copies:
@@ -421,18 +428,24 @@ def _lf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n")
 
 
-def _body_lf(body: SpoolBuffer) -> Iterator[bytes]:
-    """The body with LF line ends, as Maildir files conventionally have them."""
-    carry = b""
-    for chunk in body.chunks():
-        chunk = carry + chunk
-        if chunk.endswith(b"\r"):
-            chunk, carry = chunk[:-1], b"\r"
-        else:
-            carry = b""
-        yield _lf(chunk)
-    if carry:
-        yield carry
+def _writer_request(
+    config: Any,
+    queue_id: str,
+    copies: list[tuple[MailboxDestination, list[bytes], bool]],
+    header: bytes,
+) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The copies for `mailx.writer`, with the header block each one starts with."""
+    specs, heads = [], []
+    for n, (dest, trace, junk) in enumerate(copies):
+        specs.append(
+            {
+                "maildir": str(dest.maildir_path(config)),
+                "name": maildir.unique_name(queue_id, n, config.hostname),
+                "folder": maildir.JUNK_FOLDER if junk else None,
+            }
+        )
+        heads.append(_lf(b"".join(trace) + header))
+    return specs, heads
 
 
 def file_copies(
@@ -455,7 +468,9 @@ def file_copies(
             head = _lf(b"".join(trace) + header)
             name = maildir.unique_name(queue_id, n, config.hostname)
             written.append(
-                maildir.write_message(box, name, _chain(head, _body_lf(body)), sync_directory)
+                maildir.write_message(
+                    box, name, _chain(head, maildir.lf_chunks(body.chunks())), sync_directory
+                )
             )
         if enqueue is not None:
             enqueue(_chain(header, body.chunks()))

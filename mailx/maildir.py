@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 SUBDIRS = ("tmp", "new", "cur")
@@ -138,6 +138,20 @@ def clean_tmp(maildir: Path) -> int:
                 except FileNotFoundError:
                     pass
     return removed
+
+
+def lf_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """CRLF to LF, as Maildir files conventionally are, across chunk boundaries."""
+    carry = b""
+    for chunk in chunks:
+        chunk = carry + chunk
+        if chunk.endswith(b"\r"):
+            chunk, carry = chunk[:-1], b"\r"
+        else:
+            carry = b""
+        yield chunk.replace(b"\r\n", b"\n")
+    if carry:
+        yield carry
 
 
 def default_hostname() -> str:

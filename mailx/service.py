@@ -28,6 +28,7 @@ from mailx.dnsbl import Blocklists
 from mailx.outbound import Outbound
 from mailx.queue import Queue
 from mailx.smtp import MailxSMTPFactory, server_endpoint
+from mailx.writer import WriterClient
 
 log = Logger(namespace="mailx.service")
 
@@ -113,6 +114,8 @@ class MailxService(service.MultiService):
         self.disk_pool = ThreadPool(minthreads=0, maxthreads=DISK_THREADS, name="mailx-disk")
         # Incoming mail is filed by one group-committing thread (see committer).
         self.committer = GroupCommitter(reactor, maildir.fsync_directory)
+        # Mailbox-only messages are filed by a child process (see mailx.writer).
+        self.writer = WriterClient(reactor)
         # DNS lookups block in dnspython; their own pool keeps a slow DNS
         # server from starving the disk writers.
         self.dns_pool = ThreadPool(minthreads=0, maxthreads=DNS_THREADS, name="mailx-dns")
@@ -150,6 +153,7 @@ class MailxService(service.MultiService):
             blocklists=blocklists,
             outbound=self._outbound_for(config, resolver),
             committer=self.committer,
+            writer=self.writer,
         )
 
     def _outbound_for(self, config: Config, resolver: Resolver) -> Outbound:
@@ -223,6 +227,7 @@ class MailxService(service.MultiService):
         self.disk_pool.start()
         self.dns_pool.start()
         self.committer.start()
+        self.writer.start()
         super().startService()
         self._listen()
         self.pidfile = pid_path(self.config)
@@ -278,6 +283,7 @@ class MailxService(service.MultiService):
         self.factory.shutdown()
         d = defer.gatherResults(stopping, consumeErrors=True)
         d.addBoth(lambda _: self._drain_sessions())
+        d.addBoth(lambda _: self.writer.stop())
         d.addBoth(lambda _: self._stop_disk_pool())
         self._stopping = d
         return d

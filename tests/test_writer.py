@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.test_writer -*-
+"""The Maildir writer process: framing, durable batches, failures, and its death."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from mailx import maildir
+from mailx.spool import SPILL_AT, SpoolBuffer
+from mailx.writer import WriterClient, WriterGone, commit, decode_all, encode
+
+
+class FramingTests(unittest.TestCase):
+    @given(
+        st.lists(
+            st.tuples(st.dictionaries(st.text(max_size=5), st.integers(), max_size=3), st.binary()),
+            max_size=5,
+        ),
+        st.integers(min_value=1, max_value=50),
+    )
+    def test_frames_survive_any_split(self, frames: list, piece: int) -> None:
+        stream = b"".join(encode(header, payload) for header, payload in frames)
+        buffer, decoded = bytearray(), []
+        for start in range(0, len(stream), piece):
+            buffer += stream[start : start + piece]
+            decoded += decode_all(buffer)
+        self.assertEqual(decoded, frames)
+        self.assertEqual(buffer, bytearray())
+
+
+class CommitTests(unittest.TestCase):
+    """The child's work, called directly."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).absolute()
+        self.box = self.root / "example.test" / "alice"
+        maildir.ensure_maildir(self.box)
+
+    def request(self, number: int, name: str, head: bytes, body: bytes, folder: str | None = None) -> tuple:
+        copy = {"maildir": str(self.box), "name": name, "folder": folder, "head": len(head)}
+        return ({"id": number, "copies": [copy]}, head + body)
+
+    def test_batch_writes_every_copy_with_lf_line_ends(self) -> None:
+        answers = decode_all(bytearray(commit([
+            self.request(1, "one", b"Delivered-To: a\n", b"Subject: x\r\n\r\nbody\r\n"),
+            self.request(2, "two", b"Delivered-To: a\n", b"Subject: y\r\n\r\nbody\r\n", ".Junk"),
+        ])))
+        paths = [Path(answer["paths"][0]) for answer, _ in answers]
+        self.assertEqual(paths[0].read_bytes(), b"Delivered-To: a\nSubject: x\n\nbody\n")
+        self.assertEqual(paths[0].parent, self.box / "new")
+        self.assertEqual(paths[1].parent, self.box / ".Junk" / "new")
+        self.assertTrue(paths[0].name.endswith(f",S={paths[0].stat().st_size}"))
+        self.assertEqual(os.listdir(self.box / "tmp"), [])
+
+    def test_a_failing_request_answers_an_error_and_leaves_nothing(self) -> None:
+        (self.box / "new").rmdir()
+        (self.box / "new").write_text("not a directory")
+        [(answer, _)] = decode_all(bytearray(commit([self.request(7, "x", b"", b"body\r\n")])))
+        self.assertEqual(answer["id"], 7)
+        self.assertIn("error", answer)
+        self.assertEqual(os.listdir(self.box / "tmp"), [])
+
+
+class WriterProcessTests(unittest.TestCase):
+    """The real child process, driven by the server's client."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).absolute()
+        self.box = self.root / "alice"
+        maildir.ensure_maildir(self.box)
+        self.writer = WriterClient(reactor)
+        self.writer.start()
+        self.addCleanup(self.writer.stop)
+
+    def spec(self, name: str) -> dict:
+        return {"maildir": str(self.box), "name": name, "folder": None}
+
+    @defer.inlineCallbacks
+    def test_small_and_spooled_bodies_are_filed(self) -> None:
+        small = SpoolBuffer(self.root, "small")
+        small.write(b"Subject: small\r\n\r\nhi\r\n")
+        big = SpoolBuffer(self.root, "big")
+        line = b"b" * 98 + b"\r\n"
+        for _ in range(SPILL_AT // len(line) + 10):
+            big.write(line)
+        big.finish()
+        self.assertIsNotNone(big.path)
+        results = yield defer.gatherResults([
+            self.writer.file([self.spec("s")], [b"X-Head: 1\n"], small),
+            self.writer.file([self.spec("b")], [b"X-Head: 2\n"], big),
+        ])
+        [[small_path], [big_path]] = results
+        self.assertEqual(small_path.read_bytes(), b"X-Head: 1\nSubject: small\n\nhi\n")
+        self.assertEqual(big_path.read_bytes(), b"X-Head: 2\n" + line.replace(b"\r\n", b"\n") * (SPILL_AT // len(line) + 10))
+
+    @defer.inlineCallbacks
+    def test_a_dead_writer_fails_what_was_in_flight_and_is_restarted(self) -> None:
+        body = SpoolBuffer(self.root, "m")
+        body.write(b"Subject: m\r\n\r\nbody\r\n")
+        yield self.writer.file([self.spec("first")], [b""], body)
+        os.kill(self.writer._child.transport.pid, signal.SIGKILL)
+        in_flight = self.writer.file([self.spec("lost")], [b""], body)
+        yield self.assertFailure(in_flight, WriterGone)
+        self.flushLoggedErrors()
+        [path] = yield self.writer.file([self.spec("again")], [b""], body)
+        self.assertTrue(path.exists())
