@@ -86,6 +86,14 @@ class NoDataError(DNSVoidError):
     """The name exists but has no records of the type asked (NODATA)."""
 
 
+class NotCached(BaseException):  # noqa: N818 - a signal, not an error
+    """A lookup outside the cache during `Resolver.from_cache`.
+
+    A BaseException so that libraries' ``except Exception`` handlers (which
+    would turn it into a DNS error result) let it through.
+    """
+
+
 class DNSTemporaryError(DNSError):
     """Timeout, SERVFAIL or a network error: asking again later may succeed."""
 
@@ -226,6 +234,7 @@ class Resolver:
         self._cache = _Cache(clock, max_entries)
         self._reactor = reactor
         self._threadpool = threadpool
+        self._local = threading.local()
 
     # -- blocking lookups (worker threads only) ---------------------------
 
@@ -242,6 +251,9 @@ class Resolver:
             if isinstance(cached, tuple):  # (exception class, message)
                 raise cached[0](cached[1])
             return cached
+        if getattr(self._local, "cache_only", False):
+            self._local.missed = True
+            raise NotCached(f"{qname} {rdtype}")
         try:
             answer = self._resolve(qname, rdtype)
         except DNSVoidError as e:
@@ -383,6 +395,28 @@ class Resolver:
         except DNSVoidError:
             return None
         return records[0] if records else None
+
+    # -- answering from the cache alone (any thread) -------------------------
+
+    def from_cache(self, func: Callable[..., T], *args: Any) -> T:
+        """Run ``func`` allowing only cached answers: it never waits for the network.
+
+        Raises `NotCached` if ``func`` needed anything else, even when
+        ``func`` swallowed the exception on the way (pyspf has bare
+        ``except:`` clauses): then its result cannot be trusted.
+        """
+        self._local.cache_only, self._local.missed = True, False
+        try:
+            result = func(*args)
+        finally:
+            self._local.cache_only = False
+        if self._local.missed:
+            raise NotCached("a lookup was not in the cache")
+        return result
+
+    def cache_only_missed(self) -> bool:
+        """In a `from_cache` run, whether a lookup has missed the cache so far."""
+        return bool(getattr(self._local, "cache_only", False) and self._local.missed)
 
     # -- Deferred wrappers (reactor thread) ---------------------------------
 
