@@ -38,7 +38,6 @@ input kept out of the random choices until it is fixed.
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import socket
@@ -68,6 +67,7 @@ from mailx.testing.server import (
     start_server,
     write_config,
 )
+from mailx.testing.tls import make_certificate
 
 EXAMPLES = int(os.environ.get("MAILX_FUZZ_EXAMPLES", "40"))
 STEPS = int(os.environ.get("MAILX_FUZZ_STEPS", "30"))
@@ -516,39 +516,6 @@ class WireClient:
 
 
 # --- the server ---------------------------------------------------------------
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed P-256 certificate for mx.example.test (as research notes section 3)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.example.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("mx.example.test")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 class FuzzServer:

@@ -26,7 +26,6 @@ the data, so a client that forgets to dot-stuff is caught.
 from __future__ import annotations
 
 import base64
-import datetime
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -352,37 +351,18 @@ def self_signed_tls() -> Any:
     """Server TLS options with a fresh self-signed P-256 certificate (one per process)."""
     if "options" in _TLS_CACHE:
         return _TLS_CACHE["options"]
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
     from twisted.internet import ssl
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.outside.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("mx.outside.test")]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    from mailx.testing.tls import certificate_pem
+
+    cert_pem, key_pem = certificate_pem("mx.outside.test")
+    pem = cert_pem + key_pem
     private = ssl.PrivateCertificate.loadPEM(pem)
     options = ssl.CertificateOptions(
         privateKey=private.privateKey.original, certificate=private.original
     )
     _TLS_CACHE["options"] = options
-    _TLS_CACHE["pem"] = cert.public_bytes(serialization.Encoding.PEM)
+    _TLS_CACHE["pem"] = cert_pem
     return options
 
 

@@ -11,9 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def make_certificate(directory: Path, hostname: str = "mx.example.test") -> tuple[Path, Path]:
-    """A self-signed P-256 certificate for ``hostname``; returns (certificate, key) paths."""
-    directory.mkdir(parents=True, exist_ok=True)
+def certificate_pem(hostname: str = "mx.example.test") -> tuple[bytes, bytes]:
+    """A self-signed P-256 certificate for ``hostname``: (certificate PEM, key PEM)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)
@@ -28,15 +27,21 @@ def make_certificate(directory: Path, hostname: str = "mx.example.test") -> tupl
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .sign(key, hashes.SHA256())
     )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def make_certificate(directory: Path, hostname: str = "mx.example.test") -> tuple[Path, Path]:
+    """`certificate_pem` written to ``directory``; returns (certificate, key) paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_pem, key_pem = certificate_pem(hostname)
     cert_path = directory / "fullchain.pem"
     key_path = directory / "privkey.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_path.write_bytes(cert_pem)
+    key_path.write_bytes(key_pem)
     key_path.chmod(0o600)
     return cert_path, key_path
