@@ -228,7 +228,7 @@ class IncomingMessage:
                     self.delivery.session.client_ip,
                     self.delivery.session.helo,
                     self.sender,
-                    self._message_for_checks(fields),
+                    (yield self._message_for_checks(fields)),
                 )
             size = len(self.header) + self.body.size
             action = verdict.action if verdict is not None else "accept"
@@ -355,12 +355,19 @@ class IncomingMessage:
             self.queue_id, self.sender, self.delivery.session.helo or "", forwards
         )
 
-    def _message_for_checks(self, fields: list[bytes]) -> bytes:
-        """The message as the checks need it; the body only when a DKIM signature needs it."""
+    def _message_for_checks(self, fields: list[bytes]) -> defer.Deferred:
+        """The message as the checks need it; the body only when a DKIM signature needs it.
+
+        A spooled body is read back in the disk pool, not on the reactor thread.
+        """
         header = b"".join(fields)
-        if any(f[:15].lower() == b"dkim-signature:" for f in fields):
-            return header + self.body.contents()
-        return header + b"\r\n"
+        if not any(f[:15].lower() == b"dkim-signature:" for f in fields):
+            return defer.succeed(header + b"\r\n")
+        if self.body.path is None:
+            return defer.succeed(header + self.body.contents())
+        ctx = self.delivery.context
+        d = deferToThreadPool(ctx.reactor, ctx.disk_pool, self.body.contents)
+        return d.addCallback(lambda body: header + body)
 
     def _trace_headers(self, dest: MailboxDestination) -> list[bytes]:
         session = self.delivery.session

@@ -206,6 +206,22 @@ class PolicyThroughServerTests(unittest.TestCase):
         self.assertIn("dmarc=pass", header)
 
     @defer.inlineCallbacks
+    def test_dkim_verifies_a_body_spooled_to_disk(self) -> None:
+        """Past 256 KiB the body is on disk; the signature is still checked over all of it."""
+        server = self.start()
+        body = b"".join(b"line %06d of a long signed message\r\n" % n for n in range(9000))
+        message = self.message("news@good.test", "big").replace(b"Hello.\r\n", body)
+        self.assertGreater(len(message), 256 * 1024)
+        signature = dkim.sign(
+            message, b"sel", b"good.test", self.private_key, include_headers=[b"from", b"subject"]
+        )
+        replies = yield self.send(server, "192.0.2.99", "news@good.test", signature + message)
+        self.assertEqual(replies[5][0], 250)
+        header = results_header(server.messages("alice")[0])
+        self.assertIn("dkim=pass", header)
+        self.assertIn("dmarc=pass", header)
+
+    @defer.inlineCallbacks
     def test_forged_results_are_replaced_by_ours(self) -> None:
         server = self.start()
         forged = (
