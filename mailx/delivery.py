@@ -70,7 +70,7 @@ class DeliveryContext:
     reactor: Any
     authenticator: Any = None  # mailx.auth.Authenticator; None when every check is off
     blocklists: Any = None  # mailx.dnsbl.Blocklists; None without checks.dnsbl
-    committer: Any = None  # mailx.committer.GroupCommitter; None: the disk pool
+    committer: Any = None  # mailx.committer.GroupCommitter: files messages with forwards
     writer: Any = None  # mailx.writer.WriterClient: files mailbox-only messages
     outbound: Any = None  # mailx.outbound.Outbound: forwarding queue and SRS
     incoming: Path = field(init=False)
@@ -80,8 +80,6 @@ class DeliveryContext:
 
     def deliver_in_thread(self, func: Any, *args: Any) -> defer.Deferred:
         """Run a filing function in the group committer (``sync_directory`` is its)."""
-        if self.committer is None:
-            return deferToThreadPool(self.reactor, self.disk_pool, func, *args)
         return self.committer.submit(lambda batch: func(*args, sync_directory=batch.sync_later))
 
 

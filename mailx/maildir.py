@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -152,7 +151,3 @@ def lf_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield chunk.replace(b"\r\n", b"\n")
     if carry:
         yield carry
-
-
-def default_hostname() -> str:
-    return socket.gethostname()

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
 from mailx import replies
 from mailx.replies import Reply, SMTPReplyError
@@ -128,6 +128,7 @@ class MailxESMTP(smtp.ESMTP):
         self._greeting: Any = None
         self._pause: Any = None
         self._admitted = False
+        self._errors = 0  # bad commands and refused recipients, whole session
         self._reset_transaction()
 
     # --- connection -----------------------------------------------------
@@ -481,8 +482,6 @@ class MailxESMTP(smtp.ESMTP):
         self._data_size = 0
         self._data_failed: Reply | None = None
         self._message: Any = None
-        if not hasattr(self, "_errors"):
-            self._errors = 0
 
     def _log_message(self, fmt: str, qid: str | None = None, **fields: object) -> None:
         qid = qid or self._qid or (self.session.session_id if self.session else "-")
@@ -946,8 +945,6 @@ class _ProxyFirstWrapper(HAProxyProtocolWrapper):
     header_timeout = 30.0
 
     def makeConnection(self, transport: Any) -> None:
-        from zope.interface import directlyProvides, providedBy
-
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)

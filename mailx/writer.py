@@ -190,6 +190,18 @@ class _Child(ProcessProtocol):
         self.ended.callback(None)
 
 
+def _child_environment() -> dict[str, str]:
+    """Our environment, with this very mailx first on the child's path.
+
+    The child must run the same code as the server even when mailx is used
+    from a checkout that is not installed (or installed elsewhere).
+    """
+    env = os.environ.copy()
+    here = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    return env
+
+
 class WriterClient:
     """The server's side: requests out, Deferreds fired by the answers.
 
@@ -210,7 +222,7 @@ class WriterClient:
             child,
             sys.executable,
             [sys.executable, "-m", "mailx.writer"],
-            env=os.environ.copy(),
+            env=_child_environment(),
             childFDs={0: "w", 1: "r", 2: 2},
         )
         self._child = child
