@@ -249,7 +249,7 @@ class IncomingMessage:
                 (dest, self._trace_headers(dest) + extra, action == "junk") for dest in mailboxes
             ]
             header = b"".join(fields)
-            outgoing = self._outgoing()
+            outgoing = self._outgoing(verdict)
             enqueue = None
             if outgoing is not None:
                 enqueue = lambda data: ctx.outbound.queue.enqueue(outgoing, data)  # noqa: E731
@@ -329,8 +329,11 @@ class IncomingMessage:
                 return kept
         raise SMTPReplyError(replies.MAIL_LOOP.with_text(f"{replies.MAIL_LOOP.text}: {reason}"))
 
-    def _outgoing(self) -> Any:
+    def _outgoing(self, verdict: Any = None) -> Any:
         """The queue entry for the outside recipients (SPEC 8), or None without any.
+
+        The entry keeps the SPF and DMARC results: a bounce goes only to a
+        sender they authenticate (dsn.notice_refusal: no backscatter).
 
         Each copy gets our Received and a Delivered-To naming the address it
         was sent to (as Postfix does when an alias forwards), and no
@@ -349,8 +352,15 @@ class IncomingMessage:
         outbound = self.delivery.context.outbound
         if outbound is None:
             raise RuntimeError("forwarding without an outbound queue")
+        spf = getattr(verdict, "spf", None)
+        dmarc = getattr(verdict, "dmarc", None)
         return outbound.envelope_for(
-            self.queue_id, self.sender, self.delivery.session.helo or "", forwards
+            self.queue_id,
+            self.sender,
+            self.delivery.session.helo or "",
+            forwards,
+            spf=spf.result if spf is not None else None,
+            dmarc=dmarc.result if dmarc is not None else None,
         )
 
     def _message_for_checks(self, fields: list[bytes]) -> defer.Deferred:

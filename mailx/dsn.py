@@ -15,10 +15,18 @@ The rules that keep notices from causing harm (RFC 5321 4.5.5, RFC 3464 2):
   (``multipart/report; report-type=delivery-status``) or one of ours
   (``kind`` bounce or delay, sent from ``<>``) gets none, whatever its
   sender claims, so two servers can never bounce at each other;
+- never to a sender we could not authenticate (backscatter): the envelope
+  sender gets a notice only when SPF passed for it or DMARC passed, and
+  never when either failed (`notice_refusal`);
+- the returned header section is cut at a field boundary past
+  `MAX_RETURNED_HEADER` octets: a notice never carries more than a few KiB
+  of a stranger's text;
 - our notices are sent with the null sender and come from
   ``MAILER-DAEMON@<hostname>``.
 
-The functions are pure: queue state in, message bytes out (CRLF).
+The functions are pure: queue state in, message bytes out (CRLF).  Each
+one that reads message data runs in time linear in its length (no
+backtracking regular expression sees it).
 """
 
 from __future__ import annotations
@@ -29,16 +37,32 @@ from collections.abc import Sequence
 from email.utils import formatdate
 
 from mailx.queue import Envelope, Recipient
+from mailx.routing import quote_local
 
-__all__ = ["bounce_message", "delay_message", "is_report", "wants_notice"]
+__all__ = [
+    "MAX_RETURNED_HEADER",
+    "bounce_message",
+    "delay_message",
+    "is_report",
+    "notice_refusal",
+    "returned_header",
+    "wants_notice",
+]
 
 # RFC 5322 2.1.1: keep every line we generate well under 998 octets.
 MAX_TEXT = 900
+# The header section returned in a notice (RFC 6522 3, text/rfc822-headers):
+# real ones are a few KiB; Postfix returns at most 50 KiB of a whole message
+# (bounce_size_limit), and headers alone are all the sender needs to tell
+# which message it was.
+MAX_RETURNED_HEADER = 16 * 1024
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-_CONTENT_TYPE = re.compile(rb"^content-type:", re.IGNORECASE)
-_REPORT = re.compile(
-    rb"multipart/report\s*;.*report-type\s*=\s*\"?delivery-status", re.IGNORECASE | re.DOTALL
-)
+
+# SPF results (RFC 7208 2.6) and DMARC results (RFC 7489 11.2) as the
+# envelope records them; None: not checked (switched off, or an entry queued
+# before mailx recorded them).
+_SENDER_AUTHENTICATED = "pass"
+_FAILED = "fail"
 
 
 def _ascii(text: str) -> str:
@@ -46,27 +70,103 @@ def _ascii(text: str) -> str:
     return _UNPRINTABLE.sub("?", text)[:MAX_TEXT]
 
 
+def _quoted_path(address: str) -> str:
+    """An address in a header, local part quoted when it is no Dot-string (RFC 5321 4.1.2)."""
+    local, at, domain = address.rpartition("@")
+    if not at or (local.startswith('"') and local.endswith('"') and len(local) > 1):
+        return address
+    return f"{quote_local(local)}@{domain}"
+
+
+def _field_value(header: bytes, name: bytes) -> bytes | None:
+    """The unfolded value of the first ``name`` field (lower-case name), or None.
+
+    A single pass over the lines, joined once: linear in the header's size
+    (repeated ``+=`` of continuation lines, or a regular expression with
+    ``.*`` over the field, are quadratic on a hostile header).
+    """
+    parts: list[bytes] | None = None
+    prefix = name + b":"
+    for line in header.split(b"\r\n"):
+        if parts is not None:
+            if line[:1] in (b" ", b"\t"):
+                parts.append(line)
+                continue
+            break
+        if line[: len(prefix)].lower() == prefix:
+            parts = [line[len(prefix) :]]
+    return None if parts is None else b" ".join(parts)
+
+
 def is_report(header: bytes) -> bool:
-    """True when the header section says the message is a delivery report (RFC 3464 2)."""
-    for field in _fields(header):
-        if _CONTENT_TYPE.match(field):
-            return bool(_REPORT.search(field))
+    """True when the header section says the message is a delivery report (RFC 3464 2).
+
+    RFC 2045 5.1 ``Content-Type: multipart/report; report-type=delivery-status``,
+    parameters in any order and case, the value quoted or not, folded or not.
+    Parsed by hand, in one linear pass: ``email``'s header parser
+    backtracks badly on some hostile values and is far slower on big ones.
+    """
+    value = _field_value(header, b"content-type")
+    if value is None:
+        return False
+    media, *params = value.split(b";")
+    if media.strip().lower() != b"multipart/report":
+        return False
+    for param in params:
+        key, eq, val = param.partition(b"=")
+        if eq and key.strip().lower() == b"report-type":
+            return val.strip().strip(b'"').strip().lower() == b"delivery-status"
     return False
 
 
-def _fields(header: bytes) -> list[bytes]:
-    fields: list[bytes] = []
-    for line in header.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b" " + line.strip()
-        elif line:
-            fields.append(line)
-    return fields
+def notice_refusal(envelope: Envelope, header: bytes) -> str | None:
+    """Why no bounce or delay notice may be sent for this message; None when one may.
+
+    Backscatter: the envelope sender is whatever the client claimed.  A
+    notice goes to it only when the checks at reception vouch for it: SPF
+    passed for the MAIL FROM domain, or DMARC passed (the author domain
+    is authenticated, through SPF or an aligned DKIM signature).  An SPF or
+    DMARC ``fail`` means a forgery: never a notice then, whatever else
+    passed.  ``none``, ``neutral``, ``softfail`` and the errors authenticate
+    nothing, so they give no notice either (Postfix with postsrsd, and Exim,
+    would bounce them all; Gmail and most large providers drop such bounces,
+    and so do we).  Entries without recorded results (checks switched off,
+    or queued by an older mailx under the old rules) keep the old behaviour.
+    """
+    if not envelope.sender:
+        return "null sender"
+    if envelope.kind != "forward":
+        return "the message is itself one of our notices"
+    if is_report(header):
+        return "the message is itself a delivery report"
+    spf, dmarc = envelope.spf, envelope.dmarc
+    if spf is None and dmarc is None:
+        return None
+    if spf == _FAILED or dmarc == _FAILED:
+        return f"sender not authenticated (spf={spf or '-'} dmarc={dmarc or '-'}): likely forged"
+    if spf == _SENDER_AUTHENTICATED or dmarc == _SENDER_AUTHENTICATED:
+        return None
+    return f"sender not authenticated (spf={spf or '-'} dmarc={dmarc or '-'})"
 
 
 def wants_notice(envelope: Envelope, header: bytes) -> bool:
-    """Whether a bounce or delay notice may be sent for this message (see the module docstring)."""
-    return bool(envelope.sender) and envelope.kind == "forward" and not is_report(header)
+    """Whether a bounce or delay notice may be sent for this message (see `notice_refusal`)."""
+    return notice_refusal(envelope, header) is None
+
+
+def returned_header(header: bytes, limit: int = MAX_RETURNED_HEADER) -> tuple[bytes, bool]:
+    """The header section to return, cut at a field boundary to at most ``limit`` octets.
+
+    Returns it and whether it was cut.  A field that does not fit is left
+    out whole (a half field could end in the middle of an encoded word or a
+    quoted string).
+    """
+    if len(header) <= limit:
+        return header, False
+    end = header.rfind(b"\r\n", 0, limit)
+    while end >= 0 and header[end + 2 : end + 3] in (b" ", b"\t"):
+        end = header.rfind(b"\r\n", 0, end + 1)
+    return (header[: end + 2] if end >= 0 else b""), True
 
 
 def _date(when: float) -> str:
@@ -113,7 +213,14 @@ def _report(
     will_retry_until: float | None,
 ) -> bytes:
     boundary = f"{envelope.id}.{uuid.uuid4().hex}/{hostname}"
+    header, cut = returned_header(original_header)
     human = list(explanation)
+    if cut:
+        human += [
+            "",
+            f"The message's header section is longer than {MAX_RETURNED_HEADER // 1024} KiB;",
+            "only its first fields are returned below.",
+        ]
     for r in recipients:
         human.append("")
         human.append(
@@ -135,7 +242,7 @@ def _report(
         )
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
-        f"To: <{_ascii(envelope.sender)}>",
+        f"To: <{_ascii(_quoted_path(envelope.sender))}>",
         f"Subject: {subject}",
         f"Date: {_date(now)}",
         f"Message-ID: <{envelope.id}.{uuid.uuid4().hex[:12]}@{hostname}>",
@@ -145,11 +252,8 @@ def _report(
         f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
         "Content-Transfer-Encoding: 7bit",
     ]
-    header = (
-        original_header
-        if original_header.endswith(b"\r\n") or not original_header
-        else original_header + b"\r\n"
-    )
+    if header and not header.endswith(b"\r\n"):
+        header += b"\r\n"
     parts = [
         "\r\n".join(head) + "\r\n\r\n",
         "This is a MIME-encapsulated message.\r\n\r\n",

@@ -827,12 +827,17 @@ class Outbound(service.Service):
         sender: str,
         client: str,
         forwards: Sequence[tuple[str, str, bytes]],
+        *,
+        spf: str | None = None,
+        dmarc: str | None = None,
     ) -> Envelope:
         """A new entry's envelope: ``forwards`` is (original recipient, outside address, trace).
 
         The envelope sender becomes an SRS address at the domain the message
         was sent to (SPEC 8: so SPF passes at the destination), unless it is
         null (a bounce stays a bounce) or already at one of our domains.
+        ``spf`` and ``dmarc`` are the results at reception (None: not
+        checked); they decide whether the sender may get a notice later.
         """
         now = self.clock.seconds()
         recipients = []
@@ -851,7 +856,13 @@ class Outbound(service.Service):
                 )
             )
         return Envelope(
-            id=queue_id, sender=sender, created=now, client=client, recipients=recipients
+            id=queue_id,
+            sender=sender,
+            created=now,
+            client=client,
+            spf=spf,
+            dmarc=dmarc,
+            recipients=recipients,
         )
 
     def _rewrite(self, sender: str, original: str) -> str:
@@ -1082,7 +1093,15 @@ class Outbound(service.Service):
             delayed = [r for r in envelope.pending if r.attempts]
             if delayed:
                 header = yield self._in_thread(self._notice_header, envelope, delayed[0])
-                if dsn.wants_notice(envelope, header):
+                refusal = dsn.notice_refusal(envelope, header)
+                if refusal is not None:
+                    log.info(
+                        "{qid}: no delay notice to <{to}>: {why}",
+                        qid=envelope.id,
+                        to=envelope.sender,
+                        why=refusal,
+                    )
+                else:
                     message = dsn.delay_message(
                         self.settings.hostname,
                         envelope,
@@ -1103,17 +1122,19 @@ class Outbound(service.Service):
         failed = envelope.failed
         if failed and not envelope.bounce_queued:
             header = yield self._in_thread(self._notice_header, envelope, failed[0])
-            if dsn.wants_notice(envelope, header):
+            refusal = dsn.notice_refusal(envelope, header)
+            if refusal is None:
                 message = dsn.bounce_message(
                     self.settings.hostname, envelope, failed, header, self.clock.seconds()
                 )
                 yield self._send_notice(envelope, "B", "bounce", message)
             else:
                 log.info(
-                    "{qid}: no bounce for {n} failed recipient(s): {why}",
+                    "{qid}: no bounce to <{to}> for {n} failed recipient(s): {why}",
                     qid=envelope.id,
+                    to=envelope.sender,
                     n=len(failed),
-                    why="null sender" if not envelope.sender else "the message is itself a notice",
+                    why=refusal,
                 )
         yield self._in_thread(self.queue.remove, envelope.id)
         self._forget(

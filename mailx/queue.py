@@ -8,7 +8,8 @@ ID, holding two files:
   ends, not dot-stuffed), byte for byte, so a DKIM signature still verifies
   where it arrives (issue 4.6).  Our trace header fields are not in it: they
   differ per recipient and live in the envelope.
-- ``envelope.json``: the original sender, and per recipient the address,
+- ``envelope.json``: the original sender, its SPF and DMARC results (whether
+  it may get a bounce), and per recipient the address,
   the envelope sender to use (SRS-rewritten), the trace fields to prepend,
   and its state: ``pending``, ``delivered`` or ``failed``, attempts, next
   attempt, last reply.
@@ -120,6 +121,12 @@ class Envelope:
     eight_bit: bool = False  # any octet over 127: BODY=8BITMIME (RFC 6152)
     kind: str = "forward"  # forward | bounce | delay (our own notices, sent from <>)
     client: str = ""  # "helo [ip]" of the client we received it from, for the DSN
+    # SPF (on MAIL FROM) and DMARC results at reception, which decide whether
+    # the sender may get a notice (dsn.notice_refusal: backscatter).  None:
+    # not checked; entries written before these fields existed read as None
+    # and keep the rules they were accepted under.
+    spf: str | None = None
+    dmarc: str | None = None
     delay_notified: bool = False
     bounce_queued: bool = False
     recipients: list[Recipient] = field(default_factory=list)

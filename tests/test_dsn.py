@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
+import time
 
 from twisted.trial import unittest
 
-from mailx.dsn import bounce_message, delay_message, is_report, wants_notice
+from mailx.dsn import (
+    MAX_RETURNED_HEADER,
+    bounce_message,
+    delay_message,
+    is_report,
+    notice_refusal,
+    returned_header,
+    wants_notice,
+)
 from mailx.queue import FAILED, PENDING, Envelope, Recipient
 
 HEADER = (
@@ -18,7 +28,12 @@ HEADER = (
 )
 
 
-def failed_envelope(sender: str = "alice@sender.test", kind: str = "forward") -> Envelope:
+def failed_envelope(
+    sender: str = "alice@sender.test",
+    kind: str = "forward",
+    spf: str | None = None,
+    dmarc: str | None = None,
+) -> Envelope:
     r = Recipient(
         address="someone@outside.test",
         original="boss@example.test",
@@ -37,6 +52,8 @@ def failed_envelope(sender: str = "alice@sender.test", kind: str = "forward") ->
         created=1_700_000_000.0,
         kind=kind,
         client="mail.sender.test",
+        spf=spf,
+        dmarc=dmarc,
         recipients=[r],
     )
 
@@ -145,3 +162,135 @@ class NoticeRuleTests(unittest.TestCase):
         header = HEADER + b"Content-Type: multipart/mixed; boundary=x\r\n"
         self.assertFalse(is_report(header))
         self.assertTrue(wants_notice(failed_envelope(), header))
+
+    def test_report_type_in_any_case_order_and_quoting(self) -> None:
+        for value in (
+            b'multipart/report; boundary="x"; report-type=delivery-status',
+            b"MULTIPART/Report ;\r\n report-type = \"Delivery-Status\"",
+            b"multipart/report;report-type=delivery-status",
+        ):
+            self.assertTrue(is_report(HEADER + b"Content-Type: " + value + b"\r\n"), value)
+
+    def test_other_reports_and_other_fields_are_not_delivery_reports(self) -> None:
+        for field in (
+            b"Content-Type: multipart/report; report-type=disposition-notification\r\n",
+            b"Content-Type: text/plain; report-type=delivery-status\r\n",
+            b"X-Content-Type: multipart/report; report-type=delivery-status\r\n",
+            b"Subject: multipart/report; report-type=delivery-status\r\n",
+        ):
+            self.assertFalse(is_report(HEADER + field), field)
+
+    def test_only_the_first_content_type_counts(self) -> None:
+        header = (
+            HEADER
+            + b"Content-Type: text/plain\r\n"
+            + b"Content-Type: multipart/report; report-type=delivery-status\r\n"
+        )
+        self.assertFalse(is_report(header))
+
+
+def hostile_content_type(size: int = 250 * 1024) -> bytes:
+    """A folded Content-Type of ``multipart/report;`` repeated (issue 9, item 9)."""
+    line = b"\tmultipart/report;" * 50 + b"\r\n"
+    return b"Content-Type: multipart/report;\r\n" + line * (size // len(line))
+
+
+class HostileHeaderTests(unittest.TestCase):
+    """is_report ran a backtracking regex: 250 KiB of ``multipart/report;`` took 15 s."""
+
+    def test_repeated_multipart_report_is_linear(self) -> None:
+        header = HEADER + hostile_content_type()
+        start = time.perf_counter()
+        self.assertFalse(is_report(header))
+        # Generous: linear is about a millisecond; the old regex took seconds.
+        self.assertLess(time.perf_counter() - start, 1.0)
+
+    def test_many_continuation_lines_are_linear(self) -> None:
+        header = b"Content-Type: multipart/report;\r\n" + b" x;\r\n" * 60_000
+        start = time.perf_counter()
+        self.assertFalse(is_report(header))
+        self.assertLess(time.perf_counter() - start, 1.0)
+
+
+class ReturnedHeaderTests(unittest.TestCase):
+    def test_small_header_is_returned_whole(self) -> None:
+        self.assertEqual(returned_header(HEADER), (HEADER, False))
+
+    def test_big_header_is_cut_at_a_field_boundary(self) -> None:
+        header = HEADER + b"X-Pad: " + b"y" * 900 + b"\r\n\t" + b"z" * 900 + b"\r\n"
+        header = header * 40
+        cut, was_cut = returned_header(header)
+        self.assertTrue(was_cut)
+        self.assertLessEqual(len(cut), MAX_RETURNED_HEADER)
+        self.assertTrue(header.startswith(cut))
+        self.assertTrue(cut.endswith(b"\r\n"))
+        self.assertNotIn(header[len(cut) : len(cut) + 1], (b" ", b"\t"))  # a field starts next
+
+    def test_one_huge_field_is_left_out(self) -> None:
+        header = b"Subject: hi\r\n" + hostile_content_type()
+        self.assertEqual(returned_header(header), (b"Subject: hi\r\n", True))
+
+    def test_bounce_of_a_huge_header_is_small_and_says_so(self) -> None:
+        env = failed_envelope()
+        data = bounce_message(
+            "mx.example.test", env, env.recipients, HEADER + hostile_content_type(), 0.0
+        )
+        self.assertLess(len(data), MAX_RETURNED_HEADER + 4096)
+        self.assertIn(b"Subject: lunch?", data)
+        self.assertIn(b"only its first fields are returned", data)
+        self.assertNotIn(b"\tmultipart/report;", data)
+
+
+class BackscatterRuleTests(unittest.TestCase):
+    """Item 16: a notice only to a sender the checks at reception authenticated."""
+
+    def test_spf_pass_gets_a_notice(self) -> None:
+        self.assertTrue(wants_notice(failed_envelope(spf="pass", dmarc="none"), HEADER))
+
+    def test_dmarc_pass_gets_a_notice(self) -> None:
+        # DMARC passed through an aligned DKIM signature; SPF said nothing.
+        self.assertTrue(wants_notice(failed_envelope(spf="none", dmarc="pass"), HEADER))
+        self.assertTrue(wants_notice(failed_envelope(spf="softfail", dmarc="pass"), HEADER))
+
+    def test_never_when_spf_failed(self) -> None:
+        for dmarc in ("pass", "none", "fail", None):
+            env = failed_envelope(spf="fail", dmarc=dmarc)
+            self.assertFalse(wants_notice(env, HEADER), dmarc)
+            self.assertIn("spf=fail", notice_refusal(env, HEADER))
+
+    def test_never_when_dmarc_failed(self) -> None:
+        for spf in ("pass", "none", None):
+            self.assertFalse(wants_notice(failed_envelope(spf=spf, dmarc="fail"), HEADER), spf)
+
+    def test_nothing_authenticated_gets_no_notice(self) -> None:
+        for spf in ("none", "neutral", "softfail", "temperror", "permerror"):
+            for dmarc in ("none", "temperror", "permerror", None):
+                env = failed_envelope(spf=spf, dmarc=dmarc)
+                self.assertFalse(wants_notice(env, HEADER), (spf, dmarc))
+
+    def test_checks_off_keeps_the_old_rule(self) -> None:
+        self.assertTrue(wants_notice(failed_envelope(spf=None, dmarc=None), HEADER))
+
+    def test_entry_queued_before_the_results_were_recorded_still_bounces(self) -> None:
+        raw = json.loads(failed_envelope(spf="fail").to_json())
+        del raw["spf"], raw["dmarc"]
+        old = Envelope.from_json(json.dumps(raw).encode())
+        self.assertEqual((old.spf, old.dmarc), (None, None))
+        self.assertTrue(wants_notice(old, HEADER))
+
+    def test_results_survive_the_queue(self) -> None:
+        env = Envelope.from_json(failed_envelope(spf="fail", dmarc="none").to_json())
+        self.assertEqual((env.spf, env.dmarc), ("fail", "none"))
+
+
+class QuotedSenderTests(unittest.TestCase):
+    def test_to_field_quotes_a_local_part_that_needs_it(self) -> None:
+        for sender, to in (
+            ("john smith@sender.test", '<"john smith"@sender.test>'),
+            ("a@b@sender.test", '<"a@b"@sender.test>'),
+            ('a"b\\c@sender.test', '<"a\\"b\\\\c"@sender.test>'),
+            ("plain.name@sender.test", "<plain.name@sender.test>"),
+        ):
+            env = failed_envelope(sender=sender)
+            message = parse(bounce_message("mx.example.test", env, env.recipients, HEADER, 0.0))
+            self.assertEqual(message["To"], to)

@@ -22,6 +22,7 @@ import dkim
 import yaml
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailx import cli, dkimkeys
@@ -47,6 +48,11 @@ ZONES = {
     "sender.test": {"MX": [(10, "mx.sender.test")]},
     "mx.sender.test": {"A": ["127.0.0.1"]},
     "nullmx.test": {"MX": [(0, ".")]},
+    # Senders for the backscatter tests: one that authorizes 127.0.0.1 and
+    # a third party whose address a forger uses (SPF -all).
+    "good.test": {"MX": [(10, "mx.sender.test")], "TXT": ["v=spf1 ip4:127.0.0.1 -all"]},
+    "third.test": {"MX": [(10, "mx.sender.test")], "TXT": ["v=spf1 -all"]},
+    "soft.test": {"MX": [(10, "mx.sender.test")], "TXT": ["v=spf1 ~all"]},
 }
 
 
@@ -497,3 +503,110 @@ class CrashTests(unittest.TestCase):
         (self.queue_dir / ".flush").touch()  # the 1h retry, now
         [message] = yield self.sink.wait_for(1)
         self.assertIn(b"Subject: kept", message.data)
+
+
+def hostile_content_type(size: int = 250 * 1024) -> bytes:
+    """A folded Content-Type of ``multipart/report;`` repeated: issue 9, item 9."""
+    line = b"\tmultipart/report;" * 50 + b"\r\n"
+    return b"Content-Type: multipart/report;\r\n" + line * (size // len(line))
+
+
+def timed_delivery_after(sink: Any, port: int, seen: bytes) -> float:
+    """Once the sink has seen a command starting with ``seen``: seconds a whole
+    delivery to alice takes (a client in this thread, the server on the reactor)."""
+    import smtplib
+
+    deadline = time.monotonic() + 20
+    while not any(c.startswith(seen) for c in list(sink.commands)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the sink never saw {seen!r}")
+        time.sleep(0.005)
+    start = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.noop()
+        client.sendmail("carol@good.test", ["alice@example.test"], original("meanwhile"))
+    return time.monotonic() - start
+
+
+class HostileHeaderTests(ForwardingCase):
+    """Item 9: ``dsn.is_report`` was a backtracking regex; deciding on a bounce froze the server."""
+
+    @defer.inlineCallbacks
+    def test_repeated_multipart_report_bounces_and_another_client_is_served(self) -> None:
+        self.sink.script("rcpt", "550 5.1.1 no such user")
+        hostile = (
+            b"From: Alice <alice@sender.test>\r\nSubject: hostile\r\n"
+            + hostile_content_type()
+            + b"\r\nHello.\r\n"
+        )
+        refused = yield send_mail(self.server.port, "alice@sender.test", ["boss@example.test"], hostile)
+        self.assertEqual(refused, {})
+        # The forward fails now and the bounce is decided on; meanwhile:
+        elapsed = yield deferToThread(timed_delivery_after, self.sink, self.server.port, b"RCPT")
+        self.assertLess(elapsed, 5.0)  # it froze the reactor for 15 s
+        self.assertEqual(len(self.server.messages("alice")), 1)  # acknowledged, filed
+        [bounce] = yield self.sink.wait_for(1)
+        # Not a delivery report (no report-type): a bounce, and a small one.
+        self.assertEqual((bounce.mail_from, bounce.recipients), ("", ["alice@sender.test"]))
+        self.assertIn(b"Subject: hostile", bounce.data)
+        self.assertLess(len(bounce.data), 24 * 1024)
+        yield wait_until(lambda: self.queued() == [])
+
+
+class BackscatterTests(ForwardingCase):
+    """Item 16: no bounce to a sender that SPF or DMARC does not vouch for."""
+
+    def setUp(self) -> None:
+        self.dns = start_dns_server(ZONES)
+        self.addCleanup(self.dns.stop)
+        self.sink = start_sink()
+        self.addCleanup(self.sink.stop)
+        overrides = config_overrides(self.dns.port, self.sink.port)
+        overrides["authentication"] = {"spf": True, "dkim": True, "dmarc": "enforce"}
+        self.server = start_server(self, overrides)
+        self.queue_dir = self.server.config.paths.spool / "queue"
+        self.events: list[str] = []
+        observer = lambda event: self.events.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    @defer.inlineCallbacks
+    def forward_refused(self, sender: str, message: bytes) -> Any:
+        """Send ``message`` from ``sender`` to the forward; the destination says 550."""
+        self.sink.script("rcpt", "550 5.1.1 no such user")
+        refused = yield send_mail(self.server.port, sender, ["boss@example.test"], message)
+        self.assertEqual(refused, {})
+        yield wait_until(lambda: self.queued() == [])
+        yield task.deferLater(reactor, 0.3, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_forged_sender_failing_spf_gets_no_bounce(self) -> None:
+        padding = b"".join(b"X-Spam-%d: %s\r\n" % (n, b"buy now " * 100) for n in range(300))
+        message = original("forged", sender="victim@third.test")
+        message = message.replace(b"\r\n\r\n", b"\r\n" + padding + b"\r\n", 1)
+        yield self.forward_refused("victim@third.test", message)
+        self.assertEqual(self.sink.accepted, [])  # the forward was refused, no bounce sent
+        [line] = [e for e in self.events if "no bounce to <victim@third.test>" in e]
+        self.assertIn("spf=fail", line)
+        qid = line.split(":", 1)[0]
+        self.assertTrue(any(e.startswith(f"{qid}: ") and "spf=fail" in e for e in self.events))
+
+    @defer.inlineCallbacks
+    def test_softfail_gets_no_bounce(self) -> None:
+        yield self.forward_refused("someone@soft.test", original(sender="someone@soft.test"))
+        self.assertEqual(self.sink.accepted, [])
+        self.assertTrue(any("no bounce to <someone@soft.test>" in e for e in self.events))
+
+    @defer.inlineCallbacks
+    def test_spf_pass_gets_a_bounce_with_the_headers_only_and_bounded(self) -> None:
+        padding = b"".join(b"X-Spam-%d: %s\r\n" % (n, b"buy now " * 100) for n in range(300))
+        message = original("big", body=b"body text\r\n" * 2000, sender="carol@good.test")
+        message = message.replace(b"\r\n\r\n", b"\r\n" + padding + b"\r\n", 1)
+        self.assertGreater(len(message), 260_000)
+        yield self.forward_refused("carol@good.test", message)
+        [bounce] = self.sink.accepted
+        self.assertEqual((bounce.mail_from, bounce.recipients), ("", ["carol@good.test"]))
+        self.assertIn(b"Content-Type: text/rfc822-headers", bounce.data)
+        self.assertIn(b"Subject: big", bounce.data)
+        self.assertNotIn(b"body text", bounce.data)
+        self.assertLess(len(bounce.data), 16 * 1024 + 4096)
