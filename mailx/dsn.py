@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from email.utils import formatdate
 
 from mailx.queue import Envelope, Recipient
-from mailx.routing import quote_local
+from mailx.routing import quote_path
 
 __all__ = [
     "MAX_RETURNED_HEADER",
@@ -68,14 +68,6 @@ _FAILED = "fail"
 def _ascii(text: str) -> str:
     """Printable ASCII on one line (remote replies may carry anything)."""
     return _UNPRINTABLE.sub("?", text)[:MAX_TEXT]
-
-
-def _quoted_path(address: str) -> str:
-    """An address in a header, local part quoted when it is no Dot-string (RFC 5321 4.1.2)."""
-    local, at, domain = address.rpartition("@")
-    if not at or (local.startswith('"') and local.endswith('"') and len(local) > 1):
-        return address
-    return f"{quote_local(local)}@{domain}"
 
 
 def _field_value(header: bytes, name: bytes) -> bytes | None:
@@ -242,7 +234,7 @@ def _report(
         )
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
-        f"To: <{_ascii(_quoted_path(envelope.sender))}>",
+        f"To: <{_ascii(quote_path(envelope.sender))}>",
         f"Subject: {subject}",
         f"Date: {_date(now)}",
         f"Message-ID: <{envelope.id}.{uuid.uuid4().hex[:12]}@{hostname}>",

@@ -58,7 +58,13 @@ from mailx import dkimkeys, dsn, maildir
 from mailx.dns import DNSError, DNSVoidError, NullMXError, NXDomainError
 from mailx.queue import DELIVERED, FAILED, Envelope, Queue, Recipient
 from mailx.replies import Reply, SMTPReplyError
-from mailx.routing import ForwardDestination, MailboxDestination, route
+from mailx.routing import (
+    ForwardDestination,
+    MailboxDestination,
+    quote_local,
+    quote_path,
+    route,
+)
 from mailx.srs import SRS, srs_route
 
 log = Logger(namespace="mailx.outbound")
@@ -72,7 +78,9 @@ __all__ = [
     "SessionResult",
     "Timeouts",
     "Transaction",
+    "forward_path",
     "parse_reply",
+    "reverse_path",
 ]
 
 # Postfix's default_destination_concurrency_limit is 20 and its process
@@ -176,7 +184,51 @@ def _reply_text(reply: Reply) -> str:
     return str(reply) if reply.enhanced else f"{reply.code} {reply.text}"
 
 
+def _is_quoted_string(local: str) -> bool:
+    """RFC 5321 4.1.2 Quoted-string: DQUOTE *(qtextSMTP / quoted-pairSMTP) DQUOTE, whole."""
+    if len(local) < 2 or local[0] != '"' or local[-1] != '"':
+        return False
+    i, end = 1, len(local) - 1
+    while i < end:
+        c = local[i]
+        if c == "\\":
+            if i + 1 >= end or not " " <= local[i + 1] <= "~":
+                return False
+            i += 2
+        elif c == '"' or not " " <= c <= "~":
+            return False
+        else:
+            i += 1
+    return True
+
+
+def reverse_path(sender: str) -> str:
+    """MAIL FROM's address as RFC 5321 4.1.2 writes it; ``sender`` has its local part unquoted.
+
+    Senders are kept unquoted inside (``john smith@x``, ``a@b@x``, as SPF
+    and the logs want them; SRS rewrites them so), and become
+    ``"john smith"@x``, ``"a@b"@x`` here (`mailx.routing.quote_path`).
+    """
+    return quote_path(sender) if sender else ""
+
+
+def forward_path(address: str) -> str:
+    """RCPT TO's address as RFC 5321 4.1.2 writes it.
+
+    Recipients are kept as routing writes them (`mailx.routing.Address`,
+    SRS reversal, the configuration): already quoted where needed.  One
+    whose local part is neither a Dot-string nor a whole Quoted-string (a
+    sender's address written unquoted, as a notice's recipient was in
+    entries queued before this was fixed) is quoted here.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at or _is_quoted_string(local):
+        return address
+    return f"{quote_local(local)}@{domain}"
+
+
 def _wire_address(address: str) -> bytes:
+    # ASCII only: SMTPUTF8 is neither offered nor used; parsing let nothing else in.
     return address.encode("utf-8")
 
 
@@ -523,7 +575,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
             self._finish(SessionResult({a: reply for a in t.recipients}, self.tls))
             self._quit()
             return
-        line = b"MAIL FROM:<" + _wire_address(t.mail_from) + b">"
+        line = b"MAIL FROM:<" + _wire_address(reverse_path(t.mail_from)) + b">"
         if "SIZE" in self.extensions:
             line += b" SIZE=%d" % t.size
         if t.eight_bit and "8BITMIME" in self.extensions:
@@ -553,7 +605,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
             self._expect("data", self._on_data, self.settings.timeouts.data_init)
             return
         address = self._pending_rcpts[0]
-        self._send(b"RCPT TO:<" + _wire_address(address) + b">")
+        self._send(b"RCPT TO:<" + _wire_address(forward_path(address)) + b">")
         self._expect("rcpt", self._on_rcpt, self.settings.timeouts.rcpt)
 
     def _on_rcpt(self, reply: Reply) -> None:
@@ -1195,10 +1247,11 @@ class Outbound(service.Service):
     def _notice_route(self, sender: str) -> tuple[list[MailboxDestination], list[str]]:
         """Where a notice to ``sender`` goes: our own mailboxes, or outside."""
         domain = sender.rpartition("@")[2].lower()
+        address = reverse_path(sender)  # as routing writes addresses: quoted where needed
         if domain not in self.config.domains:
-            return [], [sender]
+            return [], [address]
         try:
-            decision = srs_route(self.srs, self.config, sender) or route(self.config, sender)
+            decision = srs_route(self.srs, self.config, address) or route(self.config, address)
         except (SMTPReplyError, ValueError) as e:
             log.info("notice to <{to}> dropped: {e}", to=sender, e=e)
             return [], []

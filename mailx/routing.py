@@ -119,6 +119,18 @@ def quote_local(local: str) -> str:
     return f'"{escaped}"'
 
 
+def quote_path(address: str) -> str:
+    """``local@domain`` with its local part unquoted (as senders are kept) as the wire writes it.
+
+    The local part is everything before the last "@" (``a@b@x`` is the
+    local part ``a@b``); RFC 5321 4.1.2 quotes it unless it is a Dot-string.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    return f"{quote_local(local)}@{domain}"
+
+
 def _parse_quoted(text: str) -> tuple[str, int]:
     """Decode the Quoted-string at the start of text; return it and its length."""
     out = []

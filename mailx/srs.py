@@ -140,7 +140,7 @@ def _decoded(address: str, original: str) -> str:
     """The decoded address, checked; not `parse_address`, whose 64-octet local-part
     limit (RFC 5321 4.5.3.1.1) an SRS1 address of a long sender exceeds."""
     local, at, domain = original.rpartition("@")
-    if not at or not local or any(not 33 <= ord(c) <= 126 for c in local):
+    if not at or not local or any(not 32 <= ord(c) <= 126 for c in local):
         raise SRSError(f"SRS address {address!r} decodes to a bad address {original!r}")
     try:
         return f"{quote_local(local.lower())}@{normalize_domain(domain)}"
@@ -158,13 +158,14 @@ def srs_route(srs: SRS | None, config: Config, recipient: str) -> Route | None:
     a backscatter source.  Without SRS configured, such an address is an
     ordinary local part.
     """
-    if srs is None or not is_srs(recipient):
+    if srs is None:
         return None
     try:
         address = parse_address(recipient)
     except AddressError:
         return None
-    if address.domain not in config.domains:
+    # The local part, not the text: a quoted one ("SRS0=...=john smith") is an SRS address too.
+    if not is_srs(address.local) or address.domain not in config.domains:
         return None
     try:
         original = srs.reverse(f"{address.local}@{address.domain}")

@@ -34,6 +34,7 @@ from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.server import (
     LineClient,
     ServerProcess,
+    dialogue,
     free_port,
     send_mail,
     start_server,
@@ -92,6 +93,7 @@ def config_overrides(dns_port: int, sink_port: int, **outbound: Any) -> dict[str
                     "boss": "someone@outside.test",
                     "both": ["bob", "someone@outside.test"],
                     "void": "someone@nullmx.test",
+                    "odd": '"john smith"@outside.test',
                 },
             }
         },
@@ -610,3 +612,74 @@ class BackscatterTests(ForwardingCase):
         self.assertIn(b"Subject: big", bounce.data)
         self.assertNotIn(b"body text", bounce.data)
         self.assertLess(len(bounce.data), 16 * 1024 + 4096)
+
+
+def raw_send(port: int, sender: bytes, recipient: bytes, message: bytes) -> list[int]:
+    """One transaction with the paths exactly as given (smtplib rewrites quoted ones)."""
+    replies = dialogue(
+        port,
+        [
+            b"EHLO client.sender.test",
+            b"MAIL FROM:<" + sender + b">",
+            b"RCPT TO:<" + recipient + b">",
+            b"DATA",
+            message + b".",
+        ],
+    )
+    return [code for code, _ in replies]
+
+
+class QuotedLocalPartTests(ForwardingCase):
+    """Item 17: RFC 5321 4.1.2 Quoted-string local parts stay quoted on the wire."""
+
+    def sent(self, verb: bytes) -> list[bytes]:
+        return [c for c in self.sink.commands if c.startswith(verb)]
+
+    @defer.inlineCallbacks
+    def test_sender_with_a_space_is_quoted_in_the_srs_mail_from(self) -> None:
+        codes = yield deferToThread(
+            raw_send, self.server.port, b'"john smith"@sender.test', b"boss@example.test", original()
+        )
+        self.assertEqual(codes, [220, 250, 250, 250, 354, 250])
+        [message] = yield self.sink.wait_for(1)
+        [mail] = self.sent(b"MAIL FROM:")
+        self.assertRegex(
+            mail, rb'^MAIL FROM:<"SRS0=[^=]+=[^=]+=sender\.test=john smith"@example\.test> '
+        )
+        self.assertEqual(self.sent(b"RCPT TO:"), [b"RCPT TO:<someone@outside.test>"])
+
+    @defer.inlineCallbacks
+    def test_sender_with_an_at_sign_is_quoted_in_the_srs_mail_from(self) -> None:
+        codes = yield deferToThread(
+            raw_send, self.server.port, b'"a@b"@sender.test', b"boss@example.test", original()
+        )
+        self.assertEqual(codes[-1], 250)
+        yield self.sink.wait_for(1)
+        [mail] = self.sent(b"MAIL FROM:")
+        self.assertRegex(mail, rb'^MAIL FROM:<"SRS0=[^=]+=[^=]+=sender\.test=a@b"@example\.test> ')
+
+    @defer.inlineCallbacks
+    def test_quoted_forward_target_is_quoted_in_rcpt_to(self) -> None:
+        yield send_mail(self.server.port, "alice@sender.test", ["odd@example.test"], original())
+        yield self.sink.wait_for(1)
+        self.assertEqual(self.sent(b"RCPT TO:"), [b'RCPT TO:<"john smith"@outside.test>'])
+
+    @defer.inlineCallbacks
+    def test_bounce_goes_to_the_quoted_sender_and_srs_reverses_it(self) -> None:
+        self.sink.script("rcpt", "550 5.1.1 no such user")
+        codes = yield deferToThread(
+            raw_send, self.server.port, b'"john smith"@sender.test', b"boss@example.test", original()
+        )
+        self.assertEqual(codes[-1], 250)
+        [bounce] = yield self.sink.wait_for(1)
+        self.assertEqual(self.sent(b"RCPT TO:")[-1], b'RCPT TO:<"john smith"@sender.test>')
+        self.assertIn(b'To: <"john smith"@sender.test>', bounce.data)
+        # The destination's own bounce to our SRS address comes back and goes on, quoted.
+        [mail] = self.sent(b"MAIL FROM:<\"SRS0")
+        srs_address = mail[len(b"MAIL FROM:<") :].split(b">")[0]
+        codes = yield deferToThread(
+            raw_send, self.server.port, b"", srs_address, b"Subject: bounce\r\n\r\nsorry\r\n"
+        )
+        self.assertEqual(codes, [220, 250, 250, 250, 354, 250])
+        yield self.sink.wait_for(2)
+        self.assertEqual(self.sent(b"RCPT TO:")[-1], b'RCPT TO:<"john smith"@sender.test>')

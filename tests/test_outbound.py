@@ -33,7 +33,9 @@ from mailx.outbound import (
     SMTPClientProtocol,
     Timeouts,
     Transaction,
+    forward_path,
     parse_reply,
+    reverse_path,
 )
 from mailx.queue import DELIVERED, FAILED, PENDING, Queue
 from mailx.replies import Reply
@@ -245,6 +247,50 @@ class ClientDialogueTests(unittest.TestCase):
         self.server(b"hello there")
         self.assertTrue(self.results[0].check(HostFailure))
         self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+
+
+class WirePathTests(unittest.TestCase):
+    """Item 17: RFC 5321 4.1.2, a local part that is no Dot-string goes out as a Quoted-string."""
+
+    def test_reverse_path_quotes_an_unquoted_sender(self) -> None:
+        for sender, wire in (
+            ("john smith@sender.test", '"john smith"@sender.test'),
+            ("a@b@sender.test", '"a@b"@sender.test'),
+            ('a"b\\c@sender.test', '"a\\"b\\\\c"@sender.test'),
+            ("SRS0=h=TT=sender.test=john smith@example.test", '"SRS0=h=TT=sender.test=john smith"@example.test'),
+            ("first.last+tag@sender.test", "first.last+tag@sender.test"),
+            ("", ""),
+        ):
+            self.assertEqual(reverse_path(sender), wire)
+
+    def test_forward_path_keeps_quoted_recipients_and_quotes_the_rest(self) -> None:
+        for address, wire in (
+            ('"john smith"@outside.test', '"john smith"@outside.test'),
+            ('"a@b"@outside.test', '"a@b"@outside.test'),
+            ("someone@outside.test", "someone@outside.test"),
+            ("john smith@outside.test", '"john smith"@outside.test'),
+            ('"a"b"@outside.test', '"\\"a\\"b\\""@outside.test'),
+        ):
+            self.assertEqual(forward_path(address), wire)
+
+    def test_the_client_sends_them_quoted(self) -> None:
+        path = Path(self.mktemp())
+        path.write_bytes(b"Subject: x\r\n\r\nhi\r\n")
+        transaction = Transaction(
+            "a@b@sender.test", ('"john smith"@outside.test',), b"", path, 16, False
+        )
+        client = SMTPClientProtocol(
+            transaction, ClientSettings("mx.example.test", FAST, task.Clock()), "mx"
+        )
+        transport = StringTransport()
+        client.makeConnection(transport)
+        for line in (b"220 hi", b"250 hi", b"250 ok"):
+            client.dataReceived(line + b"\r\n")
+        self.assertEqual(
+            transport.value(),
+            b'EHLO mx.example.test\r\nMAIL FROM:<"a@b"@sender.test>\r\n'
+            b'RCPT TO:<"john smith"@outside.test>\r\n',
+        )
 
 
 def wait_until(predicate: Any, timeout: float = 15.0) -> defer.Deferred:
