@@ -133,6 +133,9 @@ DEFAULTS: Mapping[str, Any] = _frozen(
             # Connections at once; Postfix: 100 processes, 20 per destination.
             "connections": 100,
             "connections_per_domain": 20,
+            # SPEC 8: private/reserved MX or smarthost addresses we may connect to
+            # anyway (CIDR); loopback always may.  Exim's ignore_target_hosts in reverse.
+            "allowed_networks": [],
         },
     }
 )
@@ -259,6 +262,7 @@ class OutboundConfig:
     delay_warning: float | None = 4 * 3600.0  # seconds; None: no delay notice
     connections: int = 100
     connections_per_domain: int = 20
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -641,6 +645,14 @@ class _Loader:
         except ValueError:
             raise _Invalid(f"'{text}' is not an IP address") from None
 
+    def network(self, node: _Node) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """A CIDR network (``10.0.0.0/8``, ``fd00::/8``; a bare address is one host)."""
+        text = self.text(node)
+        try:
+            return ipaddress.ip_network(text)
+        except ValueError as e:
+            raise _Invalid(f"'{text}' is not a network such as 10.0.0.0/8 or fd00::/8: {e}") from None
+
     def nameserver(self, node: _Node) -> tuple[str, int]:
         """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address; port 53 by default."""
         text = self.text(node)
@@ -823,6 +835,7 @@ class _Loader:
             delay_warning=self.value(fields["delay_warning"], self.duration, True),
             connections=self.value(fields["connections"], self.count, 1),
             connections_per_domain=self.value(fields["connections_per_domain"], self.count, 1),
+            allowed_networks=self.items(fields["allowed_networks"], self.network),
         )
 
     def smarthost_auth(self, node: _Node) -> SmarthostAuth | None:

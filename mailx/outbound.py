@@ -31,8 +31,10 @@ retry schedule and the queue lifetime, and sends bounces and delay notices
 from __future__ import annotations
 
 import base64
+import ipaddress
 import random
 import re
+import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +80,7 @@ __all__ = [
     "SessionResult",
     "Timeouts",
     "Transaction",
+    "destination_allowed",
     "forward_path",
     "parse_reply",
     "reverse_path",
@@ -230,6 +233,51 @@ def forward_path(address: str) -> str:
 def _wire_address(address: str) -> bytes:
     # ASCII only: SMTPUTF8 is neither offered nor used; parsing let nothing else in.
     return address.encode("utf-8")
+
+
+# ---------------------------------------------------------------------------
+# Where we may connect (SPEC 8)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# RFC 6052 2.1: the NAT64 well-known prefix carries an IPv4 address in its last 32 bits.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def destination_allowed(ip: str, allowed_networks: Sequence[Network] = ()) -> bool:
+    """Whether we may connect to ``ip`` for an MX or the smarthost (SPEC 8).
+
+    Only globally routed unicast addresses, plus loopback (a local relay or
+    filter listens there), plus what ``outbound.allowed_networks`` lists.
+    Anything else (RFC 1918 private, 100.64/10 shared, 169.254/16 and
+    fe80::/10 link-local (cloud metadata services live there), fc00::/7,
+    multicast, reserved, unspecified, documentation ranges) would let
+    whoever controls a domain's DNS make us connect inside our own network.
+    An IPv4 address embedded in IPv6 (mapped ``::ffff:0:0/96``, NAT64
+    ``64:ff9b::/96``, 6to4 ``2002::/16``) is judged as that IPv4 address.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if any(address in net for net in allowed_networks):
+        return True
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return destination_allowed(str(embedded), allowed_networks)
+    if address.is_loopback:
+        return True
+    # Python 3.11: is_global is False for private, shared (100.64/10),
+    # link-local and reserved space, but True for multicast.
+    return (
+        address.is_global
+        and not address.is_multicast
+        and not address.is_reserved
+        and not address.is_unspecified
+        and not address.is_link_local
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -675,6 +723,8 @@ class OutboundSettings:
     delay_warning: float | None = DELAY_WARNING
     connections: int = MAX_CONNECTIONS
     connections_per_domain: int = MAX_CONNECTIONS_PER_DOMAIN
+    # Private or reserved networks we may connect to all the same (SPEC 8).
+    allowed_networks: tuple[Network, ...] = ()
 
     @classmethod
     def from_config(cls, config: Any) -> OutboundSettings:
@@ -690,6 +740,7 @@ class OutboundSettings:
             delay_warning=out.delay_warning,
             connections=out.connections,
             connections_per_domain=out.connections_per_domain,
+            allowed_networks=tuple(out.allowed_networks),
         )
 
     def backoff(self, attempts: int) -> float:
@@ -796,6 +847,7 @@ class Outbound(service.Service):
         settings: OutboundSettings | None = None,
         rng: random.Random | None = None,
         smarthost_tls: Any = None,
+        endpoint_factory: Callable[[str, str | None], Any] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
@@ -814,6 +866,9 @@ class Outbound(service.Service):
         secrets = config.outbound.srs_secrets
         self.srs: SRS | None = SRS(secrets, clock=self.clock.seconds) if secrets else None
         self._rng = rng or random.Random()
+        # (MX name, IP) -> the client endpoint of one attempt; IP None: the
+        # smarthost's endpoint string.  Tests pass one to see every attempt.
+        self._endpoint_factory = endpoint_factory or self._endpoint
         self._entries: dict[str, _Entry] = {}
         self._slots = _Slots(self.settings.connections, self.settings.connections_per_domain)
         self._failed_hosts: dict[str, float] = {}
@@ -1301,12 +1356,30 @@ class Outbound(service.Service):
             eight_bit=envelope.eight_bit,
         )
         if self.settings.smarthost:
+            refusal = yield self._smarthost_refusal()
+            if refusal is not None:
+                log.info("{qid}: {reply}", qid=envelope.id, reply=_reply_text(refusal))
+                return every(_Outcome(refusal))
             targets = [(self.settings.smarthost, None)]
         else:
             try:
                 targets = yield self._hosts(domain)
             except _Unroutable as e:
                 return every(_Outcome(e.reply))
+            targets = self._reachable(envelope, domain, targets)
+            if not targets:
+                # SPEC 8: like an unreachable host, retried until queue_lifetime
+                # (the owner may fix allowed_networks, the domain its DNS).
+                return every(
+                    _Outcome(
+                        Reply(
+                            451,
+                            "4.4.4",
+                            f"the mail hosts of {domain} have only private or reserved"
+                            " addresses, not in outbound.allowed_networks",
+                        )
+                    )
+                )
         last: HostFailure | None = None
         last_target: tuple[str, str | None] | None = None
         for name, ip in targets[:MAX_ADDRESSES]:
@@ -1357,6 +1430,60 @@ class Outbound(service.Service):
             )
         )
 
+    def _reachable(
+        self, envelope: Envelope, domain: str, targets: list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """The targets we may connect to (`destination_allowed`); the others are logged."""
+        networks = self.settings.allowed_networks
+        allowed = [t for t in targets if destination_allowed(t[1], networks)]
+        refused = [t for t in targets if t not in allowed]
+        if refused:
+            log.info(
+                "{qid}: not connecting to {hosts} for {domain}: private or reserved address,"
+                " not in outbound.allowed_networks",
+                qid=envelope.id,
+                hosts=", ".join(f"{name}[{ip}]" for name, ip in refused),
+                domain=domain,
+            )
+        return allowed
+
+    @defer.inlineCallbacks
+    def _smarthost_refusal(self) -> Any:
+        """None when the smarthost's addresses may be connected to, else the reply to defer with.
+
+        The smarthost's name is resolved as the endpoint will resolve it
+        (the system's resolver, getaddrinfo: ``localhost`` and /etc/hosts
+        work), and every address must be allowed; the endpoint then
+        resolves it again itself, a moment later, under the owner's
+        control.  Endpoints without a host (``unix:``) are local.
+        """
+        smarthost = self.settings.smarthost
+        host = _endpoint_host(clientFromString(self.reactor, smarthost))
+        if host is None:
+            return None
+        try:
+            found = yield deferToThreadPool(
+                self.reactor,
+                self.reactor.getThreadPool(),
+                socket.getaddrinfo,
+                host,
+                None,
+                0,
+                socket.SOCK_STREAM,
+            )
+        except OSError as e:
+            return Reply(451, "4.4.3", f"cannot resolve the smarthost {host}: {e}")
+        addresses = sorted({info[4][0] for info in found})
+        refused = [a for a in addresses if not destination_allowed(a, self.settings.allowed_networks)]
+        if refused or not addresses:
+            return Reply(
+                451,
+                "4.4.4",
+                f"not connecting to the smarthost {host}[{', '.join(refused)}]: private or"
+                " reserved address, not in outbound.allowed_networks",
+            )
+        return None
+
     def _outcomes(self, result: SessionResult, name: str, peer: str) -> dict[str, _Outcome]:
         return {a: _Outcome(reply, peer, name, result.tls) for a, reply in result.replies.items()}
 
@@ -1364,6 +1491,13 @@ class Outbound(service.Service):
         if self._smarthost_tls is None:
             self._smarthost_tls = _verified_tls_for(self.reactor, self.settings.smarthost)
         return self._smarthost_tls
+
+    def _endpoint(self, name: str, ip: str | None) -> Any:
+        """The endpoint for an MX address, or the smarthost's (``ip`` None)."""
+        if ip is None:
+            return clientFromString(self.reactor, name)
+        kind = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
+        return kind(self.reactor, ip, self.settings.port, timeout=self.timeouts.connect)
 
     def _peer(self, name: str, ip: str | None) -> str:
         if ip is None:
@@ -1430,16 +1564,10 @@ class Outbound(service.Service):
         tls: bool,
     ) -> Any:
         peer = self._peer(name, ip)
-        if ip is None:
-            endpoint = clientFromString(self.reactor, name)
-        elif ":" in ip:
-            endpoint = TCP6ClientEndpoint(
-                self.reactor, ip, self.settings.port, timeout=self.timeouts.connect
-            )
-        else:
-            endpoint = TCP4ClientEndpoint(
-                self.reactor, ip, self.settings.port, timeout=self.timeouts.connect
-            )
+        if ip is not None and not destination_allowed(ip, self.settings.allowed_networks):
+            # `_reachable` filtered them out already; never connect whatever the path.
+            raise HostFailure(Reply(451, "4.4.4", f"{peer}: private or reserved address"))
+        endpoint = self._endpoint_factory(name, ip)
         credentials = self.settings.smarthost_auth if ip is None else None
         options = self.tls
         if credentials is not None:
@@ -1479,6 +1607,26 @@ def _verified_tls_for(reactor: Any, smarthost: str) -> Any:
     if not host:  # tls:, unix: and other endpoints carry their own security
         return _client_tls()
     return ssl.optionsForClientTLS(host)
+
+
+def _endpoint_host(endpoint: Any) -> str | None:
+    """The host name or address a client endpoint connects to; None for ``unix:`` and the like.
+
+    Twisted keeps it in private attributes (``tcp:`` ``_host``, ``tls:``
+    wraps a HostnameEndpoint with ``_hostText``), as `_verified_tls_for`
+    relies on too; there is no public accessor.
+    """
+    for _ in range(4):
+        for attribute in ("_hostText", "_host"):
+            host = getattr(endpoint, attribute, None)
+            if isinstance(host, bytes):
+                host = host.decode("ascii", "replace")
+            if isinstance(host, str) and host:
+                return host
+        endpoint = getattr(endpoint, "_wrappedEndpoint", None)
+        if endpoint is None:
+            return None
+    return None
 
 
 class _OneSession(ClientFactory):

@@ -162,6 +162,7 @@ class DefaultsTests(ConfigTestCase):
                 14400.0,
                 100,
                 20,
+                (),
             ),
         )
 
@@ -589,6 +590,21 @@ class OutboundTests(ConfigTestCase):
             9,
             "outbound.smarthost_auth.password",
             "required",
+        )
+
+    def test_allowed_networks(self) -> None:
+        config = self.load(MINIMAL + "outbound:\n  allowed_networks: [10.0.0.0/8, 'fd00::/8', 192.168.1.5]\n")
+        self.assertEqual(
+            [str(n) for n in config.outbound.allowed_networks],
+            ["10.0.0.0/8", "fd00::/8", "192.168.1.5/32"],
+        )
+
+    def test_allowed_network_with_host_bits_is_a_problem(self) -> None:
+        self.assertProblem(
+            MINIMAL + "outbound:\n  allowed_networks: [10.0.0.1/8]\n",
+            8,
+            "outbound.allowed_networks[0]",
+            "host bits set",
         )
 
     def test_delay_warning_off(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import ipaddress
 import random
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor, ssl, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
@@ -33,6 +35,7 @@ from mailx.outbound import (
     SMTPClientProtocol,
     Timeouts,
     Transaction,
+    destination_allowed,
     forward_path,
     parse_reply,
     reverse_path,
@@ -72,6 +75,18 @@ ZONES = {
     "nullmx.test": {"MX": [(0, ".")]},
     "implicit.test": {"A": ["127.0.0.1"]},
     "noaddress.test": {"TXT": ["v=spf1 -all"]},
+    # Item 18: MX hosts inside private, link-local and reserved space.  DNS
+    # data only: PrivateAddressTests' endpoint factory sends every attempt
+    # to the sink on 127.0.0.1, so no packet ever goes to these addresses.
+    "private.test": {"MX": [(10, "mx.private.test")]},
+    "mx.private.test": {"A": ["10.0.0.1"]},
+    "linklocal.test": {"MX": [(10, "mx.linklocal.test")]},
+    "mx.linklocal.test": {"A": ["169.254.169.254"]},
+    "ula.test": {"MX": [(10, "mx.ula.test")]},
+    "mx.ula.test": {"AAAA": ["fd00::1"]},
+    "shared.test": {"A": ["100.64.0.1"]},
+    "mapped.test": {"AAAA": ["::ffff:10.0.0.1"], "A": ["0.0.0.0"]},
+    "mixed.test": {"MX": [(10, "mx.private.test"), (20, "mx.outside.test")]},
 }
 
 FAST = Timeouts(
@@ -330,6 +345,8 @@ class OutboundCase(unittest.TestCase):
         self.outbound.startService()
         self.addCleanup(lambda: self.outbound.stopService() if self.outbound.running else None)
 
+    endpoint_factory: Any = None
+
     def make_outbound(self, smarthost_tls: Any = None, **overrides: Any) -> Outbound:
         options = {
             "hostname": "mx.example.test",
@@ -350,6 +367,7 @@ class OutboundCase(unittest.TestCase):
             settings=OutboundSettings(**options),
             rng=random.Random(1),
             smarthost_tls=smarthost_tls,
+            endpoint_factory=self.endpoint_factory,
         )
 
     def submit(
@@ -828,3 +846,136 @@ class ResumeTests(OutboundCase):
         yield self.outbound.stopService()
         on_disk = self.queue.load(envelope.id).recipients[0]
         self.assertEqual((on_disk.state, on_disk.attempts), (PENDING, 0))
+
+
+class DestinationAllowedTests(unittest.TestCase):
+    """Item 18, the pure rule (SPEC 8)."""
+
+    def test_public_and_loopback_addresses_are_allowed(self) -> None:
+        for ip in ("8.8.8.8", "2607:f8b0::1", "127.0.0.1", "127.3.4.5", "::1", "::ffff:127.0.0.1"):
+            self.assertTrue(destination_allowed(ip), ip)
+
+    def test_private_link_local_shared_and_reserved_are_not(self) -> None:
+        for ip in (
+            "10.0.0.1", "172.16.5.4", "192.168.1.1", "100.64.0.1", "169.254.169.254",
+            "fc00::1", "fd00::1", "fe80::1", "0.0.0.0", "::", "224.0.0.1", "ff02::1",
+            "240.0.0.1", "255.255.255.255", "192.0.2.1", "2001:db8::1",
+            "::ffff:10.0.0.1", "64:ff9b::a00:1", "2002:a00:1::", "not an address",
+        ):  # fmt: skip
+            self.assertFalse(destination_allowed(ip), ip)
+
+    def test_embedded_public_ipv4_is_allowed(self) -> None:
+        self.assertTrue(destination_allowed("64:ff9b::808:808"))  # NAT64 of 8.8.8.8
+        self.assertTrue(destination_allowed("::ffff:8.8.8.8"))
+
+    def test_allowed_networks_let_them_through(self) -> None:
+        nets = (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/8"))
+        self.assertTrue(destination_allowed("10.0.0.1", nets))
+        self.assertTrue(destination_allowed("::ffff:10.0.0.1", nets))
+        self.assertTrue(destination_allowed("fd00::1", nets))
+        self.assertFalse(destination_allowed("10.0.1.1", nets))
+        self.assertFalse(destination_allowed("169.254.1.1", nets))
+
+    def test_configuration_reaches_the_scheduler(self) -> None:
+        config = load_config_text(
+            CONFIG + "  allowed_networks: [10.0.0.0/8, 'fd00::/8']\n", "/nonexistent/mailx.yaml"
+        )
+        self.assertEqual(
+            OutboundSettings.from_config(config).allowed_networks,
+            (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")),
+        )
+
+
+class PrivateAddressTests(OutboundCase):
+    """Item 18: an MX or smarthost in private or reserved space is never connected to.
+
+    The endpoint factory records every attempt and connects each one to the
+    sink on 127.0.0.1 whatever address it was for: the test can see an
+    attempt without a packet ever leaving loopback.
+    """
+
+    def setUp(self) -> None:
+        self.attempts: list[tuple[str, str | None]] = []
+        self.endpoint_factory = self.record_attempt
+        super().setUp()
+
+    def record_attempt(self, name: str, ip: str | None) -> Any:
+        self.attempts.append((name, ip))
+        return TCP4ClientEndpoint(reactor, "127.0.0.1", self.sink.port, timeout=5)
+
+    def restart(self, **overrides: Any) -> None:
+        self.outbound.stopService()
+        self.outbound = self.make_outbound(**overrides)
+        self.outbound.startService()
+
+    @defer.inlineCallbacks
+    def test_private_mx_addresses_are_never_connected_to(self) -> None:
+        domains = ("private.test", "linklocal.test", "ula.test", "shared.test", "mapped.test")
+        envelope = self.submit(recipients=tuple(f"someone@{d}" for d in domains))
+        yield self.settle(envelope)
+        self.assertEqual(self.attempts, [])
+        self.assertEqual(self.sink.connections, 0)
+        for r in envelope.recipients:
+            self.assertEqual(r.state, PENDING, r.address)
+            self.assertIn("private or reserved", r.last_reply)
+            self.assertTrue(r.last_reply.startswith("451 4.4.4"))
+
+    @defer.inlineCallbacks
+    def test_private_mx_is_retried_and_bounced_at_the_end_of_the_lifetime(self) -> None:
+        envelope = self.submit(recipients=("someone@private.test",))
+        [r] = envelope.recipients
+        while r.state == PENDING:
+            yield self.settle(envelope)
+            if r.state == PENDING:
+                self.clock.advance(r.next_attempt - self.clock.seconds())
+        self.assertEqual(r.state, FAILED)
+        self.assertGreater(r.attempts, 1)
+        [bounce] = yield self.sink.wait_for(1)  # the bounce to alice@sender.test
+        self.assertEqual(bounce.recipients, ["alice@sender.test"])
+        self.assertIn(b"Status: 4.4.4", bounce.data)
+        self.assertEqual(self.attempts, [("mx.sender.test", "127.0.0.1")])
+
+    @defer.inlineCallbacks
+    def test_only_the_public_hosts_of_a_mixed_mx_set_are_tried(self) -> None:
+        envelope = self.submit(recipients=("someone@mixed.test",))
+        yield self.sink.wait_for(1)
+        yield self.gone(envelope)
+        self.assertEqual(self.attempts, [("mx.outside.test", "127.0.0.1")])
+
+    @defer.inlineCallbacks
+    def test_allowed_networks_lets_the_connection_be_attempted(self) -> None:
+        self.restart(
+            allowed_networks=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+        )
+        envelope = self.submit(recipients=("someone@private.test", "someone@ula.test"))
+        yield self.sink.wait_for(2)
+        yield self.gone(envelope)
+        self.assertEqual(
+            sorted(self.attempts), [("mx.private.test", "10.0.0.1"), ("mx.ula.test", "fd00::1")]
+        )
+
+    @defer.inlineCallbacks
+    def test_private_smarthost_is_never_connected_to(self) -> None:
+        self.restart(smarthost="tcp:10.0.0.1:25")
+        envelope = self.submit()
+        yield self.settle(envelope)
+        [r] = envelope.recipients
+        self.assertEqual(r.state, PENDING)
+        self.assertIn("smarthost 10.0.0.1", r.last_reply)
+        self.assertEqual(self.attempts, [])
+
+    @defer.inlineCallbacks
+    def test_allowed_private_smarthost_is_used(self) -> None:
+        self.restart(smarthost="tcp:10.0.0.1:25", allowed_networks=(ipaddress.ip_network("10.0.0.0/8"),))
+        envelope = self.submit()
+        yield self.sink.wait_for(1)
+        yield self.gone(envelope)
+        self.assertEqual(self.attempts, [("tcp:10.0.0.1:25", None)])
+
+    @defer.inlineCallbacks
+    def test_loopback_smarthost_is_always_allowed(self) -> None:
+        self.restart(smarthost=f"tcp:localhost:{self.sink.port}")
+        envelope = self.submit()
+        yield self.sink.wait_for(1)
+        yield self.gone(envelope)
+        self.assertEqual(self.attempts, [(f"tcp:localhost:{self.sink.port}", None)])
