@@ -376,9 +376,12 @@ class OutboundCase(unittest.TestCase):
         sender: str = "alice@sender.test",
         message: bytes = MESSAGE,
         queue_id: str = "65F00000000001",
+        **results: Any,
     ) -> Any:
         forwards = [("boss@example.test", r, TRACE) for r in recipients]
-        envelope = self.outbound.envelope_for(queue_id, sender, "mail.sender.test", forwards)
+        envelope = self.outbound.envelope_for(
+            queue_id, sender, "mail.sender.test", forwards, **results
+        )
         self.queue.enqueue(envelope, [message])
         self.outbound.submitted(envelope)
         self.clock.advance(0)
@@ -729,6 +732,53 @@ class DelayNoticeTests(OutboundCase):
         yield self.gone(envelope)
         self.assertEqual(r.state, DELIVERED)
         self.assertEqual(len([m for m in self.sink.accepted if m.mail_from == ""]), 1)
+
+
+    @defer.inlineCallbacks
+    def test_no_delay_notice_to_a_sender_that_failed_spf(self) -> None:
+        self.sink.script("rcpt", "451 4.2.1 busy", "451 4.2.1 busy", "451 4.2.1 busy")
+        envelope = self.submit(spf="fail", dmarc="none")
+        yield self.settle(envelope)
+        self.clock.advance(60)
+        yield self.settle(envelope)
+        self.clock.advance(120)  # third attempt, past the warning: no notice
+        yield self.settle(envelope)
+        self.assertTrue(envelope.delay_notified)  # decided once, not again each attempt
+        self.clock.advance(120)
+        yield self.gone(envelope)
+        self.assertEqual([m for m in self.sink.accepted if m.mail_from == ""], [])
+
+
+class BackscatterTests(OutboundCase):
+    """Item 16 at the scheduler: the results recorded at reception decide the bounce."""
+
+    @defer.inlineCallbacks
+    def test_no_bounce_when_spf_failed(self) -> None:
+        self.sink.script("rcpt", "550 5.1.1 no")
+        envelope = self.submit(spf="fail", dmarc="none")
+        yield self.gone(envelope)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(self.sink.accepted, [])
+        self.assertEqual(self.queue.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_bounce_when_spf_passed(self) -> None:
+        self.sink.script("rcpt", "550 5.1.1 no")
+        envelope = self.submit(spf="pass", dmarc="none")
+        [bounce] = yield self.sink.wait_for(1)
+        yield self.gone(envelope)
+        self.assertEqual(bounce.recipients, ["alice@sender.test"])
+
+    @defer.inlineCallbacks
+    def test_results_survive_a_restart(self) -> None:
+        self.sink.script("rcpt", "451 4.7.1 later")
+        envelope = self.submit(spf="fail", dmarc="none")
+        yield self.settle(envelope)
+        yield self.outbound.stopService()
+        self.outbound = self.make_outbound()
+        self.outbound.startService()
+        [resumed] = self.outbound._entries.values()
+        self.assertEqual((resumed.envelope.spf, resumed.envelope.dmarc), ("fail", "none"))
 
 
 class TLSTests(OutboundCase):
