@@ -794,6 +794,8 @@ def queue_command(context: Context) -> int:
         ]
         lines = _queue_lines(entry, now)
         lines.insert(1, f"    arrived {_ago(entry['age'])} ago from {envelope.client or '?'}")
+        if envelope.spf or envelope.dmarc:  # they decide whether the sender gets a bounce
+            lines.insert(2, f"    spf={envelope.spf or '-'} dmarc={envelope.dmarc or '-'}")
         for r in envelope.recipients:
             lines.append(f"    {r.address}: sent to <{r.original}>, envelope sender <{r.mail_from}>")
         lines += ["", header.rstrip("\r\n").replace("\r\n", "\n")]

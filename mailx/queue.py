@@ -355,6 +355,9 @@ def envelope_summary(envelope: Envelope, now: float) -> dict[str, Any]:
         "created": envelope.created,
         "size": envelope.size,
         "sender": envelope.sender,
+        # None: not checked (the sender may get a bounce, as before); see dsn.notice_refusal.
+        "spf": envelope.spf,
+        "dmarc": envelope.dmarc,
         "next_attempt": next_attempt,
         "recipients": [
             {

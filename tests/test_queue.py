@@ -181,6 +181,7 @@ class QueueTests(unittest.TestCase):
         self.assertEqual(summary["age"], 600.0)
         self.assertEqual(summary["next_attempt"], 1500.0)
         self.assertEqual([r["state"] for r in summary["recipients"]], ["pending", "delivered"])
+        self.assertEqual((summary["spf"], summary["dmarc"]), (None, None))
 
 
 CLI_CONFIG = """
