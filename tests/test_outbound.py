@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailx.config import load_config_text
@@ -960,6 +961,10 @@ class PrivateAddressTests(OutboundCase):
 
     @defer.inlineCallbacks
     def test_private_mx_addresses_are_never_connected_to(self) -> None:
+        events: list[str] = []
+        observer = lambda event: events.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         domains = ("private.test", "linklocal.test", "ula.test", "shared.test", "mapped.test")
         envelope = self.submit(recipients=tuple(f"someone@{d}" for d in domains))
         yield self.settle(envelope)
@@ -969,6 +974,11 @@ class PrivateAddressTests(OutboundCase):
             self.assertEqual(r.state, PENDING, r.address)
             self.assertIn("private or reserved", r.last_reply)
             self.assertTrue(r.last_reply.startswith("451 4.4.4"))
+        self.assertIn(
+            f"{envelope.id}: not connecting to mx.linklocal.test[169.254.169.254] for"
+            " linklocal.test: private or reserved address, not in outbound.allowed_networks",
+            events,
+        )
 
     @defer.inlineCallbacks
     def test_private_mx_is_retried_and_bounced_at_the_end_of_the_lifetime(self) -> None:
