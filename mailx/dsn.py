@@ -51,6 +51,7 @@ __all__ = [
 
 # RFC 5322 2.1.1: keep every line we generate well under 998 octets.
 MAX_TEXT = 900
+MAX_LINE = 998
 # The header section returned in a notice (RFC 6522 3, text/rfc822-headers):
 # real ones are a few KiB; Postfix returns at most 50 KiB of a whole message
 # (bounce_size_limit), and headers alone are all the sender needs to tell
@@ -151,18 +152,41 @@ def wants_notice(envelope: Envelope, header: bytes) -> bool:
 
 
 def returned_header(header: bytes, limit: int = MAX_RETURNED_HEADER) -> tuple[bytes, bool]:
-    """The header section to return, cut at a field boundary to at most ``limit`` octets.
+    """The header section to return: whole fields, in order, at most ``limit`` octets in all.
 
-    Returns it and whether it was cut.  A field that does not fit is left
-    out whole (a half field could end in the middle of an encoded word or a
-    quoted string).
+    Returns it and whether any field was left out.  A field that would pass
+    the limit is left out, and so is one with a line over 998 octets (RFC
+    5322 2.1.1: our notice must not carry one); none is ever cut (half a
+    field could end inside an encoded word or a quoted string).  The fields
+    after a left-out one still count: Subject and Message-ID often come
+    late.  One pass: linear in the header's size.
     """
-    if len(header) <= limit:
+    if len(header) <= limit and all(len(line) <= MAX_LINE for line in header.split(b"\r\n")):
         return header, False
-    end = header.rfind(b"\r\n", 0, limit)
-    while end >= 0 and header[end + 2 : end + 3] in (b" ", b"\t"):
-        end = header.rfind(b"\r\n", 0, end + 1)
-    return (header[: end + 2] if end >= 0 else b""), True
+    kept: list[bytes] = []
+    size = 0
+    left_out = False
+
+    def take(lines: list[bytes]) -> None:
+        nonlocal size, left_out
+        octets = sum(len(line) + 2 for line in lines)
+        if size + octets > limit or any(len(line) > MAX_LINE for line in lines):
+            left_out = True
+            return
+        kept.extend(lines)
+        size += octets
+
+    field: list[bytes] = []
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and field:
+            field.append(line)
+            continue
+        if field:
+            take(field)
+        field = [line] if line else []
+    if field:
+        take(field)
+    return b"".join(line + b"\r\n" for line in kept), left_out
 
 
 def _date(when: float) -> str:
@@ -214,7 +238,8 @@ def _report(
     if cut:
         human += [
             "",
-            f"The message's header section is longer than {MAX_RETURNED_HEADER // 1024} KiB;",
+            f"The message's header section is longer than {MAX_RETURNED_HEADER // 1024} KiB"
+            " or has over-long lines;",
             "only its first fields are returned below.",
         ]
     for r in recipients:
@@ -246,7 +271,8 @@ def _report(
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
-        "Content-Transfer-Encoding: 7bit",
+        # RFC 2045 6.4: 8bit when the returned header fields carry 8-bit octets.
+        f"Content-Transfer-Encoding: {'7bit' if header.isascii() else '8bit'}",
     ]
     if header and not header.endswith(b"\r\n"):
         header += b"\r\n"

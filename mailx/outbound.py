@@ -1199,8 +1199,9 @@ class Outbound(service.Service):
         ):
             delayed = [r for r in envelope.pending if r.attempts]
             if delayed:
-                header = yield self._in_thread(self._notice_header, envelope, delayed[0])
-                refusal = dsn.notice_refusal(envelope, header)
+                header, refusal = yield self._in_thread(
+                    self._notice_decision, envelope, delayed[0]
+                )
                 if refusal is not None:
                     log.info(
                         "{qid}: no delay notice to <{to}>: {why}",
@@ -1228,8 +1229,7 @@ class Outbound(service.Service):
         envelope = entry.envelope
         failed = envelope.failed
         if failed and not envelope.bounce_queued:
-            header = yield self._in_thread(self._notice_header, envelope, failed[0])
-            refusal = dsn.notice_refusal(envelope, header)
+            header, refusal = yield self._in_thread(self._notice_decision, envelope, failed[0])
             if refusal is None:
                 message = dsn.bounce_message(
                     self.settings.hostname, envelope, failed, header, self.clock.seconds()
@@ -1249,6 +1249,14 @@ class Outbound(service.Service):
             f"done: {len(envelope.recipients) - len(failed)} delivered, {len(failed)} failed;"
             " removed from the queue",
         )
+
+    def _notice_decision(
+        self, envelope: Envelope, recipient: Recipient
+    ) -> tuple[bytes, str | None]:
+        """The header to return and `dsn.notice_refusal`'s verdict (blocking: reads the
+        data file, and scans up to 256 KiB of a stranger's header off the reactor thread)."""
+        header = self._notice_header(envelope, recipient)
+        return header, dsn.notice_refusal(envelope, header)
 
     def _notice_header(self, envelope: Envelope, recipient: Recipient) -> bytes:
         """The header section as the recipient's copy had it (blocking)."""
