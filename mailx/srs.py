@@ -20,6 +20,11 @@ compares in variable time.  `SRS` below overrides the check:
   base64 hash carries about 5.25 bits a character, not 6;
 - several secrets: the first signs, all verify (rotation without losing the
   bounces of mail forwarded under the old one);
+- the fields are hashed with a NUL between them: srslib's bare
+  concatenation lets ``host=co, local=mvictim`` and ``host=com,
+  local=victim`` share a hash.  Addresses minted with the old input still
+  reverse while their timestamp is valid (21 days), so an upgrade loses no
+  bounce; only the new form is minted;
 - the clock is injectable for tests.
 
 `HASH_LENGTH` is 6, not srslib's 4: 38^6, about 3e9 guesses for one
@@ -28,6 +33,8 @@ forgery instead of 2e6, for two more characters in a local part.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import re
 import time
@@ -71,19 +78,83 @@ def is_srs(address: str) -> bool:
 
 
 class _Guarded(srslib.SRS):
-    """srslib with the hash check replaced (see the module docstring)."""
+    """srslib with the hash input and check replaced (see the module docstring).
 
-    def check_hash(self, h: str, s: str, addr: str) -> None:
+    srslib hashes ``ts + host + local`` (SRS0) and ``host + opaque`` (SRS1)
+    with nothing between the fields, so a genuine ``…=victim.co=mvictim@`` and
+    ``…=victim.com=victim@`` share a hash, and a bounce can be redirected to a
+    domain of the attacker's choosing.  srslib has no hook for the hash input
+    (it concatenates inside ``generate_srs0_address``), so the minting and
+    the reversal are done here, on srslib's own regexes and timestamps.
+    """
+
+    def generate_srs0_address(self, orig_host: str, orig_local_part: str, alias_host: str) -> str:
+        ts = self.generate_ts()
+        h = _bound_hash(self._secret, self._hash_length, ts, orig_host, orig_local_part)
+        return f"SRS0={h}={ts}={orig_host}={orig_local_part}@{alias_host}"
+
+    def generate_srs1_address(
+        self, first_hop_host: str, first_hop_local_part: str, alias_host: str
+    ) -> str:
+        h = _bound_hash(self._secret, self._hash_length, first_hop_host, first_hop_local_part)
+        return f"SRS1={h}={first_hop_host}={first_hop_local_part}@{alias_host}"
+
+    def reverse(self, srs_addr: str) -> str:
+        local, host = self._split_addr(srs_addr)
+        m = self._SRS1.match(local)
+        if m:
+            # The opaque part is the first hop's SRS0 tail, whose timestamp
+            # bounds how long a legacy (unseparated) hash is honoured.
+            inner = _OPAQUE_TS.match(m[3])
+            legacy_ok = inner is not None and self._ts_valid(inner[1])
+            self._check(m[1], (m[2], m[3]), legacy_ok, srs_addr)
+            return f"SRS0{m[3]}@{m[2]}"
+        m = self._SRS0.match(local)
+        if m:
+            self.check_ts(m[2], srs_addr)  # first: a legacy hash is only honoured in the window
+            self._check(m[1], (m[2], m[3], m[4]), True, srs_addr)
+            return f"{m[4]}@{m[3]}"
+        raise srslib.InvalidAddressError(f"unrecognized SRS address {srs_addr!r}")
+
+    def _ts_valid(self, ts: str) -> bool:
+        try:
+            self.check_ts(ts, "")
+        except srslib.InvalidTimestampError:
+            return False
+        return True
+
+    def _check(self, h: str, fields: tuple[str, ...], legacy_ok: bool, addr: str) -> None:
+        """The hash against every secret, in the bound form, and in srslib's
+        unseparated form for addresses minted before (``legacy_ok``: their
+        timestamp is still valid, so the old form dies out with them)."""
         if len(h) < self._hash_length:
             raise srslib.InvalidHashError(f"hash too short in SRS address {addr!r}")
         given = h.lower().encode("ascii", "replace")
         ok = False
         for secret in [self._secret, *self._prev_secrets]:
-            expected = self.generate_hash(s, secret, len(h)).lower().encode("ascii")
-            # No short-circuit: the time taken does not depend on which secret matched.
-            ok |= hmac.compare_digest(given, expected)
+            candidates = [_bound_hash(secret, len(h), *fields)]
+            if legacy_ok:
+                candidates.append(self.generate_hash("".join(fields), secret, len(h)))
+            for expected in candidates:
+                # No short-circuit: the time taken does not depend on which one matched.
+                ok |= hmac.compare_digest(given, expected.lower().encode("ascii"))
         if not ok:
             raise srslib.InvalidHashError(f"invalid hash in SRS address {addr!r}")
+
+
+# An SRS1 opaque part: the first hop's "=HHH=TT=host=local" (Guarded scheme).
+_OPAQUE_TS = re.compile(r"\A[-+=][^=]+=([^=]{2})=")
+
+
+def _bound_hash(secret: bytes, length: int, *fields: str) -> str:
+    """HMAC-SHA1 (as srslib and libsrs2) over the lower-cased fields joined by NUL.
+
+    NUL cannot occur in an address we accept (``routing`` refuses control
+    characters), so no two splits of the same text hash alike.
+    """
+    text = "\0".join(fields).lower().encode("utf-8")
+    digest = hmac.new(secret, text, hashlib.sha1).digest()
+    return base64.b64encode(digest).decode("ascii")[:length]
 
 
 class SRS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import string
 
+import srslib
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
@@ -124,6 +125,62 @@ class RotationTests(unittest.TestCase):
     def test_old_secrets_still_verify(self) -> None:
         old = SRS(("old",), clock=Clock()).forward("a@sender.test", "example.test")
         self.assertEqual(SRS(("new", "old"), clock=Clock()).reverse(old), "a@sender.test")
+
+
+
+class FieldBindingTests(unittest.TestCase):
+    """The hash binds each field: re-splitting a genuine address gives another hash."""
+
+    def test_moving_a_character_from_host_to_local_part_is_refused(self) -> None:
+        srs = make()
+        genuine = srs.forward("mvictim@victim.co", "example.test")
+        self.assertEqual(srs.reverse(genuine), "mvictim@victim.co")
+        forged = genuine.replace("=victim.co=mvictim@", "=victim.com=victim@")
+        self.assertRaises(SRSError, srs.reverse, forged)
+
+    def test_resplitting_an_srs1_address_is_refused(self) -> None:
+        srs = make()
+        theirs = SRS(("other",), clock=Clock()).forward("x@b.test", "a-b.test")
+        genuine = srs.forward(theirs, "example.test")  # SRS1=H=a-b.test==HHH=TT=b.test=x@
+        self.assertTrue(srs.reverse(genuine).lower().endswith("@a-b.test"))
+        forged = genuine.replace("=a-b.test==", "=a=-b.test=")
+        self.assertRaises(SRSError, srs.reverse, forged)
+
+    def test_srslib_alone_accepts_the_collision(self) -> None:
+        # What the binding closes (and what these tests would fail without).
+        old = srslib.SRS("s3cret", hash_length=HASH_LENGTH)
+        genuine = old.forward("mvictim@victim.co", "example.test")
+        forged = genuine.replace("=victim.co=mvictim@", "=victim.com=victim@")
+        self.assertEqual(old.reverse(forged), "victim@victim.com")
+
+    def test_address_minted_before_still_reverses_within_its_validity(self) -> None:
+        clock = Clock()
+        srs = make(clock=clock)
+        old = srslib.SRS("s3cret", hash_length=HASH_LENGTH)
+        old._time_fn = clock
+        address = old.forward("alice@sender.test", "example.test")
+        self.assertEqual(srs.reverse(address), "alice@sender.test")
+        clock.now += 22 * DAY
+        self.assertRaises(SRSError, srs.reverse, address)
+
+    def test_srs1_minted_before_reverses_while_the_first_hops_timestamp_is_valid(self) -> None:
+        clock = Clock()
+        srs = make(clock=clock)
+        old = srslib.SRS("s3cret", hash_length=HASH_LENGTH)
+        old._time_fn = clock
+        theirs = SRS(("other",), clock=clock).forward("x@b.test", "hop1.test")
+        address = old.forward(theirs, "example.test")
+        self.assertEqual(srs.reverse(address).lower(), theirs.lower())
+        clock.now += 22 * DAY
+        self.assertRaises(SRSError, srs.reverse, address)
+
+    def test_only_the_bound_form_is_minted(self) -> None:
+        old = srslib.SRS("s3cret", hash_length=HASH_LENGTH)
+        old._time_fn = Clock()
+        self.assertNotEqual(
+            make().forward("alice@sender.test", "example.test"),
+            old.forward("alice@sender.test", "example.test"),
+        )
 
 
 CONFIG = """
