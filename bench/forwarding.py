@@ -36,6 +36,8 @@ from types import MappingProxyType
 import run
 from run import RunError, Scenario
 
+from mailx.testing import SRS_SECRET
+
 SINK_DOMAIN = "sink.test"
 
 
@@ -72,7 +74,7 @@ def forward_scenario(base: Scenario, dns_port: int, sink_port: int, concurrency:
             }
         },
         "outbound": {
-            "srs_secret": "bench-secret",
+            "srs_secret": SRS_SECRET,
             "port": sink_port,
             "connections": 100,
             "connections_per_domain": concurrency,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mailx import replies
-from mailx.config import Config, ConfigError, load_config
+from mailx.config import Config, ConfigError, load_config, new_secret
 from mailx.routing import (
     AddressError,
     ForwardDestination,
@@ -412,6 +412,14 @@ def reload(context: Context) -> int:
         context.emit({"reloaded": False, "reason": "not running"}, "mailx is not running")
         return EXIT_WRONG
     context.emit({"reloaded": True, "pid": pid}, f"sent SIGHUP to mailx (pid {pid})")
+    return EXIT_OK
+
+
+@command("srs-secret", "print a fresh random secret for outbound.srs_secret")
+def srs_secret(context: Context) -> int:
+    """``mailxctl srs-secret``: what to paste; needs no configuration (a sample one is refused)."""
+    secret = new_secret()
+    context.emit({"srs_secret": secret}, secret)
     return EXIT_OK
 
 

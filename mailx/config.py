@@ -491,6 +491,47 @@ def parse_duration(value: str | int | float) -> float:
     )
 
 
+# SRS secrets: RFC 2104 section 3 asks for a key at least as long as the
+# hash output (HMAC-SHA1: 20 bytes); 32 characters of random text carry more.
+SECRET_MIN_LENGTH = 32
+_SECRET_MIN_BITS = 88  # estimated from character frequencies; a random hex 32 has ~112
+# Values that appear as examples (this repository, its tests, common habit):
+# refused whatever their length.
+_SAMPLE_SECRETS = frozenset(
+    {
+        "change-me", "changeme", "change_me", "changethis", "secret", "s3cret", "example",
+        "password", "test-secret", "fuzz-secret", "bench-secret", "rotated-secret",
+        "srs-secret", "srs_secret", "mysecret", "your-secret-here", "null", "none",
+    }
+)  # fmt: skip
+
+
+def new_secret() -> str:
+    """A fresh SRS secret to paste into the configuration (256 random bits)."""
+    import secrets
+
+    return secrets.token_urlsafe(32)
+
+
+def secret_weakness(secret: str) -> str | None:
+    """Why ``secret`` is guessable (a sample value, short, repetitive), or None."""
+    import math
+    from collections import Counter
+
+    if secret.strip().lower() in _SAMPLE_SECRETS:
+        return f"'{secret}' is a sample value"
+    if len(secret) < SECRET_MIN_LENGTH:
+        return f"too short ({len(secret)} characters, at least {SECRET_MIN_LENGTH})"
+    period = next((p for p in range(1, len(secret) // 2 + 1) if secret[p:] == secret[:-p]), None)
+    if period is not None:
+        return f"'{secret[:period]}' repeated is not random"
+    counts = Counter(secret)
+    bits = -sum(n * math.log2(n / len(secret)) for n in counts.values())
+    if bits < _SECRET_MIN_BITS:
+        return f"too repetitive to be random ({len(counts)} different characters)"
+    return None
+
+
 class _Loader:
     """One load: the file's name and directory, and the problems found so far."""
 
@@ -811,7 +852,18 @@ class _Loader:
         return ChecksConfig(dnsbl=self.items(fields["dnsbl"], self.dnsbl_zone))
 
     def srs_secret(self, node: _Node) -> tuple[str, ...]:
-        return self.items(node, self.text, single=True)
+        return self.items(node, self.strong_secret, single=True)
+
+    def strong_secret(self, node: _Node) -> str:
+        """An SRS secret no one can guess: whoever knows it mints addresses we relay for."""
+        secret = self.text(node)
+        weakness = secret_weakness(secret)
+        if weakness:
+            raise _Invalid(
+                f"{weakness}: anyone who guesses it can relay through us (SRS);"
+                f" use 32+ random characters, e.g. {new_secret()}"
+            )
+        return secret
 
     def outbound(self, node: _Node) -> OutboundConfig | None:
         fields = self.block(node, DEFAULTS["outbound"])

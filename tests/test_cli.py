@@ -14,6 +14,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from mailx import cli
+from mailx import config as config_module
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT = str(REPOSITORY / "mailx.yaml")
@@ -149,6 +150,31 @@ class CheckTests(CLITestCase):
         self.assertEqual(status, 1)
         self.assertIn("cannot read configuration: No such file or directory", err)
         self.assertNotIn("Traceback", err)
+
+
+class SRSSecretTests(CLITestCase):
+    def test_check_refuses_the_sample_secret_with_a_fresh_one(self) -> None:
+        status, out, err = self.run_cli(
+            "check", "-c", self.write(GOOD + "outbound: {srs_secret: change-me}\n")
+        )
+        self.assertEqual(status, cli.EXIT_WRONG)
+        self.assertIn("outbound.srs_secret: 'change-me' is a sample value", err)
+        offered = err.strip().rsplit("e.g. ", 1)[1]
+        self.assertIsNone(config_module.secret_weakness(offered))
+
+    def test_srs_secret_prints_a_strong_secret_without_a_configuration(self) -> None:
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.directory)  # no mailx.yaml here
+        status, out, err = self.run_cli("srs-secret")
+        self.assertEqual((status, err), (0, ""))
+        secret = out.strip()
+        self.assertIsNone(config_module.secret_weakness(secret))
+        self.assertNotEqual(secret, self.run_cli("srs-secret")[1].strip())
+
+    def test_the_printed_secret_passes_check(self) -> None:
+        _, out, _ = self.run_cli("srs-secret")
+        text = GOOD + f"outbound: {{srs_secret: '{out.strip()}'}}\n"
+        self.assertEqual(self.run_cli("check", "-c", self.write(text))[0], 0)
 
 
 class ConfigFileChoiceTests(CLITestCase):

@@ -29,6 +29,7 @@ from mailx.config import (
     parse_size,
 )
 from mailx.routing import route
+from mailx.testing import SRS_SECRET, SRS_SECRET_2
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -543,14 +544,65 @@ class DNSBLTests(ConfigTestCase):
 
 class OutboundTests(ConfigTestCase):
     def test_srs_secret_list(self) -> None:
-        config = self.load(MINIMAL + "outbound:\n  srs_secret: [new, old]\n")
-        self.assertEqual(config.outbound.srs_secrets, ("new", "old"))
+        config = self.load(MINIMAL + f"outbound:\n  srs_secret: [{SRS_SECRET}, {SRS_SECRET_2}]\n")
+        self.assertEqual(config.outbound.srs_secrets, (SRS_SECRET, SRS_SECRET_2))
 
     def test_srs_secret_string(self) -> None:
         self.assertEqual(
-            self.load(MINIMAL + "outbound:\n  srs_secret: '12345'\n").outbound.srs_secrets,
-            ("12345",),
+            self.load(MINIMAL + f"outbound:\n  srs_secret: '{SRS_SECRET}'\n").outbound.srs_secrets,
+            (SRS_SECRET,),
         )
+
+    def test_sample_srs_secret_is_refused(self) -> None:
+        # mailx.yaml's comment once suggested it; it passed `mailxctl check`.
+        self.assertProblem(
+            MINIMAL + "outbound:\n  srs_secret: change-me\n",
+            8,
+            "outbound.srs_secret",
+            "'change-me' is a sample value: anyone who guesses it can relay through us",
+        )
+
+    def test_short_srs_secret_is_refused(self) -> None:
+        self.assertProblem(
+            MINIMAL + "outbound:\n  srs_secret: '12345'\n",
+            8,
+            "outbound.srs_secret",
+            "too short (5 characters, at least 32)",
+        )
+
+    def test_repeated_srs_secret_is_refused(self) -> None:
+        self.assertProblem(
+            MINIMAL + "outbound:\n  srs_secret: " + "change-me" * 4 + "\n",
+            8,
+            "outbound.srs_secret",
+            "'change-me' repeated is not random",
+        )
+
+    def test_low_variety_srs_secret_is_refused(self) -> None:
+        self.assertProblem(
+            MINIMAL + "outbound:\n  srs_secret: " + "ab" * 10 + "ba" * 10 + "\n",
+            8,
+            "outbound.srs_secret",
+            "too repetitive to be random",
+        )
+
+    def test_weak_old_srs_secret_is_refused_too(self) -> None:
+        # An old secret verifies: a guessable one mints addresses as well as the first.
+        self.assertProblem(
+            MINIMAL + f"outbound:\n  srs_secret: [{SRS_SECRET}, secret]\n",
+            8,
+            "outbound.srs_secret[1]",
+            "'secret' is a sample value",
+        )
+
+    def test_weak_srs_secret_message_offers_a_fresh_one(self) -> None:
+        def offered() -> str:
+            (problem,) = self.problems(MINIMAL + "outbound:\n  srs_secret: changeme\n")
+            return problem.message.rsplit("e.g. ", 1)[1]
+
+        first = offered()
+        self.assertIsNone(config_module.secret_weakness(first))
+        self.assertNotEqual(first, offered())
 
     def test_smarthost(self) -> None:
         config = self.load(MINIMAL + "outbound:\n  smarthost: 'tcp:relay.example.net:587'\n")
@@ -586,7 +638,8 @@ class OutboundTests(ConfigTestCase):
 
     def test_smarthost_auth_needs_a_password(self) -> None:
         self.assertProblem(
-            MINIMAL + "outbound:\n  smarthost: 'tcp:r.example.net:587'\n  smarthost_auth: {username: u}\n",
+            MINIMAL
+            + "outbound:\n  smarthost: 'tcp:r.example.net:587'\n  smarthost_auth: {username: u}\n",
             9,
             "outbound.smarthost_auth.password",
             "required",
@@ -1038,7 +1091,8 @@ class AliasTests(ConfigTestCase):
     def test_outside_target_with_srs_secret_once_supported(self) -> None:
         self.patch(config_module, "FORWARDING_SUPPORTED", True)
         config = self.load(
-            self.aliases("boss: someone@elsewhere.test") + "outbound: {srs_secret: s3cret}\n"
+            self.aliases("boss: someone@elsewhere.test")
+            + f"outbound: {{srs_secret: {SRS_SECRET}}}\n"
         )
         self.assertEqual(
             config.domains["example.test"].aliases["boss"], ("someone@elsewhere.test",)

@@ -30,6 +30,7 @@ from mailx.auth.dkim import verify_dkim
 from mailx.dns import Resolver
 from mailx.outbound import Timeouts
 from mailx.srs import SRS
+from mailx.testing import SRS_SECRET, SRS_SECRET_2
 from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.server import (
     LineClient,
@@ -42,7 +43,7 @@ from mailx.testing.server import (
 )
 from mailx.testing.sink import start_sink
 
-SECRET = "forwarding-test-secret"
+SECRET = SRS_SECRET
 ZONES = {
     "outside.test": {"MX": [(10, "mx.outside.test")]},
     "mx.outside.test": {"A": ["127.0.0.1"]},
@@ -273,12 +274,12 @@ class ReloadTests(ForwardingCase):
     def test_reload_rotates_the_srs_secret(self) -> None:
         old_address = SRS((SECRET,)).forward("carol@sender.test", "example.test")
         settings = yaml.safe_load(self.server.config.source.read_text())
-        settings["outbound"]["srs_secret"] = ["rotated-secret", SECRET]
+        settings["outbound"]["srs_secret"] = [SRS_SECRET_2, SECRET]
         self.server.config.source.write_text(yaml.safe_dump(settings))
         self.assertTrue(self.server.service.reload())
         yield send_mail(self.server.port, "alice@sender.test", ["boss@example.test"], original())
         [message] = yield self.sink.wait_for(1)
-        self.assertEqual(SRS(("rotated-secret",)).reverse(message.mail_from), "alice@sender.test")
+        self.assertEqual(SRS((SRS_SECRET_2,)).reverse(message.mail_from), "alice@sender.test")
         refused = yield send_mail(self.server.port, "", [old_address], original("bounce"))
         self.assertEqual(refused, {})  # the old secret still verifies
         yield self.sink.wait_for(2)

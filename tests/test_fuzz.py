@@ -59,6 +59,7 @@ from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from mailx.testing import SRS_SECRET
 from mailx.testing.server import (
     LineClient,
     ServerProcess,
@@ -109,7 +110,7 @@ FUZZ_CONFIG: dict[str, Any] = {
     },
     # With a secret, SRS addresses at our domains are bounces to forward: a
     # forged one must be refused, even at a catch-all domain.
-    "outbound": {"srs_secret": "fuzz-secret"},
+    "outbound": {"srs_secret": SRS_SECRET},
 }
 
 

@@ -65,7 +65,7 @@ domains:
     mailboxes: [alice]
     aliases: {postmaster: alice}
 outbound:
-  srs_secret: [test-secret]
+  srs_secret: [2ucJ-Ad0jn8MYl85jcvZlPspRAIY-5I_G1HQe0fQM7U]
 """
 
 ZONES = {

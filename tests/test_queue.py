@@ -191,7 +191,7 @@ domains:
   example.test:
     mailboxes: [alice]
     aliases: {postmaster: alice, boss: someone@outside.test}
-outbound: {srs_secret: s3cret}
+outbound: {srs_secret: 2ucJ-Ad0jn8MYl85jcvZlPspRAIY-5I_G1HQe0fQM7U}
 """
 
 

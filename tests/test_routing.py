@@ -324,7 +324,7 @@ class ForwardTests(unittest.TestCase):
                       boss: Someone@Elsewhere.TEST
                       both: [boss, alice]
                 outbound:
-                  srs_secret: s3cret
+                  srs_secret: 2ucJ-Ad0jn8MYl85jcvZlPspRAIY-5I_G1HQe0fQM7U
                 """),
             "/etc/mailx/mailx.yaml",
         )
