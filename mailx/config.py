@@ -42,6 +42,7 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -345,9 +346,16 @@ class _Node:
             return "null"
         if isinstance(self.value, bool):
             return f"the boolean {self.raw}"
+        raw = _shown(self.raw)
         if isinstance(self.value, int | float):
-            return f"the number {self.raw}"
-        return f"'{self.raw}'"
+            return f"the number {raw}"
+        return f"'{raw}'"
+
+
+def _shown(raw: str | None) -> str:
+    """A value as written, cut short for messages (a 400-digit number is one line)."""
+    raw = raw or ""
+    return raw if len(raw) <= 40 else f"{raw[:37]}..."
 
 
 def _child_key(parent: str, name: str) -> str:
@@ -414,9 +422,11 @@ class _Tree:
                     for i, item in enumerate(node.value)
                 ],
             )
-        return _Node(
-            "scalar", line, key, self._loader.construct_object(node, deep=True), node.value
-        )
+        try:
+            value = self._loader.construct_object(node, deep=True)
+        except ValueError:  # an integer over Python's 4300 digits: left as text, refused later
+            value = node.value
+        return _Node("scalar", line, key, value, node.value)
 
 
 def _yaml_problem(error: yaml.YAMLError, text: str) -> tuple[int | None, str]:
@@ -451,6 +461,22 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+# Upper bounds, so a number of 400 digits is a clear problem and not an
+# OverflowError (or a timer no reactor can schedule).  A terabyte is far
+# beyond any mail message; ten years is beyond any timeout or queue life.
+MAX_SIZE = 1024**4  # 1 TiB
+MAX_DURATION = 10 * 365 * 86400.0  # 10 years, in seconds
+MAX_COUNT = 2**31 - 1  # what a C int (listen backlogs, ports, counters) holds
+
+
+def _exact(digits: str) -> Fraction:
+    """``12.5`` as an exact number; over 40 digits, a number larger than any bound
+    (Python refuses to convert integers of more than 4300 digits at all)."""
+    if len(digits) > 40:
+        return Fraction(10**40)
+    return Fraction(digits)
+
+
 def _is_number(node: _Node) -> bool:
     return isinstance(node.value, int | float) and not isinstance(node.value, bool)
 
@@ -458,33 +484,46 @@ def _is_number(node: _Node) -> bool:
 def parse_size(value: str | int | float) -> int:
     """Bytes from ``25MiB``, ``10MB``, ``512`` (units: see the module docstring); ValueError if not a size."""
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{value} is not a size")
         if value < 0:
             raise ValueError(f"a size cannot be negative ({value})")
-        return int(value)
-    match = _SIZE.match(value.strip()) if isinstance(value, str) else None
-    if match is None or match[2] not in _SIZE_UNITS:
-        shown = f"'{value}'" if isinstance(value, str) else repr(value)
-        raise ValueError(
-            f"{shown} is not a size: use bytes, or a number with B, KiB, MiB, GiB"
-            " (or KB, MB, GB for powers of 1000)"
-        )
-    return int(float(match[1]) * _SIZE_UNITS[match[2]])
+        size = value
+    else:
+        match = _SIZE.match(value.strip()) if isinstance(value, str) else None
+        if match is None or match[2] not in _SIZE_UNITS:
+            shown = f"'{value}'" if isinstance(value, str) else repr(value)
+            raise ValueError(
+                f"{shown} is not a size: use bytes, or a number with B, KiB, MiB, GiB"
+                " (or KB, MB, GB for powers of 1000)"
+            )
+        # Exact arithmetic: float() of 400 digits is inf, and int(inf) raises.
+        size = _exact(match[1]) * _SIZE_UNITS[match[2]]
+    if size > MAX_SIZE:
+        raise ValueError("a size is at most 1TiB")
+    return int(size)
 
 
 def parse_duration(value: str | int | float) -> float:
     """Seconds from ``5m``, ``1h30m``, ``2.5`` (plain numbers are seconds); ValueError if not a duration."""
+    seconds: Fraction | int | float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{value} is not a duration")
         if value < 0:
             raise ValueError(f"a duration cannot be negative ({value})")
-        return float(value)
-    if isinstance(value, str):
+        seconds = value
+    elif isinstance(value, str):
         text = value.strip()
+        # Exact arithmetic, as in parse_size: no float() of a 400-digit number.
         if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            return float(text)
-        if text and re.fullmatch(rf"(?:{_DURATION.pattern}\s*)+", text):
-            return float(
-                sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION.findall(text))
-            )
+            seconds = _exact(text)
+        elif text and re.fullmatch(rf"(?:{_DURATION.pattern}\s*)+", text):
+            seconds = sum(_exact(n) * _DURATION_UNITS[unit] for n, unit in _DURATION.findall(text))
+    if seconds is not None:
+        if seconds > MAX_DURATION:
+            raise ValueError("a duration is at most 10 years (3650d)")
+        return float(seconds)
     shown = f"'{value}'" if isinstance(value, str) else repr(value)
     raise ValueError(
         f"{shown} is not a duration: use seconds, or s, m, h, d (e.g. 30s, 5m, 1h30m, 5d)"
@@ -623,11 +662,15 @@ class _Loader:
 
     @staticmethod
     def count(node: _Node, minimum: int = 0, maximum: int | None = None) -> int:
+        if isinstance(node.value, str) and node.value.isdigit():  # over 4300 digits
+            raise _Invalid(f"must be at most {maximum or MAX_COUNT}")
         if not isinstance(node.value, int) or isinstance(node.value, bool):
             raise _Invalid(f"expected a whole number, got {node.describe()}")
         if node.value < minimum or (maximum is not None and node.value > maximum):
             upper = f" and at most {maximum}" if maximum is not None else ""
-            raise _Invalid(f"must be at least {minimum}{upper}, got {node.value}")
+            raise _Invalid(f"must be at least {minimum}{upper}, got {_shown(node.raw)}")
+        if node.value > MAX_COUNT:
+            raise _Invalid(f"must be at most {MAX_COUNT}, got {_shown(node.raw)}")
         return node.value
 
     def size(self, node: _Node) -> int:
@@ -1129,11 +1172,14 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, validate and return the configuration at ``path``; `ConfigError` if unusable."""
     file = os.fspath(path)
     try:
-        data = Path(file).read_bytes()
+        with open(file, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)  # not all of a runaway file
     except OSError as e:
         raise ConfigError(
             [Problem(file, None, None, f"cannot read configuration: {e.strerror}")]
         ) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([Problem(file, None, None, _TOO_BIG)])
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -1152,7 +1198,7 @@ def load_config_text(text: str, path: str | os.PathLike[str]) -> Config:
     except yaml.YAMLError as e:
         line, message = _yaml_problem(e, text)
         raise ConfigError([Problem(file, line, None, message)]) from None
-    except _Invalid as e:
+    except (_Invalid, _TooLarge) as e:
         raise ConfigError([Problem(file, None, None, str(e))]) from None
     if root is None:
         raise ConfigError([Problem(file, 1, "domains", "no domains configured")])
@@ -1163,13 +1209,69 @@ def load_config_text(text: str, path: str | os.PathLike[str]) -> Config:
     return config
 
 
+# A configuration file is hand-written: mailx.yaml is 7 KB, and a thousand
+# domains with their aliases fit in a few hundred.  The bounds stop a "billion
+# laughs" file (a few hundred bytes of YAML aliases to aliases that expand to
+# 10^9 nodes: 41 s and 1.4 GB before) and a deeply nested one (PyYAML's
+# composer recurses) with one clear line, before any expansion.  Aliases
+# themselves stay allowed: a shared alias list is a fair use.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_NODES = 200_000  # after alias expansion; a 1 MiB file without aliases has fewer
+MAX_CONFIG_DEPTH = 50  # mailx.yaml nests 4 deep
+
+
+_TOO_BIG = f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a hand-written configuration"
+
+
+class _TooLarge(Exception):
+    """The document is beyond the bounds above; the message says which."""
+
+
+def _expanded_size(document: yaml.Node) -> int:
+    """Nodes the document has once every alias is expanded, counted without
+    expanding (each distinct node once, memoized): linear in the file."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_CONFIG_DEPTH:
+            raise _TooLarge(f"nested more than {MAX_CONFIG_DEPTH} levels deep")
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        if id(node) in active:
+            raise _Invalid("a YAML alias refers to itself")
+        active.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(item, depth + 1) for item in node.value)
+        else:
+            total = 1
+        active.discard(id(node))
+        if total > MAX_CONFIG_NODES:
+            raise _TooLarge(
+                f"expands to more than {MAX_CONFIG_NODES} values (YAML aliases to aliases?)"
+            )
+        sizes[id(node)] = total
+        return total
+
+    return size(document, 0)
+
+
 def _parse_yaml(text: str, loader: _Loader) -> _Node | None:
     """The document as located nodes; None when it is empty."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise _TooLarge(_TOO_BIG)
     yaml_loader = yaml.SafeLoader(text)  # raises ReaderError on control characters
     try:
-        document = yaml_loader.get_single_node()
+        try:
+            document = yaml_loader.get_single_node()
+        except RecursionError:
+            raise _TooLarge(f"nested more than {MAX_CONFIG_DEPTH} levels deep") from None
         if document is None:
             return None
+        _expanded_size(document)
         return _Tree(yaml_loader, loader.problem).build(document, "", 1)
     finally:
         yaml_loader.dispose()

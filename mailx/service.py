@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
@@ -112,6 +112,7 @@ class MailxService(service.MultiService):
         self.reactor = reactor
         self.config = config
         self.disk_pool = ThreadPool(minthreads=0, maxthreads=DISK_THREADS, name="mailx-disk")
+        self._reload_lock = defer.DeferredLock()
         # Incoming mail is filed by one group-committing thread (see committer).
         self.committer = GroupCommitter(reactor, maildir.fsync_directory)
         # Mailbox-only messages are filed by a child process (see mailx.writer).
@@ -241,20 +242,42 @@ class MailxService(service.MultiService):
         )
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self.reload_in_thread)
+
+    def reload_in_thread(self) -> defer.Deferred:
+        """`reload`, with the file read and parsed in the disk pool (SIGHUP's way):
+        a large or hostile file must not stall the sessions the reactor serves.
+        Reloads run one at a time, so the last SIGHUP's file is the one applied."""
+        source = self.config.source
+
+        def read() -> defer.Deferred:
+            d = threads.deferToThreadPool(self.reactor, self.disk_pool, self._read, source)
+            return d.addCallback(lambda read: read is not None and self._apply(*read))
+
+        return self._reload_lock.run(read)
 
     def reload(self) -> bool:
-        """Re-read the configuration file; keep the old one if the new one is wrong."""
+        """Re-read the configuration file; keep the old one if the new one is wrong.
+
+        Synchronous (the file is parsed on the calling thread); the server
+        itself reloads with `reload_in_thread`."""
+        read = self._read(self.config.source)
+        return read is not None and self._apply(*read)
+
+    @staticmethod
+    def _read(source: Path) -> tuple[Config, Any] | None:
+        """The configuration at ``source`` and its TLS context; None (logged) if unusable."""
         try:
-            config = load_config(self.config.source)
-            context = tls_context(config)
+            config = load_config(source)
+            return config, tls_context(config)
         except ConfigError as e:
             for problem in e.problems:
                 log.error("reload refused: {problem}", problem=str(problem))
-            return False
         except TLSConfigError as e:
             log.error("reload refused: {problem}", problem=str(e))
-            return False
+        return None
+
+    def _apply(self, config: Config, context: Any) -> bool:
         if config.listen != self.config.listen:
             log.warn("reload: listen endpoints changed; they take effect at the next restart")
         self.config = config

@@ -7,6 +7,7 @@ import builtins
 import dataclasses
 import operator
 import os
+import time
 from pathlib import Path
 from textwrap import dedent
 
@@ -1302,3 +1303,100 @@ class LoaderProperties(unittest.TestCase):
             return
         for name in config.domains:
             route(config, f"postmaster@{name}")
+
+
+# A "billion laughs": 9 levels of 9 aliases, 9^9 values once expanded.
+BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['lol'] * 9)}]\n"
+    for prev, name in zip([None, *"abcdefgh"], "abcdefghi", strict=True)
+)
+
+
+class BoundsTests(ConfigTestCase):
+    """A hostile or runaway file is one clear problem, quickly (SPEC section 2: never a traceback)."""
+
+    def test_alias_bomb_is_refused_quickly(self) -> None:
+        start = time.monotonic()
+        (problem,) = self.problems(BOMB + MINIMAL)
+        self.assertLess(time.monotonic() - start, 5)  # generous: 41 s and 1.4 GB before
+        self.assertEqual((problem.file, problem.line, problem.key), (str(self.file), None, None))
+        self.assertIn("expands to more than 200000 values", problem.message)
+
+    def test_merge_key_bomb_is_refused_quickly(self) -> None:
+        levels = ["a: &a {x: 1, y: 2}\n"]
+        for prev, name in zip(
+            "abcdefghijklmnopqrstuvwxy", "bcdefghijklmnopqrstuvwxyz", strict=True
+        ):
+            levels.append(
+                f"{name}: &{name} {{<<: [*{prev}], {name}1: *{prev}, {name}2: *{prev}}}\n"
+            )
+        start = time.monotonic()
+        (problem,) = self.problems("".join(levels) + MINIMAL)
+        self.assertLess(time.monotonic() - start, 5)
+        self.assertIn("expands to more than", problem.message)
+
+    def test_modest_aliases_still_work(self) -> None:
+        config = self.load(
+            "hostname: mx.example.test\n"
+            "domains:\n"
+            "  example.test:\n"
+            "    mailboxes: &people [alice, bob]\n"
+            "    aliases: {postmaster: alice, team: *people}\n"
+        )
+        self.assertEqual(config.domains["example.test"].aliases["team"], ("alice", "bob"))
+
+    def test_deep_nesting_is_refused(self) -> None:
+        for depth in (60, 100_000):
+            with self.subTest(depth=depth):
+                (problem,) = self.problems("a: " + "[" * depth + "]" * depth + "\n" + MINIMAL)
+                self.assertIn("nested more than 50 levels deep", problem.message)
+
+    def test_file_over_one_mebibyte_is_refused_unread(self) -> None:
+        self.file.write_bytes(MINIMAL.encode() + b"#" * (1024 * 1024))
+        error = self.assertRaises(ConfigError, load_config, self.file)
+        self.assertEqual(len(error.problems), 1)
+        self.assertIn("larger than 1024 KiB", error.problems[0].message)
+
+    def test_huge_numbers_are_problems_not_overflow(self) -> None:
+        digits = "9" * 400
+        cases = {
+            "message_size": "a size is at most 1TiB",
+            "idle_timeout": "a duration is at most 10 years",
+            "recipients": "must be at most 2147483647",
+        }
+        for key, message in cases.items():
+            for value in (digits, f"{digits}m" if key == "idle_timeout" else digits + "MiB"):
+                if key == "recipients" and not value.isdigit():
+                    continue
+                with self.subTest(key=key, value=value[-4:]):
+                    self.assertProblem(
+                        MINIMAL + f"limits:\n  {key}: {value}\n", 8, f"limits.{key}", message
+                    )
+
+    def test_integer_beyond_pythons_digit_limit_is_a_problem(self) -> None:
+        # int() refuses over 4300 digits; the YAML constructor raised ValueError.
+        self.assertProblem(
+            MINIMAL + "limits:\n  recipients: " + "9" * 5000 + "\n",
+            8,
+            "limits.recipients",
+            "must be at most 2147483647",
+        )
+        self.assertProblem(
+            MINIMAL + "limits:\n  message_size: " + "9" * 5000 + "\n",
+            8,
+            "limits.message_size",
+            "a size is at most 1TiB",
+        )
+
+    def test_infinite_and_nan_are_refused(self) -> None:
+        self.assertProblem(
+            MINIMAL + "limits:\n  idle_timeout: .inf\n", 8, "limits.idle_timeout", "not a duration"
+        )
+        self.assertProblem(
+            MINIMAL + "limits:\n  message_size: .nan\n", 8, "limits.message_size", "not a size"
+        )
+
+    def test_bounds_themselves_are_accepted(self) -> None:
+        config = self.load(MINIMAL + "limits:\n  message_size: 1024GiB\n  idle_timeout: 3650d\n")
+        self.assertEqual(config.limits.message_size, 1024**4)
+        self.assertEqual(config.limits.idle_timeout, 3650 * 86400.0)
