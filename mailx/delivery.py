@@ -213,10 +213,18 @@ class IncomingMessage:
 
     @defer.inlineCallbacks
     def eomReceived(self) -> Iterator[defer.Deferred]:
-        self.body.finish()
         ctx = self.delivery.context
         config = ctx.config
         try:
+            self.body.finish()
+            if self.body.error is not None:
+                # SPEC section 5: a disk error is 451 4.3.0, and the sender retries.
+                log.error(
+                    "{qid}: spool write failed: {error}",
+                    qid=self.queue_id,
+                    error=str(self.body.error),
+                )
+                raise SMTPReplyError(replies.LOCAL_ERROR)
             fields = split_header(self.header)
             fields = [f for f in fields if not _is_forged_results(f, config.hostname)]
             self.routes = self._without_loops(fields)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 # Bounded memory per session: with the default 1000 connections the worst
 # case is 256 MiB of bodies in RAM; one message never holds more than this.
@@ -22,42 +23,70 @@ SPILL_AT = 256 * 1024
 READ_CHUNK = 1024 * 1024
 
 
+def _open_spool_file(path: Path) -> BinaryIO:
+    """A new, private (0600 from the start) spool file, buffered for big writes."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    return open(os.open(path, flags, 0o600), "wb", buffering=READ_CHUNK)
+
+
 class SpoolBuffer:
-    """An append-only byte sink that moves to a file past ``SPILL_AT`` bytes."""
+    """An append-only byte sink that moves to a file past ``SPILL_AT`` bytes.
+
+    A write that fails (ENOSPC, EIO, EDQUOT) does not raise out of the
+    session's data path: the file is dropped at once, the rest of the
+    message is only counted, and ``error`` says why, so the end of data
+    answers 451 4.3.0 (SPEC section 5) and the session goes on.  Before,
+    closing the half-written file in the error handler raised ENOSPC a
+    second time and dropped the session mid-DATA.
+    """
 
     def __init__(self, directory: Path, name: str) -> None:
         self._directory = directory
         self._name = name
         self._chunks: list[bytes] = []
         self._held = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self.path: Path | None = None
         self.size = 0
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> None:
         """Append; runs on the reactor thread (a page-cache write, no fsync)."""
         self.size += len(data)
-        if self._file is not None:
-            self._file.write(data)
+        if self.error is not None:
             return
-        self._chunks.append(data)
-        self._held += len(data)
-        if self._held > SPILL_AT:
-            self.path = self._directory / self._name
-            self._file = open(self.path, "wb", buffering=READ_CHUNK)  # noqa: SIM115
-            os.chmod(self.path, 0o600)
-            self._file.writelines(self._chunks)
-            self._chunks = []
-            self._held = 0
+        try:
+            if self._file is not None:
+                self._file.write(data)
+                return
+            self._chunks.append(data)
+            self._held += len(data)
+            if self._held > SPILL_AT:
+                self.path = self._directory / self._name
+                self._file = _open_spool_file(self.path)
+                self._file.writelines(self._chunks)
+                self._chunks = []
+                self._held = 0
+        except OSError as e:
+            self._failed(e)
 
     def finish(self) -> None:
-        """No more data: flush what the file object buffers."""
+        """No more data: flush what the file object buffers (a failure sets ``error``)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as e:
+                self._failed(e)
+
+    def _failed(self, error: OSError) -> None:
+        self.error = error
+        self.discard()
 
     def chunks(self) -> Iterator[bytes]:
         """The contents again, in pieces of bounded size (safe in a worker thread)."""
+        if self.error is not None:
+            raise OSError(self.error.errno, f"spool file lost: {self.error.strerror}")
         if self.path is None:
             yield from self._chunks
             return
@@ -69,14 +98,19 @@ class SpoolBuffer:
         return b"".join(self.chunks())
 
     def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Drop the contents; never raises (it runs in error handlers)."""
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()  # flushing a full disk's buffer fails again: nothing to keep
+            except OSError:
+                pass
         self._chunks = []
+        self._held = 0
         if self.path is not None:
             try:
                 os.unlink(self.path)
-            except FileNotFoundError:
+            except OSError:
                 pass
             self.path = None
 

@@ -3,18 +3,25 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailx import service as service_module
+from mailx import spool
 from mailx.testing.server import (
     TWISTD,
+    LineClient,
+    in_thread,
     message,
     send_mail,
     start_server,
@@ -91,3 +98,90 @@ class ConfigBombTests(unittest.TestCase):
         self.assertTrue(ok)
         self.assertEqual(len(server.messages("alice")), 1)
 
+
+
+class _FullDisk(io.RawIOBase):
+    """A spool file on a full disk: every write to the OS fails with ENOSPC.
+
+    A mock at the OS boundary: a really full file system cannot be made
+    safely (or unprivileged) in a test run, and this fails exactly where a
+    full disk does, when the buffered file hands its bytes to the kernel.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+class SpoolFullTests(unittest.TestCase):
+    """ENOSPC in the incoming spool: 451 4.3.0, the session goes on, nothing is left."""
+
+    def setUp(self) -> None:
+        self.server = start_server(self)
+        self.failing = 1  # spool files that land on the "full disk"
+        real = spool._open_spool_file
+
+        def open_spool_file(path: Path) -> Any:
+            file = real(path)
+            if self.failing <= 0:
+                return file
+            self.failing -= 1
+            return io.BufferedWriter(_FullDisk(os.dup(file.fileno())), spool.READ_CHUNK)
+
+        self.patch(spool, "_open_spool_file", open_spool_file)
+
+    def session(self, size: int) -> list[tuple[int, bytes]]:
+        """A message of ``size`` bytes that fails, then RSET and one that succeeds."""
+        body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (size // 1000) + b"."
+        client = LineClient(self.server.port)
+        try:
+            out = [client.reply(), client.command(b"EHLO c.test")]
+            for subject in (b"big", b"small"):
+                out.append(client.command(b"MAIL FROM:<s@sender.test>"))
+                out.append(client.command(b"RCPT TO:<bob@example.test>"))
+                out.append(client.command(b"DATA"))
+                out.append(client.command(body if subject == b"big" else message("small").rstrip(b"\r\n") + b"\r\n."))
+                out.append(client.command(b"RSET"))
+            out.append(client.command(b"QUIT"))
+            return out
+        finally:
+            client.close()
+
+    def left_over(self) -> list[str]:
+        """Files anywhere in the incoming spool or a Maildir's tmp/."""
+        roots = [self.server.config.paths.spool / "incoming", self.server.config.paths.mail]
+        return [
+            str(p) for root in roots if root.exists() for p in root.rglob("*")
+            if p.is_file() and (root.name == "incoming" or p.parent.name == "tmp")
+        ]  # fmt: skip
+
+    @defer.inlineCallbacks
+    def check(self, size: int) -> Any:
+        replies = yield in_thread(self.session, size)
+        codes = [code for code, _ in replies]
+        self.assertEqual(codes[:7], [220, 250, 250, 250, 354, 451, 250])
+        self.assertIn(b"4.3.0", replies[5][1])
+        self.assertEqual(codes[7:], [250, 250, 354, 250, 250, 221])
+        self.assertEqual([m.split(b"Subject: ")[1][:5] for m in self.server.messages("bob")], [b"small"])
+        # Another client, meanwhile and after: served.
+        yield send_mail(self.server.port, "s@sender.test", ["alice@example.test"], message())
+        self.assertEqual(len(self.server.messages("alice")), 1)
+        self.assertEqual(self.left_over(), [])
+
+    def test_enospc_while_writing_mid_data_is_451_and_the_session_goes_on(self) -> None:
+        # 2 MiB: the file's 1 MiB buffer goes to the kernel during DATA.
+        return self.check(2 * 1024 * 1024)
+
+    def test_enospc_when_closing_the_spool_file_is_451_and_the_session_goes_on(self) -> None:
+        # 600 KiB: spilled to a file, but its buffer meets the kernel only at close.
+        return self.check(600 * 1024)
