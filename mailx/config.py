@@ -30,7 +30,8 @@ knowing:
   a subaddress): the catch-all never catches a target, so a typo is caught
   here and not silently delivered to the catch-all.
 - A DKIM key file is not read at load: ``mailxctl dkim keygen`` creates it
-  from this very configuration.  TLS files must be readable.
+  from this very configuration.  TLS files must be readable.  A DKIM key
+  that exists must not be open to other users (`private_key`).
 """
 
 from __future__ import annotations
@@ -722,6 +723,27 @@ class _Loader:
             raise _Invalid(f"cannot read {path}: {e.strerror}") from None
         return path
 
+    def private_key(self, node: _Node, must_exist: bool) -> Path:
+        """A private key's path (DKIM): readable if ``must_exist``, and never
+        open to other users (anyone who reads a DKIM key signs as our domain).
+
+        Group-readable is allowed, as Debian's ``ssl-cert`` group shares TLS
+        keys with the daemons that need them; other users' access and group
+        write are refused, as OpenSSH refuses such keys.
+        """
+        path = self.readable_file(node) if must_exist else self.path(node)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return path  # a DKIM key that `mailxctl dkim keygen` is about to write
+        except OSError as e:
+            raise _Invalid(f"cannot read {path}: {e.strerror}") from None
+        if mode & 0o027:
+            raise _Invalid(
+                f"{path} is open to other users (mode {mode & 0o777:04o}): run chmod 600 {path}"
+            )
+        return path
+
     def ip(self, node: _Node) -> str:
         text = self.text(node)
         try:
@@ -1097,7 +1119,7 @@ class _Loader:
             return None
         # RFC 6376 3.1: selector = sub-domain *( "." sub-domain )
         selector = self.value(fields["selector"], self.domain)
-        key = self.value(fields["key"], self.path)
+        key = self.value(fields["key"], self.private_key, False)
         return None if selector is None or key is None else DKIMConfig(selector, key)
 
     def link_domains(

@@ -145,11 +145,14 @@ def _pem(key: PrivateKey) -> bytes:
 def write_key(key: PrivateKey, path: str | os.PathLike[str]) -> Path:
     """Write ``key`` to a new file of mode 0600; `KeyExistsError` if ``path`` exists.
 
-    The directory is created (mode 0700) if missing.  The file is fsynced
-    before this returns: the record printed next must not outlive its key.
+    The directory is created (mode 0700) if missing.  The file and its
+    directory are fsynced before this returns: the record printed next must
+    not outlive its key.
     """
+    from mailx.maildir import fsync_directory, make_directories
+
     target = Path(path)
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_directories(target.parent)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(target, flags, 0o600)
@@ -171,6 +174,7 @@ def write_key(key: PrivateKey, path: str | os.PathLike[str]) -> Path:
         target.unlink(missing_ok=True)
         raise KeyFileError(f"cannot write {target}: {e.strerror}") from None
     os.close(fd)
+    fsync_directory(target.parent)  # the name, not only the bytes, must survive a power cut
     return target
 
 

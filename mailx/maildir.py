@@ -27,10 +27,33 @@ def _safe_host(hostname: str) -> str:
     return hostname.replace("/", r"\057").replace(":", r"\072")
 
 
+def make_directories(path: Path, mode: int = 0o700) -> None:
+    """``os.makedirs`` that makes each new directory durable: its parent is fsynced.
+
+    A directory's entry lives in its parent; until the parent is fsynced a
+    power cut can take the new directory away, and with it a message fsynced
+    inside it and already acknowledged (a kill -9 cannot show this: the page
+    cache survives a process).  The fsyncs happen once, when a directory is
+    created; an existing one costs a stat.
+    """
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            pass  # made meanwhile by another writer, perhaps not yet synced: sync it too
+        fsync_directory(directory.parent)
+
+
 def ensure_maildir(path: Path) -> None:
-    """Create ``path/{tmp,new,cur}`` (mode 0700) if missing."""
+    """Create ``path/{tmp,new,cur}`` (mode 0700) if missing, durably."""
     for sub in SUBDIRS:
-        os.makedirs(path / sub, mode=0o700, exist_ok=True)
+        make_directories(path / sub)
 
 
 def ensure_folder(maildir: Path, folder: str = JUNK_FOLDER) -> Path:
@@ -40,6 +63,7 @@ def ensure_folder(maildir: Path, folder: str = JUNK_FOLDER) -> Path:
     marker = path / "maildirfolder"
     if not marker.exists():
         marker.touch(mode=0o600)
+        fsync_directory(path)
     return path
 
 

@@ -48,7 +48,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from mailx.maildir import fsync_directory
+from mailx.maildir import fsync_directory, make_directories
 
 log = Logger(namespace="mailx.queue")
 
@@ -185,7 +185,7 @@ class Queue:
 
     def prepare(self) -> int:
         """Create the directories; remove what a crash left half-made. Returns how many."""
-        os.makedirs(self.tmp, mode=0o700, exist_ok=True)
+        make_directories(self.tmp)
         removed = 0
         for entry in os.scandir(self.tmp):
             shutil.rmtree(entry.path, ignore_errors=True)

@@ -183,11 +183,11 @@ class MailxService(service.MultiService):
         # change the rules under a transaction in progress.
         return SessionDelivery(self.context, session)
 
-    def prepare_storage(self, clean: bool = True) -> None:
+    def prepare_storage(self, clean: bool = True, config: Config | None = None) -> None:
         """Create the directories and (at start-up) clear what a crash left behind."""
-        config = self.config
+        config = config or self.config
         incoming = config.paths.spool / "incoming"
-        os.makedirs(incoming, mode=0o700, exist_ok=True)
+        maildir.make_directories(incoming)
         if clean:
             dropped = spool.clean_incoming(incoming)
             if dropped:
@@ -250,9 +250,15 @@ class MailxService(service.MultiService):
         Reloads run one at a time, so the last SIGHUP's file is the one applied."""
         source = self.config.source
 
+        def read_and_prepare() -> tuple[Config, Any] | None:
+            read = self._read(source)
+            if read is not None:  # new mailboxes' directories: mkdir and fsync, blocking
+                self.prepare_storage(clean=False, config=read[0])
+            return read
+
         def read() -> defer.Deferred:
-            d = threads.deferToThreadPool(self.reactor, self.disk_pool, self._read, source)
-            return d.addCallback(lambda read: read is not None and self._apply(*read))
+            d = threads.deferToThreadPool(self.reactor, self.disk_pool, read_and_prepare)
+            return d.addCallback(lambda read: read is not None and self._apply(*read, True))
 
         return self._reload_lock.run(read)
 
@@ -277,11 +283,12 @@ class MailxService(service.MultiService):
             log.error("reload refused: {problem}", problem=str(e))
         return None
 
-    def _apply(self, config: Config, context: Any) -> bool:
+    def _apply(self, config: Config, context: Any, prepared: bool = False) -> bool:
         if config.listen != self.config.listen:
             log.warn("reload: listen endpoints changed; they take effect at the next restart")
         self.config = config
-        self.prepare_storage(clean=False)
+        if not prepared:
+            self.prepare_storage(clean=False)
         self.context = self._context_for(config)
         self.factory.reconfigure(config, self._delivery_for, context)
         log.info(

@@ -177,6 +177,21 @@ class SRSSecretTests(CLITestCase):
         self.assertEqual(self.run_cli("check", "-c", self.write(text))[0], 0)
 
 
+class DKIMKeyModeTests(CLITestCase):
+    def test_check_refuses_a_world_readable_dkim_key(self) -> None:
+        key = self.directory / "example.test.key"
+        key.write_text("key")
+        key.chmod(0o644)
+        text = GOOD.replace(
+            "      \"*\": bob\n", "      \"*\": bob\n    dkim: {selector: mx1, key: example.test.key}\n"
+        )
+        status, _, err = self.run_cli("check", "-c", self.write(text))
+        self.assertEqual(status, cli.EXIT_WRONG)
+        self.assertIn(f"domains.example.test.dkim.key: {key} is open to other users (mode 0644)", err)
+        key.chmod(0o600)
+        self.assertEqual(self.run_cli("check", "-c", self.write(text))[0], cli.EXIT_OK)
+
+
 class ConfigFileChoiceTests(CLITestCase):
     def test_option_before_the_command(self) -> None:
         status, out, _ = self.run_cli("-c", self.write(GOOD), "check")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -13,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from mailx import maildir, spool, writer
 from mailx import service as service_module
-from mailx import spool
+from mailx.queue import Queue
 from mailx.testing.server import (
     TWISTD,
     LineClient,
@@ -185,3 +188,91 @@ class SpoolFullTests(unittest.TestCase):
     def test_enospc_when_closing_the_spool_file_is_451_and_the_session_goes_on(self) -> None:
         # 600 KiB: spilled to a file, but its buffer meets the kernel only at close.
         return self.check(600 * 1024)
+
+
+class FsyncRecorder:
+    """``os.fsync`` that notes which directories it synced, in order, then syncs.
+
+    A mock at the OS boundary: a power cut cannot be simulated in a test
+    (a kill -9 keeps the page cache, so it cannot show a missing directory
+    fsync); the call pattern is what can be checked.
+    """
+
+    def __init__(self, testcase: unittest.TestCase) -> None:
+        self.directories: list[Path] = []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                self.directories.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+            real(fd)
+
+        testcase.patch(os, "fsync", fsync)
+
+
+class DirectoryDurabilityTests(unittest.TestCase):
+    """Every directory mailx makes has its parent fsynced before a message in it is answered."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).resolve()
+        self.root.mkdir()
+        self.box = self.root / "example.test" / "alice"
+
+    def request(self, number: int, folder: str | None) -> tuple[dict[str, Any], bytes]:
+        head = b"Delivered-To: alice@example.test\n"
+        copy = {"maildir": str(self.box), "name": f"m{number}", "folder": folder, "head": len(head)}
+        return {"id": number, "copies": [copy]}, head + b"Subject: x\r\n\r\nbody\r\n"
+
+    def test_new_mailbox_directories_are_synced_into_their_parents(self) -> None:
+        fsyncs = FsyncRecorder(self)
+        maildir.ensure_maildir(self.box)
+        domain = self.box.parent
+        # example.test into the root, alice into example.test, tmp/new/cur into alice.
+        self.assertEqual(fsyncs.directories, [self.root, domain, self.box, self.box, self.box])
+
+    def test_first_junk_message_syncs_the_new_folder_before_it_is_answered(self) -> None:
+        maildir.ensure_maildir(self.box)
+        fsyncs = FsyncRecorder(self)
+        [(answer, _)] = writer.decode_all(bytearray(writer.commit([self.request(1, ".Junk")])))
+        self.assertIn("paths", answer)
+        junk = self.box / ".Junk"
+        # .Junk into the mailbox; tmp, new, cur and the maildirfolder marker into
+        # .Junk; then the message's rename into .Junk/new, the last before the answer.
+        self.assertEqual(fsyncs.directories, [self.box, junk, junk, junk, junk, junk / "new"])
+
+    def test_later_messages_sync_only_new(self) -> None:
+        maildir.ensure_maildir(self.box)
+        writer.commit([self.request(1, ".Junk")])
+        fsyncs = FsyncRecorder(self)
+        writer.commit([self.request(2, ".Junk"), self.request(3, None)])
+        self.assertEqual(sorted(fsyncs.directories), sorted([self.box / ".Junk" / "new", self.box / "new"]))
+
+    def test_a_mailbox_made_at_first_delivery_is_synced(self) -> None:
+        # write_message makes a missing Maildir itself (a mailbox removed by hand).
+        fsyncs = FsyncRecorder(self)
+        maildir.write_message(self.box, "m1", [b"Subject: x\n\nbody\n"])
+        self.assertEqual(fsyncs.directories[:3], [self.root, self.box.parent, self.box])
+        self.assertEqual(fsyncs.directories[-1], self.box / "new")
+
+    def test_spool_and_queue_directories_are_synced(self) -> None:
+        fsyncs = FsyncRecorder(self)
+        spool_root = self.root / "spool"
+        Queue(spool_root / "queue").prepare()
+        maildir.make_directories(spool_root / "incoming")
+        self.assertEqual(
+            fsyncs.directories,
+            [self.root, spool_root, spool_root / "queue", spool_root],
+        )
+
+    @defer.inlineCallbacks
+    def test_a_mailbox_added_by_reload_is_synced_before_it_is_used(self) -> None:
+        server = start_server(self)
+        config = yaml.safe_load(server.config.source.read_text())
+        config["domains"]["example.test"]["mailboxes"].append("carol")
+        server.config.source.write_text(yaml.safe_dump(config))
+        fsyncs = FsyncRecorder(self)
+        self.assertTrue((yield server.service.reload_in_thread()))
+        carol = server.config.paths.mail / "example.test" / "carol"
+        self.assertEqual(fsyncs.directories, [carol.parent, carol, carol, carol])
+        yield send_mail(server.port, "s@sender.test", ["carol@example.test"], message())
+        self.assertEqual(len(server.messages("carol")), 1)
