@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import os
 import signal
 import sys
@@ -33,6 +32,7 @@ from mailx.routing import (
     domain_to_unicode,
     normalize_domain,
 )
+from mailx.text import printable, printable_lines, safe_json
 
 EXIT_OK = 0
 EXIT_WRONG = 1  # what was checked is wrong
@@ -87,11 +87,16 @@ class Context:
         return load_config(self.config_path)
 
     def emit(self, data: dict[str, Any], text: str) -> None:
-        """Print ``data`` as JSON under ``--json``, else ``text``."""
+        """Print ``data`` as JSON under ``--json``, else ``text``.
+
+        Both with every control character escaped (`mailx.text`): queue
+        entries show strangers' header fields and remote replies, and an
+        escape sequence in them must not reach the owner's terminal.
+        """
         if self.json:
-            print(json.dumps(data, indent=2, ensure_ascii=False))
+            print(safe_json(data))
         else:
-            print(text)
+            print(printable_lines(text))
 
 
 def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -152,9 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command].run(context)
     except ConfigError as e:
         for problem in e.problems:
-            print(problem, file=sys.stderr)
+            print(printable(str(problem)), file=sys.stderr)
         if context.json:
-            print(json.dumps(_problems_json(e), indent=2, ensure_ascii=False))
+            print(safe_json(_problems_json(e)))
         return EXIT_WRONG
 
 

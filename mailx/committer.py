@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from mailx.text import Logger
 
 log = Logger(namespace="mailx.committer")
 

@@ -23,7 +23,6 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.mail.smtp import IMessage
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
@@ -33,6 +32,7 @@ from mailx.replies import SMTPReplyError
 from mailx.routing import ForwardDestination, MailboxDestination, Route, quote_local, route
 from mailx.spool import SpoolBuffer
 from mailx.srs import srs_route
+from mailx.text import Logger
 
 log = Logger(namespace="mailx.delivery")
 

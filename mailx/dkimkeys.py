@@ -41,9 +41,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import HASH_ALGORITHMS, parse_pem_private_key
-from twisted.logger import Logger
 
 from mailx.routing import AddressError, normalize_domain
+from mailx.text import Logger
 
 if TYPE_CHECKING:
     from mailx.config import Config

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from mailx.dns import DNSError, DNSVoidError
+from mailx.text import Logger
 
 log = Logger(namespace="mailx.dnsbl")
 

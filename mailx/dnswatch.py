@@ -22,11 +22,11 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from mailx import dnssetup
 from mailx.config import Config
 from mailx.dnssetup import Finding
+from mailx.text import Logger
 
 __all__ = ["DNSWatchService", "add_dns_watch", "check_in_thread"]
 

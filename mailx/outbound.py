@@ -51,7 +51,6 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -68,6 +67,7 @@ from mailx.routing import (
     route,
 )
 from mailx.srs import SRS, srs_route
+from mailx.text import Logger
 
 log = Logger(namespace="mailx.outbound")
 

@@ -46,9 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import Logger
-
 from mailx.maildir import fsync_directory, make_directories
+from mailx.text import Logger
 
 log = Logger(namespace="mailx.queue")
 

@@ -12,7 +12,6 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -28,6 +27,7 @@ from mailx.dnsbl import Blocklists
 from mailx.outbound import Outbound
 from mailx.queue import Queue
 from mailx.smtp import MailxSMTPFactory, server_endpoint
+from mailx.text import Logger
 from mailx.writer import WriterClient
 
 log = Logger(namespace="mailx.service")

@@ -32,7 +32,6 @@ from typing import Any
 
 from twisted.internet import defer, interfaces, tcp
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.python.failure import Failure
@@ -41,6 +40,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 from mailx import replies
 from mailx.replies import Reply, SMTPReplyError
 from mailx.routing import AddressError, parse_address
+from mailx.text import Logger
 
 log = Logger(namespace="mailx.smtp")
 

@@ -33,8 +33,9 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from mailx.text import Logger
 
 log = Logger(namespace="mailx.writer")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import stat
 import subprocess
@@ -16,11 +17,13 @@ from typing import Any
 
 import yaml
 from twisted.internet import defer
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from mailx import maildir, spool, writer
+from mailx import cli, maildir, spool, writer
 from mailx import service as service_module
 from mailx.queue import Queue
+from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.server import (
     TWISTD,
     LineClient,
@@ -30,7 +33,9 @@ from mailx.testing.server import (
     start_server,
     write_config,
 )
+from mailx.testing.sink import start_sink
 from tests.test_config import BOMB
+from tests.test_forwarding import ZONES, config_overrides, original, wait_until
 
 
 def bombed(config_path: Path) -> None:
@@ -276,3 +281,61 @@ class DirectoryDurabilityTests(unittest.TestCase):
         self.assertEqual(fsyncs.directories, [carol.parent, carol, carol, carol])
         yield send_mail(server.port, "s@sender.test", ["carol@example.test"], message())
         self.assertEqual(len(server.messages("carol")), 1)
+
+
+OSC52 = "\x1b]52;c;ZWNobyBwd25lZA==\x07"  # sets the reader's clipboard to "echo pwned"
+OSC52_SHOWN = "\\x1b]52;c;ZWNobyBwd25lZA==\\x07"
+
+
+class TerminalEscapeTests(unittest.TestCase):
+    """A remote reply and a Subject carrying OSC 52: escaped in the log and in mailxctl."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dns = start_dns_server(ZONES)
+        self.addCleanup(self.dns.stop)
+        self.sink = start_sink()
+        self.addCleanup(self.sink.stop)
+        self.server = start_server(
+            self, config_overrides(self.dns.port, self.sink.port, retry=["1h"])
+        )
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def mailxctl(self, *argv: str) -> str:
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.assertEqual(cli.main(["-c", str(self.server.config.source), *argv]), 0)
+        return out.getvalue()
+
+    @defer.inlineCallbacks
+    def test_remote_reply_and_subject_are_escaped_everywhere(self) -> None:
+        self.sink.script("rcpt", f"451 4.7.1 Greylisted{OSC52}\x9b2J\u202e")
+        yield send_mail(
+            self.server.port, "alice@sender.test", ["boss@example.test"],
+            original(subject=f"invoice{OSC52}"),
+        )  # fmt: skip
+        outbound = self.server.service.outbound
+        yield wait_until(
+            lambda: any(
+                e.envelope.recipients[0].attempts == 1 and not e.busy
+                for e in outbound._entries.values()
+            )
+        )
+        [queue_id] = outbound._entries
+        log = "\n".join(formatEvent(e) for e in self.events)
+        self.assertIn(f"Greylisted{OSC52_SHOWN}\\x9b2J\\u202e", log)
+        for shown in (log, self.mailxctl("queue", "list"), self.mailxctl("queue", "show", queue_id),
+                      self.mailxctl("queue", "list", "--json")):  # fmt: skip
+            with self.subTest(output=shown[:40]):
+                self.assertFalse(any(c in shown for c in "\x1b\x07\x9b\u202e"))
+        self.assertIn(f"Greylisted{OSC52_SHOWN}", self.mailxctl("queue", "list"))
+        self.assertIn(f"Subject: invoice{OSC52_SHOWN}", self.mailxctl("queue", "show", queue_id))
+        # Scripts get the same data back from --json.
+        [entry] = json.loads(self.mailxctl("queue", "list", "--json"))["messages"]
+        self.assertIn(OSC52, entry["recipients"][0]["last_reply"])
+        # Meanwhile, another client is served.
+        yield send_mail(self.server.port, "s@sender.test", ["bob@example.test"], message())
+        self.assertEqual(len(self.server.messages("bob")), 1)
