@@ -31,7 +31,7 @@ knowing:
   here and not silently delivered to the catch-all.
 - A DKIM key file is not read at load: ``mailxctl dkim keygen`` creates it
   from this very configuration.  TLS files must be readable.  A DKIM key
-  that exists must not be open to other users (`private_key`).
+  that exists must not be open to every user of the machine (`private_key`).
 """
 
 from __future__ import annotations
@@ -724,23 +724,22 @@ class _Loader:
         return path
 
     def private_key(self, node: _Node, must_exist: bool) -> Path:
-        """A private key's path (DKIM): readable if ``must_exist``, and never
-        open to other users (anyone who reads a DKIM key signs as our domain).
+        """A private key's path (DKIM): readable if ``must_exist``, and not open to
+        every user of the machine (whoever reads a DKIM key signs as our domain).
 
-        Group-readable is allowed, as Debian's ``ssl-cert`` group shares TLS
-        keys with the daemons that need them; other users' access and group
-        write are refused, as OpenSSH refuses such keys.
+        The rule of the TLS key check: group access is allowed, as with
+        Debian's ``ssl-cert`` group; any permission for others is refused.
         """
         path = self.readable_file(node) if must_exist else self.path(node)
         try:
-            mode = os.stat(path).st_mode
+            mode = os.stat(path).st_mode & 0o7777
         except FileNotFoundError:
             return path  # a DKIM key that `mailxctl dkim keygen` is about to write
         except OSError as e:
             raise _Invalid(f"cannot read {path}: {e.strerror}") from None
-        if mode & 0o027:
+        if mode & 0o007:
             raise _Invalid(
-                f"{path} is open to other users (mode {mode & 0o777:04o}): run chmod 600 {path}"
+                f"every user of this machine can use {path} (mode {mode:04o}): chmod 600 {path}"
             )
         return path
 

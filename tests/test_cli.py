@@ -187,7 +187,9 @@ class DKIMKeyModeTests(CLITestCase):
         )
         status, _, err = self.run_cli("check", "-c", self.write(text))
         self.assertEqual(status, cli.EXIT_WRONG)
-        self.assertIn(f"domains.example.test.dkim.key: {key} is open to other users (mode 0644)", err)
+        self.assertIn(
+            f"domains.example.test.dkim.key: every user of this machine can use {key} (mode 0644)", err
+        )
         key.chmod(0o600)
         self.assertEqual(self.run_cli("check", "-c", self.write(text))[0], cli.EXIT_OK)
 
