@@ -242,7 +242,10 @@ class MailxService(service.MultiService):
         )
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload_in_thread)
+        def reload() -> None:
+            self.reload_in_thread().addErrback(lambda f: log.failure("reload failed", f))
+
+        self.reactor.callFromThread(reload)
 
     def reload_in_thread(self) -> defer.Deferred:
         """`reload`, with the file read and parsed in the disk pool (SIGHUP's way):
@@ -253,7 +256,14 @@ class MailxService(service.MultiService):
         def read_and_prepare() -> tuple[Config, Any] | None:
             read = self._read(source)
             if read is not None:  # new mailboxes' directories: mkdir and fsync, blocking
-                self.prepare_storage(clean=False, config=read[0])
+                try:
+                    self.prepare_storage(clean=False, config=read[0])
+                except OSError as e:
+                    log.error(
+                        "reload refused: cannot create {path}: {error}",
+                        path=str(e.filename), error=e.strerror,
+                    )  # fmt: skip
+                    return None
             return read
 
         def read() -> defer.Deferred:

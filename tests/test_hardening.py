@@ -81,6 +81,18 @@ class ConfigBombTests(unittest.TestCase):
         self.assertEqual(len(server.messages("bob")), 1)
 
     @defer.inlineCallbacks
+    def test_reload_that_cannot_make_a_maildir_is_refused(self) -> None:
+        server = start_server(self)
+        config = yaml.safe_load(server.config.source.read_text())
+        config["domains"]["example.test"]["mailboxes"].append("carol")
+        server.config.source.write_text(yaml.safe_dump(config))
+        (server.config.paths.mail / "example.test" / "carol").write_text("in the way")
+        self.assertFalse((yield server.service.reload_in_thread()))
+        self.assertNotIn("carol", server.service.config.domains["example.test"].mailboxes)
+        yield send_mail(server.port, "s@sender.test", ["bob@example.test"], message())
+        self.assertEqual(len(server.messages("bob")), 1)
+
+    @defer.inlineCallbacks
     def test_reload_parses_off_the_reactor_while_clients_are_served(self) -> None:
         # A parse that takes as long as the test wants: another client is
         # served from start to end while it runs (SIGHUP used to parse on the
