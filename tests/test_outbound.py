@@ -43,6 +43,7 @@ from mailx.outbound import (
 )
 from mailx.queue import DELIVERED, FAILED, PENDING, Queue
 from mailx.replies import Reply
+from mailx.testing import SRS_SECRET
 from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.sink import self_signed_certificate, start_sink
 
@@ -65,8 +66,8 @@ domains:
     mailboxes: [alice]
     aliases: {postmaster: alice}
 outbound:
-  srs_secret: [2ucJ-Ad0jn8MYl85jcvZlPspRAIY-5I_G1HQe0fQM7U]
-"""
+  srs_secret: [SRS_SECRET]
+""".replace("SRS_SECRET", SRS_SECRET)
 
 ZONES = {
     "outside.test": {"MX": [(10, "mx.outside.test")]},

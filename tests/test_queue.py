@@ -20,6 +20,7 @@ from mailx.queue import (
     envelope_summary,
     valid_id,
 )
+from mailx.testing import SRS_SECRET
 from tests.test_cli import CLITestCase
 
 MESSAGE = b"From: a@sender.test\r\nSubject: hi\r\n\r\nHello.\r\n"
@@ -191,8 +192,8 @@ domains:
   example.test:
     mailboxes: [alice]
     aliases: {postmaster: alice, boss: someone@outside.test}
-outbound: {srs_secret: 2ucJ-Ad0jn8MYl85jcvZlPspRAIY-5I_G1HQe0fQM7U}
-"""
+outbound: {srs_secret: SRS_SECRET}
+""".replace("SRS_SECRET", SRS_SECRET)
 
 
 class QueueCommandTests(CLITestCase):

@@ -28,6 +28,7 @@ from mailx.routing import (
     route,
     split_subaddress,
 )
+from mailx.testing import SRS_SECRET
 
 CONFIG = """\
 hostname: mx.example.test
@@ -324,8 +325,8 @@ class ForwardTests(unittest.TestCase):
                       boss: Someone@Elsewhere.TEST
                       both: [boss, alice]
                 outbound:
-                  srs_secret: 2ucJ-Ad0jn8MYl85jcvZlPspRAIY-5I_G1HQe0fQM7U
-                """),
+                  srs_secret: SRS_SECRET
+                """).replace("SRS_SECRET", SRS_SECRET),
             "/etc/mailx/mailx.yaml",
         )
 

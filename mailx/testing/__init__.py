@@ -1,6 +1,8 @@
 """Helpers for testing mailx and things built on it (loopback DNS, SMTP sink, servers)."""
 
-# SRS secrets that pass the configuration's strength check (config.secret_weakness).
-# Public, so for tests only: never in a real configuration.
-SRS_SECRET = "2ucJ-Ad0jn8MYl85jcvZlPspRAIY-5I_G1HQe0fQM7U"
-SRS_SECRET_2 = "U1E5vawEC-oc3PDUWKydRwrIe7DIizgGM9mUAo5BgRs"
+import secrets
+
+# SRS secrets that pass the configuration's strength check, new in each test
+# run: a fixed one here would be a sample value anyone could copy.
+SRS_SECRET = secrets.token_urlsafe(32)
+SRS_SECRET_2 = secrets.token_urlsafe(32)
