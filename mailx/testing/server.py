@@ -185,6 +185,23 @@ def dialogue(
         client.close()
 
 
+def capture_log(testcase: Any) -> list[str]:
+    """The formatted text of every log event from now to the end of ``testcase``."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        text = formatEvent(event)
+        if event.get("log_failure") is not None:
+            text += "\n" + event["log_failure"].getTraceback()
+        lines.append(text)
+
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
+
+
 def in_thread(func: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
     return deferToThread(func, *args, **kwargs)
 
