@@ -351,7 +351,8 @@ def route(context: Context) -> int:
     if text.startswith("<") and text.endswith(">"):  # as written in RCPT TO:<...>
         text = text[1:-1]
     try:
-        result = Router(config).route(text)
+        # The server reverses our SRS addresses before ordinary routing; so do we.
+        result = _srs_route(config, text) or Router(config).route(text)
     except AddressError as e:
         return _refused(context, text, replies.BAD_RECIPIENT_SYNTAX, (f"bad address: {e}",))
     except RouteRefused as e:
@@ -373,6 +374,30 @@ def route(context: Context) -> int:
     lines.append(str(reply))
     context.emit(data, "\n".join(lines))
     return EXIT_OK
+
+
+def _srs_route(config: Config, text: str) -> Any:
+    """The route of one of our SRS addresses (as `mailx.srs.srs_route`), None otherwise.
+
+    A forged or expired one raises `RouteRefused` with why, as the server refuses it.
+    """
+    from mailx.replies import SMTPReplyError
+    from mailx.srs import SRS, srs_route
+
+    secrets = config.outbound.srs_secrets if config.outbound is not None else ()
+    if not secrets:
+        return None
+    try:
+        return srs_route(SRS(secrets), config, text)
+    except SMTPReplyError as e:
+        why = str(e.__cause__) if e.__cause__ is not None else "does not verify"
+        raise RouteRefused(
+            e.reply,
+            (
+                f"{text} is an SRS address at one of our domains, but not a valid one"
+                f" (a forged or altered hash, or older than its validity): {why}",
+            ),
+        ) from None
 
 
 def _refused(context: Context, address: str, reply: replies.Reply, trace: Sequence[str]) -> int:

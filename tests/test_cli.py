@@ -267,6 +267,36 @@ class RouteTests(CLITestCase):
         self.assertIn("limits.recipients", err)
 
 
+class RouteSRSTests(CLITestCase):
+    """``route`` reverses our SRS addresses as the server does at RCPT."""
+
+    SECRET = "a-long-enough-test-secret"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config = self.write(
+            GOOD.replace('      "*": bob\n', "")
+            + f"outbound:\n  srs_secret: {self.SECRET}\n"
+        )
+
+    def test_valid_srs_address_goes_to_the_original_sender(self) -> None:
+        from mailx.srs import SRS
+
+        address = SRS([self.SECRET]).forward("carol@sender.test", "example.test")
+        status, out, _ = self.run_cli("route", "-c", self.config, address)
+        self.assertEqual(status, 0, out)
+        self.assertIn("is an SRS address of ours → bounce to carol@sender.test", out)
+        self.assertIn("  forward to carol@sender.test", out)
+
+    def test_forged_srs_address_is_refused_and_says_why(self) -> None:
+        status, out, _ = self.run_cli(
+            "route", "-c", self.config, "SRS0=abcdef=AB=sender.test=carol@example.test"
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("is an SRS address at one of our domains, but not a valid one", out)
+        self.assertEqual(out.splitlines()[-1], "550 5.7.1 Invalid SRS address")
+
+
 class UsageTests(CLITestCase):
     def test_no_command_exits_2(self) -> None:
         status, _, err = self.run_cli()
