@@ -43,6 +43,8 @@ MAX_HEADER_SECTION = 1024 * 1024
 MAX_RECEIVED = 50
 _FIELD_START = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
+# A quoted local part may hold spaces (RFC 5321 4.1.2), never a line break.
+_UNSAFE_ADDRESS = re.compile(r"[^\x20-\x7e]")
 
 
 class IDelivery(Interface):
@@ -246,7 +248,8 @@ class IncomingMessage:
             extra = [verdict.header.encode("utf-8") + b"\r\n"] if verdict is not None else []
             mailboxes = _unique_mailboxes(self.routes)
             copies = [
-                (dest, self._trace_headers(dest) + extra, action == "junk") for dest in mailboxes
+                (dest, self._trace_headers(dest, given) + extra, action == "junk")
+                for dest, given in mailboxes
             ]
             header = b"".join(fields)
             outgoing = self._outgoing(verdict)
@@ -377,7 +380,11 @@ class IncomingMessage:
         d = deferToThreadPool(ctx.reactor, ctx.disk_pool, self.body.contents)
         return d.addCallback(lambda body: header + body)
 
-    def _trace_headers(self, dest: MailboxDestination) -> list[bytes]:
+    def _trace_headers(self, dest: Any, original: str | None = None) -> list[bytes]:
+        """Return-Path, X-Original-To (a local copy's ``original`` RCPT), Delivered-To, Received.
+
+        In Postfix local(8)'s order, which filters and people already know.
+        """
         session = self.delivery.session
         config = self.delivery.config
         helo = _UNSAFE.sub("?", session.helo or "unknown")
@@ -391,11 +398,13 @@ class IncomingMessage:
             f"\tby {config.hostname} (mailx) with {protocol} id {self.queue_id}{tls}\r\n"
             f"\tfor <{dest.address}>; {formatdate(localtime=True)}\r\n"
         )
-        return [
-            f"Return-Path: <{_quoted_path(self.sender)}>\r\n".encode(),
-            f"Delivered-To: {dest.address}\r\n".encode(),
-            received.encode("utf-8"),
-        ]
+        trace = [f"Return-Path: <{_quoted_path(self.sender)}>\r\n".encode()]
+        if original is not None:
+            # SPEC 4: the RCPT address as given, before alias expansion and
+            # subaddress stripping, so filters can sort on me+news@.
+            trace.append(f"X-Original-To: {_UNSAFE_ADDRESS.sub('?', original)}\r\n".encode())
+        trace += [f"Delivered-To: {dest.address}\r\n".encode(), received.encode("utf-8")]
+        return trace
 
 
 def _quoted_path(sender: str) -> str:
@@ -429,13 +438,15 @@ def _is_forged_results(field: bytes, hostname: str) -> bool:
     return is_forged_results(field[23:].decode("utf-8", "replace"), hostname)
 
 
-def _unique_mailboxes(routes: Sequence[Route]) -> list[MailboxDestination]:
-    """One copy per final mailbox, whatever aliases led there (SPEC 4)."""
-    seen: dict[tuple[str, str], MailboxDestination] = {}
+def _unique_mailboxes(routes: Sequence[Route]) -> list[tuple[MailboxDestination, str]]:
+    """One copy per final mailbox, whatever aliases led there (SPEC 4), with the
+    RCPT address that led there: the first one when several did (one copy, one
+    X-Original-To)."""
+    seen: dict[tuple[str, str], tuple[MailboxDestination, str]] = {}
     for r in routes:
         for dest in r.destinations:
             if isinstance(dest, MailboxDestination):
-                seen.setdefault((dest.domain, dest.mailbox), dest)
+                seen.setdefault((dest.domain, dest.mailbox), (dest, str(r.address)))
     return list(seen.values())
 
 

@@ -1011,13 +1011,16 @@ class SMTPSessions(RuleBasedStateMachine):
         assert re.fullmatch(rb"[\t\n\x20-\x7e]*", trace), f"unsafe byte in trace headers: {trace!r}"
         lines = trace.rstrip(b"\n").split(b"\n")
         assert lines[0] == b"Return-Path: <" + delivered.sender.encode() + b">", lines[0]
-        assert lines[1] == b"Delivered-To: " + address.encode(), lines[1]
-        assert lines[2].startswith(b"Received: from "), lines[2]
-        assert all(line.startswith(b"\t") for line in lines[3:]), trace
-        received = b"".join(lines[2:])
+        # SPEC 4: the RCPT that led here, as given (which one of several the
+        # model does not track: any one address, one field).
+        assert re.fullmatch(rb"X-Original-To: [\x20-\x7e]+@[\x21-\x7e]+", lines[1]), lines[1]
+        assert lines[2] == b"Delivered-To: " + address.encode(), lines[2]
+        assert lines[3].startswith(b"Received: from "), lines[3]
+        assert all(line.startswith(b"\t") for line in lines[4:]), trace
+        received = b"".join(lines[3:])
         if re.fullmatch(rb"[\x21-\x7e]+", delivered.helo):
-            assert lines[2].startswith(b"Received: from " + delivered.helo + b" ("), lines[2]
-        assert b"[127.0.0.1])" in lines[2], lines[2]
+            assert lines[3].startswith(b"Received: from " + delivered.helo + b" ("), lines[3]
+        assert b"[127.0.0.1])" in lines[3], lines[3]
         assert b" with " + delivered.protocol + b" id " in received, received
         assert b"for <" + address.encode() + b">;" in received, received
         assert message == delivered.message, (
