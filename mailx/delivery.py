@@ -75,6 +75,7 @@ class DeliveryContext:
     committer: Any = None  # mailx.committer.GroupCommitter: files messages with forwards
     writer: Any = None  # mailx.writer.WriterClient: files mailbox-only messages
     outbound: Any = None  # mailx.outbound.Outbound: forwarding queue and SRS
+    resolver: Any = None  # mailx.dns.Resolver: the client's name at connect (checks.reverse_dns)
     incoming: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,13 +97,38 @@ class SessionDelivery:
         if context.blocklists is not None:
             # Started at connect so the answer is usually in by the first RCPT.
             self._listing = context.blocklists.check(session.client_ip)
+        if context.resolver is not None and context.config.checks.reverse_dns:
+            self._look_up_name()
+
+    def _look_up_name(self) -> None:
+        """Start the client's forward-confirmed reverse lookup (`mailx.ptr`); nothing waits."""
+        from mailx.dnsbl import exempt
+        from mailx.ptr import look_up
+
+        session = self.session
+        if exempt(session.client_ip):
+            return
+
+        def found(name: str | None) -> None:
+            session.reverse_name = name
+            log.info(
+                "{session}: client {ip} is {name}",
+                session=session.session_id,
+                ip=session.client_ip,
+                name=name or "unknown (no PTR, or its name does not resolve back)",
+            )
+
+        ctx = self.context
+        look_up(ctx.resolver, session.client_ip, ctx.reactor).addCallback(found)
 
     def mail(self, queue_id: str, sender: str, size: int) -> None:
         log.info(
-            "{qid}: from=<{sender}> size={size} client={ip} helo={helo}",
+            "{qid}: from=<{sender}>{size} client={name}[{ip}] helo={helo}",
             qid=queue_id,
             sender=sender,
-            size=size,
+            # The size the client declared (RFC 1870); none said, none shown.
+            size=f" size={size}" if size else "",
+            name=self.session.reverse_name or "unknown",
             ip=self.session.client_ip,
             helo=self.session.helo,
         )

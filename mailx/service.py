@@ -154,6 +154,7 @@ class MailxService(service.MultiService):
             outbound=self._outbound_for(config, resolver),
             committer=self.committer,
             writer=self.writer,
+            resolver=resolver,
         )
 
     def _outbound_for(self, config: Config, resolver: Resolver) -> Outbound:

@@ -26,6 +26,9 @@ BASE_CONFIG: dict[str, Any] = {
     "paths": {"mail": "mail", "spool": "spool"},
     "limits": {"greeting_delay": "0s"},
     "authentication": {"spf": False, "dkim": False, "dmarc": "off"},
+    # No lookups a test did not ask for: a PROXY-claimed client address would
+    # otherwise be looked up through the system's resolver.
+    "checks": {"reverse_dns": False},
     "domains": {
         "example.test": {
             "mailboxes": ["alice", "bob"],
