@@ -314,6 +314,12 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also look up every domain's DNS records and compare them (mailxctl dns --check)",
     )
+    parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="also check that user NAME (twistd's --uid) can read and write every file"
+        " mailx needs once running (default: the user running this command)",
+    )
 
 
 @command(
@@ -321,12 +327,35 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 )
 def check(context: Context) -> int:
     """``mailxctl check``: a bad configuration exits 1 with one line per problem (via main)."""
+    from mailx import preflight
+
     config = context.load_config()
     summary = summarize(config)
+    if context.args.user is not None:
+        try:
+            user = preflight.user_named(context.args.user)
+        except KeyError:
+            print(f"mailxctl: no user {context.args.user!r} on this system", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        user = preflight.run_as()
+    # What the server will meet after twistd's --uid/--gid (start-up checks it too).
+    problems = preflight.access_problems(config, user)
+    summary = {
+        **summary,
+        "ok": not problems,
+        "files": {"user": user.name, "uid": user.uid, "problems": problems},
+    }
     if context.args.dns:
         return _check_dns(context, config, summary)
-    context.emit(summary, render_summary(summary))
-    return EXIT_OK
+    text = render_summary(summary)
+    if problems:
+        text += f"\n\nfiles, as {user.describe()}: {len(problems)} problem(s)\n"
+        text += "\n".join(f"  {p}" for p in problems)
+    else:
+        text += f"\nfiles: every file and directory is usable by {user.describe()}"
+    context.emit(summary, text)
+    return EXIT_WRONG if problems else EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -524,6 +553,12 @@ def _check_dns(context: Context, config: Config, summary: dict[str, Any]) -> int
         },
     }
     text = [render_summary(summary)]
+    files = summary.get("files", {}).get("problems", [])
+    bad = bad or bool(files)
+    summary["ok"] = not bad
+    if files:
+        text += ["", f"files, as user {summary['files']['user']}: {len(files)} problem(s)"]
+        text += [f"  {p}" for p in files]
     for domain, findings in results.items():
         text += ["", f"DNS of {domain}:", dnssetup.render_findings(domain, findings)]
     context.emit(summary, "\n".join(text))

@@ -307,6 +307,18 @@ class IncomingMessage:
         except SMTPReplyError as e:
             log.info("{qid}: refused: {reply}", qid=self.queue_id, reply=str(e.reply))
             raise
+        except OSError as e:
+            # An operational problem (permissions, a full disk, a file where a
+            # directory should be): one line naming what to fix, not a
+            # traceback; the client keeps the message and retries on 451.
+            log.error(
+                "{qid}: cannot file the message: {error}; check that the user mailx runs as"
+                " can write under {mail} (the client will retry)",
+                qid=self.queue_id,
+                error=str(e).replace("\n", " "),
+                mail=str(config.paths.mail),
+            )
+            raise SMTPReplyError(replies.LOCAL_ERROR) from None
         except Exception:
             log.failure("{qid}: delivery failed", qid=self.queue_id)
             raise SMTPReplyError(replies.LOCAL_ERROR) from None

@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mailx import dnswatch, maildir, spool
+from mailx import dnswatch, maildir, preflight, spool
 from mailx.auth import Authenticator
 from mailx.auth.dmarc import default_psl
 from mailx.committer import GroupCommitter
@@ -221,10 +221,20 @@ class MailxService(service.MultiService):
             failures: list[Failure] = []
             endpoint.listen(self.factory).addCallbacks(self.ports.append, failures.append)
             if failures:
+                error = getattr(failures[0].value, "socketError", None)
+                if isinstance(error, OSError):
+                    raise ListenError(preflight.listen_error(description, error))
                 raise ListenError(f"cannot listen on {description}: {failures[0].getErrorMessage()}")
 
     def startService(self) -> None:
-        self.prepare_storage()
+        try:
+            self.prepare_storage()
+        except OSError as e:
+            # makeService checked this for our user; this is what changed since.
+            raise StorageError(
+                f"cannot prepare {e.filename or 'the spool and Maildirs'}: {e.strerror};"
+                f" check that the user mailx runs as owns paths.spool and paths.mail"
+            ) from None
         self.disk_pool.start()
         self.dns_pool.start()
         self.committer.start()
@@ -316,9 +326,29 @@ class ListenError(Exception):
     """A listen endpoint could not be bound."""
 
 
+class StorageError(Exception):
+    """The spool or a Maildir cannot be created or written."""
+
+
+def _twistd_ids(options: Options) -> tuple[int | None, int | None]:
+    """twistd's ``--uid``/``--gid`` (our Options' parent), None when not given."""
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None, None
+    try:
+        return parent["uid"], parent["gid"]
+    except KeyError:
+        return None, None
+
+
 def makeService(options: Options) -> MailxService:
+    """Load and check everything while the terminal is still attached (see preflight)."""
     try:
         config = load_config(options["config"])
+        found = preflight.problems(config, preflight.run_as(*_twistd_ids(options)))
+        if found:
+            print(preflight.lines(found), file=sys.stderr)
+            raise SystemExit(1)
         return MailxService(config)
     except ConfigError as e:
         for problem in e.problems:
