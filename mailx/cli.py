@@ -446,7 +446,10 @@ def _refused(context: Context, address: str, reply: replies.Reply, trace: Sequen
 
 
 def signal_server(config: Config, signum: int) -> int | None:
-    """Send ``signum`` to the running server of ``config``; its pid, or None if not running."""
+    """Send ``signum`` to the running server of ``config``; its pid, or None if not running.
+
+    `PermissionError` escapes: the server runs as a user we may not signal.
+    """
     from mailx.service import pid_path
 
     try:
@@ -457,16 +460,63 @@ def signal_server(config: Config, signum: int) -> int | None:
     return pid
 
 
-@command("reload", "make the running server re-read its configuration (SIGHUP)")
+# How long `reload` waits for the server's verdict; a reload takes milliseconds.
+RELOAD_WAIT = 10.0
+
+
+@command("reload", "make the running server re-read its configuration, and report its verdict")
 def reload(context: Context) -> int:
-    """``mailxctl reload``: check the file first, so a typo is reported here, not in a log."""
+    """``mailxctl reload``: check the file first, so a typo is reported here, not in a log;
+    then SIGHUP, and wait for the server's own verdict (``reload.status`` in the spool).
+    Exit 1 when the server refused the new configuration or did not answer."""
+    import time
+
+    from mailx.service import read_reload_status
+
     config = context.load_config()
-    pid = signal_server(config, signal.SIGHUP)
+    before = read_reload_status(config)
+    try:
+        pid = signal_server(config, signal.SIGHUP)
+    except PermissionError:
+        text = "cannot signal mailx: it runs as another user; run mailxctl reload as root or as it"
+        context.emit({"reloaded": False, "reason": "permission denied"}, text)
+        return EXIT_WRONG
     if pid is None:
         context.emit({"reloaded": False, "reason": "not running"}, "mailx is not running")
         return EXIT_WRONG
-    context.emit({"reloaded": True, "pid": pid}, f"sent SIGHUP to mailx (pid {pid})")
-    return EXIT_OK
+    def answered(status: dict[str, Any] | None) -> bool:
+        """A verdict of this process newer than the one before our signal."""
+        if status is None or status.get("pid") != pid:
+            return False
+        seen = before.get("generation", 0) if before and before.get("pid") == pid else 0
+        return int(status.get("generation", 0)) > seen
+
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        status = read_reload_status(config)
+        if answered(status):
+            break
+        time.sleep(0.05)
+    else:
+        text = (
+            f"sent SIGHUP to mailx (pid {pid}), but it gave no verdict within"
+            f" {RELOAD_WAIT:g} s; see its log"
+        )
+        context.emit({"reloaded": False, "pid": pid, "reason": "no answer"}, text)
+        return EXIT_WRONG
+    problems = [str(p) for p in status.get("problems", [])]
+    if status.get("ok"):
+        context.emit(
+            {"reloaded": True, "pid": pid},
+            f"mailx (pid {pid}) reloaded {config.source}",
+        )
+        return EXIT_OK
+    text = "\n".join(
+        [f"mailx (pid {pid}) refused the new configuration and keeps the old one:"]
+        + [f"  {p}" for p in problems]
+    )
+    context.emit({"reloaded": False, "pid": pid, "reason": "refused", "problems": problems}, text)
+    return EXIT_WRONG
 
 
 # ---------------------------------------------------------------------------

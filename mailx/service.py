@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -53,6 +54,20 @@ class Options(usage.Options):
 def pid_path(config: Config) -> Path:
     """Where the running server writes its pid, for ``mailxctl reload`` and friends."""
     return config.paths.spool / "mailx.pid"
+
+
+def reload_status_path(config: Config) -> Path:
+    """Where the server records the verdict of each reload, for ``mailxctl reload``."""
+    return config.paths.spool / "reload.status"
+
+
+def read_reload_status(config: Config) -> dict[str, Any] | None:
+    """The last reload verdict (``generation``, ``ok``, ``problems``), None if none."""
+    try:
+        data = json.loads(reload_status_path(config).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class TLSConfigError(Exception):
@@ -243,6 +258,7 @@ class MailxService(service.MultiService):
         self._listen()
         self.pidfile = pid_path(self.config)
         self.pidfile.write_text(f"{os.getpid()}\n")
+        self._record_reload([], start=True)
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         log.info(
             "mailx ready as {hostname} on {listen}, domains: {domains}",
@@ -255,17 +271,32 @@ class MailxService(service.MultiService):
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> bool:
-        """Re-read the configuration file; keep the old one if the new one is wrong."""
+        """Re-read the configuration file; keep the old one if the new one is wrong.
+
+        The verdict is also written to `reload_status_path`, so that
+        ``mailxctl reload`` can report it instead of only sending a signal.
+        """
+        problems = self._reload()
+        self._record_reload(problems)
+        return not problems
+
+    def _reload(self) -> list[str]:
         try:
             config = load_config(self.config.source)
             context = tls_context(config)
         except ConfigError as e:
-            for problem in e.problems:
-                log.error("reload refused: {problem}", problem=str(problem))
-            return False
+            problems = [str(problem) for problem in e.problems]
         except TLSConfigError as e:
-            log.error("reload refused: {problem}", problem=str(e))
-            return False
+            problems = [str(e)]
+        except OSError as e:  # the file itself, unreadable as our user
+            problems = [f"{self.config.source}: {e.strerror}"]
+        else:
+            # As the user we now run as: what the new configuration names must be usable.
+            problems = preflight.access_problems(config, preflight.run_as())
+        if problems:
+            for problem in problems:
+                log.error("reload refused: {problem}", problem=problem)
+            return problems
         if config.listen != self.config.listen:
             log.warn("reload: listen endpoints changed; they take effect at the next restart")
         self.config = config
@@ -277,7 +308,24 @@ class MailxService(service.MultiService):
             source=str(config.source),
             domains=", ".join(config.domains),
         )
-        return True
+        return []
+
+    def _record_reload(self, problems: list[str], start: bool = False) -> None:
+        """Write the verdict (no fsync: it only matters while both processes run)."""
+        self._reload_generation = 0 if start else getattr(self, "_reload_generation", 0) + 1
+        path = reload_status_path(self.config)
+        status = {
+            "pid": os.getpid(),
+            "generation": self._reload_generation,
+            "ok": not problems,
+            "problems": problems,
+        }
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(status) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            log.error("cannot record the reload verdict in {path}: {error}", path=str(path), error=e.strerror)
 
     def stopService(self) -> Any:
         if self._stopping is not None:
