@@ -82,8 +82,34 @@ class Context:
     def json(self) -> bool:
         return bool(self.args.json)
 
+    @property
+    def config_origin(self) -> str:
+        """How `config_path` was chosen, for a message about a missing file."""
+        if self.args.config:
+            return "given with -c"
+        if os.environ.get(CONFIG_ENVIRONMENT):
+            return f"from ${CONFIG_ENVIRONMENT}"
+        return f"the default, ./{DEFAULT_CONFIG} in the current directory"
+
     def load_config(self) -> Config:
         """The configuration; a `ConfigError` escapes to `main`, which reports it."""
+        path = os.path.abspath(self.config_path)
+        if not os.path.exists(path):
+            # Name the file looked for and why that one: a mailxctl run from
+            # another directory otherwise just says "mailx.yaml: not found".
+            from mailx.config import Problem
+
+            raise ConfigError(
+                [
+                    Problem(
+                        path,
+                        None,
+                        None,
+                        f"no configuration file here ({self.config_origin});"
+                        f" choose one with -c FILE or ${CONFIG_ENVIRONMENT}",
+                    )
+                ]
+            )
         return load_config(self.config_path)
 
     def emit(self, data: dict[str, Any], text: str) -> None:
@@ -907,7 +933,10 @@ def queue_command(context: Context) -> int:
         if envelope.spf or envelope.dmarc:  # they decide whether the sender gets a bounce
             lines.insert(2, f"    spf={envelope.spf or '-'} dmarc={envelope.dmarc or '-'}")
         for r in envelope.recipients:
-            lines.append(f"    {r.address}: sent to <{r.original}>, envelope sender <{r.mail_from}>")
+            lines.append(
+                f"    {r.address}: forwarded from <{r.original}> (the address it was sent to),"
+                f" envelope sender <{r.mail_from}>"
+            )
         lines += ["", header.rstrip("\r\n").replace("\r\n", "\n")]
         context.emit(entry, "\n".join(lines))
         return EXIT_OK

@@ -147,7 +147,7 @@ class CheckTests(CLITestCase):
     def test_missing_config_exits_1_without_traceback(self) -> None:
         status, _, err = self.run_cli("check", "-c", str(self.directory / "nope.yaml"))
         self.assertEqual(status, 1)
-        self.assertIn("cannot read configuration: No such file or directory", err)
+        self.assertIn("nope.yaml: no configuration file here (given with -c)", err)
         self.assertNotIn("Traceback", err)
 
 
@@ -265,6 +265,23 @@ class RouteTests(CLITestCase):
         )
         self.assertEqual(status, 1)
         self.assertIn("limits.recipients", err)
+
+
+class MissingConfigTests(CLITestCase):
+    def test_default_file_missing_names_the_path_and_how_to_choose(self) -> None:
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.directory)
+        status, _, err = self.run_cli("check")
+        self.assertEqual(status, 1)
+        self.assertIn(f"{self.directory / 'mailx.yaml'}: no configuration file here", err)
+        self.assertIn("the default, ./mailx.yaml in the current directory", err)
+        self.assertIn("-c FILE or $MAILX_CONFIG", err)
+
+    def test_environment_file_missing_says_it_came_from_there(self) -> None:
+        os.environ[cli.CONFIG_ENVIRONMENT] = str(self.directory / "gone.yaml")
+        status, _, err = self.run_cli("route", "alice@example.test")
+        self.assertEqual(status, 1)
+        self.assertIn(f"{self.directory / 'gone.yaml'}: no configuration file here (from $MAILX_CONFIG)", err)
 
 
 class RouteSRSTests(CLITestCase):
