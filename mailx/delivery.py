@@ -123,8 +123,10 @@ class SessionDelivery:
 
     def mail(self, queue_id: str, sender: str, size: int) -> None:
         log.info(
-            "{qid}: from=<{sender}>{size} client={name}[{ip}] helo={helo}",
+            # The session ID here links the connection's lines to the message's.
+            "{qid}: session={session} from=<{sender}>{size} client={name}[{ip}] helo={helo}",
             qid=queue_id,
+            session=self.session.session_id,
             sender=sender,
             # The size the client declared (RFC 1870); none said, none shown.
             size=f" size={size}" if size else "",
