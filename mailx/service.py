@@ -391,6 +391,14 @@ def _twistd_ids(options: Options) -> tuple[int | None, int | None]:
 
 def makeService(options: Options) -> MailxService:
     """Load and check everything while the terminal is still attached (see preflight)."""
+    path = os.path.abspath(options["config"])
+    if not os.path.exists(path):
+        print(
+            f"mailx: {path}: no configuration file here (choose one with --config FILE"
+            " or $MAILX_CONFIG; the default is ./mailx.yaml in the current directory)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     try:
         config = load_config(options["config"])
         found = preflight.problems(config, preflight.run_as(*_twistd_ids(options)))

@@ -88,6 +88,18 @@ class SpoolNotWritableTests(unittest.TestCase):
         self.assertEqual(len(output.strip().splitlines()), 1, output)
 
 
+class MissingConfigTests(unittest.TestCase):
+    def test_missing_file_is_named_in_full_with_how_to_choose_one(self) -> None:
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir(parents=True)
+        result = run_twistd(directory / "mailx.yaml")
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(f"mailx: {directory / 'mailx.yaml'}: no configuration file here", output)
+        self.assertIn("--config FILE or $MAILX_CONFIG", output)
+        self.assertEqual(len(output.strip().splitlines()), 1, output)
+
+
 class MaildirNotWritableTests(unittest.TestCase):
     def setUp(self) -> None:
         self.log = capture_log(self)
