@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import itertools
 import os
 import pwd
 import socket
@@ -31,6 +32,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# Queue entries checked at start-up, of possibly very many.
+QUEUE_SAMPLE = 20
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,10 @@ def needs(config: Any) -> list[Need]:
             found.append(Need("paths.spool", spool / sub, "write"))
     queue = spool / "queue"
     if queue.is_dir():
-        found.extend(Need("paths.spool", p, "write") for p in sorted(queue.iterdir()) if p.is_dir())
+        # One directory per queued message, rewritten at each attempt: a
+        # sample, since ownership is all or none in practice (one chown -R).
+        sample = itertools.islice((p for p in queue.iterdir() if p.is_dir()), QUEUE_SAMPLE)
+        found.extend(Need("paths.spool", p, "write") for p in sorted(sample))
     mail = config.paths.mail
     found.append(Need("paths.mail", mail, "write"))
     for name, domain in config.domains.items():
