@@ -198,9 +198,9 @@ class MailxService(service.MultiService):
         # change the rules under a transaction in progress.
         return SessionDelivery(self.context, session)
 
-    def prepare_storage(self, clean: bool = True) -> None:
+    def prepare_storage(self, clean: bool = True, config: Config | None = None) -> None:
         """Create the directories and (at start-up) clear what a crash left behind."""
-        config = self.config
+        config = config or self.config
         incoming = config.paths.spool / "incoming"
         os.makedirs(incoming, mode=0o700, exist_ok=True)
         if clean:
@@ -297,10 +297,16 @@ class MailxService(service.MultiService):
             for problem in problems:
                 log.error("reload refused: {problem}", problem=problem)
             return problems
+        try:
+            # New mailboxes' Maildirs, before anything routes to them.
+            self.prepare_storage(clean=False, config=config)
+        except OSError as e:
+            problem = f"cannot create {e.filename}: {e.strerror}"
+            log.error("reload refused: {problem}", problem=problem)
+            return [problem]
         if config.listen != self.config.listen:
             log.warn("reload: listen endpoints changed; they take effect at the next restart")
         self.config = config
-        self.prepare_storage(clean=False)
         self.context = self._context_for(config)
         self.factory.reconfigure(config, self._delivery_for, context)
         log.info(

@@ -83,6 +83,23 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual(len(self.server.messages("bob")), 1)
 
 
+    def test_reload_verdict_is_recorded_for_mailxctl(self) -> None:
+        from mailx.service import read_reload_status
+
+        start = read_reload_status(self.server.config)
+        self.assertEqual((start["generation"], start["ok"]), (0, True))
+        # A new domain whose Maildir cannot be made: refused, old configuration kept.
+        (self.server.config.paths.mail / "new.test").write_text("a file, not a directory")
+        data = yaml.safe_load(self.path.read_text())
+        data["domains"]["new.test"] = {"mailboxes": ["x"], "aliases": {"postmaster": "x"}}
+        self.path.write_text(yaml.safe_dump(data))
+        self.assertFalse(self.server.service.reload())
+        status = read_reload_status(self.server.config)
+        self.assertEqual((status["generation"], status["ok"]), (1, False))
+        self.assertIn("new.test", status["problems"][0])
+        self.assertNotIn("new.test", self.server.service.config.domains)
+
+
 class SignalTests(unittest.TestCase):
     timeout = 240
 
