@@ -75,7 +75,7 @@ class DeliveryContext:
     committer: Any = None  # mailx.committer.GroupCommitter: files messages with forwards
     writer: Any = None  # mailx.writer.WriterClient: files mailbox-only messages
     outbound: Any = None  # mailx.outbound.Outbound: forwarding queue and SRS
-    resolver: Any = None  # mailx.dns.Resolver: the client's name at connect (checks.reverse_dns)
+    names: Any = None  # mailx.ptr.NameLookups: the client's name at connect (checks.reverse_dns)
     incoming: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -97,13 +97,12 @@ class SessionDelivery:
         if context.blocklists is not None:
             # Started at connect so the answer is usually in by the first RCPT.
             self._listing = context.blocklists.check(session.client_ip)
-        if context.resolver is not None and context.config.checks.reverse_dns:
+        if context.names is not None:
             self._look_up_name()
 
     def _look_up_name(self) -> None:
         """Start the client's forward-confirmed reverse lookup (`mailx.ptr`); nothing waits."""
         from mailx.dnsbl import exempt
-        from mailx.ptr import look_up
 
         session = self.session
         if exempt(session.client_ip):
@@ -118,8 +117,7 @@ class SessionDelivery:
                 name=name or "unknown (no PTR, or its name does not resolve back)",
             )
 
-        ctx = self.context
-        look_up(ctx.resolver, session.client_ip, ctx.reactor).addCallback(found)
+        self.context.names.look_up(session.client_ip).addCallback(found)
 
     def mail(self, queue_id: str, sender: str, size: int) -> None:
         log.info(

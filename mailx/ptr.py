@@ -29,6 +29,8 @@ log = Logger(namespace="mailx.ptr")
 MAX_NAMES = 3
 # How long a session listens for the answer at all; later answers are dropped.
 WAIT = 5.0
+# Lookups under way at once (the DNS pool has 32 threads; SPF needs most).
+MAX_IN_FLIGHT = 16
 # A host name as it may appear in a header (RFC 1123 2.1 labels, and the
 # underscore some PTRs carry); anything else in a PTR is not a name for us.
 _HOSTNAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)+\Z")
@@ -61,13 +63,38 @@ def _same(address: Any, text: str) -> bool:
         return False
 
 
-def look_up(resolver: Any, ip: str, reactor: Any, wait: float = WAIT) -> defer.Deferred:
-    """Fires with the confirmed name or None, within ``wait`` seconds; never fails."""
-    d = resolver.call(confirmed_name, resolver, ip)
-    d.addTimeout(wait, reactor, onTimeoutCancel=lambda result, timeout: None)
+class NameLookups:
+    """The clients' name lookups of one configuration, at most ``limit`` at a time.
 
-    def failed(failure: Any) -> None:
-        log.failure("reverse lookup of {ip} failed", failure, ip=ip)
-        return None
+    Each lookup holds a DNS thread for up to four queries; past the limit a
+    client is simply ``unknown``, so a flood of connections from addresses
+    with slow reverse DNS cannot take the threads SPF and DKIM need.
+    """
 
-    return d.addErrback(failed)
+    def __init__(self, resolver: Any, reactor: Any, limit: int = MAX_IN_FLIGHT) -> None:
+        self.resolver = resolver
+        self.reactor = reactor
+        self.limit = limit
+        self.in_flight = 0
+
+    def look_up(self, ip: str, wait: float = WAIT) -> defer.Deferred:
+        """Fires with the confirmed name or None, within ``wait`` seconds; never fails."""
+        if self.in_flight >= self.limit:
+            return defer.succeed(None)
+        self.in_flight += 1
+        d = self.resolver.call(confirmed_name, self.resolver, ip)
+
+        def done(result: Any) -> Any:
+            self.in_flight -= 1  # when the thread is free, not when we stop waiting
+            return result
+
+        d.addBoth(done)
+        waited: defer.Deferred = defer.Deferred()
+        d.chainDeferred(waited)
+        waited.addTimeout(wait, self.reactor, onTimeoutCancel=lambda result, timeout: None)
+
+        def failed(failure: Any) -> None:
+            log.failure("reverse lookup of {ip} failed", failure, ip=ip)
+            return None
+
+        return waited.addErrback(failed)

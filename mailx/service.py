@@ -27,6 +27,7 @@ from mailx.delivery import DeliveryContext, SessionDelivery
 from mailx.dns import Resolver
 from mailx.dnsbl import Blocklists
 from mailx.outbound import Outbound
+from mailx.ptr import NameLookups
 from mailx.queue import Queue
 from mailx.smtp import MailxSMTPFactory, server_endpoint
 from mailx.writer import WriterClient
@@ -169,7 +170,7 @@ class MailxService(service.MultiService):
             outbound=self._outbound_for(config, resolver),
             committer=self.committer,
             writer=self.writer,
-            resolver=resolver,
+            names=NameLookups(resolver, self.reactor) if config.checks.reverse_dns else None,
         )
 
     def _outbound_for(self, config: Config, resolver: Resolver) -> Outbound:

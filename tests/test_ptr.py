@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from mailx.dns import Resolver
-from mailx.ptr import confirmed_name
+from mailx.ptr import NameLookups, confirmed_name
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.server import LineClient, capture_log, in_thread, start_server
 
@@ -52,6 +52,39 @@ class ConfirmedNameTests(unittest.TestCase):
         for ip, name in expected.items():
             found = yield in_thread(confirmed_name, self.resolver, ip)
             self.assertEqual(found, name, ip)
+
+
+class _StuckResolver:
+    """Every lookup hangs until the test fires it."""
+
+    def __init__(self) -> None:
+        self.calls: list[defer.Deferred] = []
+
+    def call(self, func: object, *args: object) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+
+class InFlightTests(unittest.TestCase):
+    def test_past_the_limit_clients_are_unknown_without_a_lookup(self) -> None:
+        resolver, clock = _StuckResolver(), task.Clock()
+        names = NameLookups(resolver, clock, limit=2)
+        first, second = names.look_up("192.0.2.1"), names.look_up("192.0.2.2")
+        third = names.look_up("192.0.2.3")
+        self.assertEqual(len(resolver.calls), 2)
+        self.assertIsNone(self.successResultOf(third))
+        # Given up on after WAIT, but the thread still holds its slot...
+        clock.advance(10)
+        self.assertIsNone(self.successResultOf(first))
+        names.look_up("192.0.2.4")
+        self.assertEqual(len(resolver.calls), 2)
+        # ...until its lookup really ends.
+        resolver.calls[0].callback("late.example.test")
+        resolver.calls[1].callback(None)
+        self.assertIsNone(self.successResultOf(second))
+        names.look_up("192.0.2.5")
+        self.assertEqual(len(resolver.calls), 3)
 
 
 class ReceivedTests(unittest.TestCase):
