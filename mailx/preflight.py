@@ -128,6 +128,30 @@ def needs(config: Any) -> list[Need]:
     return found
 
 
+def create_owned(config: Any, user: RunAs) -> list[Path]:
+    """As root, create a missing spool or mail directory owned by ``user``.
+
+    Only directories that do not exist yet: an existing one is the owner's
+    to arrange (`access_problems` says what is wrong with it).  Missing
+    parents are made as root, mode 0755, as ``install -d`` would.
+    """
+    if os.geteuid() != 0 or user.uid == 0:
+        return []
+    made = []
+    for path in (config.paths.spool, config.paths.mail):
+        path = Path(os.path.abspath(path))
+        if path.exists() or not path.parent.is_dir() and path.parent.exists():
+            continue
+        try:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            path.mkdir(mode=0o700)
+            os.chown(path, user.uid, user.gid)
+        except OSError:
+            continue  # access_problems names what is in the way
+        made.append(path)
+    return made
+
+
 def access_problems(config: Any, user: RunAs) -> list[str]:
     """One line per path ``user`` cannot use as the server will, with the fix."""
     problems = []

@@ -408,7 +408,10 @@ def makeService(options: Options) -> MailxService:
         raise SystemExit(1)
     try:
         config = load_config(options["config"])
-        found = preflight.problems(config, preflight.run_as(*_twistd_ids(options)))
+        user = preflight.run_as(*_twistd_ids(options))
+        for made in preflight.create_owned(config, user):
+            print(f"mailx: created {made} for {user.describe()}", file=sys.stderr)
+        found = preflight.problems(config, user)
         if found:
             print(preflight.lines(found), file=sys.stderr)
             raise SystemExit(1)

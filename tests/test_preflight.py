@@ -68,6 +68,20 @@ class AccessTests(unittest.TestCase):
             os.chown(self.directory / sub, 65534, 65534)
         self.assertEqual(preflight.access_problems(self.config, NOBODY), [])
 
+    def test_missing_spool_and_mail_are_created_for_the_user(self) -> None:
+        for sub in ("mail", "spool"):
+            (self.directory / sub).rmdir()
+        made = preflight.create_owned(self.config, NOBODY)
+        self.assertEqual(made, [self.directory / "spool", self.directory / "mail"])
+        for path in made:
+            self.assertEqual((path.stat().st_uid, path.stat().st_gid), (65534, 65534))
+        found = preflight.access_problems(self.config, NOBODY)
+        self.assertFalse([p for p in found if p.startswith("paths.")], found)
+
+    def test_existing_directories_are_left_alone(self) -> None:
+        self.assertEqual(preflight.create_owned(self.config, NOBODY), [])
+        self.assertEqual((self.directory / "spool").stat().st_uid, 0)
+
     def test_root_is_never_refused(self) -> None:
         self.assertEqual(preflight.access_problems(self.config, preflight.run_as(0, 0)), [])
 
