@@ -343,8 +343,8 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--user",
         metavar="NAME",
-        help="also check that user NAME (twistd's --uid) can read and write every file"
-        " mailx needs once running (default: the user running this command)",
+        help="check that user NAME (twistd's --uid) can read and write every file mailx"
+        " needs once running (default: as root, the owner of paths.spool; else yourself)",
     )
 
 
@@ -364,7 +364,7 @@ def check(context: Context) -> int:
             print(f"mailxctl: no user {context.args.user!r} on this system", file=sys.stderr)
             return EXIT_USAGE
     else:
-        user = preflight.run_as()
+        user = preflight.likely_server_user(config)
     # What the server will meet after twistd's --uid/--gid (start-up checks it too).
     problems = preflight.access_problems(config, user)
     summary = {

@@ -76,6 +76,19 @@ def run_as(uid: int | None = None, gid: int | None = None) -> RunAs:
     return RunAs(uid, gid, frozenset(groups))
 
 
+def likely_server_user(config: Any) -> RunAs:
+    """Whom ``mailxctl check`` checks for without ``--user``: as root, the owner of an
+    existing spool (the server made or was given it), else whoever runs the check."""
+    if os.geteuid() == 0:
+        try:
+            owner = Path(config.paths.spool).stat().st_uid
+        except OSError:
+            owner = 0
+        if owner != 0:
+            return run_as(owner)
+    return run_as()
+
+
 def user_named(name: str) -> RunAs:
     """`run_as` for a user name or number (``mailxctl check --user``); KeyError if unknown."""
     uid = int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid

@@ -106,6 +106,15 @@ class AccessTests(unittest.TestCase):
         self.assertIn("as user nobody (uid 65534, gid 65534): 4 problem(s)", out)
         self.assertIn(f"  tls.key: {self.key} is not readable", out)
 
+    def test_mailxctl_check_as_root_checks_for_the_spools_owner(self) -> None:
+        os.chown(self.directory / "spool", 65534, 65534)
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        self.patch(sys, "stderr", io.StringIO())
+        status = cli.main(["check", "-c", str(self.path)])
+        self.assertEqual(status, 1)
+        self.assertIn(f"  tls.key: {self.key} is not readable by user nobody", stdout.getvalue())
+
     def test_mailxctl_check_unknown_user_exits_2(self) -> None:
         stderr = io.StringIO()
         self.patch(sys, "stdout", io.StringIO())
