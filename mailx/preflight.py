@@ -166,23 +166,33 @@ def create_owned(config: Any, user: RunAs) -> list[Path]:
 
 
 def access_problems(config: Any, user: RunAs) -> list[str]:
-    """One line per path ``user`` cannot use as the server will, with the fix."""
+    """One line per path ``user`` cannot use as the server will, with the fix.
+
+    Paths are handled as strings here: pathlib's overhead made a few
+    thousand Maildirs take seconds.
+    """
     problems = []
-    seen: set[tuple[Path, str]] = set()
+    seen: set[tuple[str, str]] = set()
     # Directories already reported: one line for each, not one per file below
     # it (the fix given, chown -R or chmod, covers those too).
-    reported: set[Path] = set()
+    reported: set[str] = set()
+    searchable: dict[str, bool] = {}
     for need in needs(config):
-        path = Path(os.path.abspath(need.path))
-        if (path, need.access) in seen or any(p in reported for p in (path, *path.parents)):
+        path = os.path.abspath(need.path)
+        if (path, need.access) in seen or path in reported:
+            continue
+        ancestors = _ancestors(path)
+        if reported and any(a in reported for a in ancestors):
             continue
         seen.add((path, need.access))
-        blocked = _unsearchable(path, user)
+        blocked = _unsearchable(ancestors, user, searchable)
         if blocked is not None:
             reported.add(blocked)
-            problems.append(_message(need, user, blocked, "cannot be searched (entered)", "search"))
+            problems.append(
+                _message(need, user, Path(blocked), "cannot be searched (entered)", "search")
+            )
             continue
-        problem = check(need, user)
+        problem = _check(need, path, user)
         if problem is not None:
             problems.append(problem)
             if need.access == "write":
@@ -190,46 +200,76 @@ def access_problems(config: Any, user: RunAs) -> list[str]:
     return problems
 
 
-def _unsearchable(path: Path, user: RunAs) -> Path | None:
-    """The first directory above ``path`` that ``user`` cannot enter, if any."""
-    path = Path(os.path.abspath(path))
-    for ancestor in reversed(path.parents):
-        if ancestor.exists() and not _allowed(ancestor, user, stat.S_IXUSR):
+def _ancestors(path: str) -> list[str]:
+    """The directories above an absolute ``path``, from the root down."""
+    found = []
+    head = os.path.dirname(path)
+    while True:
+        found.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    found.reverse()
+    return found
+
+
+def _unsearchable(ancestors: list[str], user: RunAs, cache: dict[str, bool]) -> str | None:
+    """The first of ``ancestors`` that ``user`` cannot enter (a missing one is fine).
+
+    ``cache`` remembers directories already looked at: a few thousand
+    Maildirs share most of their ancestors.
+    """
+    for ancestor in ancestors:
+        ok = cache.get(ancestor)
+        if ok is None:
+            ok = not os.path.exists(ancestor) or _allowed(ancestor, user, stat.S_IXUSR)
+            cache[ancestor] = ok
+        if not ok:
             return ancestor
     return None
 
 
 def check(need: Need, user: RunAs) -> str | None:
     """Why ``user`` cannot read or write ``need.path``, or None if it can."""
-    path = Path(os.path.abspath(need.path))
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    blocked = _unsearchable(path, user)
+    path = os.path.abspath(need.path)
+    blocked = _unsearchable(_ancestors(path), user, {})
     if blocked is not None:
-        return _message(need, user, blocked, "cannot be searched (entered)", "search")
+        return _message(need, user, Path(blocked), "cannot be searched (entered)", "search")
+    return _check(need, path, user)
+
+
+def _check(need: Need, path: str, user: RunAs) -> str | None:
+    """`check` once the ancestors are known to be searchable."""
+    existing = path
+    while not os.path.exists(existing) and existing != os.path.dirname(existing):
+        existing = os.path.dirname(existing)
     if need.access == "read":
         if existing != path:
             return f"{need.what}: {path}: does not exist"
         if not _allowed(path, user, stat.S_IRUSR):
-            return _message(need, user, path, "is not readable", "read")
+            return _message(need, user, Path(path), "is not readable", "read")
         return None
-    if existing != path and not existing.is_dir():
+    if not os.path.isdir(existing):
+        if existing == path:
+            return f"{need.what}: {path}: is not a directory"
         return f"{need.what}: {path}: {existing} is not a directory"
-    if existing == path and not path.is_dir():
-        return f"{need.what}: {path}: is not a directory"
     if not _allowed(existing, user, stat.S_IWUSR | stat.S_IXUSR):
-        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
-        return _message(need, user, existing, what, "write")
+        what = (
+            "is not writable"
+            if existing == path
+            else f"cannot be created: {existing} is not writable"
+        )
+        return _message(need, user, Path(existing), what, "write")
     return None
 
 
-def _allowed(path: Path, user: RunAs, bits: int) -> bool:
+def _allowed(path: str, user: RunAs, bits: int) -> bool:
     """POSIX permission check for ``user`` (owner, then group, then other bits)."""
     if user.uid == 0:
         return True  # modes do not bind root (CAP_DAC_OVERRIDE)
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return False
     mode = st.st_mode
@@ -265,7 +305,7 @@ def _message(need: Need, user: RunAs, path: Path, what: str, kind: str) -> str:
         fix = f"chown -R {user.name}:{group} {path}"
     else:
         fix = f"chmod o+x {path} (or keep mailx's files outside it)"
-    subject = f"{need.path}: " if path != need.path else ""
+    subject = f"{need.path}: " if path != Path(os.path.abspath(need.path)) else ""
     return f"{need.what}: {subject}{path} {what} by {user.describe()} ({shown}); fix: {fix}"
 
 
