@@ -503,8 +503,13 @@ def reload(context: Context) -> int:
     before = read_reload_status(config)
     try:
         pid = signal_server(config, signal.SIGHUP)
-    except PermissionError:
-        text = "cannot signal mailx: it runs as another user; run mailxctl reload as root or as it"
+    except PermissionError as e:
+        # The pid file in a spool we may not read, or a server of another user.
+        what = e.filename or "the server process"
+        text = (
+            f"mailxctl: cannot reach mailx: permission denied ({what}); run mailxctl reload"
+            " as root or as the user mailx runs as"
+        )
         context.emit({"reloaded": False, "reason": "permission denied"}, text)
         return EXIT_WRONG
     if pid is None:
