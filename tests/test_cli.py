@@ -284,6 +284,23 @@ class MissingConfigTests(CLITestCase):
         self.assertIn(f"{self.directory / 'gone.yaml'}: no configuration file here (from $MAILX_CONFIG)", err)
 
 
+class ReloadPermissionTests(CLITestCase):
+    def test_server_of_another_user_is_one_line(self) -> None:
+        config = self.write(GOOD)
+        spool = self.directory / "var" / "spool"
+        spool.mkdir(parents=True)
+        (spool / "mailx.pid").write_text("4242\n")
+
+        def kill(pid: int, signum: int) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        self.patch(os, "kill", kill)
+        status, out, err = self.run_cli("reload", "-c", config)
+        self.assertEqual(status, 1)
+        self.assertIn("cannot reach mailx: permission denied", out)
+        self.assertNotIn("Traceback", out + err)
+
+
 class RouteSRSTests(CLITestCase):
     """``route`` reverses our SRS addresses as the server does at RCPT."""
 
