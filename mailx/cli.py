@@ -82,8 +82,34 @@ class Context:
     def json(self) -> bool:
         return bool(self.args.json)
 
+    @property
+    def config_origin(self) -> str:
+        """How `config_path` was chosen, for a message about a missing file."""
+        if self.args.config:
+            return "given with -c"
+        if os.environ.get(CONFIG_ENVIRONMENT):
+            return f"from ${CONFIG_ENVIRONMENT}"
+        return f"the default, ./{DEFAULT_CONFIG} in the current directory"
+
     def load_config(self) -> Config:
         """The configuration; a `ConfigError` escapes to `main`, which reports it."""
+        path = os.path.abspath(self.config_path)
+        if not os.path.exists(path):
+            # Name the file looked for and why that one: a mailxctl run from
+            # another directory otherwise just says "mailx.yaml: not found".
+            from mailx.config import Problem
+
+            raise ConfigError(
+                [
+                    Problem(
+                        path,
+                        None,
+                        None,
+                        f"no configuration file here ({self.config_origin});"
+                        f" choose one with -c FILE or ${CONFIG_ENVIRONMENT}",
+                    )
+                ]
+            )
         return load_config(self.config_path)
 
     def emit(self, data: dict[str, Any], text: str) -> None:
@@ -319,6 +345,12 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also look up every domain's DNS records and compare them (mailxctl dns --check)",
     )
+    parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="check that user NAME (twistd's --uid) can read and write every file mailx"
+        " needs once running (default: as root, the owner of paths.spool; else yourself)",
+    )
 
 
 @command(
@@ -326,12 +358,35 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 )
 def check(context: Context) -> int:
     """``mailxctl check``: a bad configuration exits 1 with one line per problem (via main)."""
+    from mailx import preflight
+
     config = context.load_config()
     summary = summarize(config)
+    if context.args.user is not None:
+        try:
+            user = preflight.user_named(context.args.user)
+        except KeyError:
+            print(f"mailxctl: no user {context.args.user!r} on this system", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        user = preflight.likely_server_user(config)
+    # What the server will meet after twistd's --uid/--gid (start-up checks it too).
+    problems = preflight.access_problems(config, user)
+    summary = {
+        **summary,
+        "ok": not problems,
+        "files": {"user": user.name, "uid": user.uid, "problems": problems},
+    }
     if context.args.dns:
         return _check_dns(context, config, summary)
-    context.emit(summary, render_summary(summary))
-    return EXIT_OK
+    text = render_summary(summary)
+    if problems:
+        text += f"\n\nfiles, as {user.describe()}: {len(problems)} problem(s)\n"
+        text += "\n".join(f"  {p}" for p in problems)
+    else:
+        text += f"\nfiles: every file and directory is usable by {user.describe()}"
+    context.emit(summary, text)
+    return EXIT_WRONG if problems else EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -356,7 +411,8 @@ def route(context: Context) -> int:
     if text.startswith("<") and text.endswith(">"):  # as written in RCPT TO:<...>
         text = text[1:-1]
     try:
-        result = Router(config).route(text)
+        # The server reverses our SRS addresses before ordinary routing; so do we.
+        result = _srs_route(config, text) or Router(config).route(text)
     except AddressError as e:
         return _refused(context, text, replies.BAD_RECIPIENT_SYNTAX, (f"bad address: {e}",))
     except RouteRefused as e:
@@ -380,6 +436,30 @@ def route(context: Context) -> int:
     return EXIT_OK
 
 
+def _srs_route(config: Config, text: str) -> Any:
+    """The route of one of our SRS addresses (as `mailx.srs.srs_route`), None otherwise.
+
+    A forged or expired one raises `RouteRefused` with why, as the server refuses it.
+    """
+    from mailx.replies import SMTPReplyError
+    from mailx.srs import SRS, srs_route
+
+    secrets = config.outbound.srs_secrets if config.outbound is not None else ()
+    if not secrets:
+        return None
+    try:
+        return srs_route(SRS(secrets), config, text)
+    except SMTPReplyError as e:
+        why = str(e.__cause__) if e.__cause__ is not None else "does not verify"
+        raise RouteRefused(
+            e.reply,
+            (
+                f"{text} is an SRS address at one of our domains, but not a valid one"
+                f" (a forged or altered hash, or older than its validity): {why}",
+            ),
+        ) from None
+
+
 def _refused(context: Context, address: str, reply: replies.Reply, trace: Sequence[str]) -> int:
     data = {
         "address": address,
@@ -397,7 +477,10 @@ def _refused(context: Context, address: str, reply: replies.Reply, trace: Sequen
 
 
 def signal_server(config: Config, signum: int) -> int | None:
-    """Send ``signum`` to the running server of ``config``; its pid, or None if not running."""
+    """Send ``signum`` to the running server of ``config``; its pid, or None if not running.
+
+    `PermissionError` escapes: the server runs as a user we may not signal.
+    """
     from mailx.service import pid_path
 
     try:
@@ -408,16 +491,68 @@ def signal_server(config: Config, signum: int) -> int | None:
     return pid
 
 
-@command("reload", "make the running server re-read its configuration (SIGHUP)")
+# How long `reload` waits for the server's verdict; a reload takes milliseconds.
+RELOAD_WAIT = 10.0
+
+
+@command("reload", "make the running server re-read its configuration, and report its verdict")
 def reload(context: Context) -> int:
-    """``mailxctl reload``: check the file first, so a typo is reported here, not in a log."""
+    """``mailxctl reload``: check the file first, so a typo is reported here, not in a log;
+    then SIGHUP, and wait for the server's own verdict (``reload.status`` in the spool).
+    Exit 1 when the server refused the new configuration or did not answer."""
+    import time
+
+    from mailx.service import read_reload_status
+
     config = context.load_config()
-    pid = signal_server(config, signal.SIGHUP)
+    before = read_reload_status(config)
+    try:
+        pid = signal_server(config, signal.SIGHUP)
+    except PermissionError as e:
+        # The pid file in a spool we may not read, or a server of another user.
+        what = e.filename or "the server process"
+        text = (
+            f"mailxctl: cannot reach mailx: permission denied ({what}); run mailxctl reload"
+            " as root or as the user mailx runs as"
+        )
+        context.emit({"reloaded": False, "reason": "permission denied"}, text)
+        return EXIT_WRONG
     if pid is None:
         context.emit({"reloaded": False, "reason": "not running"}, "mailx is not running")
         return EXIT_WRONG
-    context.emit({"reloaded": True, "pid": pid}, f"sent SIGHUP to mailx (pid {pid})")
-    return EXIT_OK
+    def answered(status: dict[str, Any] | None) -> bool:
+        """A verdict of this process newer than the one before our signal."""
+        if status is None or status.get("pid") != pid:
+            return False
+        seen = before.get("generation", 0) if before and before.get("pid") == pid else 0
+        return int(status.get("generation", 0)) > seen
+
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        status = read_reload_status(config)
+        if answered(status):
+            break
+        time.sleep(0.05)
+    else:
+        text = (
+            f"sent SIGHUP to mailx (pid {pid}), but it gave no verdict within"
+            f" {RELOAD_WAIT:g} s; see its log"
+        )
+        context.emit({"reloaded": False, "pid": pid, "reason": "no answer"}, text)
+        return EXIT_WRONG
+    problems = [str(p) for p in status.get("problems", [])]
+    if status.get("ok"):
+        context.emit(
+            {"reloaded": True, "pid": pid},
+            f"mailx (pid {pid}) reloaded {config.source}",
+        )
+        return EXIT_OK
+    text = "\n".join(
+        [f"mailx (pid {pid}) refused the new configuration and keeps the old one:"]
+        + [f"  {p}" for p in problems]
+    )
+    context.emit({"reloaded": False, "pid": pid, "reason": "refused", "problems": problems}, text)
+    return EXIT_WRONG
 
 
 @command("srs-secret", "print a fresh random secret for outbound.srs_secret")
@@ -512,6 +647,12 @@ def _check_dns(context: Context, config: Config, summary: dict[str, Any]) -> int
         },
     }
     text = [render_summary(summary)]
+    files = summary.get("files", {}).get("problems", [])
+    bad = bad or bool(files)
+    summary["ok"] = not bad
+    if files:
+        text += ["", f"files, as user {summary['files']['user']}: {len(files)} problem(s)"]
+        text += [f"  {p}" for p in files]
     for domain, findings in results.items():
         text += ["", f"DNS of {domain}:", dnssetup.render_findings(domain, findings)]
     context.emit(summary, "\n".join(text))
@@ -810,7 +951,10 @@ def queue_command(context: Context) -> int:
         if envelope.spf or envelope.dmarc:  # they decide whether the sender gets a bounce
             lines.insert(2, f"    spf={envelope.spf or '-'} dmarc={envelope.dmarc or '-'}")
         for r in envelope.recipients:
-            lines.append(f"    {r.address}: sent to <{r.original}>, envelope sender <{r.mail_from}>")
+            lines.append(
+                f"    {r.address}: forwarded from <{r.original}> (the address it was sent to),"
+                f" envelope sender <{r.mail_from}>"
+            )
         lines += ["", header.rstrip("\r\n").replace("\r\n", "\n")]
         context.emit(entry, "\n".join(lines))
         return EXIT_OK

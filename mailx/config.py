@@ -118,7 +118,7 @@ DEFAULTS: Mapping[str, Any] = _frozen(
             "watch": None,  # e.g. "6h": re-check our own published records
         },
         "authentication": {"spf": True, "dkim": True, "dmarc": "enforce"},
-        "checks": {"dnsbl": []},
+        "checks": {"dnsbl": [], "reverse_dns": True},
         "domains": {},  # see BLOCK_DEFAULTS["domain"]; at least one is required
         "outbound": {
             "srs_secret": None,
@@ -223,6 +223,7 @@ class DNSBLZone:
 @dataclass(frozen=True)
 class ChecksConfig:
     dnsbl: tuple[DNSBLZone, ...]
+    reverse_dns: bool = True  # look up the client's PTR at connect, for Received and the log
 
 
 @dataclass(frozen=True)
@@ -913,7 +914,10 @@ class _Loader:
         fields = self.block(node, DEFAULTS["checks"])
         if fields is None:
             return None
-        return ChecksConfig(dnsbl=self.items(fields["dnsbl"], self.dnsbl_zone))
+        return ChecksConfig(
+            dnsbl=self.items(fields["dnsbl"], self.dnsbl_zone),
+            reverse_dns=self.value(fields["reverse_dns"], self.boolean),
+        )
 
     def srs_secret(self, node: _Node) -> tuple[str, ...]:
         return self.items(node, self.strong_secret, single=True)

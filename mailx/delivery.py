@@ -43,6 +43,8 @@ MAX_HEADER_SECTION = 1024 * 1024
 MAX_RECEIVED = 50
 _FIELD_START = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
+# A quoted local part may hold spaces (RFC 5321 4.1.2), never a line break.
+_UNSAFE_ADDRESS = re.compile(r"[^\x20-\x7e]")
 
 
 class IDelivery(Interface):
@@ -73,6 +75,7 @@ class DeliveryContext:
     committer: Any = None  # mailx.committer.GroupCommitter: files messages with forwards
     writer: Any = None  # mailx.writer.WriterClient: files mailbox-only messages
     outbound: Any = None  # mailx.outbound.Outbound: forwarding queue and SRS
+    names: Any = None  # mailx.ptr.NameLookups: the client's name at connect (checks.reverse_dns)
     incoming: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -94,13 +97,38 @@ class SessionDelivery:
         if context.blocklists is not None:
             # Started at connect so the answer is usually in by the first RCPT.
             self._listing = context.blocklists.check(session.client_ip)
+        if context.names is not None:
+            self._look_up_name()
+
+    def _look_up_name(self) -> None:
+        """Start the client's forward-confirmed reverse lookup (`mailx.ptr`); nothing waits."""
+        from mailx.dnsbl import exempt
+
+        session = self.session
+        if exempt(session.client_ip):
+            return
+
+        def found(name: str | None) -> None:
+            session.reverse_name = name
+            log.info(
+                "{session}: client {ip} is {name}",
+                session=session.session_id,
+                ip=session.client_ip,
+                name=name or "unknown (no PTR, or its name does not resolve back)",
+            )
+
+        self.context.names.look_up(session.client_ip).addCallback(found)
 
     def mail(self, queue_id: str, sender: str, size: int) -> None:
         log.info(
-            "{qid}: from=<{sender}> size={size} client={ip} helo={helo}",
+            # The session ID here links the connection's lines to the message's.
+            "{qid}: session={session} from=<{sender}>{size} client={name}[{ip}] helo={helo}",
             qid=queue_id,
+            session=self.session.session_id,
             sender=sender,
-            size=size,
+            # The size the client declared (RFC 1870); none said, none shown.
+            size=f" size={size}" if size else "",
+            name=self.session.reverse_name or "unknown",
             ip=self.session.client_ip,
             helo=self.session.helo,
         )
@@ -254,7 +282,8 @@ class IncomingMessage:
             extra = [verdict.header.encode("utf-8") + b"\r\n"] if verdict is not None else []
             mailboxes = _unique_mailboxes(self.routes)
             copies = [
-                (dest, self._trace_headers(dest) + extra, action == "junk") for dest in mailboxes
+                (dest, self._trace_headers(dest, given) + extra, action == "junk")
+                for dest, given in mailboxes
             ]
             header = b"".join(fields)
             outgoing = self._outgoing(verdict)
@@ -286,6 +315,18 @@ class IncomingMessage:
         except SMTPReplyError as e:
             log.info("{qid}: refused: {reply}", qid=self.queue_id, reply=str(e.reply))
             raise
+        except OSError as e:
+            # An operational problem (permissions, a full disk, a file where a
+            # directory should be): one line naming what to fix, not a
+            # traceback; the client keeps the message and retries on 451.
+            log.error(
+                "{qid}: cannot file the message: {error}; check that the user mailx runs as"
+                " can write under {mail} (the client will retry)",
+                qid=self.queue_id,
+                error=str(e).replace("\n", " "),
+                mail=str(config.paths.mail),
+            )
+            raise SMTPReplyError(replies.LOCAL_ERROR) from None
         except Exception:
             log.failure("{qid}: delivery failed", qid=self.queue_id)
             raise SMTPReplyError(replies.LOCAL_ERROR) from None
@@ -385,7 +426,11 @@ class IncomingMessage:
         d = deferToThreadPool(ctx.reactor, ctx.disk_pool, self.body.contents)
         return d.addCallback(lambda body: header + body)
 
-    def _trace_headers(self, dest: MailboxDestination) -> list[bytes]:
+    def _trace_headers(self, dest: Any, original: str | None = None) -> list[bytes]:
+        """Return-Path, X-Original-To (a local copy's ``original`` RCPT), Delivered-To, Received.
+
+        In Postfix local(8)'s order, which filters and people already know.
+        """
         session = self.delivery.session
         config = self.delivery.config
         helo = _UNSAFE.sub("?", session.helo or "unknown")
@@ -399,11 +444,13 @@ class IncomingMessage:
             f"\tby {config.hostname} (mailx) with {protocol} id {self.queue_id}{tls}\r\n"
             f"\tfor <{dest.address}>; {formatdate(localtime=True)}\r\n"
         )
-        return [
-            f"Return-Path: <{_quoted_path(self.sender)}>\r\n".encode(),
-            f"Delivered-To: {dest.address}\r\n".encode(),
-            received.encode("utf-8"),
-        ]
+        trace = [f"Return-Path: <{_quoted_path(self.sender)}>\r\n".encode()]
+        if original is not None:
+            # SPEC 4: the RCPT address as given, before alias expansion and
+            # subaddress stripping, so filters can sort on me+news@.
+            trace.append(f"X-Original-To: {_UNSAFE_ADDRESS.sub('?', original)}\r\n".encode())
+        trace += [f"Delivered-To: {dest.address}\r\n".encode(), received.encode("utf-8")]
+        return trace
 
 
 def _quoted_path(sender: str) -> str:
@@ -437,13 +484,15 @@ def _is_forged_results(field: bytes, hostname: str) -> bool:
     return is_forged_results(field[23:].decode("utf-8", "replace"), hostname)
 
 
-def _unique_mailboxes(routes: Sequence[Route]) -> list[MailboxDestination]:
-    """One copy per final mailbox, whatever aliases led there (SPEC 4)."""
-    seen: dict[tuple[str, str], MailboxDestination] = {}
+def _unique_mailboxes(routes: Sequence[Route]) -> list[tuple[MailboxDestination, str]]:
+    """One copy per final mailbox, whatever aliases led there (SPEC 4), with the
+    RCPT address that led there: the first one when several did (one copy, one
+    X-Original-To)."""
+    seen: dict[tuple[str, str], tuple[MailboxDestination, str]] = {}
     for r in routes:
         for dest in r.destinations:
             if isinstance(dest, MailboxDestination):
-                seen.setdefault((dest.domain, dest.mailbox), dest)
+                seen.setdefault((dest.domain, dest.mailbox), (dest, str(r.address)))
     return list(seen.values())
 
 

@@ -161,11 +161,24 @@ def _spf_value(smarthost: str | None) -> str:
     """``mx`` covers this server (it is our MX); a relay is named by address or host."""
     if smarthost is None:
         return "v=spf1 mx -all"
+    return f"v=spf1 mx {_spf_term(smarthost)} -all"
+
+
+def _spf_term(smarthost: str) -> str:
+    """``ip4:192.0.2.1``, ``ip6:...`` or ``a:relay.example.net`` (RFC 7208 5.3, 5.6)."""
     try:
         address = ipaddress.ip_address(smarthost)
     except ValueError:
-        return f"v=spf1 mx a:{smarthost} -all"
-    return f"v=spf1 mx ip{address.version}:{address.compressed} -all"
+        return f"a:{smarthost}"
+    return f"ip{address.version}:{address.compressed}"
+
+
+def _publicly_visible(smarthost: str) -> bool:
+    """False for a loopback, private or link-local relay: the world cannot check it."""
+    try:
+        return ipaddress.ip_address(smarthost).is_global
+    except ValueError:
+        return smarthost != "localhost" and not smarthost.endswith(".localhost")
 
 
 def _reverse_name(address: str) -> str:
@@ -232,6 +245,15 @@ def plan(config: Config, domain: str, addresses: Sequence[str] | None = None) ->
     )
     relay = smarthost_host(config.outbound.smarthost)
     notes: list[str] = []
+    if relay is not None and not _publicly_visible(relay):
+        # A local relay (a Postfix on 127.0.0.1, a VPN peer) sends to the world
+        # from its own public address, which only its owner knows.
+        notes.append(
+            f"The smarthost {relay} is a loopback or private address, which means nothing"
+            f" in public DNS: it is left out of SPF. Add the public address (ip4:/ip6:) or"
+            f" the SPF include: of the relay's own outgoing server to the SPF record."
+        )
+        relay = None
     records = [
         Expected(
             "MX",
@@ -282,7 +304,8 @@ def plan(config: Config, domain: str, addresses: Sequence[str] | None = None) ->
     if relay is not None:
         spf_purpose += (
             f" Mail leaves through the smarthost {relay}: if your relay provider documents"
-            f" an SPF include (include:_spf.provider.example), use it instead of a:{relay}."
+            f" an SPF include (include:_spf.provider.example), use it instead of"
+            f" {_spf_term(relay)}."
         )
     records.append(
         Expected(

@@ -815,6 +815,16 @@ class _Entry:
     finishing: bool = False
 
 
+def _mta_name(target: str) -> str:
+    """The host for a DSN's Remote-MTA (RFC 3464 2.3.5: a host name): an MX name as
+    it is, the host of a smarthost endpoint string (``tcp:relay.example.net:587``)."""
+    if ":" not in target:  # host names have no colon; endpoint strings do
+        return target
+    from mailx.dnssetup import smarthost_host
+
+    return smarthost_host(target) or target
+
+
 @dataclass(frozen=True)
 class _Outcome:
     reply: Reply
@@ -1434,7 +1444,10 @@ class Outbound(service.Service):
         host = self._peer(*last_target) if last_target else None
         return every(
             _Outcome(
-                reply, host, last_target[0] if last_target else None, last.tls if last else None
+                reply,
+                host,
+                _mta_name(last_target[0]) if last_target else None,
+                last.tls if last else None,
             )
         )
 
@@ -1493,7 +1506,8 @@ class Outbound(service.Service):
         return None
 
     def _outcomes(self, result: SessionResult, name: str, peer: str) -> dict[str, _Outcome]:
-        return {a: _Outcome(reply, peer, name, result.tls) for a, reply in result.replies.items()}
+        mta = _mta_name(name)
+        return {a: _Outcome(reply, peer, mta, result.tls) for a, reply in result.replies.items()}
 
     def _verified_smarthost_tls(self) -> Any:
         if self._smarthost_tls is None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mailx import dnswatch, maildir, spool
+from mailx import dnswatch, maildir, preflight, spool
 from mailx.auth import Authenticator
 from mailx.auth.dmarc import default_psl
 from mailx.committer import GroupCommitter
@@ -25,6 +26,7 @@ from mailx.delivery import DeliveryContext, SessionDelivery
 from mailx.dns import Resolver
 from mailx.dnsbl import Blocklists
 from mailx.outbound import Outbound
+from mailx.ptr import NameLookups
 from mailx.queue import Queue
 from mailx.smtp import MailxSMTPFactory, server_endpoint
 from mailx.text import Logger
@@ -53,6 +55,20 @@ class Options(usage.Options):
 def pid_path(config: Config) -> Path:
     """Where the running server writes its pid, for ``mailxctl reload`` and friends."""
     return config.paths.spool / "mailx.pid"
+
+
+def reload_status_path(config: Config) -> Path:
+    """Where the server records the verdict of each reload, for ``mailxctl reload``."""
+    return config.paths.spool / "reload.status"
+
+
+def read_reload_status(config: Config) -> dict[str, Any] | None:
+    """The last reload verdict (``generation``, ``ok``, ``problems``), None if none."""
+    try:
+        data = json.loads(reload_status_path(config).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class TLSConfigError(Exception):
@@ -155,6 +171,7 @@ class MailxService(service.MultiService):
             outbound=self._outbound_for(config, resolver),
             committer=self.committer,
             writer=self.writer,
+            names=NameLookups(resolver, self.reactor) if config.checks.reverse_dns else None,
         )
 
     def _outbound_for(self, config: Config, resolver: Resolver) -> Outbound:
@@ -221,10 +238,20 @@ class MailxService(service.MultiService):
             failures: list[Failure] = []
             endpoint.listen(self.factory).addCallbacks(self.ports.append, failures.append)
             if failures:
+                error = getattr(failures[0].value, "socketError", None)
+                if isinstance(error, OSError):
+                    raise ListenError(preflight.listen_error(description, error))
                 raise ListenError(f"cannot listen on {description}: {failures[0].getErrorMessage()}")
 
     def startService(self) -> None:
-        self.prepare_storage()
+        try:
+            self.prepare_storage()
+        except OSError as e:
+            # makeService checked this for our user; this is what changed since.
+            raise StorageError(
+                f"cannot prepare {e.filename or 'the spool and Maildirs'}: {e.strerror};"
+                f" check that the user mailx runs as owns paths.spool and paths.mail"
+            ) from None
         self.disk_pool.start()
         self.dns_pool.start()
         self.committer.start()
@@ -233,6 +260,7 @@ class MailxService(service.MultiService):
         self._listen()
         self.pidfile = pid_path(self.config)
         self.pidfile.write_text(f"{os.getpid()}\n")
+        self._record_reload([], start=True)
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         log.info(
             "mailx ready as {hostname} on {listen}, domains: {domains}",
@@ -248,27 +276,15 @@ class MailxService(service.MultiService):
         self.reactor.callFromThread(reload)
 
     def reload_in_thread(self) -> defer.Deferred:
-        """`reload`, with the file read and parsed in the disk pool (SIGHUP's way):
-        a large or hostile file must not stall the sessions the reactor serves.
-        Reloads run one at a time, so the last SIGHUP's file is the one applied."""
+        """`reload`, with the file read, checked and its new Maildirs made in the
+        disk pool (SIGHUP's way): a large or hostile file, or many mailboxes to
+        stat, must not stall the sessions the reactor serves. Reloads run one at
+        a time, so the last SIGHUP's file is the one applied."""
         source = self.config.source
 
-        def read_and_prepare() -> tuple[Config, Any] | None:
-            read = self._read(source)
-            if read is not None:  # new mailboxes' directories: mkdir and fsync, blocking
-                try:
-                    self.prepare_storage(clean=False, config=read[0])
-                except OSError as e:
-                    log.error(
-                        "reload refused: cannot create {path}: {error}",
-                        path=str(e.filename), error=e.strerror,
-                    )  # fmt: skip
-                    return None
-            return read
-
         def read() -> defer.Deferred:
-            d = threads.deferToThreadPool(self.reactor, self.disk_pool, read_and_prepare)
-            return d.addCallback(lambda read: read is not None and self._apply(*read, True))
+            d = threads.deferToThreadPool(self.reactor, self.disk_pool, self._read, source)
+            return d.addCallback(self._finish_reload)
 
         return self._reload_lock.run(read)
 
@@ -276,29 +292,48 @@ class MailxService(service.MultiService):
         """Re-read the configuration file; keep the old one if the new one is wrong.
 
         Synchronous (the file is parsed on the calling thread); the server
-        itself reloads with `reload_in_thread`."""
-        read = self._read(self.config.source)
-        return read is not None and self._apply(*read)
+        itself reloads with `reload_in_thread`. The verdict is also written to
+        `reload_status_path`, so that ``mailxctl reload`` can report it instead
+        of only sending a signal."""
+        return self._finish_reload(self._read(self.config.source))
 
-    @staticmethod
-    def _read(source: Path) -> tuple[Config, Any] | None:
-        """The configuration at ``source`` and its TLS context; None (logged) if unusable."""
+    def _finish_reload(self, read: tuple[Config, Any] | list[str]) -> bool:
+        problems = read if isinstance(read, list) else self._apply(*read)
+        self._record_reload(problems)
+        return not problems
+
+    def _read(self, source: Path) -> tuple[Config, Any] | list[str]:
+        """The configuration at ``source`` and its TLS context, checked as the
+        user we run as and with its new Maildirs made; else its problems (logged).
+        Blocking: runs in the disk pool."""
         try:
             config = load_config(source)
-            return config, tls_context(config)
+            context = tls_context(config)
         except ConfigError as e:
-            for problem in e.problems:
-                log.error("reload refused: {problem}", problem=str(problem))
+            problems = [str(problem) for problem in e.problems]
         except TLSConfigError as e:
-            log.error("reload refused: {problem}", problem=str(e))
-        return None
+            problems = [str(e)]
+        except OSError as e:  # the file itself, unreadable as our user
+            problems = [f"{source}: {e.strerror}"]
+        else:
+            # As the user we now run as: what the new configuration names must be usable.
+            problems = preflight.access_problems(config, preflight.run_as())
+        if not problems:
+            try:
+                # New mailboxes' Maildirs (mkdir and fsync), before anything routes to them.
+                self.prepare_storage(clean=False, config=config)
+            except OSError as e:
+                problems = [f"cannot create {e.filename}: {e.strerror}"]
+        if problems:
+            for problem in problems:
+                log.error("reload refused: {problem}", problem=problem)
+            return problems
+        return config, context
 
-    def _apply(self, config: Config, context: Any, prepared: bool = False) -> bool:
+    def _apply(self, config: Config, context: Any) -> list[str]:
         if config.listen != self.config.listen:
             log.warn("reload: listen endpoints changed; they take effect at the next restart")
         self.config = config
-        if not prepared:
-            self.prepare_storage(clean=False)
         self.context = self._context_for(config)
         self.factory.reconfigure(config, self._delivery_for, context)
         log.info(
@@ -306,7 +341,24 @@ class MailxService(service.MultiService):
             source=str(config.source),
             domains=", ".join(config.domains),
         )
-        return True
+        return []
+
+    def _record_reload(self, problems: list[str], start: bool = False) -> None:
+        """Write the verdict (no fsync: it only matters while both processes run)."""
+        self._reload_generation = 0 if start else getattr(self, "_reload_generation", 0) + 1
+        path = reload_status_path(self.config)
+        status = {
+            "pid": os.getpid(),
+            "generation": self._reload_generation,
+            "ok": not problems,
+            "problems": problems,
+        }
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(status) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            log.error("cannot record the reload verdict in {path}: {error}", path=str(path), error=e.strerror)
 
     def stopService(self) -> Any:
         if self._stopping is not None:
@@ -355,9 +407,40 @@ class ListenError(Exception):
     """A listen endpoint could not be bound."""
 
 
+class StorageError(Exception):
+    """The spool or a Maildir cannot be created or written."""
+
+
+def _twistd_ids(options: Options) -> tuple[int | None, int | None]:
+    """twistd's ``--uid``/``--gid`` (our Options' parent), None when not given."""
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None, None
+    try:
+        return parent["uid"], parent["gid"]
+    except KeyError:
+        return None, None
+
+
 def makeService(options: Options) -> MailxService:
+    """Load and check everything while the terminal is still attached (see preflight)."""
+    path = os.path.abspath(options["config"])
+    if not os.path.exists(path):
+        print(
+            f"mailx: {path}: no configuration file here (choose one with --config FILE"
+            " or $MAILX_CONFIG; the default is ./mailx.yaml in the current directory)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     try:
         config = load_config(options["config"])
+        user = preflight.run_as(*_twistd_ids(options))
+        for made in preflight.create_owned(config, user):
+            print(f"mailx: created {made} for {user.describe()}", file=sys.stderr)
+        found = preflight.problems(config, user)
+        if found:
+            print(preflight.lines(found), file=sys.stderr)
+            raise SystemExit(1)
         return MailxService(config)
     except ConfigError as e:
         for problem in e.problems:

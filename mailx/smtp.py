@@ -511,7 +511,15 @@ class MailxESMTP(smtp.ESMTP):
         self.session.helo = name.decode("ascii", "replace")
         self.session.esmtp = esmtp
         if self.startedTLS:
-            self.session.tls = self.tls_description()
+            described = self.tls_description()
+            if described != self.session.tls:  # the first greeting after the handshake
+                log.info(
+                    "{session}: TLS {tls} from {ip}",
+                    session=self.session.session_id,
+                    tls=described,
+                    ip=self.session.client_ip,
+                )
+            self.session.tls = described
         greeting = self.host + b" Hello " + self.session.client_ip.encode("ascii")
         if not esmtp:
             self.sendCode(250, greeting)

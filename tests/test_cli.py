@@ -148,7 +148,7 @@ class CheckTests(CLITestCase):
     def test_missing_config_exits_1_without_traceback(self) -> None:
         status, _, err = self.run_cli("check", "-c", str(self.directory / "nope.yaml"))
         self.assertEqual(status, 1)
-        self.assertIn("cannot read configuration: No such file or directory", err)
+        self.assertIn("nope.yaml: no configuration file here (given with -c)", err)
         self.assertNotIn("Traceback", err)
 
 
@@ -308,6 +308,70 @@ class RouteTests(CLITestCase):
         )
         self.assertEqual(status, 1)
         self.assertIn("limits.recipients", err)
+
+
+class MissingConfigTests(CLITestCase):
+    def test_default_file_missing_names_the_path_and_how_to_choose(self) -> None:
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.directory)
+        status, _, err = self.run_cli("check")
+        self.assertEqual(status, 1)
+        self.assertIn(f"{self.directory / 'mailx.yaml'}: no configuration file here", err)
+        self.assertIn("the default, ./mailx.yaml in the current directory", err)
+        self.assertIn("-c FILE or $MAILX_CONFIG", err)
+
+    def test_environment_file_missing_says_it_came_from_there(self) -> None:
+        os.environ[cli.CONFIG_ENVIRONMENT] = str(self.directory / "gone.yaml")
+        status, _, err = self.run_cli("route", "alice@example.test")
+        self.assertEqual(status, 1)
+        self.assertIn(f"{self.directory / 'gone.yaml'}: no configuration file here (from $MAILX_CONFIG)", err)
+
+
+class ReloadPermissionTests(CLITestCase):
+    def test_server_of_another_user_is_one_line(self) -> None:
+        config = self.write(GOOD)
+        spool = self.directory / "var" / "spool"
+        spool.mkdir(parents=True)
+        (spool / "mailx.pid").write_text("4242\n")
+
+        def kill(pid: int, signum: int) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        self.patch(os, "kill", kill)
+        status, out, err = self.run_cli("reload", "-c", config)
+        self.assertEqual(status, 1)
+        self.assertIn("cannot reach mailx: permission denied", out)
+        self.assertNotIn("Traceback", out + err)
+
+
+class RouteSRSTests(CLITestCase):
+    """``route`` reverses our SRS addresses as the server does at RCPT."""
+
+    SECRET = "a-long-enough-test-secret"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config = self.write(
+            GOOD.replace('      "*": bob\n', "")
+            + f"outbound:\n  srs_secret: {self.SECRET}\n"
+        )
+
+    def test_valid_srs_address_goes_to_the_original_sender(self) -> None:
+        from mailx.srs import SRS
+
+        address = SRS([self.SECRET]).forward("carol@sender.test", "example.test")
+        status, out, _ = self.run_cli("route", "-c", self.config, address)
+        self.assertEqual(status, 0, out)
+        self.assertIn("is an SRS address of ours → bounce to carol@sender.test", out)
+        self.assertIn("  forward to carol@sender.test", out)
+
+    def test_forged_srs_address_is_refused_and_says_why(self) -> None:
+        status, out, _ = self.run_cli(
+            "route", "-c", self.config, "SRS0=abcdef=AB=sender.test=carol@example.test"
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("is an SRS address at one of our domains, but not a valid one", out)
+        self.assertEqual(out.splitlines()[-1], "550 5.7.1 Invalid SRS address")
 
 
 class UsageTests(CLITestCase):

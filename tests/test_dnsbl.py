@@ -6,9 +6,9 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx.dnsbl import listed, query_name
+from mailx.dnsbl import classify, listed, query_name
 from mailx.testing.dnsserver import serve_for_test
-from mailx.testing.server import dialogue, in_thread, start_server
+from mailx.testing.server import capture_log, dialogue, in_thread, start_server
 
 
 class QueryNameTests(unittest.TestCase):
@@ -25,6 +25,13 @@ class QueryNameTests(unittest.TestCase):
         # Spamhaus's "query refused" codes are errors, not listings.
         self.assertIsNone(listed(["127.255.255.254"]))
 
+    def test_error_codes_are_errors_not_listings(self) -> None:
+        # Spamhaus's error codes, the "refused" 127.0.0.1, answers outside 127/8.
+        for code in ("127.255.255.252", "127.255.255.254", "127.255.255.255", "127.0.0.1",
+                     "192.0.2.1"):
+            self.assertEqual(classify([code]), (None, code))
+        self.assertEqual(classify(["127.255.255.254", "127.0.0.3"]), ("127.0.0.3", "127.255.255.254"))
+
 
 class BlocklistServerTests(unittest.TestCase):
     """Clients presented through PROXY as listed or not, lists served on loopback."""
@@ -36,6 +43,8 @@ class BlocklistServerTests(unittest.TestCase):
                 "9.113.0.203.reject.test": {"A": ["127.0.0.2"]},
                 "10.113.0.203.junk.test": {"A": ["127.0.0.4"]},
                 "11.113.0.203.reject.test": {"A": ["127.255.255.254"]},
+                "13.113.0.203.reject.test": {"A": ["127.0.0.1"]},
+                "14.113.0.203.reject.test": {"A": ["127.255.255.254"]},
             },
         )
         self.server = start_server(
@@ -85,6 +94,17 @@ class BlocklistServerTests(unittest.TestCase):
             replies = yield self.send(ip)
             self.assertEqual(replies[5][0], 250)
         self.assertEqual(len(self.server.messages("alice")), 2)
+
+    @defer.inlineCallbacks
+    def test_error_codes_accept_and_are_logged_once_per_zone(self) -> None:
+        log = capture_log(self)
+        for ip in ("203.0.113.11", "203.0.113.14", "203.0.113.13"):
+            replies = yield self.send(ip)
+            self.assertEqual(replies[5][0], 250, ip)
+        self.assertEqual(len(self.server.messages("alice")), 3)
+        errors = [line for line in log if "dnsbl reject.test answered" in line]
+        self.assertEqual(len(errors), 2, errors)  # .254 once, 127.0.0.1 once
+        self.assertIn("public or open resolver", errors[0])
 
     @defer.inlineCallbacks
     def test_list_that_does_not_answer_is_skipped(self) -> None:

@@ -153,6 +153,28 @@ class PlanTests(unittest.TestCase):
         plan = dnssetup.plan(config, "example.test")
         self.assertEqual(self.record("SPF", plan).value, "v=spf1 mx a:relay.example.net -all")
 
+    def test_spf_purpose_names_the_term_the_record_uses(self) -> None:
+        config = load_config(
+            write_config(self.directory, extra="outbound:\n  smarthost: tcp:1.2.3.4:587\n")
+        )
+        spf = self.record("SPF", dnssetup.plan(config, "example.test"))
+        self.assertEqual(spf.value, "v=spf1 mx ip4:1.2.3.4 -all")
+        self.assertIn("use it instead of ip4:1.2.3.4.", spf.purpose)
+        self.assertNotIn("a:1.2.3.4", spf.purpose)
+
+    def test_loopback_smarthost_stays_out_of_public_spf_with_a_note(self) -> None:
+        for relay in ("127.0.0.1", "10.1.2.3", "localhost"):
+            config = load_config(
+                write_config(self.directory, extra=f"outbound:\n  smarthost: tcp:{relay}:25\n")
+            )
+            plan = dnssetup.plan(config, "example.test")
+            self.assertEqual(self.record("SPF", plan).value, "v=spf1 mx -all", relay)
+            self.assertTrue(
+                any(f"The smarthost {relay} is a loopback or private address" in n
+                    for n in plan.notes),
+                plan.notes,
+            )
+
     def test_dmarc_quarantine_with_rua_from_reports(self) -> None:
         self.assertEqual(
             self.record("DMARC").value, "v=DMARC1; p=quarantine; rua=mailto:dmarc@example.test"

@@ -84,6 +84,12 @@ REPLY_TIMEOUT = 15.0  # a missing reply fails the run instead of hanging it
 IDLE_TIMEOUT = 10.0  # how long the server may take to clear tmp/ and incoming/
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@catchall.test"
+
+
+def to(given: str, *mailboxes: str) -> dict[str, str]:
+    """A recipient's mailboxes, each with the X-Original-To it gets (SPEC 4): the
+    RCPT address as the server normalizes it, before aliases and subaddresses."""
+    return dict.fromkeys(mailboxes, given)
 MAILBOXES = {ALICE: ("example.test", "alice"), BOB: ("example.test", "bob"),
              CAROL: ("catchall.test", "carol")}
 
@@ -320,22 +326,22 @@ SENDERS: list[tuple[bytes, Ok | Refused]] = [
 ]
 
 RECIPIENTS_TABLE: list[tuple[bytes, Ok | Refused]] = [
-    (b"TO:<alice@example.test>", Ok({ALICE})),
-    (b"TO:<ALICE@Example.TEST>", Ok({ALICE})),
-    (b"to:<alice+fuzz@example.test>", Ok({ALICE})),
-    (b"TO:<bob@example.org>", Ok({BOB})),
-    (b"TO:<team@example.test>", Ok({ALICE, BOB})),
-    (b"TO:<postmaster@example.test>", Ok({ALICE})),
-    (b"TO:<postmaster>", Ok({ALICE})),
-    (b"TO:<PostMaster>", Ok({ALICE})),
-    (b'TO:<"bob"@example.test>', Ok({BOB})),
-    (b"TO:alice@example.test", Ok({ALICE})),
-    (b"TO: <bob@example.test>", Ok({BOB})),
-    (b"TO:<@relay.test:bob@example.test>", Ok({BOB})),
-    (b"TO:<x/y@catchall.test>", Ok({CAROL})),
-    (b"TO:<anyone@catchall.test>", Ok({CAROL})),
-    (b"TO:<postmaster@catchall.test>", Ok({CAROL})),
-    (b'TO:<"odd local"@catchall.test>', Ok({CAROL})),
+    (b"TO:<alice@example.test>", Ok(to("alice@example.test", ALICE))),
+    (b"TO:<ALICE@Example.TEST>", Ok(to("alice@example.test", ALICE))),
+    (b"to:<alice+fuzz@example.test>", Ok(to("alice+fuzz@example.test", ALICE))),
+    (b"TO:<bob@example.org>", Ok(to("bob@example.org", BOB))),
+    (b"TO:<team@example.test>", Ok(to("team@example.test", ALICE, BOB))),
+    (b"TO:<postmaster@example.test>", Ok(to("postmaster@example.test", ALICE))),
+    (b"TO:<postmaster>", Ok(to("postmaster@example.test", ALICE))),
+    (b"TO:<PostMaster>", Ok(to("postmaster@example.test", ALICE))),
+    (b'TO:<"bob"@example.test>', Ok(to("bob@example.test", BOB))),
+    (b"TO:alice@example.test", Ok(to("alice@example.test", ALICE))),
+    (b"TO: <bob@example.test>", Ok(to("bob@example.test", BOB))),
+    (b"TO:<@relay.test:bob@example.test>", Ok(to("bob@example.test", BOB))),
+    (b"TO:<x/y@catchall.test>", Ok(to("x/y@catchall.test", CAROL))),
+    (b"TO:<anyone@catchall.test>", Ok(to("anyone@catchall.test", CAROL))),
+    (b"TO:<postmaster@catchall.test>", Ok(to("postmaster@catchall.test", CAROL))),
+    (b'TO:<"odd local"@catchall.test>', Ok(to('"odd local"@catchall.test', CAROL))),
     (b'TO:<"odd local"@example.test>', refused(550, syntax=False)),
     (b"TO:<SRS0=AAAAAA=AB=victim.test=anyone@example.test>", refused(550, syntax=False)),
     (b"TO:<srs0=a=ab=victim.test=anyone@example.org>", refused(550, syntax=False)),
@@ -588,7 +594,7 @@ class Delivered:
 
     token: bytes
     sender: str
-    mailboxes: set[str]
+    mailboxes: dict[str, str]  # mailbox -> X-Original-To (the first RCPT that led there)
     message: bytes  # as stored, after the trace headers
     helo: bytes
     protocol: bytes
@@ -603,13 +609,13 @@ class Connection:
     tls: bool = False
     sender: str | None = None
     accepted: int = 0  # RCPTs answered 250 (the recipient limit counts these)
-    mailboxes: set[str] = field(default_factory=set)
+    mailboxes: dict[str, str] = field(default_factory=dict)
     transcript: list[bytes] = field(default_factory=list)
 
     def reset(self) -> None:
         self.sender = None
         self.accepted = 0
-        self.mailboxes = set()
+        self.mailboxes = {}
 
 
 class SMTPSessions(RuleBasedStateMachine):
@@ -723,7 +729,8 @@ class SMTPSessions(RuleBasedStateMachine):
 
             def recipient(reply: Reply) -> None:
                 conn.accepted += 1
-                conn.mailboxes |= outcome.value
+                for mailbox, given in outcome.value.items():
+                    conn.mailboxes.setdefault(mailbox, given)  # one copy: the first RCPT
 
             return {250}, recipient
         if cmd.verb == "rset":
@@ -791,7 +798,7 @@ class SMTPSessions(RuleBasedStateMachine):
     def dry_run(self, conn: Connection, cmds: list[Cmd]) -> set[int]:
         """The codes the last of ``cmds`` would get, leaving ``conn`` alone."""
         shadow = Connection(conn.client, conn.greeted, conn.esmtp, conn.helo, conn.tls,
-                            conn.sender, conn.accepted, set(conn.mailboxes))
+                            conn.sender, conn.accepted, dict(conn.mailboxes))
         codes: set[int] = set()
         for cmd in cmds:
             codes, effect = self.predict(shadow, cmd)
@@ -833,7 +840,7 @@ class SMTPSessions(RuleBasedStateMachine):
             message = without_forged_results(stored_form(wire))
             protocol = (b"ESMTPS" if conn.tls else b"ESMTP") if conn.esmtp else (
                 b"SMTPS" if conn.tls else b"SMTP")
-            self.delivered[token] = Delivered(token, conn.sender, set(conn.mailboxes), message,
+            self.delivered[token] = Delivered(token, conn.sender, dict(conn.mailboxes), message,
                                               conn.helo, protocol)
         conn.reset()
 
@@ -917,7 +924,7 @@ class SMTPSessions(RuleBasedStateMachine):
         cmds = [
             Cmd("rset", b"RSET"),
             Cmd("mail", b"MAIL FROM:<s@sender.test>", Ok("s@sender.test")),
-            Cmd("rcpt", b"RCPT TO:<team@example.test>", Ok({ALICE, BOB})),
+            Cmd("rcpt", b"RCPT TO:<team@example.test>", Ok(to("team@example.test", ALICE, BOB))),
         ]
         if not conn.greeted:
             cmds.insert(0, Cmd("ehlo", b"EHLO hangup.test"))
@@ -956,7 +963,7 @@ class SMTPSessions(RuleBasedStateMachine):
         conn.reset()
         if injected:
             # Had the injected lines run, RCPT would find a sender.
-            self.run_commands([Cmd("rcpt", b"RCPT TO:<alice@example.test>", Ok({ALICE}))])
+            self.run_commands([Cmd("rcpt", b"RCPT TO:<alice@example.test>", Ok(to("alice@example.test", ALICE)))])
 
     @rule()
     def fresh_client_is_served(self) -> None:
@@ -1012,13 +1019,16 @@ class SMTPSessions(RuleBasedStateMachine):
         assert re.fullmatch(rb"[\t\n\x20-\x7e]*", trace), f"unsafe byte in trace headers: {trace!r}"
         lines = trace.rstrip(b"\n").split(b"\n")
         assert lines[0] == b"Return-Path: <" + delivered.sender.encode() + b">", lines[0]
-        assert lines[1] == b"Delivered-To: " + address.encode(), lines[1]
-        assert lines[2].startswith(b"Received: from "), lines[2]
-        assert all(line.startswith(b"\t") for line in lines[3:]), trace
-        received = b"".join(lines[2:])
+        # SPEC 4: the first RCPT that led here, as given (normalized).
+        original = delivered.mailboxes[address].encode()
+        assert lines[1] == b"X-Original-To: " + original, (lines[1], original)
+        assert lines[2] == b"Delivered-To: " + address.encode(), lines[2]
+        assert lines[3].startswith(b"Received: from "), lines[3]
+        assert all(line.startswith(b"\t") for line in lines[4:]), trace
+        received = b"".join(lines[3:])
         if re.fullmatch(rb"[\x21-\x7e]+", delivered.helo):
-            assert lines[2].startswith(b"Received: from " + delivered.helo + b" ("), lines[2]
-        assert b"[127.0.0.1])" in lines[2], lines[2]
+            assert lines[3].startswith(b"Received: from " + delivered.helo + b" ("), lines[3]
+        assert b"[127.0.0.1])" in lines[3], lines[3]
         assert b" with " + delivered.protocol + b" id " in received, received
         assert b"for <" + address.encode() + b">;" in received, received
         assert message == delivered.message, (

@@ -83,6 +83,23 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual(len(self.server.messages("bob")), 1)
 
 
+    def test_reload_verdict_is_recorded_for_mailxctl(self) -> None:
+        from mailx.service import read_reload_status
+
+        start = read_reload_status(self.server.config)
+        self.assertEqual((start["generation"], start["ok"]), (0, True))
+        # A new domain whose Maildir cannot be made: refused, old configuration kept.
+        (self.server.config.paths.mail / "new.test").write_text("a file, not a directory")
+        data = yaml.safe_load(self.path.read_text())
+        data["domains"]["new.test"] = {"mailboxes": ["x"], "aliases": {"postmaster": "x"}}
+        self.path.write_text(yaml.safe_dump(data))
+        self.assertFalse(self.server.service.reload())
+        status = read_reload_status(self.server.config)
+        self.assertEqual((status["generation"], status["ok"]), (1, False))
+        self.assertIn("new.test", status["problems"][0])
+        self.assertNotIn("new.test", self.server.service.config.domains)
+
+
 class SignalTests(unittest.TestCase):
     timeout = 240
 
@@ -105,6 +122,7 @@ class SignalTests(unittest.TestCase):
             capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("reloaded", result.stdout)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with smtplib.SMTP("127.0.0.1", server.port) as client:
@@ -114,6 +132,29 @@ class SignalTests(unittest.TestCase):
                     return
             time.sleep(0.1)
         self.fail("the reloaded configuration never took effect")
+
+    def test_mailxctl_reload_reports_the_servers_refusal(self) -> None:
+        # A key that does not match the certificate: the file parses (mailxctl's
+        # own check passes), the server refuses it, and mailxctl must say so.
+        from mailx.testing.tls import make_certificate
+
+        server, directory = self.start()
+        cert, _ = make_certificate(directory / "one")
+        _, other_key = make_certificate(directory / "two")
+        data = yaml.safe_load(server.config_path.read_text())
+        data["tls"] = {"certificate": str(cert), "key": str(other_key)}
+        server.config_path.write_text(yaml.safe_dump(data))
+        result = subprocess.run(
+            [sys.executable, "-m", "mailx.cli", "-c", str(server.config_path), "reload"],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("refused the new configuration and keeps the old one", result.stdout)
+        self.assertIn(f"  tls: cannot use {cert} with {other_key}", result.stdout)
+        # And the server still serves, with the old configuration.
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+            self.assertEqual(client.ehlo("c.test")[0], 250)
+            self.assertNotIn("starttls", client.esmtp_features)
 
     def test_mailxctl_reload_without_server_exits_1(self) -> None:
         directory = Path(self.mktemp()).absolute()

@@ -842,6 +842,15 @@ class SmarthostTests(OutboundCase):
         self.assertEqual(message.auth, "relayuser (LOGIN)")
 
     @defer.inlineCallbacks
+    def test_remote_mta_is_the_smarthosts_host_not_its_endpoint(self) -> None:
+        # RFC 3464 2.3.5: Remote-MTA names a host; the DSN says "dns;127.0.0.1".
+        self.sink.script("rcpt", "550 5.1.1 no")
+        envelope = self.submit()
+        yield self.settle(envelope)
+        [r] = envelope.recipients
+        self.assertEqual(r.remote_mta, "127.0.0.1")
+
+    @defer.inlineCallbacks
     def test_no_credentials_in_clear_text(self) -> None:
         self.sink.tls_options = None
         envelope = self.submit()

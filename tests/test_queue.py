@@ -248,7 +248,11 @@ class QueueCommandTests(CLITestCase):
         self.add()
         status, out, _ = self.run_cli("-c", self.config, "queue", "show", "65F00000000001")
         self.assertEqual(status, 0)
-        self.assertIn("sent to <boss@example.test>, envelope sender <SRS0=x@example.test>", out)
+        self.assertIn(
+            "x@outside.test: forwarded from <boss@example.test> (the address it was sent to),"
+            " envelope sender <SRS0=x@example.test>",
+            out,
+        )
         self.assertIn("Subject: hi", out)
         status, data = self.json_of("-c", self.config, "queue", "show", "65F00000000001")
         self.assertIn("Subject: hi", data["header"])

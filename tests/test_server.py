@@ -30,7 +30,12 @@ class DeliveryTests(unittest.TestCase):
         self.assertEqual(refused, {})
         [stored] = self.server.messages("alice")
         headers, _, body = stored.partition(b"\n\n")
-        self.assertTrue(headers.startswith(b"Return-Path: <sender@sender.test>\nDelivered-To: alice@example.test\nReceived: from "))
+        self.assertTrue(
+            headers.startswith(
+                b"Return-Path: <sender@sender.test>\nX-Original-To: alice@example.test\n"
+                b"Delivered-To: alice@example.test\nReceived: from "
+            )
+        )
         self.assertIn(b"[127.0.0.1]", headers)
         self.assertIn(b"by mx.example.test (mailx) with ESMTP id ", headers)
         self.assertIn(b"for <alice@example.test>;", headers)
@@ -56,6 +61,22 @@ class DeliveryTests(unittest.TestCase):
         self.assertEqual(len(self.server.messages("alice")), 1)
         self.assertEqual(len(self.server.messages("bob")), 1)
         self.assertIn(b"Delivered-To: bob@example.test\n", self.server.messages("bob")[0])
+
+    @defer.inlineCallbacks
+    def test_local_copy_keeps_the_rcpt_address_as_given(self) -> None:
+        # SPEC 4: X-Original-To is the RCPT before subaddress stripping and aliases;
+        # one copy per mailbox, so the first RCPT that reached it is named.
+        yield send_mail(
+            self.server.port,
+            "s@sender.test",
+            ["alice+news@example.test", "team@example.test"],
+            message("sub"),
+        )
+        [alice] = self.server.messages("alice")
+        [bob] = self.server.messages("bob")
+        self.assertIn(b"\nX-Original-To: alice+news@example.test\nDelivered-To: alice@example.test\n", alice)
+        self.assertEqual(alice.count(b"X-Original-To:"), 1)
+        self.assertIn(b"\nX-Original-To: team@example.test\nDelivered-To: bob@example.test\n", bob)
 
     @defer.inlineCallbacks
     def test_unknown_recipient_is_550_511_and_next_client_is_served(self) -> None:

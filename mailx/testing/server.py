@@ -26,6 +26,9 @@ BASE_CONFIG: dict[str, Any] = {
     "paths": {"mail": "mail", "spool": "spool"},
     "limits": {"greeting_delay": "0s"},
     "authentication": {"spf": False, "dkim": False, "dmarc": "off"},
+    # No lookups a test did not ask for: a PROXY-claimed client address would
+    # otherwise be looked up through the system's resolver.
+    "checks": {"reverse_dns": False},
     "domains": {
         "example.test": {
             "mailboxes": ["alice", "bob"],
@@ -183,6 +186,23 @@ def dialogue(
         return out
     finally:
         client.close()
+
+
+def capture_log(testcase: Any) -> list[str]:
+    """The formatted text of every log event from now to the end of ``testcase``."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        text = formatEvent(event)
+        if event.get("log_failure") is not None:
+            text += "\n" + event["log_failure"].getTraceback()
+        lines.append(text)
+
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
 
 
 def in_thread(func: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
