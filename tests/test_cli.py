@@ -15,6 +15,7 @@ from twisted.trial import unittest
 
 from mailx import cli
 from mailx import config as config_module
+from mailx.testing import SRS_SECRET
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT = str(REPOSITORY / "mailx.yaml")
@@ -347,7 +348,7 @@ class ReloadPermissionTests(CLITestCase):
 class RouteSRSTests(CLITestCase):
     """``route`` reverses our SRS addresses as the server does at RCPT."""
 
-    SECRET = "a-long-enough-test-secret"
+    SECRET = SRS_SECRET
 
     def setUp(self) -> None:
         super().setUp()
