@@ -60,7 +60,9 @@ MAX_DATA_LINE = 64 * 1024
 MAX_EARLY_INPUT = 4096
 
 # Why input is held: while any reason stands, nothing is processed and the
-# socket is not read, so a stranger's unread input stays in the kernel.
+# socket is not read, so a stranger's unread input stays in the kernel;
+# except while a check runs, when reading goes on up to MAX_HELD_INPUT so
+# that a client hanging up during its message's checks is noticed at once.
 HOLD_GREETING = "greeting"  # the pause before the banner
 HOLD_CHECK = "check"  # waiting for a Deferred answer (checks, filing); replies stay in order
 HOLD_ERROR_PAUSE = "error pause"  # smtpd_error_sleep_time after repeated errors
@@ -68,6 +70,8 @@ HOLD_BACKLOG = "backlog"  # our replies are not being read (the transport paused
 # Postfix's smtpd_junk_command_limit counts NOOP, VRFY, ETRN and RSET; EXPN
 # and HELP cost us as much and deliver nothing either.
 JUNK_COMMANDS = frozenset((b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP"))
+# Unprocessed input kept while a check holds the session: one socket read.
+MAX_HELD_INPUT = 64 * 1024
 
 _PARAM = re.compile(rb"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
 _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
@@ -301,10 +305,13 @@ class MailxESMTP(smtp.ESMTP):
             self._process()
 
     def _sync_reading(self) -> None:
-        """Read from the socket only while input can be processed."""
+        """Read from the socket only while input can be processed (see HOLD_*)."""
         if self._closing or self.transport is None:
             return
-        held = bool(self._holds)
+        if self._holds == {HOLD_CHECK}:
+            held = len(self._buffer) - self._offset > MAX_HELD_INPUT
+        else:
+            held = bool(self._holds)
         if held != self._reading_paused:
             self._reading_paused = held
             if held:

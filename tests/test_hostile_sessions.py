@@ -451,3 +451,37 @@ class BareLineFeedTests(unittest.TestCase):
         self.assertTrue(closed)
         self.assertEqual(server.all_messages(), [])
         yield assert_served_promptly(self, server)
+
+
+class HangUpWhileHeldTests(unittest.TestCase):
+    """A client that hangs up while its session holds input is noticed, its slot freed."""
+
+    @defer.inlineCallbacks
+    def test_hang_up_during_the_checks_is_noticed_before_they_end(self) -> None:
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a DNS server that never answers
+        silent.bind(("127.0.0.1", 0))
+        self.addCleanup(silent.close)
+        server = start_server(
+            self,
+            {
+                "dns": {"nameservers": [f"127.0.0.1:{silent.getsockname()[1]}"], "timeout": "4s"},
+                "authentication": {"spf": True},
+            },
+        )
+
+        def run() -> None:
+            client = LineClient(server.port)
+            client.reply()
+            for line in (b"EHLO c.test", b"MAIL FROM:<s@slow-dns.test>",
+                         b"RCPT TO:<alice@example.test>", b"DATA"):
+                client.command(line)
+            client.send(b"Subject: checks\r\n\r\nbody\r\n.\r\n")
+            time.sleep(0.3)  # the checks are waiting for DNS now
+            client.close()
+
+        started = time.monotonic()
+        yield in_thread(run)
+        yield wait_until(lambda: not server.service.factory.sessions, timeout=3)
+        self.assertLess(time.monotonic() - started, 3)  # the DNS timeout is 4 s
+        self.assertEqual(server.service.factory.per_ip, {})
+        yield sleep(4.5)  # let the checks time out before the server stops

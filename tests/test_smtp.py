@@ -304,7 +304,8 @@ class SMTPDialogueTests(unittest.TestCase):
             b"DATA\r\n"
         )
         self.assertEqual(self.d.send(burst), [])
-        self.assertTrue(self.d.transport.producerState == "paused")
+        # Still read while a check runs, so that a hang-up is noticed.
+        self.assertEqual(self.d.transport.producerState, "producing")
         seen = []
         while self.delivery.pending:
             self.delivery.release()
@@ -324,6 +325,16 @@ class SMTPDialogueTests(unittest.TestCase):
             ],
         )
         self.assertEqual(self.delivery.delivered, [b"Subject: pipelined\r\n\r\nbody\r\n"])
+
+    def test_input_piling_up_behind_a_check_stops_reading(self) -> None:
+        self.delivery.slow = True
+        self.factory.settings.junk_commands = 10**9
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<a@sender.test>\r\n" + b"NOOP\r\n" * 20_000)
+        self.assertEqual(self.d.transport.producerState, "paused")
+        self.delivery.release()
+        self.assertEqual(len(self.d.output()), 20_001)
+        self.assertEqual(self.d.transport.producerState, "producing")
 
     def test_content_pipelined_after_data_is_554_and_closes(self) -> None:
         self.delivery.slow = True
