@@ -9,10 +9,13 @@ that SIZE, PIPELINING, ENHANCEDSTATUSCODES, NOOP and VRFY are missing.  So this
 subclass owns the byte stream and the command handlers, and keeps Twisted's
 protocol skeleton:
 
-- Input is processed from one buffer.  While a command waits for a Deferred
-  (a recipient check, the end-of-data filing), processing stops and the
-  transport is paused; pipelined lines wait in the buffer, so replies always
-  come in order (RFC 2920 section 3).
+- Input is processed from one buffer, parsed from an offset (linear time).
+  Processing stops while a reason to hold input stands (``HOLD_*``: the
+  greeting pause, a Deferred such as a recipient check or the end-of-data
+  filing, the error pause, replies the client does not read); pipelined
+  lines wait in the buffer, so replies always come in order (RFC 2920
+  section 3), and the socket is not read meanwhile (while a check runs, up
+  to one read more, so that a hang-up is noticed).
 - DATA is handled chunk by chunk rather than line by line: dot-unstuffing,
   bare CR/LF normalisation and size counting are bytes operations on whole
   runs of lines, which keeps a 100 KiB message from costing a thousand Python
@@ -344,7 +347,11 @@ class MailxESMTP(smtp.ESMTP):
         fits the socket buffer, so on a plain TCP connection with an empty
         write buffer it is sent directly (what asyncio's transports do);
         TLS, a backlog or a partial send fall back to ``transport.write``,
-        which keeps the order.
+        which keeps the order and counts towards the high-water mark at which
+        the transport pauses us (``pauseProducing``).  This reads
+        ``tcp.Server`` internals (``dataBuffer``, ``_tempDataBuffer``) because
+        no public API offers "send now if nothing is queued"; the type check
+        keeps any other transport on the public path.
         """
         transport = self.transport
         while isinstance(transport, _ProxyFirstWrapper):
