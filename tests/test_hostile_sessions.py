@@ -13,6 +13,7 @@ import email.policy
 import os
 import socket
 import struct
+import threading
 import time
 from email.message import EmailMessage
 from typing import Any
@@ -84,6 +85,8 @@ class UnreadRepliesTests(unittest.TestCase):
         server = start_server(self, {"limits": {"junk_commands": 10**9}})
         flood = b"NOOP\r\n" * 100_000  # 600 KB a write
 
+        stop = threading.Event()
+
         def run() -> int:
             sock = socket.socket()
             # A small receive window, so that the kernel does not absorb
@@ -92,9 +95,9 @@ class UnreadRepliesTests(unittest.TestCase):
             sock.connect(("127.0.0.1", server.port))
             sock.settimeout(0.2)
             sent = 0
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 30
             try:
-                while time.monotonic() < deadline and sent < 50 * 2**20:
+                while not stop.is_set() and time.monotonic() < deadline and sent < 50 * 2**20:
                     try:
                         sent += sock.send(flood)
                     except TimeoutError:
@@ -104,13 +107,19 @@ class UnreadRepliesTests(unittest.TestCase):
             return sent
 
         flooding = in_thread(run)
-        yield sleep(3.5)
-        [session] = server.service.factory.sessions
+        self.addCleanup(stop.set)
+        yield wait_until(lambda: server.service.factory.sessions, timeout=5)
+        [session] = list(server.service.factory.sessions)
+        # Once the kernel's buffers are full, our replies back up and the
+        # session stops: it stays so while the client goes on sending.
+        yield wait_until(lambda: HOLD_BACKLOG in session._holds, timeout=20)
+        yield sleep(1)
         self.assertIn(HOLD_BACKLOG, session._holds)
         self.assertLess(len(session._buffer), 256 * 1024)
         written = session.transport.dataBuffer
         self.assertLess(len(written) + session.transport._tempDataLen, 2 * 2**20)
         yield assert_served_promptly(self, server)
+        stop.set()
         sent = yield flooding
         self.assertLess(sent, 50 * 2**20)
         # It hung up while paused: the session ends and its slot is free.
