@@ -304,7 +304,11 @@ class MailxESMTP(smtp.ESMTP):
 
     def _release(self, reason: str) -> None:
         self._holds.discard(reason)
-        if not self._holds and not self._closing:
+        if self._closing:
+            return
+        if self._holds:
+            self._sync_reading()  # e.g. back to reading behind a check
+        else:
             self._process()
 
     def _sync_reading(self) -> None:

@@ -531,6 +531,18 @@ class SMTPDialogueTests(unittest.TestCase):
         self.assertEqual(self.d.output(), [b"250 2.0.0 OK", b"250 2.0.0 OK"])
         self.assertEqual(self.d.transport.producerState, "producing")
 
+    def test_backlog_cleared_during_a_check_reads_again(self) -> None:
+        self.delivery.slow = True
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
+        self.d.proto.pauseProducing()
+        self.d.send(b"NOOP\r\n")
+        self.assertEqual(self.d.transport.producerState, "paused")
+        self.d.proto.resumeProducing()
+        self.assertEqual(self.d.transport.producerState, "producing")
+        self.delivery.release()
+        self.assertEqual(self.d.output(), [b"250 2.1.0 Sender OK", b"250 2.0.0 OK"])
+
     def test_session_is_the_transports_producer(self) -> None:
         self.assertIs(self.d.transport.producer, self.d.proto)
         self.assertTrue(self.d.transport.streaming)
