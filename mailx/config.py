@@ -95,6 +95,9 @@ DEFAULTS: Mapping[str, Any] = _frozen(
         "listen": {
             # Unprivileged and local until the owner says otherwise (SPEC section 2).
             "smtp": ["tcp:2525:interface=127.0.0.1"],
+            # Who may send a PROXY header on a haproxy: listener (Dovecot's
+            # haproxy_trusted_networks); from anyone else the header is a lie.
+            "haproxy_trusted_networks": ["127.0.0.0/8", "::1"],
         },
         "tls": None,  # {certificate, key}; STARTTLS is offered only when set
         "limits": {
@@ -105,7 +108,14 @@ DEFAULTS: Mapping[str, Any] = _frozen(
             "connection_rate_per_ip": 60,  # new connections per minute; 0: off
             "idle_timeout": "5m",  # RFC 5321 4.5.3.2.7: server timeout at least 5 minutes
             "session_timeout": "30m",
-            "error_limit": 20,  # bad commands and unknown recipients per session; Postfix: 20
+            "error_limit": 20,  # bad commands and refused recipients per session; Postfix: 20
+            # NOOP, RSET, VRFY, EXPN, HELP without a delivered message; Postfix's
+            # smtpd_junk_command_limit is 100.
+            "junk_commands": 100,
+            # IPv6 clients count per network of this length for the per-IP
+            # limits: one host gets a /64.  Postfix 3.8's
+            # smtpd_client_ipv6_prefix_length is 84 (anvil rates only).
+            "ipv6_prefix_length": 64,
             # Pause before the banner; a client that talks first is refused
             # (RFC 5321 4.3.1).  Postfix's postscreen_greet_wait is 6s; real
             # MTAs wait 5 minutes for a banner (RFC 5321 4.5.3.2.1); 0: off.
@@ -192,6 +202,8 @@ class Limits:
     error_limit: int
     connection_rate_per_ip: int  # per minute; 0: off
     greeting_delay: float  # seconds; 0: off
+    junk_commands: int = 100
+    ipv6_prefix_length: int = 64  # per-IP limits group IPv6 clients by this prefix
 
 
 @dataclass(frozen=True)
@@ -283,6 +295,11 @@ class Config:
     domains: Mapping[str, DomainConfig]
     outbound: OutboundConfig
     reports: str | None = None  # address for DMARC and TLS-RPT reports
+    # Networks allowed to send a PROXY header on haproxy: listeners.
+    haproxy_trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1"),
+    )
 
     @property
     def first_domain(self) -> str:
@@ -857,6 +874,8 @@ class _Loader:
             "session_timeout": self.value(fields["session_timeout"], self.duration),
             "error_limit": self.value(fields["error_limit"], self.count, 1),
             "greeting_delay": self.value(fields["greeting_delay"], self.duration, False, True),
+            "junk_commands": self.value(fields["junk_commands"], self.count, 1),
+            "ipv6_prefix_length": self.value(fields["ipv6_prefix_length"], self.count, 1, 128),
         }
         return Limits(**values)
 
@@ -1308,7 +1327,9 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         return None
     listen = loader.block(fields["listen"], DEFAULTS["listen"])
     endpoints: tuple[str, ...] = ()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     if listen is not None:
+        trusted_proxies = loader.items(listen["haproxy_trusted_networks"], loader.network)
         smtp = listen["smtp"]
         endpoints = loader.items(smtp, loader.server_endpoint, single=True)
         if smtp.null or (smtp.kind == "seq" and not smtp.value):
@@ -1328,6 +1349,7 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         domains=MappingProxyType(loader.domains(fields["domains"])),
         outbound=outbound,
         reports=loader.value(fields["reports"], loader.report_address),
+        haproxy_trusted_networks=trusted_proxies,
     )
     loader.require_srs_secret(outbound)
     return config

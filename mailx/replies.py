@@ -56,6 +56,9 @@ SESSION_TIMEOUT = Reply(421, "4.4.2", "Session too long, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 EARLY_TALKER = Reply(554, "5.5.0", "Protocol error: you spoke before the greeting")
+TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands without mail, closing connection")
+# RFC 2920 3.1: DATA ends a pipelined group; the client must wait for the 354.
+DATA_PIPELINED = Reply(554, "5.5.0", "Protocol error: message content sent before the 354 reply")
 BYE = Reply(221, "2.0.0", "Bye")
 
 # Commands

@@ -9,10 +9,13 @@ that SIZE, PIPELINING, ENHANCEDSTATUSCODES, NOOP and VRFY are missing.  So this
 subclass owns the byte stream and the command handlers, and keeps Twisted's
 protocol skeleton:
 
-- Input is processed from one buffer.  While a command waits for a Deferred
-  (a recipient check, the end-of-data filing), processing stops and the
-  transport is paused; pipelined lines wait in the buffer, so replies always
-  come in order (RFC 2920 section 3).
+- Input is processed from one buffer, parsed from an offset (linear time).
+  Processing stops while a reason to hold input stands (``HOLD_*``: the
+  greeting pause, a Deferred such as a recipient check or the end-of-data
+  filing, the error pause, replies the client does not read); pipelined
+  lines wait in the buffer, so replies always come in order (RFC 2920
+  section 3), and the socket is not read meanwhile (while a check runs, up
+  to one read more, so that a hang-up is noticed).
 - DATA is handled chunk by chunk rather than line by line: dot-unstuffing,
   bare CR/LF normalisation and size counting are bytes operations on whole
   runs of lines, which keeps a 100 KiB message from costing a thousand Python
@@ -30,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, interfaces, tcp
+from twisted.internet import address, defer, interfaces, tcp
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.mail import smtp
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
@@ -55,6 +58,23 @@ MAX_PARTIAL_COMMAND = 4096
 # RFC 5322 2.1.1 limits lines to 998 octets, but real mail (HTML mailers,
 # long base64 without folding) exceeds that; SPEC 5 accepts up to 64 KiB.
 MAX_DATA_LINE = 64 * 1024
+# Input kept from a client that talks before the banner: it is refused when
+# the pause ends whatever it said, so a little is enough to know it spoke.
+MAX_EARLY_INPUT = 4096
+
+# Why input is held: while any reason stands, nothing is processed and the
+# socket is not read, so a stranger's unread input stays in the kernel;
+# except while a check runs, when reading goes on up to MAX_HELD_INPUT so
+# that a client hanging up during its message's checks is noticed at once.
+HOLD_GREETING = "greeting"  # the pause before the banner
+HOLD_CHECK = "check"  # waiting for a Deferred answer (checks, filing); replies stay in order
+HOLD_ERROR_PAUSE = "error pause"  # smtpd_error_sleep_time after repeated errors
+HOLD_BACKLOG = "backlog"  # our replies are not being read (the transport paused us)
+# Postfix's smtpd_junk_command_limit counts NOOP, VRFY, ETRN and RSET; EXPN
+# and HELP cost us as much and deliver nothing either.
+JUNK_COMMANDS = frozenset((b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP"))
+# Unprocessed input kept while a check holds the session: one socket read.
+MAX_HELD_INPUT = 64 * 1024
 
 _PARAM = re.compile(rb"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
 _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
@@ -62,8 +82,22 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def _partial_line_length(tail: bytes) -> int:
-    """Octets of an unfinished line, not counting a CR whose LF is still in flight."""
-    return len(tail) - 1 if tail.endswith(b"\r") else len(tail)
+    """Octets of the unfinished last line, as normalised (a bare CR ends a line).
+
+    ``tail`` holds no LF; a final CR may be the first half of a CRLF still in
+    flight, so it is not counted.
+    """
+    if tail.endswith(b"\r"):
+        tail = tail[:-1]
+    return len(tail) - (tail.rfind(b"\r") + 1)
+
+
+def _longest_line(region: bytes) -> int:
+    """The longest line of ``region`` as normalised: CRLF, bare LF and bare CR end lines."""
+    longest = max(map(len, region.split(b"\n")))  # fast, and never shorter
+    if longest <= MAX_DATA_LINE:
+        return longest
+    return max(map(len, _LINE_BREAKS.split(region)))
 
 
 def _normalise_breaks(region: bytes) -> bytes:
@@ -106,8 +140,15 @@ def _peer_ip(transport: Any) -> tuple[str, int]:
     return host, getattr(peer, "port", 0) or 0
 
 
+@implementer(interfaces.IPushProducer)
 class MailxESMTP(smtp.ESMTP):
-    """One SMTP session.  See the module docstring for what differs from Twisted."""
+    """One SMTP session.  See the module docstring for what differs from Twisted.
+
+    It is the push producer of its transport's writes: when a client does not
+    read its replies and the write buffer passes the transport's high-water
+    mark, the transport pauses us and we stop reading and processing (as
+    aiosmtpd awaits ``drain()``), so memory per session stays bounded.
+    """
 
     noisy = False
 
@@ -120,15 +161,23 @@ class MailxESMTP(smtp.ESMTP):
         self.mode = COMMAND
         self.session: Session | None = None
         self.delivery: Any = None
+        # Unprocessed input is self._buffer[self._offset:]; the consumed prefix
+        # is dropped once per _process run, so parsing stays linear.
         self._buffer = b""
-        self._blocked = False
+        self._offset = 0
+        self._data_line_start = True  # DATA: the next byte starts a line (after CRLF)
+        self._holds: set[str] = set()  # see HOLD_*; empty: input is processed
+        self._reading_paused = False  # we paused the transport's reading
+        self._producing = False  # registered as the transport's producer
         self._processing = False
         self._closing = False
         self._session_deadline: Any = None
         self._greeting: Any = None
         self._pause: Any = None
         self._admitted = False
+        self.limit_key = ""  # what the factory's per-IP counts know this client by
         self._errors = 0  # bad commands and refused recipients, whole session
+        self._junk = 0  # junk commands since the last delivered message
         self._reset_transaction()
 
     # --- connection -----------------------------------------------------
@@ -138,10 +187,11 @@ class MailxESMTP(smtp.ESMTP):
         refusal = self.factory.admit(self, ip)
         if refusal is not None:
             self.transport.write(refusal.wire())
-            self._closing = True
-            self.transport.loseConnection()
+            self._hang_up()
             return
         self._admitted = True
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self.session = Session(self.factory.new_session_id(), ip, port)
         if _openssl_connection(self.transport) is not None:
             self.startedTLS = True  # an implicit-TLS (ssl:) listener
@@ -161,13 +211,14 @@ class MailxESMTP(smtp.ESMTP):
             # Like Postfix's postscreen greet pause: real MTAs wait for the
             # banner (RFC 5321 4.5.3.2.1 gives them 5 minutes); spamware
             # that talks first is told so and dropped.
-            self._blocked = True
+            self._holds.add(HOLD_GREETING)
             self._greeting = self.callLater(self.settings.greeting_delay, self._greet_client)
         else:
             self._greet_client()
 
     def _greet_client(self) -> None:
         self._greeting = None
+        self._holds.discard(HOLD_GREETING)
         if self.factory.shutting_down:
             self._close_with(replies.SHUTTING_DOWN)
             return
@@ -179,10 +230,11 @@ class MailxESMTP(smtp.ESMTP):
             )
             self._close_with(replies.EARLY_TALKER)
             return
-        self._blocked = False
         self.sendCode(220, self.host + b" ESMTP mailx")
+        self._process()  # reading resumes if it was paused
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self._closing = True
         self.setTimeout(None)
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
@@ -200,7 +252,7 @@ class MailxESMTP(smtp.ESMTP):
             self.delivery.disconnected()
 
     def shutdown(self) -> None:
-        if self.mode == COMMAND and not self._blocked:
+        if self.mode == COMMAND and HOLD_CHECK not in self._holds:
             self._close_with(replies.SHUTTING_DOWN)
 
     def timeoutConnection(self) -> None:
@@ -217,9 +269,62 @@ class MailxESMTP(smtp.ESMTP):
                 "{session}: closing: {reply}", session=self.session.session_id, reply=str(reply)
             )
         self.reply(reply)
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """Close after the replies are sent; at once for a client that does not read them.
+
+        A registered producer keeps a Twisted transport open after
+        ``loseConnection``, so it is unregistered first.  A client that lets
+        our replies pile up would hold the socket open for as long as it
+        keeps its receive window shut: that one is aborted.
+        """
         self._closing = True
         self._buffer = b""
-        self.transport.loseConnection()
+        self._offset = 0
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+        if HOLD_BACKLOG in self._holds:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # --- flow control -------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: the client is not reading."""
+        self._holds.add(HOLD_BACKLOG)
+
+    def resumeProducing(self) -> None:
+        self._release(HOLD_BACKLOG)
+
+    def stopProducing(self) -> None:
+        pass  # connectionLost follows
+
+    def _release(self, reason: str) -> None:
+        self._holds.discard(reason)
+        if self._closing:
+            return
+        if self._holds:
+            self._sync_reading()  # e.g. back to reading behind a check
+        else:
+            self._process()
+
+    def _sync_reading(self) -> None:
+        """Read from the socket only while input can be processed (see HOLD_*)."""
+        if self._closing or self.transport is None:
+            return
+        if self._holds == {HOLD_CHECK}:
+            held = len(self._buffer) - self._offset > MAX_HELD_INPUT
+        else:
+            held = bool(self._holds)
+        if held != self._reading_paused:
+            self._reading_paused = held
+            if held:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     # --- replies ----------------------------------------------------------
 
@@ -246,7 +351,11 @@ class MailxESMTP(smtp.ESMTP):
         fits the socket buffer, so on a plain TCP connection with an empty
         write buffer it is sent directly (what asyncio's transports do);
         TLS, a backlog or a partial send fall back to ``transport.write``,
-        which keeps the order.
+        which keeps the order and counts towards the high-water mark at which
+        the transport pauses us (``pauseProducing``).  This reads
+        ``tcp.Server`` internals (``dataBuffer``, ``_tempDataBuffer``) because
+        no public API offers "send now if nothing is queued"; the type check
+        keeps any other transport on the public path.
         """
         transport = self.transport
         while isinstance(transport, _ProxyFirstWrapper):
@@ -272,64 +381,82 @@ class MailxESMTP(smtp.ESMTP):
         if self._closing:
             return
         self.resetTimeout()
-        self._buffer += data
-        if self._greeting is None:
-            self._process()
+        if HOLD_GREETING in self._holds:
+            # Refused when the pause ends, whatever it says; keep a sample.
+            self._buffer = (self._buffer + data)[:MAX_EARLY_INPUT]
+        else:
+            self._buffer += data
+        self._process()
 
     def _process(self) -> None:
         if self._processing:
             return
         self._processing = True
         try:
-            while not self._blocked and not self._closing:
+            while not self._holds and not self._closing:
                 if self.factory.shutting_down and self.mode == COMMAND:
                     # Between transactions: the client retries elsewhere or later.
                     self._close_with(replies.SHUTTING_DOWN)
                     break
-                if not self._buffer:
+                if self._offset >= len(self._buffer):
                     break
                 if self.mode == DATA:
                     if not self._process_data():
                         break
                 else:
-                    end = self._buffer.find(b"\r\n")
+                    buf = self._buffer
+                    end = buf.find(b"\r\n", self._offset)
                     if end < 0:
-                        if len(self._buffer) > MAX_PARTIAL_COMMAND:
+                        if len(buf) - self._offset > MAX_PARTIAL_COMMAND:
                             self._close_with(replies.LINE_TOO_LONG)
                         break
-                    line = self._buffer[:end]
-                    self._buffer = self._buffer[end + 2 :]
+                    line = buf[self._offset : end]
+                    self._offset = end + 2
                     self._command(line)
         finally:
             self._processing = False
+            if self._offset:
+                self._buffer = self._buffer[self._offset :]
+                self._offset = 0
+            self._sync_reading()
 
     def _process_data(self) -> bool:
-        """Consume whole lines of message data; False when more input is needed."""
-        buf = self._buffer
-        if buf.startswith(b".\r\n"):
-            self._buffer = buf[3:]
+        """Consume whole lines of message data; False when more input is needed.
+
+        Lines are cut at any LF, so a message with bare LF line ends streams
+        to the spool like any other, and their length is measured as they
+        will be stored (SPEC 5: a bare LF or CR ends a line).  Only
+        ``<CRLF>.<CRLF>`` ends DATA: after a cut at a bare LF the next byte
+        does not start a line for the end marker or dot-unstuffing.
+        """
+        buf, start = self._buffer, self._offset
+        if self._data_line_start and buf.startswith(b".\r\n", start):
+            self._offset = start + 3
             self._end_of_data()
             return True
-        marker = buf.find(b"\r\n.\r\n")
+        marker = buf.find(b"\r\n.\r\n", start)
         if marker >= 0:
-            region, rest, finished = buf[: marker + 2], buf[marker + 5 :], True
+            cut, resume, finished = marker + 2, marker + 5, True
         else:
-            last = buf.rfind(b"\r\n")
+            last = buf.rfind(b"\n", start)
             if last < 0:
-                if _partial_line_length(buf) > MAX_DATA_LINE:
+                if len(buf) - start > MAX_DATA_LINE and _partial_line_length(buf[start:]) > MAX_DATA_LINE:
                     self._data_line_too_long()
                 return False
-            region, rest, finished = buf[: last + 2], buf[last + 2 :], False
-            if _partial_line_length(rest) > MAX_DATA_LINE:
+            cut = resume = last + 1
+            finished = False
+            if len(buf) - cut > MAX_DATA_LINE and _partial_line_length(buf[cut:]) > MAX_DATA_LINE:
                 self._data_line_too_long()
                 return False
-        self._buffer = rest
-        if len(region) > MAX_DATA_LINE and max(map(len, region.split(b"\r\n"))) > MAX_DATA_LINE:
+        region = buf[start:cut]
+        self._offset = resume
+        if len(region) > MAX_DATA_LINE and _longest_line(region) > MAX_DATA_LINE:
             self._data_line_too_long()
             return False
         # RFC 5321 4.5.2: a line starting with "." lost its first dot in transit.
-        if region.startswith(b"."):
+        if self._data_line_start and region.startswith(b"."):
             region = region[1:]
+        self._data_line_start = finished or region.endswith(b"\r\n")
         region = region.replace(b"\r\n.", b"\r\n")
         # Unstuff first, then normalise: a dot after a bare LF was never stuffed.
         if region.count(b"\n") != region.count(b"\r\n") or region.count(b"\r") != region.count(
@@ -385,7 +512,10 @@ class MailxESMTP(smtp.ESMTP):
         )
 
     def _message_done(self, result: Reply | None) -> None:
-        self.reply(result if isinstance(result, Reply) else replies.OK)
+        reply = result if isinstance(result, Reply) else replies.OK
+        if reply.code == 250:
+            self._junk = 0  # a session that delivers mail is not junk
+        self.reply(reply)
 
     def _message_failed(self, failure: Failure) -> None:
         if failure.check(SMTPReplyError):
@@ -402,29 +532,24 @@ class MailxESMTP(smtp.ESMTP):
     ) -> None:
         """Hold input until ``d`` fires, so pipelined replies stay in order.
 
-        Most checks answer at once (routing is a dictionary lookup): then
-        nothing is paused, which spares two epoll_ctl calls per command.
+        Most checks answer at once (routing is a dictionary lookup): then the
+        _process loop that called us goes on, and the transport is never
+        paused, which spares two epoll_ctl calls per command.
         """
-        self._blocked = True
-        waiting = False
+        self._holds.add(HOLD_CHECK)
 
         def finish(result: object) -> None:
             if self._closing or self.transport is None:
                 return
+            self._holds.discard(HOLD_CHECK)
             if isinstance(result, Failure):
                 failed(result)
             else:
                 done(result)
-            self._blocked = False
-            if waiting:
-                self.transport.resumeProducing()
+            if not self._processing:  # answered later: go on with what waited
                 self._process()
-            # else: answered synchronously; the _process loop that called us goes on.
 
         d.addBoth(finish).addErrback(lambda f: log.failure("reply handling failed", f))
-        if self._blocked and not self._closing:
-            waiting = True
-            self.transport.pauseProducing()
 
     # --- commands ---------------------------------------------------------
 
@@ -453,26 +578,38 @@ class MailxESMTP(smtp.ESMTP):
             self.reply(replies.COMMAND_UNRECOGNIZED)
             self._count_error()
             return
+        if verb in JUNK_COMMANDS and not self._count_junk():
+            return
         handler(self, arg)
 
     def _count_error(self) -> None:
-        """Postfix's smtpd_soft/hard_error_limit: slow down, then hang up."""
+        """Postfix's smtpd_soft/hard_error_limit: slow down, then hang up.
+
+        Refused recipients count (SPEC 3), so harvesting addresses costs the
+        same second per guess as bad commands.  The pause is a hold of its
+        own: it delays the replies to what follows, after this reply, even
+        when the error was answered while a check held input.
+        """
         self._errors += 1
         if self._errors >= self.settings.error_limit:
             self._close_with(replies.TOO_MANY_ERRORS)
-        elif self._errors > self.settings.error_limit // 2 and not self._blocked:
+        elif self._errors > self.settings.error_limit // 2 and HOLD_ERROR_PAUSE not in self._holds:
             # smtpd_error_sleep_time: the next command waits, which costs a
             # guessing client time and us nothing.
-            self._blocked = True
-            self.transport.pauseProducing()
+            self._holds.add(HOLD_ERROR_PAUSE)
             self._pause = self.callLater(self.settings.error_sleep, self._resume_after_pause)
 
     def _resume_after_pause(self) -> None:
         self._pause = None
-        self._blocked = False
-        if not self._closing:
-            self.transport.resumeProducing()
-            self._process()
+        self._release(HOLD_ERROR_PAUSE)
+
+    def _count_junk(self) -> bool:
+        """Postfix's smtpd_junk_command_limit: False when the session was ended."""
+        self._junk += 1
+        if self._junk > self.settings.junk_commands:
+            self._close_with(replies.TOO_MANY_JUNK)
+            return False
+        return True
 
     def _reset_transaction(self) -> None:
         self._sender: str | None = None
@@ -684,6 +821,15 @@ class MailxESMTP(smtp.ESMTP):
             self.reply(replies.NEED_RCPT)
             self._count_error()
             return
+        if self._offset < len(self._buffer):
+            # RFC 2920 3.1: DATA is the last command of a pipelined group; the
+            # content may only follow our 354.  A client that sends it along
+            # (smtpsmug's "pipelining" test; Postfix 3.9's
+            # smtpd_forbid_unauth_pipelining) is not an MTA that checks replies.
+            self._log_message("refused: content sent before the 354")
+            self._reset_transaction()
+            self._close_with(replies.DATA_PIPELINED)
+            return
         try:
             self._message = self.delivery.data(self._qid, self._sender, list(self._recipients))
         except SMTPReplyError as e:
@@ -696,6 +842,7 @@ class MailxESMTP(smtp.ESMTP):
             self._reset_transaction()
             return
         self.mode = DATA
+        self._data_line_start = True
         self.sendCode(354, replies.START_DATA.text.encode("ascii"))
 
     def do_RSET(self, rest: bytes) -> None:
@@ -725,9 +872,7 @@ class MailxESMTP(smtp.ESMTP):
 
     def do_QUIT(self, rest: bytes) -> None:
         self.reply(replies.BYE)
-        self._closing = True
-        self._buffer = b""
-        self.transport.loseConnection()
+        self._hang_up()
 
     def do_STARTTLS(self, rest: bytes) -> None:
         if rest.strip():
@@ -743,6 +888,7 @@ class MailxESMTP(smtp.ESMTP):
         # RFC 3207 4.2 and CVE-2011-0411: anything pipelined after STARTTLS in
         # cleartext is discarded, and the session starts over.
         self._buffer = b""
+        self._offset = 0
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
         self._reset_transaction()
@@ -811,6 +957,9 @@ class Settings:
         "connection_rate_per_ip",
         "greeting_delay",
         "error_sleep",
+        "junk_commands",
+        "ipv6_prefix_length",
+        "trusted_proxies",
     )
 
     def __init__(self, config: Any) -> None:
@@ -827,6 +976,38 @@ class Settings:
         self.greeting_delay = limits.greeting_delay
         # Postfix's smtpd_error_sleep_time default.
         self.error_sleep = 1.0
+        self.junk_commands = limits.junk_commands
+        self.ipv6_prefix_length = limits.ipv6_prefix_length
+        self.trusted_proxies = tuple(ipaddress.ip_network(n) for n in config.haproxy_trusted_networks)
+
+    def proxy_trusted(self, peer: Any) -> bool:
+        """May this peer send a PROXY header?  UNIX-socket peers are local: yes."""
+        host = getattr(peer, "host", None)
+        if host is None:
+            return isinstance(peer, address.UNIXAddress)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.trusted_proxies)
+
+    def limit_key(self, ip: str) -> str:
+        """What the per-IP limits count: the address, or its /64 (prefix) for IPv6.
+
+        One IPv6 host is usually given a whole /64 (RFC 6177), so counting
+        single addresses would give an attacker 2^64 of them.
+        """
+        try:
+            parsed = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        if parsed.version == 4:
+            return ip
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return ipaddress.ip_network(f"{ip}/{self.ipv6_prefix_length}", strict=False).compressed
 
 
 def _exempt_from_rate(ip: str) -> bool:
@@ -880,28 +1061,36 @@ class MailxSMTPFactory(ServerFactory):
         return self.protocol(self)
 
     def admit(self, proto: MailxESMTP, ip: str) -> Reply | None:
+        """None when ``proto`` may start; the refusal otherwise.
+
+        Per-IP counts are kept under ``Settings.limit_key`` (an IPv6
+        client's /64), remembered on the session so that a reload changing
+        the prefix still releases what was counted.
+        """
         if self.shutting_down:
             return replies.SHUTTING_DOWN
         if len(self.sessions) >= self.settings.connections:
             log.info("refused connection from {ip}: too many connections", ip=ip)
             return replies.TOO_MANY_CONNECTIONS
-        if self.per_ip.get(ip, 0) >= self.settings.connections_per_ip:
-            log.info("refused connection from {ip}: too many connections from it", ip=ip)
+        key = self.settings.limit_key(ip)
+        if self.per_ip.get(key, 0) >= self.settings.connections_per_ip:
+            log.info("refused connection from {ip}: too many connections from {key}", ip=ip, key=key)
             return replies.TOO_MANY_CONNECTIONS_FROM_IP
-        if self._over_rate(ip):
-            log.info("refused connection from {ip}: connection rate limit", ip=ip)
+        if self._over_rate(ip, key):
+            log.info("refused connection from {ip}: connection rate limit of {key}", ip=ip, key=key)
             return replies.CONNECTION_RATE
         self.sessions.add(proto)
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        proto.limit_key = key
+        self.per_ip[key] = self.per_ip.get(key, 0) + 1
         return None
 
-    def _over_rate(self, ip: str) -> bool:
+    def _over_rate(self, ip: str, key: str) -> bool:
         """Postfix's smtpd_client_connection_rate_limit, over a sliding minute."""
         limit = self.settings.connection_rate_per_ip
         if not limit or _exempt_from_rate(ip):
             return False
         now = self.clock()
-        window = self.recent.setdefault(ip, deque())
+        window = self.recent.setdefault(key, deque())
         while window and window[0] <= now - 60:
             window.popleft()
         if len(self.recent) > 10_000:
@@ -921,12 +1110,12 @@ class MailxSMTPFactory(ServerFactory):
 
     def release(self, proto: MailxESMTP) -> None:
         self.sessions.discard(proto)
-        ip = proto.session.client_ip
-        left = self.per_ip.get(ip, 1) - 1
+        key = proto.limit_key
+        left = self.per_ip.get(key, 1) - 1
         if left > 0:
-            self.per_ip[ip] = left
+            self.per_ip[key] = left
         else:
-            self.per_ip.pop(ip, None)
+            self.per_ip.pop(key, None)
 
     def _next(self) -> int:
         self._counter += 1
@@ -948,6 +1137,13 @@ class _ProxyFirstWrapper(HAProxyProtocolWrapper):
     a client that waits for the banner after sending only the header would
     never see the wrapped protocol learn the real address.  Here the wrapped
     protocol is connected once the header is parsed.
+
+    The stock wrapper also believes whoever connects: here only peers in
+    ``listen.haproxy_trusted_networks`` may send a header, others are
+    disconnected unheard; and a header that names no IP client (v1
+    ``UNKNOWN``, v2 ``LOCAL`` or AF_UNIX, for which Twisted yields no source
+    or a UNIXAddress) is refused, since the session would otherwise be
+    counted under the proxy's own (loopback, rate-exempt) address.
     """
 
     header_timeout = 30.0
@@ -956,14 +1152,27 @@ class _ProxyFirstWrapper(HAProxyProtocolWrapper):
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
+        self._started = False
+        self._refused = False
+        self._header_deadline: Any = None
+        peer = transport.getPeer()
+        if not self.factory.wrappedFactory.settings.proxy_trusted(peer):
+            self._refuse("refused connection from {peer}: not in listen.haproxy_trusted_networks", peer)
+            return
         from twisted.internet import reactor
 
         self._header_deadline = reactor.callLater(self.header_timeout, self.loseConnection)
-        self._started = False
+
+    def _refuse(self, why: str, peer: Any) -> None:
+        log.info(why, peer=getattr(peer, "host", None) or str(peer))
+        self._refused = True
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._started:
             return self.wrappedProtocol.dataReceived(data)
+        if self._refused:
+            return None
         before = self._proxyInfo
         parser_done = False
         # Let the stock parser consume the header without touching the
@@ -977,13 +1186,19 @@ class _ProxyFirstWrapper(HAProxyProtocolWrapper):
         if parser_done:
             if self._header_deadline.active():
                 self._header_deadline.cancel()
+            if not isinstance(self._proxyInfo.source, (address.IPv4Address, address.IPv6Address)):
+                self._refuse(
+                    "refused connection from proxy {peer}: PROXY header names no IP client",
+                    self.transport.getPeer(),
+                )
+                return
             self._started = True
             self.wrappedProtocol.makeConnection(self)
             if collector.data and not self.disconnecting:
                 self.wrappedProtocol.dataReceived(b"".join(collector.data))
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._header_deadline.active():
+        if self._header_deadline is not None and self._header_deadline.active():
             self._header_deadline.cancel()
         self.factory.unregisterProtocol(self)
         if self._started:

@@ -133,7 +133,12 @@ class DefaultsTests(ConfigTestCase):
         limits = self.config.limits
         self.assertEqual(
             dataclasses.astuple(limits),
-            (25 * 1024 * 1024, 100, 1000, 20, 300.0, 1800.0, 20, 60, 1.0),
+            (25 * 1024 * 1024, 100, 1000, 20, 300.0, 1800.0, 20, 60, 1.0, 100, 64),
+        )
+
+    def test_only_loopback_may_send_proxy_headers(self) -> None:
+        self.assertEqual(
+            [n.compressed for n in self.config.haproxy_trusted_networks], ["127.0.0.0/8", "::1/128"]
         )
 
     def test_listen(self) -> None:
@@ -434,6 +439,23 @@ class ListenTests(ConfigTestCase):
 
     def test_single_string(self) -> None:
         self.assertEqual(self.load(MINIMAL + "listen:\n  smtp: tcp:25\n").listen, ("tcp:25",))
+
+    def test_trusted_proxy_networks(self) -> None:
+        config = self.load(
+            MINIMAL + "listen:\n  haproxy_trusted_networks: [10.0.0.0/8, 192.0.2.7, '2001:db8::/32']\n"
+        )
+        self.assertEqual(
+            [n.compressed for n in config.haproxy_trusted_networks],
+            ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"],
+        )
+
+    def test_trusted_proxy_network_with_host_bits_is_refused(self) -> None:
+        self.assertProblem(
+            MINIMAL + "listen:\n  haproxy_trusted_networks: [10.0.0.1/8]\n",
+            8,
+            "listen.haproxy_trusted_networks[0]",
+            "is not a network such as 10.0.0.0/8",
+        )
 
     def test_bad_port(self) -> None:
         self.assertProblem(

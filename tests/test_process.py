@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from twisted.trial import unittest
@@ -112,3 +113,52 @@ class MemoryTests(unittest.TestCase):
         with biggest.open("rb") as stored:
             body_lines = sum(1 for stored_line in stored if stored_line == b"M" * 76 + b"\n")
         self.assertEqual(body_lines, chunks * lines_per_chunk)
+
+    def test_50_mib_of_unread_noops_grow_memory_by_less_than_20_mib(self) -> None:
+        """Issue 9 item 11: a client pipelines NOOPs and never reads a reply.
+
+        Without flow control the replies piled up in the server (RSS 56 ->
+        494 MiB); the session now stops reading while its replies are unread.
+        The junk-command limit, which would end this at the 101st NOOP, is
+        raised so that it is the flow control that is measured.
+        """
+        directory = Path(self.mktemp()).absolute()
+        port = free_port()
+        config = write_config(
+            directory,
+            {
+                "listen": {"smtp": [f"tcp:{port}:interface=127.0.0.1"]},
+                "limits": {"junk_commands": 10**9},
+            },
+        )
+        server = ServerProcess(config, port)
+        server.start()
+        self.addCleanup(server.kill)
+        warm = LineClient(port)
+        warm.reply()
+        self.assertEqual(warm.command(b"NOOP")[0], 250)
+        warm.close()
+        before = memory_kib(server.proc.pid, "VmRSS")
+        flood = b"NOOP\r\n" * (MiB // 6)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.settimeout(1)
+        sent = 0
+        deadline = time.monotonic() + 20
+        try:
+            while sent < 50 * MiB and time.monotonic() < deadline:
+                try:
+                    sent += sock.send(flood)
+                except TimeoutError:
+                    pass  # the server stopped reading
+            peak = memory_kib(server.proc.pid, "VmHWM")
+            # Meanwhile another client is served.
+            other = LineClient(port)
+            started = time.monotonic()
+            other.reply()
+            self.assertEqual(other.command(b"NOOP")[0], 250)
+            self.assertLess(time.monotonic() - started, 5)
+            other.close()
+        finally:
+            sock.close()
+        growth_mib = (peak - before) / 1024
+        self.assertLess(growth_mib, 20, f"peak RSS grew by {growth_mib:.1f} MiB ({sent / MiB:.0f} MiB sent)")

@@ -32,9 +32,15 @@ def make_config(**limits: object) -> SimpleNamespace:
         error_limit=20,
         connection_rate_per_ip=0,
         greeting_delay=0.0,
+        junk_commands=100,
+        ipv6_prefix_length=64,
     )
     base.update(limits)
-    return SimpleNamespace(hostname="mx.example.test", limits=SimpleNamespace(**base))
+    return SimpleNamespace(
+        hostname="mx.example.test",
+        limits=SimpleNamespace(**base),
+        haproxy_trusted_networks=("127.0.0.0/8", "::1/128"),
+    )
 
 
 class RecordingMessage:
@@ -296,15 +302,16 @@ class SMTPDialogueTests(unittest.TestCase):
             b"RCPT TO:<x@elsewhere.test>\r\n"
             b"RCPT TO:<bob@example.test>\r\n"
             b"DATA\r\n"
-            b"Subject: pipelined\r\n\r\nbody\r\n.\r\n"
-            b"QUIT\r\n"
         )
         self.assertEqual(self.d.send(burst), [])
-        self.assertTrue(self.d.transport.producerState == "paused")
+        # Still read while a check runs, so that a hang-up is noticed.
+        self.assertEqual(self.d.transport.producerState, "producing")
         seen = []
         while self.delivery.pending:
             self.delivery.release()
             seen.extend(self.d.output())
+        self.assertEqual(self.d.transport.producerState, "producing")
+        seen += self.d.send(b"Subject: pipelined\r\n\r\nbody\r\n.\r\nQUIT\r\n")
         self.assertEqual(
             seen,
             [
@@ -318,6 +325,46 @@ class SMTPDialogueTests(unittest.TestCase):
             ],
         )
         self.assertEqual(self.delivery.delivered, [b"Subject: pipelined\r\n\r\nbody\r\n"])
+
+    def test_input_piling_up_behind_a_check_stops_reading(self) -> None:
+        self.delivery.slow = True
+        self.factory.settings.junk_commands = 10**9
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<a@sender.test>\r\n" + b"NOOP\r\n" * 20_000)
+        self.assertEqual(self.d.transport.producerState, "paused")
+        self.delivery.release()
+        self.assertEqual(len(self.d.output()), 20_001)
+        self.assertEqual(self.d.transport.producerState, "producing")
+
+    def test_content_pipelined_after_data_is_554_and_closes(self) -> None:
+        self.delivery.slow = True
+        self.ehlo()
+        self.d.send(
+            b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+            b"Subject: early\r\n\r\nbody\r\n.\r\n"
+        )
+        seen = []
+        while self.delivery.pending:
+            self.delivery.release()
+            seen.extend(self.d.output())
+        self.assertEqual(
+            seen,
+            [
+                b"250 2.1.0 Sender OK",
+                b"250 2.1.5 Recipient OK",
+                b"554 5.5.0 Protocol error: message content sent before the 354 reply",
+            ],
+        )
+        self.assertTrue(self.d.transport.disconnecting)
+        self.assertEqual(self.delivery.messages, [])
+
+    def test_data_alone_in_its_read_gets_354(self) -> None:
+        self.ehlo()
+        self.assertEqual(
+            self.d.codes(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"),
+            [250, 250, 354],
+        )
+        self.assertEqual(self.d.codes(b"x\r\n.\r\n"), [250])
 
     def test_eom_tempfail_is_451_not_550(self) -> None:
         self.delivery.eom_result = defer.fail(SMTPReplyError(replies.LOCAL_ERROR))
@@ -403,7 +450,8 @@ class SMTPDialogueTests(unittest.TestCase):
 
     def test_shutdown_lets_a_message_in_data_finish(self) -> None:
         self.ehlo()
-        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: x\r\n")
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.d.send(b"Subject: x\r\n")
         self.factory.shutdown()
         self.assertFalse(self.d.transport.disconnecting)
         self.assertEqual(
@@ -414,6 +462,143 @@ class SMTPDialogueTests(unittest.TestCase):
 
     def test_quit_ignores_what_follows(self) -> None:
         self.assertEqual(self.d.codes(b"QUIT\r\nNOOP\r\n"), [221])
+
+
+    def test_junk_commands_over_the_limit_are_421_and_close(self) -> None:
+        self.factory.settings.junk_commands = 3
+        self.assertEqual(self.d.codes(b"NOOP\r\nRSET\r\nHELP\r\n"), [250, 250, 214])
+        self.assertEqual(
+            self.d.send(b"VRFY alice\r\nNOOP\r\n"),
+            [b"421 4.7.0 Too many commands without mail, closing connection"],
+        )
+        self.assertTrue(self.d.transport.disconnecting)
+
+    def test_a_delivered_message_restarts_the_junk_count(self) -> None:
+        self.factory.settings.junk_commands = 2
+        self.ehlo()
+        self.assertEqual(self.d.codes(b"NOOP\r\nRSET\r\n"), [250, 250])
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.assertEqual(self.d.codes(b"x\r\n.\r\n"), [250])
+        self.assertEqual(self.d.codes(b"RSET\r\nNOOP\r\nNOOP\r\n"), [250, 250, 421])
+
+    def test_refused_recipients_get_the_error_pause(self) -> None:
+        self.factory.settings.error_limit = 4
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
+        out = self.d.send(b"RCPT TO:<x@elsewhere.test>\r\n" * 3 + b"RCPT TO:<alice@example.test>\r\n")
+        self.assertEqual(out, [b"550 5.7.1 Relaying denied"] * 3)
+        self.assertEqual(self.d.transport.producerState, "paused")
+        self.d.clock.advance(0.9)
+        self.assertEqual(self.d.output(), [])
+        self.d.clock.advance(0.1)
+        self.assertEqual(self.d.output(), [b"250 2.1.5 Recipient OK"])
+        self.assertEqual(self.d.transport.producerState, "producing")
+
+    def test_refused_recipients_reach_the_error_limit(self) -> None:
+        self.factory.settings.error_limit = 3
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
+        self.d.send(b"RCPT TO:<x@elsewhere.test>\r\n" * 2)
+        self.d.clock.advance(1)
+        self.assertEqual(
+            self.d.send(b"RCPT TO:<y@elsewhere.test>\r\n"),
+            [b"550 5.7.1 Relaying denied", b"421 4.7.0 Too many errors, closing connection"],
+        )
+        self.assertTrue(self.d.transport.disconnecting)
+
+    def test_slow_refusal_pauses_after_its_reply_in_order(self) -> None:
+        self.factory.settings.error_limit = 4
+        self.delivery.slow = True
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
+        self.delivery.release()
+        self.d.output()
+        self.d.send(b"RCPT TO:<x@elsewhere.test>\r\n" * 3 + b"NOOP\r\n")
+        seen = []
+        while self.delivery.pending:
+            self.delivery.release()
+            seen += self.d.output()
+        self.assertEqual(seen, [b"550 5.7.1 Relaying denied"] * 3)
+        self.d.clock.advance(1)
+        self.assertEqual(self.d.output(), [b"250 2.0.0 OK"])
+
+    def test_unread_replies_stop_processing_and_reading(self) -> None:
+        self.ehlo()
+        self.d.proto.pauseProducing()  # what the transport does at its high-water mark
+        self.assertEqual(self.d.send(b"NOOP\r\nNOOP\r\n"), [])
+        self.assertEqual(self.d.transport.producerState, "paused")
+        self.d.proto.resumeProducing()
+        self.assertEqual(self.d.output(), [b"250 2.0.0 OK", b"250 2.0.0 OK"])
+        self.assertEqual(self.d.transport.producerState, "producing")
+
+    def test_backlog_cleared_during_a_check_reads_again(self) -> None:
+        self.delivery.slow = True
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
+        self.d.proto.pauseProducing()
+        self.d.send(b"NOOP\r\n")
+        self.assertEqual(self.d.transport.producerState, "paused")
+        self.d.proto.resumeProducing()
+        self.assertEqual(self.d.transport.producerState, "producing")
+        self.delivery.release()
+        self.assertEqual(self.d.output(), [b"250 2.1.0 Sender OK", b"250 2.0.0 OK"])
+
+    def test_session_is_the_transports_producer(self) -> None:
+        self.assertIs(self.d.transport.producer, self.d.proto)
+        self.assertTrue(self.d.transport.streaming)
+
+    def test_close_unregisters_the_producer(self) -> None:
+        # A registered producer would keep a Twisted transport open after loseConnection.
+        self.d.send(b"QUIT\r\n")
+        self.assertIsNone(self.d.transport.producer)
+        self.assertTrue(self.d.transport.disconnecting)
+
+    def test_close_while_replies_are_unread_aborts(self) -> None:
+        self.d.proto.pauseProducing()
+        self.d.clock.advance(60)  # idle timeout
+        self.assertTrue(self.d.transport.disconnecting)
+        self.assertIsNone(self.d.transport.producer)
+
+    def test_many_pipelined_commands_in_one_read(self) -> None:
+        self.factory.settings.junk_commands = 10**9
+        out = self.d.send(b"NOOP\r\n" * 20_000)
+        self.assertEqual(len(out), 20_000)
+        self.assertEqual(self.d.proto._buffer, b"")
+
+    def test_bare_lf_lines_are_measured_as_normalised(self) -> None:
+        self.ehlo()
+        self.factory.settings.message_size = 10_000_000
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        body = b"Subject: lf\n\n" + (b"b" * 76 + b"\n") * 30_000  # 2.3 MB, no CRLF
+        for i in range(0, len(body), 65536):
+            self.assertEqual(self.d.send(body[i : i + 65536]), [])
+            self.assertLess(len(self.d.proto._buffer), 65536)
+        self.assertEqual(self.d.codes(b"\r\n.\r\n"), [250])
+        self.assertEqual(self.delivery.delivered, [body.replace(b"\n", b"\r\n") + b"\r\n"])
+
+    def test_line_over_64k_between_bare_lfs_is_refused(self) -> None:
+        self.ehlo()
+        self.factory.settings.message_size = 10_000_000
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        out = self.d.send(b"a\n" + b"y" * (MAX_DATA_LINE + 1) + b"\nz\r\n.\r\n")
+        self.assertEqual(out, [b"500 5.5.6 Line too long in message data, message refused"])
+        self.assertEqual(self.delivery.delivered, [])
+
+    def test_bare_cr_ends_a_line_for_the_length_too(self) -> None:
+        self.ehlo()
+        self.factory.settings.message_size = 10_000_000
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.assertEqual(self.d.codes((b"c" * 60_000 + b"\r") * 3 + b"\r\n.\r\n"), [250])
+
+    def test_dot_after_a_bare_lf_cut_is_not_the_end_of_data(self) -> None:
+        self.ehlo()
+        self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.assertEqual(self.d.send(b"one\n"), [])
+        self.assertEqual(self.d.send(b".\r\nMAIL FROM:<x@y.test>\r\n"), [])
+        self.assertEqual(self.d.codes(b"two\r\n.\r\n"), [250])
+        self.assertEqual(
+            self.delivery.delivered, [b"one\r\n.\r\nMAIL FROM:<x@y.test>\r\ntwo\r\n"]
+        )
 
 
 class ConnectionLimitTests(unittest.TestCase):
@@ -427,6 +612,24 @@ class ConnectionLimitTests(unittest.TestCase):
         talker.clock.advance(1)
         self.assertEqual(talker.output(), [b"554 5.5.0 Protocol error: you spoke before the greeting"])
         self.assertTrue(talker.transport.disconnecting)
+
+    def test_input_before_the_banner_is_bounded_and_not_read(self) -> None:
+        self.factory.settings.greeting_delay = 1.0
+        talker = Dialogue(self.factory)
+        for _ in range(10):
+            talker.send(b"x" * 65536)
+        self.assertLessEqual(len(talker.proto._buffer), 4096)
+        self.assertEqual(talker.transport.producerState, "paused")
+        talker.clock.advance(1)
+        self.assertEqual(talker.output(), [b"554 5.5.0 Protocol error: you spoke before the greeting"])
+
+    def test_early_talker_that_hangs_up_frees_its_slot(self) -> None:
+        self.factory.settings.greeting_delay = 1.0
+        talker = Dialogue(self.factory)
+        talker.send(b"EHLO x\r\n")
+        talker.proto.connectionLost(None)
+        self.assertEqual(self.factory.per_ip, {})
+        self.assertEqual(talker.clock.getDelayedCalls(), [])
 
     def test_patient_client_gets_banner_after_pause(self) -> None:
         self.factory.settings.greeting_delay = 1.0
@@ -469,6 +672,36 @@ class ConnectionLimitTests(unittest.TestCase):
         Dialogue(self.factory, peer="192.0.2.2")
         third = Dialogue(self.factory, peer="192.0.2.3")
         self.assertEqual(third.output(), [b"421 4.7.0 Too many connections, try again later"])
+
+    def test_ipv6_clients_count_per_64(self) -> None:
+        first = Dialogue(self.factory, peer="2001:db8:1:2::1")
+        same_64 = Dialogue(self.factory, peer="2001:db8:1:2:ffff::9")
+        self.assertEqual(first.output()[0][:3], b"220")
+        self.assertEqual(same_64.output()[0][:9], b"421 4.7.0")
+        self.assertEqual(self.factory.per_ip, {"2001:db8:1:2::/64": 1})
+        first.proto.connectionLost(None)
+        self.assertEqual(self.factory.per_ip, {})
+
+    def test_ipv6_prefix_length_is_configurable(self) -> None:
+        self.factory.settings.ipv6_prefix_length = 128
+        first = Dialogue(self.factory, peer="2001:db8:1:2::1")
+        other = Dialogue(self.factory, peer="2001:db8:1:2::2")
+        self.assertEqual([first.output()[0][:3], other.output()[0][:3]], [b"220", b"220"])
+
+    def test_ipv4_mapped_address_counts_as_ipv4(self) -> None:
+        self.factory.settings.connections = 5
+        Dialogue(self.factory, peer="192.0.2.1")
+        mapped = Dialogue(self.factory, peer="::ffff:192.0.2.1")
+        self.assertEqual(mapped.output()[0][:9], b"421 4.7.0")
+
+    def test_ipv6_connection_rate_counts_per_64(self) -> None:
+        self.factory.settings.connection_rate_per_ip = 2
+        self.factory.settings.connections_per_ip = 10
+        self.factory.settings.connections = 10
+        for host in ("2001:db8::1", "2001:db8::2"):
+            Dialogue(self.factory, peer=host).proto.connectionLost(None)
+        third = Dialogue(self.factory, peer="2001:db8::3")
+        self.assertEqual(third.output()[0][:9], b"421 4.7.0")
 
     def test_slot_is_released_on_disconnect(self) -> None:
         first = Dialogue(self.factory, peer="192.0.2.1")
