@@ -42,6 +42,7 @@ from twisted.internet.threads import deferToThreadPool
 __all__ = [
     "MX",
     "Answer",
+    "Deadline",
     "DNSError",
     "DNSTemporaryError",
     "DNSVoidError",
@@ -100,6 +101,32 @@ class DNSTemporaryError(DNSError):
 
 class NullMXError(DNSError):
     """The domain publishes a null MX: it accepts no mail (RFC 7505)."""
+
+
+class Deadline:
+    """When the lookups of one piece of work (the checks of a message) must end.
+
+    dnspython's blocking calls cannot be interrupted, so instead each lookup
+    made under a deadline (`Resolver.call_within`) waits at most until it,
+    and once it has passed, or the work was `cancel`-led because nobody
+    wants the result any more, the next lookup fails at once as a
+    temporary error.  An SPF record whose every include answers just under
+    the timeout then holds its thread until the deadline, not for minutes.
+    """
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.expires = clock() + seconds
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def remaining(self) -> float:
+        """Seconds left; 0 once expired or cancelled."""
+        if self.cancelled:
+            return 0.0
+        return max(0.0, self.expires - self._clock())
 
 
 @dataclass(frozen=True)
@@ -254,17 +281,26 @@ class Resolver:
         if getattr(self._local, "cache_only", False):
             self._local.missed = True
             raise NotCached(f"{qname} {rdtype}")
+        lifetime = self.timeout
+        deadline: Deadline | None = getattr(self._local, "deadline", None)
+        if deadline is not None:
+            left = deadline.remaining()
+            if left <= 0:
+                why = "abandoned" if deadline.cancelled else "out of time"
+                raise DNSTemporaryError(f"{qname} {rdtype}: not asked, the check is {why}")
+            lifetime = min(lifetime, left)
         try:
-            answer = self._resolve(qname, rdtype)
+            answer = self._resolve(qname, rdtype, lifetime)
         except DNSVoidError as e:
             self._cache.put(key, (type(e), str(e)), getattr(e, "ttl", DEFAULT_NEGATIVE_TTL))
             raise
         self._cache.put(key, answer, answer.ttl)
         return answer
 
-    def _resolve(self, qname: str, rdtype: str) -> Answer:
+    def _resolve(self, qname: str, rdtype: str, lifetime: float) -> Answer:
         target = qname
         ttl = MAX_TTL
+        end = time.monotonic() + lifetime  # CNAME restarts included
         for _ in range(MAX_CNAME_RESTARTS + 1):
             try:
                 result = self._resolver.resolve(
@@ -272,7 +308,7 @@ class Resolver:
                     rdtype,
                     raise_on_no_answer=False,
                     search=False,
-                    lifetime=self.timeout,
+                    lifetime=max(0.001, end - time.monotonic()),
                 )
             except dns.resolver.NXDOMAIN as e:
                 responses = list(e.responses().values())
@@ -284,7 +320,7 @@ class Resolver:
                 raise DNSTemporaryError(f"{qname} {rdtype}: server failure ({e})") from None
             except dns.exception.Timeout:
                 raise DNSTemporaryError(
-                    f"{qname} {rdtype}: timed out after {self.timeout:g}s"
+                    f"{qname} {rdtype}: timed out after {lifetime:g}s"
                 ) from None
             except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel) as e:
                 raise NXDomainError(f"{qname}: invalid name ({e})") from None
@@ -427,6 +463,19 @@ class Resolver:
             from twisted.internet import reactor  # type: ignore[no-redef]
         pool = self._threadpool if self._threadpool is not None else reactor.getThreadPool()
         return deferToThreadPool(reactor, pool, func, *args, **kwargs)
+
+    def call_within(
+        self, deadline: Deadline, func: Callable[..., T], *args: Any
+    ) -> Deferred[T]:
+        """`call`, every lookup ``func`` makes bounded by ``deadline``."""
+        return self.call(self._within, deadline, func, *args)
+
+    def _within(self, deadline: Deadline, func: Callable[..., T], *args: Any) -> T:
+        self._local.deadline = deadline
+        try:
+            return func(*args)
+        finally:
+            self._local.deadline = None
 
     def lookup(self, name: str, rdtype: str) -> Deferred[Answer]:
         return self.call(self.query, name, rdtype)

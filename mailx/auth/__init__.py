@@ -14,6 +14,15 @@ DMARC (which needs both) in another; an unsigned one takes a single trip to
 a thread.  The reactor thread only builds the header and the decision.
 `check_sync` does the same inline, for ``mailxctl check-message``.
 
+Strangers choose how slow their DNS answers, so the checks are bounded:
+all of one message's end by ``authentication.timeout`` (then 451 4.7.5,
+and every lookup still to come fails at once, see `mailx.dns.Deadline`);
+at most ``concurrency_per_ip`` messages of one client (IPv6: one /64) are
+checked at a time and ``max_checks`` in all, the waiting ones served in
+turn per client (`CheckLimiter`), so that no client can hold the DNS
+threads.  Cancelling the Deferred of `check` (the client hung up) abandons
+the work: its result is dropped and its lookups stop.
+
 Switches (``authentication:`` in the configuration): ``spf: false`` or
 ``dkim: false`` skips that method, so DMARC can pass only through the
 other; ``dmarc: off`` skips DMARC (no ``dmarc=`` in the header: "none"
@@ -23,25 +32,31 @@ records but always accepts; ``enforce`` acts on the policy (`policy`).
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from mailx import replies
 from mailx.auth.dkim import DKIMResult, verify_dkim
 from mailx.auth.dmarc import DMARCResult, default_psl, evaluate_dmarc
 from mailx.auth.policy import Decision, decide
 from mailx.auth.results import build_header, is_forged_results, strip_forged_results
 from mailx.auth.spf import SPFResult, check_spf
-from mailx.dns import NotCached, Resolver
+from mailx.dns import Deadline, NotCached, Resolver
 from mailx.replies import Reply
 
 __all__ = [
     "AuthenticationSettings",
     "Authenticator",
+    "CheckLimiter",
     "DKIMResult",
     "DMARCResult",
     "SPFResult",
@@ -57,6 +72,99 @@ class AuthenticationSettings(Protocol):
     spf: bool
     dkim: bool
     dmarc: str  # "enforce" | "monitor" | "off"
+    timeout: float  # seconds for all the checks of one message
+    concurrency_per_ip: int  # messages of one client checked at once
+
+
+log = Logger(namespace="mailx.auth")
+
+# RFC 7208 4.6.4: a limit on the time to evaluate SPF "SHOULD allow at least
+# 20 seconds"; 30 leaves DKIM keys and DMARC their share, and is far below
+# the 10 minutes a client waits for the reply to DATA (RFC 5321 4.5.3.2.6).
+DEFAULT_TIMEOUT = 30.0
+# Two at once per client: a legitimate MTA's parallel deliveries rarely
+# need more, and the next ones only wait their turn.
+DEFAULT_CONCURRENCY_PER_IP = 2
+# Messages checked at once in all; each takes up to two DNS threads (SPF
+# and DKIM), so this stays well below the DNS pool (mailx.service's 32)
+# and leaves threads for DNSBL and outbound lookups.
+DEFAULT_MAX_CHECKS = 12
+
+
+def client_key(ip: str) -> str:
+    """Whom a bound applies to: the address, or its /64 for IPv6 (one host's usual share)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class CheckLimiter:
+    """Slots for checks in flight: at most ``per_client`` per client, ``total`` in all.
+
+    A request beyond either bound waits; freed slots go to waiting clients
+    in turn (round robin), so a client with a hundred messages waiting does
+    not delay the one message of another by more than one slot's time.
+    """
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self.running: dict[str, int] = {}
+        self._in_use = 0
+        self._waiting: OrderedDict[str, deque[defer.Deferred[None]]] = OrderedDict()
+
+    def acquire(self, client: str) -> defer.Deferred[None]:
+        """Fires when a slot is ``client``'s; cancel it to stop waiting."""
+
+        def withdraw(d: defer.Deferred[None]) -> None:
+            queue = self._waiting.get(client)
+            if queue is not None and d in queue:
+                queue.remove(d)
+                if not queue:
+                    del self._waiting[client]
+
+        d: defer.Deferred[None] = defer.Deferred(withdraw)
+        if self._in_use < self.total and self.running.get(client, 0) < self.per_client:
+            self._grant(client, d)
+        else:
+            self._waiting.setdefault(client, deque()).append(d)
+        return d
+
+    def release(self, client: str) -> None:
+        """Give back a slot ``acquire`` granted."""
+        self._in_use -= 1
+        left = self.running[client] - 1
+        if left:
+            self.running[client] = left
+        else:
+            del self.running[client]
+        for waiting in list(self._waiting):
+            if self._in_use >= self.total:
+                break
+            if self.running.get(waiting, 0) >= self.per_client:
+                continue
+            queue = self._waiting.pop(waiting, None)
+            if not queue:
+                continue  # a grant's callbacks changed the line under us
+            d = queue.popleft()
+            if queue:
+                self._waiting[waiting] = queue  # to the back of the line
+            self._grant(waiting, d)
+
+    def _grant(self, client: str, d: defer.Deferred[None]) -> None:
+        self._in_use += 1
+        self.running[client] = self.running.get(client, 0) + 1
+        d.callback(None)
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
 
 
 def _token(text: str | None) -> str:
@@ -142,10 +250,21 @@ class Authenticator:
         psl: Any = None,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
+        reactor: Any = None,
+        max_checks: int = DEFAULT_MAX_CHECKS,
+        max_body: int | None = None,
     ) -> None:
         self.resolver = resolver
         self.config = config
         self.hostname = hostname
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self._reactor = reactor
+        self.timeout = float(getattr(config, "timeout", DEFAULT_TIMEOUT))
+        self.limiter = CheckLimiter(
+            max_checks, int(getattr(config, "concurrency_per_ip", DEFAULT_CONCURRENCY_PER_IP))
+        )
+        self.max_body = max_body  # DKIM hashes at most this much body
         # Parsing the list takes ~40 ms: once, at start-up, not per message.
         self.psl = psl if psl is not None else default_psl()
         self._rng = rng
@@ -178,10 +297,12 @@ class Authenticator:
             self._spf_memory[key] = (now + SPF_MEMORY, result)
         return result
 
-    def _dkim(self, message: bytes) -> tuple[DKIMResult, ...] | None:
+    def _dkim(
+        self, message: bytes, body: Callable[[], Iterable[bytes]] | None = None
+    ) -> tuple[DKIMResult, ...] | None:
         if not self.config.dkim:
             return None
-        return verify_dkim(self.resolver, message)
+        return verify_dkim(self.resolver, message, body, max_body=self.max_body)
 
     def _dmarc(
         self, message: bytes, spf: SPFResult | None, dkim: tuple[DKIMResult, ...] | None
@@ -205,26 +326,112 @@ class Authenticator:
     # -- entry points ---------------------------------------------------------
 
     def check(
-        self, client_ip: str, helo: str | None, mail_from: str, message: bytes
+        self,
+        client_ip: str,
+        helo: str | None,
+        mail_from: str,
+        message: bytes,
+        body: Callable[[], Iterable[bytes]] | None = None,
     ) -> defer.Deferred[Verdict]:
         """Check a message without blocking the reactor.
 
         ``mail_from`` is the reverse-path without brackets ("" for the null
-        sender); ``message`` the header section and, when it has
-        DKIM-Signature fields, the body.  Errors from our own code fail the
-        Deferred (the caller answers 451 4.3.0); DNS trouble never does.
+        sender); ``message`` the header section and its empty line, and
+        ``body()`` the body in chunks (read in a worker thread, only for
+        DKIM); without ``body``, ``message`` may be the whole message.
+        Errors from our own code fail the Deferred (the caller answers 451
+        4.3.0); DNS trouble never does.  Past ``timeout`` the verdict is a
+        tempfail (451 4.7.5).  ``cancel()`` abandons the checks.
         """
-        call = self.resolver.call
         if not _signed(message):
             # With every answer cached (a sender's second message, and most
             # of every message's lookups), the checks take a fraction of a
-            # millisecond: run them here, no thread, no network.
+            # millisecond: run them here, no thread, no network, no slot.
             try:
                 return defer.succeed(
                     self.resolver.from_cache(self.check_sync, client_ip, helo, mail_from, message)
                 )
             except NotCached:
                 pass
+        deadline = Deadline(self.timeout)
+        client = client_key(client_ip)
+        work: list[defer.Deferred[Any]] = []  # the slot, then the checks
+        timer: list[Any] = []
+
+        def abandon(_: defer.Deferred[Verdict]) -> None:
+            deadline.cancel()  # the lookups still to come fail at once
+            if timer and timer[0].active():
+                timer[0].cancel()
+            if not slot.called:
+                slot.cancel()
+
+        result: defer.Deferred[Verdict] = defer.Deferred(abandon)
+
+        def out_of_time() -> None:
+            waited = not slot.called
+            abandon(result)
+            log.info(
+                "checks for client {ip} out of time after {timeout:g}s{waited}",
+                ip=client_ip,
+                timeout=self.timeout,
+                waited=" (waiting for a check slot)" if waited else "",
+            )
+            result.callback(self._out_of_time())
+
+        def start(_: None) -> defer.Deferred[Any]:
+            d = self._run(deadline, client_ip, helo, mail_from, message, body)
+            work.append(d)
+            return d
+
+        def finished(outcome: Any) -> None:
+            # The slot is given back when the threads are done, not before:
+            # a client that hangs up must not free a slot its lookups hold.
+            if work:
+                self.limiter.release(client)
+            if timer and timer[0].active():
+                timer[0].cancel()
+            cancelled = isinstance(outcome, Failure) and outcome.check(defer.CancelledError)
+            if result.called:
+                if isinstance(outcome, Failure) and not cancelled:
+                    log.failure("abandoned checks failed", outcome)
+            elif cancelled:
+                result.callback(self._out_of_time())  # the deadline, seen by a thread first
+            elif isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        slot = self.limiter.acquire(client)
+        timer.append(self._reactor.callLater(self.timeout, out_of_time))
+        slot.addCallback(start).addBoth(finished)
+        return result
+
+    def _out_of_time(self) -> Verdict:
+        return Verdict(
+            None,
+            None,
+            None,
+            "tempfail",
+            replies.DNS_TEMPFAIL,
+            "",
+            f"checks did not finish within {self.timeout:g}s",
+        )
+
+    def _run(
+        self,
+        deadline: Deadline,
+        client_ip: str,
+        helo: str | None,
+        mail_from: str,
+        message: bytes,
+        body: Callable[[], Iterable[bytes]] | None,
+    ) -> defer.Deferred[Verdict]:
+        """The checks in the DNS threads, every lookup bounded by ``deadline``."""
+
+        def call(func: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+            return self.resolver.call_within(deadline, func, *args)
+
+        if not _signed(message):
             # Unsigned (most mail): one trip to a worker thread for all three
             # checks.  With answers in the resolver's cache they take well
             # under a millisecond, and each extra hand-off costs a GIL round
@@ -233,7 +440,7 @@ class Authenticator:
             return call(self.check_sync, client_ip, helo, mail_from, message)
         # Signed: the key lookups and SPF's at once, then DMARC.
         both = defer.gatherResults(
-            [call(self._spf, client_ip, helo, mail_from), call(self._dkim, message)],
+            [call(self._spf, client_ip, helo, mail_from), call(self._dkim, message, body)],
             consumeErrors=True,
         )
         both.addErrback(
@@ -242,12 +449,13 @@ class Authenticator:
 
         def then(results: list[Any]) -> defer.Deferred[Verdict]:
             spf, dkim = results
+            if deadline.remaining() <= 0:
+                return defer.fail(defer.CancelledError())  # nobody waits for DMARC
             d = call(self._dmarc, message, spf, dkim)
             d.addCallback(lambda dmarc: self._verdict(spf, dkim, dmarc))
             return d
 
         return both.addCallback(then)
-
 
     def check_sync(
         self, client_ip: str, helo: str | None, mail_from: str, message: bytes

@@ -24,6 +24,7 @@ strings; a str over 255 octets is split into strings as DNS requires).
 The server is authoritative for the root zone: a name absent from the data
 answers NXDOMAIN, a present name without the type asked answers NODATA,
 both with an SOA whose MINIMUM is ``negative_ttl`` (RFC 2308).
+``timeout()``, ``servfail()`` and ``delay()`` make a name misbehave.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class _Authority(FileAuthority):
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.faults: dict[tuple[bytes, int | None], type[Exception]] = {}
+        self.delays: dict[tuple[bytes, int | None], float] = {}
+        self.reactor: Any = None
+        self.pending: set[Any] = set()  # delayed answers, dropped at stop()
         self.queries: list[tuple[str, str]] = []
         super().__init__(None)
 
@@ -143,6 +147,19 @@ class _Authority(FileAuthority):
             return defer.Deferred()  # never fires: no reply is sent
         if fault is not None:
             return defer.fail(fault(name))
+        delay = self.delays.get((name, query.type), self.delays.get((name, ALL)))
+        if delay:
+            late: defer.Deferred = defer.Deferred()
+
+            def answer() -> None:
+                self.pending.discard(call)
+                defer.maybeDeferred(self._lookup, name, dns.IN, query.type, timeout).chainDeferred(
+                    late
+                )
+
+            call = self.reactor.callLater(delay, answer)
+            self.pending.add(call)
+            return late
         return defer.maybeDeferred(self._lookup, name, dns.IN, query.type, timeout)
 
     def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> defer.Deferred:
@@ -227,18 +244,28 @@ class LoopbackDNS:
         """Answer SERVFAIL to queries for ``name`` (of ``rtype``, or any)."""
         self._fault(name, rtype, _ServerFailure)
 
+    def delay(self, name: str, seconds: float, rtype: str | None = ALL) -> None:
+        """Answer queries for ``name`` (of ``rtype``, or any) only after ``seconds``."""
+        code = None if rtype is None else _TYPES[rtype.upper()]
+        self._authority.delays[(_name(name), code)] = seconds
+
     def heal(self, name: str) -> None:
-        """Undo timeout() and servfail() for ``name``."""
+        """Undo timeout(), servfail() and delay() for ``name``."""
         key = _name(name)
         for fault in [f for f in self._authority.faults if f[0] == key]:
             del self._authority.faults[fault]
+        for fault in [f for f in self._authority.delays if f[0] == key]:
+            del self._authority.delays[fault]
 
     def _fault(self, name: str, rtype: str | None, kind: type[Exception]) -> None:
         code = None if rtype is None else _TYPES[rtype.upper()]
         self._authority.faults[(_name(name), code)] = kind
 
     def stop(self) -> defer.Deferred:
-        """Close both sockets."""
+        """Close both sockets; delayed answers are never sent."""
+        for call in self._authority.pending:
+            call.cancel()
+        self._authority.pending.clear()
         return defer.gatherResults(
             [
                 defer.maybeDeferred(self._udp.stopListening),
@@ -263,6 +290,7 @@ def start_dns_server(
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     authority = _Authority(ttl, negative_ttl)
+    authority.reactor = reactor
     factory = _ServerFactory(authority)
     for _ in range(attempts):
         udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
