@@ -127,7 +127,16 @@ DEFAULTS: Mapping[str, Any] = _frozen(
             "timeout": "5s",
             "watch": None,  # e.g. "6h": re-check our own published records
         },
-        "authentication": {"spf": True, "dkim": True, "dmarc": "enforce"},
+        "authentication": {
+            "spf": True,
+            "dkim": True,
+            "dmarc": "enforce",
+            # All the checks of one message; then 451 4.7.5.  RFC 7208 4.6.4:
+            # SPF's own limit "SHOULD allow at least 20 seconds".
+            "timeout": "30s",
+            # Messages of one client (IPv6: one /64) checked at once; more wait.
+            "concurrency_per_ip": 2,
+        },
         "checks": {"dnsbl": [], "reverse_dns": True},
         "domains": {},  # see BLOCK_DEFAULTS["domain"]; at least one is required
         "outbound": {
@@ -224,6 +233,8 @@ class AuthenticationConfig:
     spf: bool
     dkim: bool
     dmarc: str  # "enforce" | "monitor" | "off"
+    timeout: float = 30.0  # seconds for all the checks of one message
+    concurrency_per_ip: int = 2
 
 
 @dataclass(frozen=True)
@@ -917,6 +928,8 @@ class _Loader:
             spf=self.value(fields["spf"], self.boolean),
             dkim=self.value(fields["dkim"], self.boolean),
             dmarc=self.value(fields["dmarc"], self.choice, DMARC_MODES),
+            timeout=self.value(fields["timeout"], self.duration),
+            concurrency_per_ip=self.value(fields["concurrency_per_ip"], self.count, 1),
         )
 
     def dnsbl_zone(self, node: _Node) -> DNSBLZone | None:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.mail.smtp import IMessage
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
@@ -205,6 +204,7 @@ class IncomingMessage:
         self.header = b""
         self._in_header = True
         self.body = SpoolBuffer(delivery.context.incoming, queue_id)
+        self._checks: defer.Deferred | None = None
 
     # --- receiving ---------------------------------------------------------
 
@@ -237,6 +237,16 @@ class IncomingMessage:
     def connectionLost(self) -> None:
         self.body.discard()
 
+    def abandon(self) -> None:
+        """The client hung up after the end of data: stop the checks if they still run.
+
+        Their slot and lookups are freed (`mailx.auth.Authenticator.check`);
+        filing, once begun, goes on (its thread reads the body) and only its
+        reply is lost.
+        """
+        if self._checks is not None:
+            self._checks.cancel()
+
     # --- end of data ----------------------------------------------------------
 
     @defer.inlineCallbacks
@@ -258,12 +268,16 @@ class IncomingMessage:
             self.routes = self._without_loops(fields)
             verdict = None
             if ctx.authenticator is not None:
-                verdict = yield ctx.authenticator.check(
+                self._checks = ctx.authenticator.check(
                     self.delivery.session.client_ip,
                     self.delivery.session.helo,
                     self.sender,
-                    (yield self._message_for_checks(fields)),
+                    *self._message_for_checks(fields),
                 )
+                try:
+                    verdict = yield self._checks
+                finally:
+                    self._checks = None
             size = len(self.header) + self.body.size
             action = verdict.action if verdict is not None else "accept"
             if action == "accept" and self.delivery.junk:
@@ -314,6 +328,9 @@ class IncomingMessage:
             )
         except SMTPReplyError as e:
             log.info("{qid}: refused: {reply}", qid=self.queue_id, reply=str(e.reply))
+            raise
+        except defer.CancelledError:
+            log.info("{qid}: abandoned: the client hung up during the checks", qid=self.queue_id)
             raise
         except OSError as e:
             # An operational problem (permissions, a full disk, a file where a
@@ -412,19 +429,13 @@ class IncomingMessage:
             dmarc=dmarc.result if dmarc is not None else None,
         )
 
-    def _message_for_checks(self, fields: list[bytes]) -> defer.Deferred:
-        """The message as the checks need it; the body only when a DKIM signature needs it.
-
-        A spooled body is read back in the disk pool, not on the reactor thread.
-        """
-        header = b"".join(fields)
+    def _message_for_checks(self, fields: list[bytes]) -> tuple[bytes, Any]:
+        """The header section for the checks, and the body's chunks when a DKIM
+        signature needs them (read by the DKIM worker thread, never all in memory)."""
+        header = b"".join(fields) + b"\r\n"
         if not any(f[:15].lower() == b"dkim-signature:" for f in fields):
-            return defer.succeed(header + b"\r\n")
-        if self.body.path is None:
-            return defer.succeed(header + self.body.contents())
-        ctx = self.delivery.context
-        d = deferToThreadPool(ctx.reactor, ctx.disk_pool, self.body.contents)
-        return d.addCallback(lambda body: header + body)
+            return header, None
+        return header, lambda: _after_blank_line(self.body.chunks())
 
     def _trace_headers(self, dest: Any, original: str | None = None) -> list[bytes]:
         """Return-Path, X-Original-To (a local copy's ``original`` RCPT), Delivered-To, Received.
@@ -451,6 +462,17 @@ class IncomingMessage:
             trace.append(f"X-Original-To: {_UNSAFE_ADDRESS.sub('?', original)}\r\n".encode())
         trace += [f"Delivered-To: {dest.address}\r\n".encode(), received.encode("utf-8")]
         return trace
+
+
+def _after_blank_line(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The body proper: the spool starts with the empty line that ends the header."""
+    skip = 2
+    for chunk in chunks:
+        if skip:
+            dropped = min(skip, len(chunk))
+            chunk, skip = chunk[dropped:], skip - dropped
+        if chunk:
+            yield chunk
 
 
 def _quoted_path(sender: str) -> str:

@@ -160,7 +160,16 @@ class MailxService(service.MultiService):
         auth = config.authentication
         authenticator = None
         if auth.spf or auth.dkim or auth.dmarc != "off":
-            authenticator = Authenticator(resolver, auth, config.hostname, psl=self._psl())
+            authenticator = Authenticator(
+                resolver,
+                auth,
+                config.hostname,
+                psl=self._psl(),
+                reactor=self.reactor,
+                # Checks in flight at once: each may hold two DNS threads.
+                max_checks=DNS_THREADS * 3 // 8,
+                max_body=config.limits.message_size,
+            )
         blocklists = Blocklists(resolver, config.checks.dnsbl) if config.checks.dnsbl else None
         return DeliveryContext(
             config,

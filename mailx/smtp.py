@@ -175,6 +175,7 @@ class MailxESMTP(smtp.ESMTP):
         self._greeting: Any = None
         self._pause: Any = None
         self._admitted = False
+        self._finishing: Any = None  # the message whose end of data is being handled
         self.limit_key = ""  # what the factory's per-IP counts know this client by
         self._errors = 0  # bad commands and refused recipients, whole session
         self._junk = 0  # junk commands since the last delivered message
@@ -245,6 +246,12 @@ class MailxESMTP(smtp.ESMTP):
         if self.mode == DATA and self._message is not None:
             self._message.connectionLost()
             self._message = None
+        if self._finishing is not None:
+            # Nobody is left to answer: the checks stop and free their slot.
+            abandon = getattr(self._finishing, "abandon", None)
+            self._finishing = None
+            if abandon is not None:
+                abandon()
         if self._admitted:
             self.factory.release(self)
             log.info("{session}: disconnect", session=self.session.session_id)
@@ -507,17 +514,20 @@ class MailxESMTP(smtp.ESMTP):
             self.reply(failed)
             self._count_error()
             return
+        self._finishing = message
         self._await(
             defer.maybeDeferred(message.eomReceived), self._message_done, self._message_failed
         )
 
     def _message_done(self, result: Reply | None) -> None:
+        self._finishing = None
         reply = result if isinstance(result, Reply) else replies.OK
         if reply.code == 250:
             self._junk = 0  # a session that delivers mail is not junk
         self.reply(reply)
 
     def _message_failed(self, failure: Failure) -> None:
+        self._finishing = None
         if failure.check(SMTPReplyError):
             self.reply(failure.value.reply)
         else:

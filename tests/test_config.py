@@ -151,7 +151,9 @@ class DefaultsTests(ConfigTestCase):
         self.assertEqual(dataclasses.astuple(self.config.dns), ((), 5.0, None))
 
     def test_authentication(self) -> None:
-        self.assertEqual(dataclasses.astuple(self.config.authentication), (True, True, "enforce"))
+        self.assertEqual(
+            dataclasses.astuple(self.config.authentication), (True, True, "enforce", 30.0, 2)
+        )
 
     def test_no_dnsbl(self) -> None:
         self.assertEqual(self.config.checks.dnsbl, ())
