@@ -528,6 +528,8 @@ class MailxESMTP(smtp.ESMTP):
 
     def _message_failed(self, failure: Failure) -> None:
         self._finishing = None
+        if failure.check(defer.CancelledError):
+            return  # abandoned at connectionLost: nobody to answer
         if failure.check(SMTPReplyError):
             self.reply(failure.value.reply)
         else:

@@ -330,6 +330,87 @@ class SeveralSignaturesTests(DKIMTestCase):
         self.assertEqual(self.server.queries.count(("ed._domainkey.example.test", "TXT")), 1)
 
 
+def split(message: bytes) -> tuple[bytes, bytes]:
+    """Header section (with its empty line) and body."""
+    end = message.index(b"\r\n\r\n") + 4
+    return message[:end], message[end:]
+
+
+def bogus_bh(signed: bytes) -> bytes:
+    """``signed`` with its bh= replaced by the hash of another body."""
+    other = base64.b64encode(hashlib.sha256(b"another body\r\n").digest())
+    start = signed.index(b"bh=") + 3
+    return signed[:start] + other + signed[signed.index(b";", start) :]
+
+
+class StreamedBodyTests(DKIMTestCase):
+    """The body given in chunks (as from the spool), hashed once for all signatures."""
+
+    def verify_streamed(self, message: bytes, chunk: int = 7):
+        header, body = split(message)
+        chunks = lambda: (body[i : i + chunk] for i in range(0, len(body), chunk))  # noqa: E731
+        return self.resolver.call(verify_dkim, self.resolver, header, chunks)
+
+    @defer.inlineCallbacks
+    def test_signed_message_passes_from_chunks(self):
+        body = b"Line one  with  spaces \r\n\r\n\tTabbed\r\n\r\n\r\n"
+        for canon in (b"relaxed/relaxed", b"simple/simple", b"relaxed/simple"):
+            message = MESSAGE.replace(b"Noon at the usual place?\r\n", body)
+            signed = sign(message, "rsa", "example.test", self.rsa_pem, canonicalize=canon)
+            [r] = yield self.verify_streamed(signed)
+            self.assertEqual(r.result, "pass", (canon, r.reason))
+
+    @defer.inlineCallbacks
+    def test_l_from_chunks_reports_what_was_appended(self):
+        signed = sign(MESSAGE, "rsa", "example.test", self.rsa_pem, length=True)
+        [r] = yield self.verify_streamed(signed + b"Appended\r\n", chunk=3)
+        self.assertEqual(r.result, "pass", r.reason)
+        self.assertEqual(r.unsigned_octets, len(b"Appended\r\n"))
+
+    @defer.inlineCallbacks
+    def test_wrong_body_hash_fails_without_a_key_lookup(self):
+        signed = bogus_bh(sign(MESSAGE, "rsa", "example.test", self.rsa_pem))
+        [r] = yield self.verify_streamed(signed)
+        self.assertEqual((r.result, r.reason), ("fail", "body hash did not verify"))
+        self.assertNotIn(("rsa._domainkey.example.test", "TXT"), self.server.queries)
+
+    @defer.inlineCallbacks
+    def test_many_bogus_signatures_over_a_large_body_cost_one_pass(self):
+        """Security review, issue 9: ten bogus bh= over a big body, body read once,
+        never held whole in memory, no DNS."""
+        import tracemalloc
+
+        signed = MESSAGE
+        for _ in range(10):
+            signed = bogus_bh(sign(signed, "rsa", "example.test", self.rsa_pem))
+        header, _ = split(signed)
+        line = b"0123456789 abcdefghij  klmnopqrstuvwxyz \t ABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n"
+        piece = line * (1024 * 1024 // len(line))
+        size = 8 * 1024 * 1024
+        reads = []
+
+        def chunks():
+            for _ in range(size // len(piece)):
+                reads.append(len(piece))
+                yield piece
+
+        def verify():
+            tracemalloc.start()
+            try:
+                started = time.process_time()
+                results = verify_dkim(self.resolver, header, chunks)
+                return results, time.process_time() - started, tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+        results, cpu, peak = yield self.resolver.call(verify)
+        self.assertEqual([r.result for r in results], ["fail"] * MAX_SIGNATURES + ["policy"] * 5)
+        self.assertEqual(len(reads), size // len(piece))  # one pass
+        self.assertLess(peak, 16 * len(piece))  # chunks, not the 8 MiB body
+        self.assertLess(cpu, 10)  # generous: about 0.2 s here
+        self.assertFalse([q for q in self.server.queries if "_domainkey" in q[0]])
+
+
 # RFC 8463 Appendix A: keys (A.1), DNS records (A.2), signed message (A.3).
 RFC8463_RECORDS = {
     "brisbane._domainkey.football.example.com": {

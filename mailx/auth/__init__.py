@@ -107,9 +107,10 @@ def client_key(ip: str) -> str:
 class CheckLimiter:
     """Slots for checks in flight: at most ``per_client`` per client, ``total`` in all.
 
-    A request beyond either bound waits; freed slots go to waiting clients
-    in turn (round robin), so a client with a hundred messages waiting does
-    not delay the one message of another by more than one slot's time.
+    A request beyond either bound waits; a freed slot goes to the waiting
+    client with the fewest checks running, so a client with a hundred
+    messages waiting does not delay the one message of another by more than
+    one slot's time.
     """
 
     def __init__(self, total: int, per_client: int) -> None:
@@ -144,18 +145,23 @@ class CheckLimiter:
             self.running[client] = left
         else:
             del self.running[client]
-        for waiting in list(self._waiting):
-            if self._in_use >= self.total:
+        while self._waiting and self._in_use < self.total:
+            # The client with the fewest checks running goes first, then the
+            # one that has waited longest: one with a single message does not
+            # queue behind another's hundred.
+            eligible = [
+                (self.running.get(c, 0), n, c)
+                for n, c in enumerate(self._waiting)
+                if self.running.get(c, 0) < self.per_client
+            ]
+            if not eligible:
                 break
-            if self.running.get(waiting, 0) >= self.per_client:
-                continue
-            queue = self._waiting.pop(waiting, None)
-            if not queue:
-                continue  # a grant's callbacks changed the line under us
+            chosen = min(eligible)[2]
+            queue = self._waiting.pop(chosen)
             d = queue.popleft()
             if queue:
-                self._waiting[waiting] = queue  # to the back of the line
-            self._grant(waiting, d)
+                self._waiting[chosen] = queue  # to the back of the line
+            self._grant(chosen, d)
 
     def _grant(self, client: str, d: defer.Deferred[None]) -> None:
         self._in_use += 1
@@ -355,28 +361,35 @@ class Authenticator:
                 pass
         deadline = Deadline(self.timeout)
         client = client_key(client_ip)
-        work: list[defer.Deferred[Any]] = []  # the slot, then the checks
+        work: list[defer.Deferred[Any]] = []  # the checks, once they have a slot
         timer: list[Any] = []
+        ended: list[str] = []  # why the result came before the work: cancelled, timeout
 
-        def abandon(_: defer.Deferred[Verdict]) -> None:
+        def stop() -> None:
             deadline.cancel()  # the lookups still to come fail at once
             if timer and timer[0].active():
                 timer[0].cancel()
             if not slot.called:
-                slot.cancel()
+                slot.cancel()  # out of the line; finished() sees the CancelledError
+
+        def abandon(_: defer.Deferred[Verdict]) -> None:
+            ended.append("cancelled")
+            stop()  # Deferred.cancel then fails ``result`` with CancelledError
 
         result: defer.Deferred[Verdict] = defer.Deferred(abandon)
 
         def out_of_time() -> None:
             waited = not slot.called
-            abandon(result)
+            ended.append("timeout")
+            stop()
             log.info(
                 "checks for client {ip} out of time after {timeout:g}s{waited}",
                 ip=client_ip,
                 timeout=self.timeout,
                 waited=" (waiting for a check slot)" if waited else "",
             )
-            result.callback(self._out_of_time())
+            if not result.called:
+                result.callback(self._out_of_time())
 
         def start(_: None) -> defer.Deferred[Any]:
             d = self._run(deadline, client_ip, helo, mail_from, message, body)
@@ -391,7 +404,7 @@ class Authenticator:
             if timer and timer[0].active():
                 timer[0].cancel()
             cancelled = isinstance(outcome, Failure) and outcome.check(defer.CancelledError)
-            if result.called:
+            if result.called or ended:
                 if isinstance(outcome, Failure) and not cancelled:
                     log.failure("abandoned checks failed", outcome)
             elif cancelled:

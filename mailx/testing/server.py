@@ -164,7 +164,9 @@ class LineClient:
         return self.file.read() == b""
 
     def close(self) -> None:
+        """Hang up (the file from makefile() would otherwise keep the socket open)."""
         try:
+            self.file.close()
             self.sock.close()
         except OSError:
             pass

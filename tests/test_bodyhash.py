@@ -1,0 +1,108 @@
+# -*- test-case-name: tests.test_bodyhash -*-
+"""The streamed DKIM body hash (mailx.auth.bodyhash) against dkimpy's own.
+
+dkimpy's ``canonicalize_body`` over the whole body is the reference; ours
+must give the same octets however the body is cut into chunks: a CRLF or a
+run of whitespace split across two reads, trailing empty lines, bodies
+without a final CRLF.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from dkim.canonicalization import Relaxed, Simple
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from mailx.auth.bodyhash import BodyHashKey, body_hashes
+
+# Pieces that make the canonicalizations' corner cases likely.
+PIECES = [b"a", b"b c", b" ", b"\t", b"  \t ", b"\r\n", b"\r\n\r\n", b"\r", b"\n", b".", b"\xff"]
+bodies = st.lists(st.sampled_from(PIECES), max_size=40).map(b"".join)
+
+
+def chunked(body: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(body)) for c in cuts})
+    out, previous = [], 0
+    for point in points + [len(body)]:
+        out.append(body[previous:point])
+        previous = point
+    return out
+
+
+def reference(body: bytes, relaxed: bool, length: int | None) -> tuple[bytes, int]:
+    canonical = (Relaxed if relaxed else Simple).canonicalize_body(body)
+    signed = canonical if length is None else canonical[:length]
+    return hashlib.sha256(signed).digest(), len(canonical)
+
+
+class StreamedBodyHashTests(unittest.TestCase):
+    @settings(max_examples=500, deadline=None)
+    @given(
+        body=bodies,
+        cuts=st.lists(st.integers(0, 200), max_size=6),
+        relaxed=st.booleans(),
+        length=st.none() | st.integers(0, 60),
+    )
+    def test_same_as_dkimpy_however_the_body_is_cut(self, body, cuts, relaxed, length) -> None:
+        key = BodyHashKey(relaxed, "sha256", length)
+        got = body_hashes(chunked(body, cuts), [key])
+        digest, canonical_length = reference(body, relaxed, length)
+        self.assertEqual(got.digests[key], digest)
+        self.assertEqual(got.canonical_length[relaxed], canonical_length)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        lines=st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))),
+        blank=st.integers(0, 5),
+        cuts=st.lists(st.integers(0, 400), max_size=8),
+    )
+    def test_crlf_lines_as_smtp_delivers_them(self, lines, blank, cuts) -> None:
+        body = b"".join(line + b"\r\n" for line in lines) + b"\r\n" * blank
+        keys = [BodyHashKey(r, "sha256", None) for r in (False, True)]
+        got = body_hashes(chunked(body, cuts), keys)
+        for key in keys:
+            self.assertEqual(got.digests[key], reference(body, key.relaxed, None)[0])
+
+    def test_every_key_from_one_pass(self) -> None:
+        body = b"Hello  there \r\n\r\n\r\n"
+        keys = [
+            BodyHashKey(False, "sha256", None),
+            BodyHashKey(True, "sha256", None),
+            BodyHashKey(True, "sha1", 5),
+        ]
+        reads = []
+
+        def chunks():
+            for c in (body[:7], body[7:]):
+                reads.append(c)
+                yield c
+
+        got = body_hashes(chunks(), keys)
+        self.assertEqual(len(reads), 2)
+        self.assertEqual(got.digests[keys[0]], hashlib.sha256(b"Hello  there \r\n").digest())
+        self.assertEqual(got.digests[keys[1]], hashlib.sha256(b"Hello there\r\n").digest())
+        self.assertEqual(got.digests[keys[2]], hashlib.sha1(b"Hello").digest())
+
+    def test_empty_lines_are_counted_not_kept(self) -> None:
+        """A body of 8 MiB of CRLFs then one line: hashed right, in pieces."""
+        key = BodyHashKey(True, "sha256", None)
+        blank = b"\r\n" * (512 * 1024)
+        body = [blank] * 8 + [b"x\r\n"]
+        got = body_hashes(iter(body), [key])
+        self.assertEqual(got.digests[key], hashlib.sha256(b"".join(body)).digest())
+
+    def test_limit_stops_reading(self) -> None:
+        key = BodyHashKey(False, "sha256", None)
+        got = body_hashes(iter([b"a" * 10, b"b" * 10, b"c" * 10]), [key], limit=15)
+        self.assertTrue(got.truncated)
+        self.assertEqual(got.digests[key], hashlib.sha256(b"a" * 10 + b"b" * 5 + b"\r\n").digest())
+
+    def test_no_keys_reads_nothing(self) -> None:
+        def chunks():
+            raise AssertionError("read")
+            yield b""
+
+        self.assertEqual(body_hashes(chunks(), []).digests, {})
