@@ -18,6 +18,7 @@ from twisted.trial import unittest
 
 from mailx.dns import (
     MX,
+    Deadline,
     DNSTemporaryError,
     DNSVoidError,
     NoDataError,
@@ -323,3 +324,68 @@ class LoopbackServerTests(unittest.TestCase):
         # Servers started by tests live in the reactor trial runs.
         server = serve_for_test(self, {}, reactor=reactor)
         self.assertTrue(server.port)
+
+
+class DeadlineTests(unittest.TestCase):
+    """Lookups under a `Deadline`: bounded by it, refused once it has passed."""
+
+    def setUp(self) -> None:
+        self.server = serve_for_test(self, ZONE)
+        self.resolver = Resolver(self.server.nameservers, 5.0)
+
+    @defer.inlineCallbacks
+    def test_lookup_waits_only_until_the_deadline(self):
+        self.server.timeout("slow.test")
+        started = time.monotonic()
+        try:
+            yield self.resolver.call_within(Deadline(0.3), self.resolver.txt, "slow.test")
+        except DNSTemporaryError:
+            pass
+        else:
+            self.fail("no timeout")
+        self.assertLess(time.monotonic() - started, 2.5)  # not the 5 s timeout
+
+    @defer.inlineCallbacks
+    def test_slow_answers_each_under_the_timeout_add_up_to_the_deadline_only(self):
+        names = [f"n{i}.example.test" for i in range(6)]
+        self.server.load({n: {"TXT": ["x"]} for n in names})
+        for n in names:
+            self.server.delay(n, 0.4)
+        asked = []
+
+        def lookups():
+            for n in names:
+                try:
+                    asked.append(self.resolver.txt(n))
+                except DNSTemporaryError as e:
+                    asked.append(str(e))
+            return asked
+
+        started = time.monotonic()
+        yield self.resolver.call_within(Deadline(1.0), lookups)
+        self.assertLess(time.monotonic() - started, 2.0)  # not 6 x 0.4 s
+        self.assertEqual(asked[0], ["x"])
+        self.assertIn("not asked, the check is out of time", asked[-1])
+        self.assertLess(len(self.server.queries), len(names))
+
+    @defer.inlineCallbacks
+    def test_cancelled_deadline_fails_the_next_lookup_at_once(self):
+        deadline = Deadline(60)
+        deadline.cancel()
+        try:
+            yield self.resolver.call_within(deadline, self.resolver.txt, "example.test")
+        except DNSTemporaryError as e:
+            self.assertIn("abandoned", str(e))
+        else:
+            self.fail("looked up")
+        self.assertEqual(self.server.queries, [])
+
+    @defer.inlineCallbacks
+    def test_cached_answers_still_served_and_the_thread_forgets_the_deadline(self):
+        yield self.resolver.lookup_txt("example.test")
+        deadline = Deadline(60)
+        deadline.cancel()
+        records = yield self.resolver.call_within(deadline, self.resolver.txt, "example.test")
+        self.assertEqual(len(records), 2)
+        # A later lookup in the same pool is not bound by that deadline.
+        yield self.resolver.lookup_a("mx2.example.test")
