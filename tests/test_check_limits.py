@@ -12,12 +12,15 @@ once, and that an honest client is served meanwhile.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mailx.auth import CheckLimiter, client_key
+from mailx import replies
+from mailx.auth import Authenticator, CheckLimiter, client_key
+from mailx.dns import Resolver
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.server import LineClient, in_thread, start_server
 
@@ -196,6 +199,53 @@ class BogusSignaturesTests(unittest.TestCase):
         self.assertEqual(header.count("dkim=fail"), 5)
         self.assertEqual(header.count("dkim=policy"), 5)
         self.assertFalse([q for q in dns.queries if "_domainkey" in q[0]])
+
+
+class AuthenticatorDeadlineTests(unittest.TestCase):
+    """`Authenticator.check` itself: the deadline, cancel(), the slots."""
+
+    def setUp(self) -> None:
+        self.dns = serve_for_test(self, slow_zone(1), ttl=0)
+        for k in range(INCLUDES):
+            self.dns.delay(f"i{k}.s0.slow.test", DELAY)
+        resolver = Resolver(self.dns.nameservers, 1.0)
+        config = SimpleNamespace(
+            spf=True, dkim=True, dmarc="enforce", timeout=1.5, concurrency_per_ip=1
+        )
+        self.auth = Authenticator(resolver, config, "mx.example.test")
+
+    def check(self, ip: str = HOSTILE_IPS[0]) -> defer.Deferred:
+        message = b"From: m@s0.slow.test\r\nSubject: t\r\n\r\n"
+        return self.auth.check(ip, "c.test", "m@s0.slow.test", message)
+
+    @defer.inlineCallbacks
+    def test_out_of_time_is_a_tempfail_with_451_4_7_5(self) -> None:
+        started = time.monotonic()
+        verdict = yield self.check()
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual((verdict.action, verdict.reply), ("tempfail", replies.DNS_TEMPFAIL))
+        self.assertIn("did not finish within 1.5s", verdict.reason)
+        yield wait_for(lambda: self.auth.limiter.in_use == 0, 2)
+
+    @defer.inlineCallbacks
+    def test_waiting_for_a_slot_counts_against_the_deadline(self) -> None:
+        first, second = self.check(), self.check()  # one slot per client here
+        self.assertEqual(self.auth.limiter.in_use, 1)
+        verdicts = yield defer.gatherResults([first, second])
+        self.assertEqual([v.action for v in verdicts], ["tempfail", "tempfail"])
+        yield wait_for(lambda: self.auth.limiter.in_use == 0, 2)
+
+    @defer.inlineCallbacks
+    def test_cancel_drops_the_result_and_frees_the_slot(self) -> None:
+        running, waiting = self.check(), self.check()
+        for d in (running, waiting):
+            d.addErrback(lambda f: f.trap(defer.CancelledError) and "cancelled")
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        running.cancel()
+        waiting.cancel()
+        self.assertEqual(((yield running), (yield waiting)), ("cancelled", "cancelled"))
+        # The lookup in flight ends (0.9 s), the next ones are not asked.
+        yield wait_for(lambda: self.auth.limiter.in_use == 0, 1.4)
 
 
 class CheckLimiterTests(unittest.TestCase):

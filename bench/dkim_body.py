@@ -1,0 +1,96 @@
+"""CPU and memory of DKIM verification for many bogus signatures over a large body.
+
+Security review, issue 9: each signature's ``bh=`` is wrong, so nothing can
+pass, but a verifier that hashes the body once per signature (or holds it
+in memory) pays for every one.  Runs ``mailx.auth.dkim.verify_dkim`` of
+whatever mailx is first on the path, so the same command measures two
+checkouts::
+
+    PYTHONPATH=/work/main python3 bench/dkim_body.py --mib 24 --signatures 10
+    PYTHONPATH=$PWD       python3 bench/dkim_body.py --mib 24 --signatures 10
+
+The body is written to a spool-like file first; a mailx whose
+``verify_dkim`` takes the body as chunks reads it from there, an older one
+gets the whole message in memory, as its delivery layer gave it.  DNS is
+answered from memory (one RSA key for every selector), so only hashing and
+parsing are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import inspect
+import os
+import resource
+import tempfile
+import time
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from mailx.auth.dkim import verify_dkim
+from mailx.dns import Resolver
+
+
+class MemoryResolver(Resolver):
+    """Every key lookup answers the same RSA key, at once."""
+
+    def __init__(self) -> None:
+        super().__init__([("127.0.0.1", 9)], 1.0)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+
+    def txt_bytes(self, name: str | bytes) -> list[bytes]:
+        return [self.record]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=24)
+    parser.add_argument("--signatures", type=int, default=10)
+    args = parser.parse_args()
+    header = b"".join(
+        b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=signer.test;"
+        b" s=s%d; h=from:subject; bh=%s; b=AAAA\r\n" % (n, b"A" * 43 + b"=")
+        for n in range(args.signatures)
+    ) + b"From: x@signer.test\r\nSubject: s\r\n\r\n"
+    line = b"bogus  body \t line with  runs of   whitespace \r\n"
+    chunk = line * (1024 * 1024 // len(line))
+    resolver = MemoryResolver()
+    with tempfile.NamedTemporaryFile(prefix="dkim-body-") as spool:
+        for _ in range(args.mib):
+            spool.write(chunk)
+        spool.flush()
+        size = os.path.getsize(spool.name)
+
+        def chunks():
+            with open(spool.name, "rb") as f:
+                while data := f.read(1024 * 1024):
+                    yield data
+
+        streamed = "body" in inspect.signature(verify_dkim).parameters
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        rss_before = before.ru_maxrss
+        started = time.monotonic()
+        if streamed:
+            results = verify_dkim(resolver, header, chunks)
+        else:
+            with open(spool.name, "rb") as f:
+                results = verify_dkim(resolver, header + f.read())
+        wall = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(
+        f"{'streamed' if streamed else 'in memory'}: {args.signatures} signatures over"
+        f" {size / 2**20:.0f} MiB: cpu {cpu:.2f}s wall {wall:.2f}s"
+        f" peak RSS {after.ru_maxrss / 1024:.0f} MiB (before: {rss_before / 1024:.0f} MiB)"
+    )
+    print("results:", ", ".join(sorted({r.result for r in results})), f"({len(results)})")
+
+
+if __name__ == "__main__":
+    main()
