@@ -375,6 +375,14 @@ class StreamedBodyTests(DKIMTestCase):
         self.assertNotIn(("rsa._domainkey.example.test", "TXT"), self.server.queries)
 
     @defer.inlineCallbacks
+    def test_body_past_the_limit_is_not_verified(self):
+        signed = sign(MESSAGE, "rsa", "example.test", self.rsa_pem)
+        [r] = yield self.resolver.call(verify_dkim, self.resolver, signed, None, max_body=10)
+        self.assertEqual((r.result, r.reason), ("policy", "body larger than mailx verifies"))
+        [r] = yield self.resolver.call(verify_dkim, self.resolver, signed, None, max_body=1000)
+        self.assertEqual(r.result, "pass", r.reason)
+
+    @defer.inlineCallbacks
     def test_many_bogus_signatures_over_a_large_body_cost_one_pass(self):
         """Security review, issue 9: ten bogus bh= over a big body, body read once,
         never held whole in memory, no DNS."""
