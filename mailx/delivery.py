@@ -273,6 +273,7 @@ class IncomingMessage:
                     self.delivery.session.helo,
                     self.sender,
                     *self._message_for_checks(fields),
+                    queue_id=self.queue_id,
                 )
                 try:
                     verdict = yield self._checks

@@ -338,6 +338,8 @@ class Authenticator:
         mail_from: str,
         message: bytes,
         body: Callable[[], Iterable[bytes]] | None = None,
+        *,
+        queue_id: str = "-",
     ) -> defer.Deferred[Verdict]:
         """Check a message without blocking the reactor.
 
@@ -348,6 +350,7 @@ class Authenticator:
         Errors from our own code fail the Deferred (the caller answers 451
         4.3.0); DNS trouble never does.  Past ``timeout`` the verdict is a
         tempfail (451 4.7.5).  ``cancel()`` abandons the checks.
+        ``queue_id`` names the message in the log.
         """
         if not _signed(message):
             # With every answer cached (a sender's second message, and most
@@ -383,7 +386,8 @@ class Authenticator:
             ended.append("timeout")
             stop()
             log.info(
-                "checks for client {ip} out of time after {timeout:g}s{waited}",
+                "{qid}: checks for client {ip} out of time after {timeout:g}s{waited}",
+                qid=queue_id,
                 ip=client_ip,
                 timeout=self.timeout,
                 waited=" (waiting for a check slot)" if waited else "",
@@ -406,7 +410,7 @@ class Authenticator:
             cancelled = isinstance(outcome, Failure) and outcome.check(defer.CancelledError)
             if result.called or ended:
                 if isinstance(outcome, Failure) and not cancelled:
-                    log.failure("abandoned checks failed", outcome)
+                    log.failure("{qid}: abandoned checks failed", outcome, qid=queue_id)
             elif cancelled:
                 result.callback(self._out_of_time())  # the deadline, seen by a thread first
             elif isinstance(outcome, Failure):
