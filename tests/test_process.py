@@ -70,6 +70,21 @@ class MemoryTests(unittest.TestCase):
     timeout = 300
 
     def test_50_mib_message_grows_memory_by_less_than_10_mib(self) -> None:
+        self.check_memory_growth()
+
+    def test_50_mib_signed_message_grows_memory_by_less_than_10_mib(self) -> None:
+        """DKIM hashes the spooled body as it reads it (security review, issue 9)."""
+        signatures = b"".join(
+            b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=sender.test;"
+            b" s=s%d; h=from:subject; bh=%s; b=AAAA\r\n" % (n, b"A" * 43 + b"=")
+            for n in range(3)
+        )
+        self.check_memory_growth(
+            {"authentication": {"spf": False, "dkim": True, "dmarc": "off"}},
+            header=signatures + b"From: big@sender.test\r\n",
+        )
+
+    def check_memory_growth(self, overrides: dict | None = None, header: bytes = b"") -> None:
         directory = Path(self.mktemp()).absolute()
         port = free_port()
         config = write_config(
@@ -77,6 +92,7 @@ class MemoryTests(unittest.TestCase):
             {
                 "listen": {"smtp": [f"tcp:{port}:interface=127.0.0.1"]},
                 "limits": {"message_size": "60MiB"},
+                **(overrides or {}),
             },
         )
         server = ServerProcess(config, port)
@@ -94,7 +110,7 @@ class MemoryTests(unittest.TestCase):
                 for command in (b"EHLO c.test", b"MAIL FROM:<big@sender.test>",
                                 b"RCPT TO:<alice@example.test>", b"DATA"):
                     client.command(command)
-                client.send(b"Subject: big\r\n\r\n")
+                client.send(header + b"Subject: big\r\n\r\n")
                 for _ in range(message_chunks):
                     client.send(chunk)
                 client.send(b".\r\n")
