@@ -6,8 +6,10 @@ dkimpy parses signatures and canonicalizes and hashes the header fields;
 streaming from the spool (dkimpy would copy the whole body into memory and
 hash it again for each signature); this module decides what each outcome
 means.  A signature whose ``bh=`` does not match fails before its key is
-looked up or any public-key work is done.  dkimpy's own key handling is bypassed because it cannot tell the
-outcomes apart that RFC 8601 reports differently: a DNS timeout becomes a
+looked up or any public-key work is done.
+
+dkimpy's own key handling is bypassed because it cannot tell the outcomes
+apart that RFC 8601 reports differently: a DNS timeout becomes a
 plain ``False`` (we need temperror), a missing or revoked key is a logged
 error, and Ed25519 needs PyNaCl.  So `_Verifier` fetches the key through
 our resolver, classifies it, and verifies Ed25519 (RFC 8463) with
