@@ -375,6 +375,26 @@ class ValueTests(ConfigTestCase):
             "must be one of enforce, monitor, off, got 'reject'",
         )
 
+    def test_check_timeout_and_concurrency(self) -> None:
+        config = self.load(
+            MINIMAL + "authentication:\n  timeout: 1m\n  concurrency_per_ip: 4\n"
+        )
+        self.assertEqual(
+            (config.authentication.timeout, config.authentication.concurrency_per_ip), (60.0, 4)
+        )
+        self.assertProblem(
+            MINIMAL + "authentication:\n  concurrency_per_ip: 0\n",
+            8,
+            "authentication.concurrency_per_ip",
+            "must be at least 1",
+        )
+        self.assertProblem(
+            MINIMAL + "authentication:\n  timeout: 0s\n",
+            8,
+            "authentication.timeout",
+            "must be longer than zero",
+        )
+
     def test_dmarc_off_unquoted_is_off_not_false(self) -> None:
         """YAML 1.1 reads a bare off as false; the key means the word."""
         config = self.load(MINIMAL + "authentication:\n  dmarc: off\n")

@@ -98,7 +98,10 @@ class _Canonicalizer:
             cut = len(buf[:end].rstrip(b" \t")) if end else 0
             # A run of WSP anywhere becomes one SP or nothing: one SP stands for it.
             self._carry = (b" " if cut < end else b"") + buf[end:]
-            piece = _WSP_RUN.sub(b" ", _WSP_BEFORE_CRLF.sub(b"\r\n", buf[:cut]))
+            piece = buf[:cut]
+            # Most text has single spaces only, base64 none: nothing to change.
+            if b"\t" in piece or b"  " in piece or b" \r\n" in piece:
+                piece = _WSP_RUN.sub(b" ", _WSP_BEFORE_CRLF.sub(b"\r\n", piece))
         else:
             self._carry = buf[end:]
             piece = buf[:end]
