@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mailx import dnswatch, maildir, preflight, spool
+from mailx import dnswatch, maildir, preflight, ptr, spool
 from mailx.auth import Authenticator
 from mailx.auth.dmarc import default_psl
 from mailx.committer import GroupCommitter
@@ -166,8 +166,9 @@ class MailxService(service.MultiService):
                 config.hostname,
                 psl=self._psl(),
                 reactor=self.reactor,
-                # Checks in flight at once: each may hold two DNS threads.
-                max_checks=DNS_THREADS * 3 // 8,
+                # Checks in flight at once: each may hold two DNS threads, and
+                # the PTR lookups at connect up to ptr.MAX_IN_FLIGHT more.
+                max_checks=(DNS_THREADS - ptr.MAX_IN_FLIGHT) // 2,
                 max_body=config.limits.message_size,
             )
         blocklists = Blocklists(resolver, config.checks.dnsbl) if config.checks.dnsbl else None

@@ -86,9 +86,9 @@ DEFAULT_TIMEOUT = 30.0
 # need more, and the next ones only wait their turn.
 DEFAULT_CONCURRENCY_PER_IP = 2
 # Messages checked at once in all; each takes up to two DNS threads (SPF
-# and DKIM), so this stays well below the DNS pool (mailx.service's 32)
-# and leaves threads for DNSBL and outbound lookups.
-DEFAULT_MAX_CHECKS = 12
+# and DKIM), so this stays well below the DNS pool (mailx.service's 32,
+# which sets half of it aside for the PTR lookups at connect).
+DEFAULT_MAX_CHECKS = 8
 
 
 def client_key(ip: str) -> str:
