@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailx import replies
@@ -52,6 +51,7 @@ from mailx.auth.results import build_header, is_forged_results, strip_forged_res
 from mailx.auth.spf import SPFResult, check_spf
 from mailx.dns import Deadline, NotCached, Resolver
 from mailx.replies import Reply
+from mailx.text import Logger
 
 __all__ = [
     "AuthenticationSettings",
