@@ -98,7 +98,17 @@ class StreamedBodyHashTests(unittest.TestCase):
         key = BodyHashKey(False, "sha256", None)
         got = body_hashes(iter([b"a" * 10, b"b" * 10, b"c" * 10]), [key], limit=15)
         self.assertTrue(got.truncated)
-        self.assertEqual(got.digests[key], hashlib.sha256(b"a" * 10 + b"b" * 5 + b"\r\n").digest())
+        self.assertEqual(got.digests[key], hashlib.sha256(b"a" * 10 + b"b" * 5).digest())
+
+    def test_prefix_under_a_limit_is_the_canonical_prefix(self) -> None:
+        """An l= within what was read verifies even when the body was cut."""
+        body = b"a   b  \r\n\r\nc\r\n"
+        full = Relaxed.canonicalize_body(body)
+        for limit in range(len(body)):
+            read = body_hashes([body], [BodyHashKey(True, "sha256", None)], limit)
+            key = BodyHashKey(True, "sha256", read.canonical_length[True])
+            got = body_hashes([body], [key], limit)
+            self.assertEqual(got.digests[key], hashlib.sha256(full[: key.length]).digest())
 
     def test_no_keys_reads_nothing(self) -> None:
         def chunks():

@@ -45,7 +45,7 @@ class BodyHashes:
 
     digests: dict[BodyHashKey, bytes]
     canonical_length: dict[bool, int]  # relaxed -> octets of the canonical body
-    truncated: bool  # the body was longer than ``limit``: digests cover a prefix only
+    truncated: bool  # the body was longer than ``limit``: digests cover a canonical prefix only
 
 
 def _trailing_crlfs(piece: bytes) -> int:
@@ -164,7 +164,10 @@ def body_hashes(
             if truncated:
                 break
         for c in canonicalizers:
-            c.finish()
+            if not truncated:
+                c.finish()
+            # else: what was emitted is exactly a prefix of the canonical body,
+            # good for an l= that ends within it; nothing is guessed at the cut.
     return BodyHashes(
         {key: d.hash.digest() for key, d in digests.items()},
         {c.relaxed: c.length for c in canonicalizers},
