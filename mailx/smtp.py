@@ -237,7 +237,6 @@ class MailxESMTP(smtp.ESMTP):
     def connectionLost(self, reason: Failure = None) -> None:
         self._closing = True
         self.setTimeout(None)
-        self._closing = True  # nothing buffered is processed for a client that is gone
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
         if self._pause is not None and self._pause.active():

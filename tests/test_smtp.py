@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from mailx import replies
 from mailx.replies import SMTPReplyError
-from mailx.smtp import MAX_DATA_LINE, MAX_WAITING_INPUT, MailxSMTPFactory
+from mailx.smtp import MAX_DATA_LINE, MailxSMTPFactory
 
 
 def make_config(**limits: object) -> SimpleNamespace:
@@ -292,16 +292,6 @@ class SMTPDialogueTests(unittest.TestCase):
         self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
         self.d.send(b"a\nb\rc\r\n.\r\n")
         self.assertEqual(self.delivery.delivered, [b"a\r\nb\r\nc\r\n"])
-
-    def test_input_while_a_reply_is_pending_is_bounded(self) -> None:
-        self.delivery.slow = True
-        self.ehlo()
-        self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
-        self.assertEqual(self.d.transport.producerState, "producing")
-        self.d.send(b"NOOP\r\n" * (MAX_WAITING_INPUT // 6 + 1))
-        self.assertEqual(self.d.transport.producerState, "paused")
-        self.delivery.release()
-        self.assertEqual(self.d.transport.producerState, "producing")
 
     def test_hang_up_during_end_of_data_abandons_the_message(self) -> None:
         abandoned = []
