@@ -157,6 +157,8 @@ DEFAULTS: Mapping[str, Any] = _frozen(
             # SPEC 8: private/reserved MX or smarthost addresses we may connect to
             # anyway (CIDR); loopback always may.  Exim's ignore_target_hosts in reverse.
             "allowed_networks": [],
+            # RFC 8461: honour recipient domains' MTA-STS policies (direct MX delivery).
+            "mta_sts": True,
         },
     }
 )
@@ -289,6 +291,7 @@ class OutboundConfig:
     connections: int = 100
     connections_per_domain: int = 20
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    mta_sts: bool = True
 
 
 @dataclass(frozen=True)
@@ -988,6 +991,7 @@ class _Loader:
             connections=self.value(fields["connections"], self.count, 1),
             connections_per_domain=self.value(fields["connections_per_domain"], self.count, 1),
             allowed_networks=self.items(fields["allowed_networks"], self.network),
+            mta_sts=self.value(fields["mta_sts"], self.boolean),
         )
 
     def smarthost_auth(self, node: _Node) -> SmarthostAuth | None:

@@ -55,7 +55,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailx import dkimkeys, dsn, maildir
+from mailx import dkimkeys, dsn, maildir, mtasts
 from mailx.dns import DNSError, DNSVoidError, NullMXError, NXDomainError
 from mailx.queue import DELIVERED, FAILED, Envelope, Queue, Recipient
 from mailx.replies import Reply, SMTPReplyError
@@ -303,6 +303,8 @@ class ClientSettings:
     clock: Any  # IReactorTime
     tls: Any = None  # client TLS options; None: never STARTTLS
     credentials: tuple[str, str] | None = None  # AUTH, smarthost only, TLS required
+    # RFC 8461 4.2 (MTA-STS enforce): STARTTLS is a must; no MAIL in clear text.
+    require_tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -548,6 +550,15 @@ class SMTPClientProtocol(LineOnlyReceiver):
             self._send(b"STARTTLS")
             self._expect("starttls", self._on_starttls, settings.timeouts.starttls)
             return
+        if settings.require_tls and not is_tls:
+            self._give_up(
+                Reply(
+                    451,
+                    "4.7.5",
+                    f"{self.peer} offers no STARTTLS; the domain's MTA-STS policy requires TLS",
+                )
+            )
+            return
         if settings.credentials is not None:
             if not is_tls:
                 # Never send a password in clear text.
@@ -562,6 +573,9 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._mail()
 
     def _on_starttls(self, reply: Reply) -> None:
+        if reply.code != 220 and self.settings.require_tls:
+            self._give_up(reply)
+            return
         if reply.code != 220:
             # RFC 3207 4: the client may go on without TLS; opportunistic, so we do.
             log.info(
@@ -725,6 +739,8 @@ class OutboundSettings:
     connections_per_domain: int = MAX_CONNECTIONS_PER_DOMAIN
     # Private or reserved networks we may connect to all the same (SPEC 8).
     allowed_networks: tuple[Network, ...] = ()
+    # RFC 8461: honour the recipient domain's MTA-STS policy (outbound.mta_sts).
+    mta_sts: bool = True
 
     @classmethod
     def from_config(cls, config: Any) -> OutboundSettings:
@@ -741,6 +757,7 @@ class OutboundSettings:
             connections=out.connections,
             connections_per_domain=out.connections_per_domain,
             allowed_networks=tuple(out.allowed_networks),
+            mta_sts=out.mta_sts,
         )
 
     def backoff(self, attempts: int) -> float:
@@ -858,6 +875,7 @@ class Outbound(service.Service):
         rng: random.Random | None = None,
         smarthost_tls: Any = None,
         endpoint_factory: Callable[[str, str | None], Any] | None = None,
+        mta_sts: Any = "default",
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
@@ -886,6 +904,22 @@ class Outbound(service.Service):
         self._work: set[defer.Deferred] = set()
         self._poll: LoopingCall | None = None
         self._stopping = False
+        # RFC 8461 policies, cached in the spool; tests pass their own (HTTPS port).
+        self.mta_sts = self._default_mta_sts() if mta_sts == "default" else mta_sts
+
+    def _default_mta_sts(self) -> mtasts.MTASTS:
+        fetcher = mtasts.PolicyFetcher(
+            self.resolver,
+            reactor=self.reactor,
+            allowed=lambda ip: destination_allowed(ip, self.settings.allowed_networks),
+        )
+        return mtasts.MTASTS(
+            self.resolver,
+            mtasts.PolicyCache(self.config.paths.spool / "mta-sts"),
+            fetcher,
+            clock=self.clock,
+            run_blocking=self._in_thread,
+        )
 
     # -- service -------------------------------------------------------------
 
@@ -899,6 +933,8 @@ class Outbound(service.Service):
         self._slots.total = self.settings.connections
         self._slots.per_key = self.settings.connections_per_domain
         self._smarthost_tls = self._smarthost_tls_given
+        if self.mta_sts is not None:
+            self.mta_sts.resolver = self.mta_sts.fetcher.resolver = resolver
 
     def startService(self) -> None:
         super().startService()
@@ -1373,6 +1409,7 @@ class Outbound(service.Service):
             size=envelope.size + len(trace.encode("utf-8", "surrogateescape")),
             eight_bit=envelope.eight_bit,
         )
+        policy = None
         if self.settings.smarthost:
             refusal = yield self._smarthost_refusal()
             if refusal is not None:
@@ -1398,28 +1435,75 @@ class Outbound(service.Service):
                         )
                     )
                 )
+            # RFC 8461 applies to MX delivery only: the smarthost is our own
+            # choice, and its certificate is checked when we log in to it.
+            policy = yield self._mta_sts_policy(envelope.id, domain)
+            if policy is not None:
+                targets = self._apply_mta_sts(envelope, domain, policy, targets)
+                if not targets:
+                    # RFC 8461 4.2, 5.1: never deliver against an enforce policy;
+                    # a temporary failure, so the next try sees an updated policy.
+                    return every(
+                        _Outcome(
+                            Reply(
+                                451,
+                                "4.7.5",
+                                f"no mail host of {domain} is listed in its MTA-STS policy",
+                            )
+                        )
+                    )
         last: HostFailure | None = None
         last_target: tuple[str, str | None] | None = None
         for name, ip in targets[:MAX_ADDRESSES]:
             if self._stopping:
                 break
             peer = self._peer(name, ip)
-            try:
-                result = yield self._session(name, ip, transaction, closing, tls=True)
-            except HostFailure as failure:
-                if failure.tls_failed:
+            failure = None
+            # Each way to talk to the host, best first; the next after a failed handshake.
+            ways = self._tls_ways(name, ip, policy)
+            for n, (tls, require_tls) in enumerate(ways):
+                try:
+                    result = yield self._session(
+                        name, ip, transaction, closing, tls=tls, require_tls=require_tls
+                    )
+                except HostFailure as e:
+                    failure = e
+                    if not e.tls_failed or n + 1 == len(ways):
+                        break
+                    if policy is not None and policy.mode == mtasts.TESTING and n == 0:
+                        log.info(
+                            "{qid}: MTA-STS testing: {peer}: {reply}; enforce would not"
+                            " deliver to it",
+                            qid=envelope.id,
+                            peer=peer,
+                            reply=str(e.reply),
+                        )
                     log.info(
-                        "{qid}: {peer}: {reply}; retrying without TLS",
+                        "{qid}: {peer}: {reply}; retrying {how}",
+                        qid=envelope.id,
+                        peer=peer,
+                        reply=str(e.reply),
+                        how="without TLS" if ways[n + 1][0] is None else "with unverified TLS",
+                    )
+                    continue
+                if policy is not None and policy.mode == mtasts.TESTING and result.tls is None:
+                    log.info(
+                        "{qid}: MTA-STS testing: {peer} delivered without TLS; enforce would"
+                        " not deliver to it",
+                        qid=envelope.id,
+                        peer=peer,
+                    )
+                if ip is not None:
+                    self._failed_hosts.pop(ip, None)
+                return self._outcomes(result, name, peer)
+            if failure is not None:
+                if policy is not None and policy.mode == mtasts.ENFORCE and failure.tls_failed:
+                    log.info(
+                        "{qid}: {peer}: {reply}; MTA-STS enforce: no clear-text fallback",
                         qid=envelope.id,
                         peer=peer,
                         reply=str(failure.reply),
                     )
-                    try:
-                        result = yield self._session(name, ip, transaction, closing, tls=False)
-                    except HostFailure as plain:
-                        failure = plain
-                    else:
-                        return self._outcomes(result, name, peer)
                 last, last_target = failure, (name, ip)
                 if ip is not None:
                     self._failed_hosts[ip] = self.clock.seconds()
@@ -1429,10 +1513,6 @@ class Outbound(service.Service):
                     peer=peer,
                     reply=_reply_text(failure.reply),
                 )
-                continue
-            if ip is not None:
-                self._failed_hosts.pop(ip, None)
-            return self._outcomes(result, name, peer)
         reply = (
             last.reply if last is not None else Reply(451, "4.4.4", f"no host to try for {domain}")
         )
@@ -1467,6 +1547,74 @@ class Outbound(service.Service):
                 domain=domain,
             )
         return allowed
+
+    @defer.inlineCallbacks
+    def _mta_sts_policy(self, qid: str, domain: str) -> Any:
+        """The domain's MTA-STS policy in enforce or testing mode, else None (never fails)."""
+        if self.mta_sts is None or not self.settings.mta_sts:
+            return None
+        try:
+            policy = yield self.mta_sts.policy(domain, qid)
+        except Exception:
+            log.failure("{qid}: MTA-STS lookup for {domain} failed", qid=qid, domain=domain)
+            return None
+        if policy is None or policy.mode not in (mtasts.ENFORCE, mtasts.TESTING):
+            return None
+        return policy
+
+    def _apply_mta_sts(
+        self, envelope: Envelope, domain: str, policy: Any, targets: list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """RFC 8461 4.1: the MX hosts the policy lists; testing mode only logs the others."""
+        unlisted = sorted({name for name, _ in targets if not policy.allows(name)})
+        if not unlisted:
+            return targets
+        if policy.mode == mtasts.TESTING:
+            log.info(
+                "{qid}: MTA-STS testing: {hosts} not in the policy of {domain} ({mx});"
+                " enforce would not deliver to them",
+                qid=envelope.id,
+                hosts=", ".join(unlisted),
+                domain=domain,
+                mx=", ".join(policy.mx),
+            )
+            return targets
+        log.info(
+            "{qid}: MTA-STS enforce: not delivering to {hosts}: not in the policy of"
+            " {domain} ({mx})",
+            qid=envelope.id,
+            hosts=", ".join(unlisted),
+            domain=domain,
+            mx=", ".join(policy.mx),
+        )
+        return [t for t in targets if t[0] not in unlisted]
+
+    def _tls_ways(self, name: str, ip: str | None, policy: Any) -> list[tuple[Any, bool]]:
+        """(TLS options or None, TLS required) to try in turn with one host.
+
+        Without a policy: opportunistic TLS, then clear text after a failed
+        handshake (RFC 7435).  ``enforce``: TLS verified for the MX host
+        name, nothing else (RFC 8461 4.2).  ``testing``: verified first, then
+        as without a policy, so the failure is logged and the mail still goes.
+        """
+        opportunistic = [(self.tls, False), (None, False)]
+        if ip is None or policy is None:
+            return opportunistic
+        verified = self._mx_tls(name)
+        if policy.mode == mtasts.ENFORCE:
+            return [(verified, True)]
+        return [(verified, False), *opportunistic]
+
+    def _mx_tls(self, name: str) -> Any:
+        """TLS options checking an MX's certificate for its host name (RFC 8461 4.1).
+
+        Against the system's trust store (OpenSSL's default paths, so
+        ``SSL_CERT_FILE`` applies); made per session, as OpenSSL reads that
+        variable when the context is made.
+        """
+        from twisted.internet import ssl
+
+        return ssl.optionsForClientTLS(name)
 
     @defer.inlineCallbacks
     def _smarthost_refusal(self) -> Any:
@@ -1583,23 +1731,26 @@ class Outbound(service.Service):
         ip: str | None,
         transaction: Transaction,
         closing: list[defer.Deferred],
-        tls: bool,
+        tls: Any = "default",
+        require_tls: bool = False,
     ) -> Any:
+        """One session; ``tls`` the options for STARTTLS ("default": ours, None: none)."""
         peer = self._peer(name, ip)
         if ip is not None and not destination_allowed(ip, self.settings.allowed_networks):
             # `_reachable` filtered them out already; never connect whatever the path.
             raise HostFailure(Reply(451, "4.4.4", f"{peer}: private or reserved address"))
         endpoint = self._endpoint_factory(name, ip)
         credentials = self.settings.smarthost_auth if ip is None else None
-        options = self.tls
-        if credentials is not None:
+        options = self.tls if tls == "default" else tls
+        if credentials is not None and options is not None:
             options = self._verified_smarthost_tls()
         settings = ClientSettings(
             helo=self.settings.hostname,
             timeouts=self.timeouts,
             clock=self.clock,
-            tls=options if tls else None,
+            tls=options,
             credentials=credentials,
+            require_tls=require_tls,
         )
         protocol = SMTPClientProtocol(transaction, settings, peer)
         try:
