@@ -438,13 +438,14 @@ class PolicyFetcher:
     @defer.inlineCallbacks
     def _get(self, host: str, address: str) -> Any:
         import treq
+        from treq.client import HTTPClient
         from twisted.web.client import Agent, HTTPConnectionPool
 
         pool = HTTPConnectionPool(self.reactor, persistent=False)
         agent = Agent.usingEndpointFactory(
             self.reactor, _FixedAddress(self.reactor, address, self.port, self.timeout), pool
         )
-        client = treq.HTTPClient(_IdentityOnly(agent))
+        client = HTTPClient(_IdentityOnly(agent))
         url = f"https://{host}{WELL_KNOWN}"
         # RFC 8461 3.3: redirects must not be followed (allow_redirects=False,
         # so a 3xx is just not 200); HTTP caching must not be used (none here).
@@ -460,7 +461,7 @@ class PolicyFetcher:
         if media != b"text/plain":
             response.deliverBody(_Discard())
             raise FetchError(f"{url}: Content-Type {media.decode('latin-1')!r}, not text/plain")
-        if response.length is not None and response.length > MAX_POLICY_SIZE:
+        if isinstance(response.length, int) and response.length > MAX_POLICY_SIZE:
             response.deliverBody(_Discard())
             raise FetchError(f"{url}: policy of {response.length} octets is too large")
         body = bytearray()
@@ -601,7 +602,9 @@ class MTASTS:
         try:
             yield self.run_blocking(self.cache.put, entry)
         except OSError as e:
-            log.error("{qid}: MTA-STS cache: cannot save {domain}: {e}", qid=qid, domain=domain, e=str(e))
+            log.error(
+                "{qid}: MTA-STS cache: cannot save {domain}: {e}", qid=qid, domain=domain, e=str(e)
+            )
         log.info(
             "{qid}: MTA-STS policy of {domain} fetched: id {id}, mode {mode}, mx {mx},"
             " max_age {age}s",

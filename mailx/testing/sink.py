@@ -15,7 +15,8 @@ Scripted replies are used once each, in order, then the default (a 250 or
 the stage's usual code) returns.  ``silent=True`` accepts the connection and
 never says anything, for timeout tests; ``tls=True`` offers STARTTLS with a
 throw-away self-signed certificate (``broken_tls=True`` offers it and then
-answers the handshake with garbage); ``keep_data=False`` records envelopes
+answers the handshake with garbage; ``certificate=(cert_pem, key_pem)``
+offers it with that certificate, e.g. one from `mailx.testing.tls.TestCA`); ``keep_data=False`` records envelopes
 only (benchmarks); ``auth={"user": "password"}`` offers
 AUTH PLAIN and LOGIN, after TLS only, and refuses MAIL without it.
 
@@ -274,11 +275,16 @@ class Sink(protocol.ServerFactory):
         size_limit: int | None = None,
         broken_tls: bool = False,
         keep_data: bool = True,
+        certificate: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.silent = silent
         self.keep_data = keep_data
         self.broken_tls = broken_tls
         self.tls_options = self_signed_tls() if tls or broken_tls else None
+        if certificate is not None:
+            from mailx.testing.tls import server_options
+
+            self.tls_options = server_options(*certificate)
         self.auth = auth
         self.auth_mechanisms = "PLAIN LOGIN"  # what EHLO offers
         self.size_limit = size_limit
