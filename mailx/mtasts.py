@@ -494,7 +494,10 @@ def _describe(error: Exception | None) -> str:
     # twisted.web wraps the cause (TLS verification, refused connection) in a list.
     reasons = getattr(error, "reasons", None)
     if reasons:
-        return "; ".join(r.getErrorMessage() for r in reasons)
+        return "; ".join(
+            "timed out" if r.check(defer.CancelledError) else r.getErrorMessage() or r.type.__name__
+            for r in reasons
+        )
     return str(error) or type(error).__name__
 
 

@@ -576,3 +576,32 @@ def wait_attempts(case: OutboundCase, envelope: Any, count: int) -> defer.Deferr
         )
 
     return wait_until(done)
+
+
+class SilentPolicyHostTests(MTASTSCase):
+    """A policy host that accepts and never answers costs a bounded wait, for its domain only."""
+
+    policy_body = ENFORCE_OTHER_MX
+
+    def setUp(self) -> None:
+        super().setUp()
+        from twisted.internet import protocol, reactor
+
+        silent = reactor.listenTCP(
+            0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(silent.stopListening)
+        self.outbound.mta_sts.fetcher.port = silent.getHost().port
+        self.outbound.mta_sts.fetcher.timeout = 1.0
+
+    @defer.inlineCallbacks
+    def test_other_domain_is_served_meanwhile_then_delivered_without_policy(self) -> None:
+        self.submit(recipients=("someone@remote.test",), queue_id="65F00000000001")
+        other = self.submit(recipients=("someone@outside.test",), queue_id="65F00000000002")
+        [first] = yield self.sink.wait_for(1)
+        self.assertEqual(first.recipients, ["someone@outside.test"])
+        yield self.gone(other)
+        messages = yield self.sink.wait_for(2)
+        self.assertEqual(messages[1].recipients, ["someone@remote.test"])
+        self.assertTrue(self.logged("MTA-STS policy of remote.test not fetched"))
+        self.assertTrue(self.logged("mta-sts.txt: timed out"))
