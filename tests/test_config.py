@@ -172,6 +172,7 @@ class DefaultsTests(ConfigTestCase):
                 100,
                 20,
                 (),
+                True,  # mta_sts
             ),
         )
 
