@@ -17,6 +17,10 @@ few hundred lines we can reason about:
   without certificate checks (RFC 7435: anything beats clear text, and a
   failed handshake retries the same host in clear text), AUTH PLAIN/LOGIN
   only over TLS and only to the smarthost;
+- MTA-STS (RFC 8461, `mailx.mtasts`) for MX delivery: under ``enforce``
+  only listed MX hosts, STARTTLS required and the certificate verified for
+  the MX name, never a clear-text retry; ``testing`` logs what enforce
+  would refuse;
 - SIZE (RFC 1870) and BODY=8BITMIME (RFC 6152) when offered;
 - every wait bounded by RFC 5321 4.5.3.2's timeouts (`Timeouts`), on an
   injectable clock, so tests drive them with ``task.Clock``.
