@@ -255,6 +255,21 @@ class PolicyInForceTests(unittest.TestCase):
         self.fetcher.fail = None
         self.assertEqual(self.policy().mode, "enforce")
 
+    def test_concurrent_lookups_share_one_fetch(self) -> None:
+        pending: defer.Deferred = defer.Deferred()
+        calls = []
+
+        def fetch(domain: str) -> defer.Deferred:
+            calls.append(domain)
+            return pending
+
+        self.fetcher.fetch = fetch  # type: ignore[method-assign]
+        first, second = self.sts.policy("remote.test"), self.sts.policy("remote.test")
+        self.assertNoResult(first)
+        pending.callback(parse_policy(ENFORCE))
+        self.assertEqual(self.successResultOf(first), self.successResultOf(second))
+        self.assertEqual(calls, ["remote.test"])
+
     def test_cache_survives_a_restart(self) -> None:
         self.policy()
         [saved] = os.listdir(self.directory)
