@@ -211,21 +211,16 @@ def in_thread(func: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
     return deferToThread(func, *args, **kwargs)
 
 
-def message(
-    subject: str = "test", body: str = "Hello.\r\n", sender: str = "someone@sender.test"
-) -> bytes:
-    return (
-        textwrap.dedent(
-            f"""\
+def message(subject: str = "test", body: str = "Hello.\r\n", sender: str = "someone@sender.test") -> bytes:
+    return textwrap.dedent(
+        f"""\
         From: {sender}\r
         To: alice@example.test\r
         Subject: {subject}\r
-        Message-ID: <{subject.replace(" ", ".")}@sender.test>\r
+        Message-ID: <{subject.replace(' ', '.')}@sender.test>\r
         \r
         """
-        ).encode()
-        + body.encode()
-    )
+    ).encode() + body.encode()
 
 
 # twistd of this interpreter, whatever PATH says (``python -m twisted`` is ``twist``).
