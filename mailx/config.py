@@ -16,8 +16,9 @@ knowing:
 - Durations: a plain number is seconds; ``s``, ``m``, ``h``, ``d`` may be
   combined (``1h30m``).
 - ``hostname`` defaults to the system's fully qualified name
-  (`socket.getfqdn`): an MX must greet with its own name, and "localhost"
-  would be wrong everywhere but on a laptop.
+  (`socket.getfqdn`): an MX must greet with its own name.  Whichever way it
+  is set, it must be a dotted FQDN: "localhost" or a bare "myhost" would be
+  wrong everywhere, and is an error rather than a silent default.
 - Domains, mailboxes and alias names are folded (IDNA A-labels, lower
   case); two keys that fold to the same thing are an error.  IDNA uses the
   ``idna`` package (IDNA2008 with UTS #46) when installed, which it is with
@@ -184,6 +185,19 @@ DMARC_MODES = ("enforce", "monitor", "off")
 _DELIMITERS = frozenset("!#$%&'*+-/=?^_`{|}~.")
 DNSBL_ACTIONS = ("reject", "junk")
 CATCH_ALL = "*"
+
+_HOSTNAME_HINT = "to the name your MX record points at, e.g. mx.example.test"
+
+
+def is_fqdn(name: str) -> bool:
+    """A dotted name whose top label is not numeric (RFC 3696 2: no all-numeric TLD).
+
+    ``localhost``, ``mx`` and ``192.0.2.1`` are not names an MX record can
+    point at (RFC 5321 5.1; RFC 7505's null MX aside).
+    """
+    labels = name.rstrip(".").split(".")
+    return len(labels) >= 2 and all(labels) and not labels[-1].isdigit()
+
 
 _OUTSIDE_NOT_SUPPORTED = (
     "forwarding to outside addresses is not supported yet (outbound queue not implemented)"
@@ -853,14 +867,35 @@ class _Loader:
     # -- sections ---------------------------------------------------------
 
     def hostname(self, node: _Node) -> str | None:
+        """Our name: a dotted FQDN, since MX records, HELO and PTR checks need one.
+
+        The system's name is only a default: on many machines it is
+        ``localhost`` or a bare ``myhost``, which would put ``MX 10 localhost.``
+        in ``mailxctl dns`` and a name no one can resolve in our banner.
+        """
         if node.null:
             fqdn = socket.getfqdn()
             try:
-                return normalize_domain(fqdn)
+                name = normalize_domain(fqdn)
             except AddressError:
                 self.at(node, f"the system's host name '{fqdn}' is not a domain name: set hostname")
                 return None
-        return self.value(node, self.domain)
+            if not is_fqdn(name):
+                self.at(
+                    node,
+                    f"the system's host name '{fqdn}' is not a fully qualified domain name: "
+                    f"set hostname {_HOSTNAME_HINT}",
+                )
+                return None
+            return name
+        name = self.value(node, self.domain)
+        if name is not None and not is_fqdn(name):
+            self.at(
+                node,
+                f"'{node.raw}' is not a fully qualified domain name: set it {_HOSTNAME_HINT}",
+            )
+            return None
+        return name
 
     def report_address(self, node: _Node) -> str | None:
         if node.null:

@@ -220,6 +220,26 @@ class ConfigFileChoiceTests(CLITestCase):
         self.assertIn(f"{self.directory / 'mailx.yaml'}: OK", out)
 
 
+class HostnameTests(CLITestCase):
+    def test_dns_never_prints_an_mx_to_localhost(self) -> None:
+        config = self.write(GOOD.replace("mx.example.test", "localhost"))
+        status, out, err = self.run_cli("dns", "-c", config, "example.test", "--ip", "192.0.2.25")
+        self.assertEqual(status, 1)
+        self.assertNotIn("MX", out)
+        self.assertIn("'localhost' is not a fully qualified domain name", err)
+
+    def test_dns_plan_refuses_a_config_built_with_a_bare_hostname(self) -> None:
+        import dataclasses
+
+        from mailx import config as config_module
+        from mailx import dnssetup
+
+        config = config_module.load_config(self.write(GOOD))
+        bare = dataclasses.replace(config, hostname="localhost")
+        error = self.assertRaises(ValueError, dnssetup.plan, bare, "example.test")
+        self.assertIn("not a fully qualified domain name", str(error))
+
+
 class RouteTests(CLITestCase):
     def setUp(self) -> None:
         super().setUp()

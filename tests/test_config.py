@@ -199,6 +199,17 @@ class DefaultsTests(ConfigTestCase):
             "mail.example.net",
         )
 
+    def test_system_hostname_that_is_not_an_fqdn_is_a_problem(self) -> None:
+        """Not silently 'localhost': `mailxctl dns` would print MX 10 localhost."""
+        self.patch(config_module.socket, "getfqdn", lambda: "localhost")
+        self.assertProblem(
+            MINIMAL.replace("hostname: mx.example.test\n", ""),
+            1,
+            "hostname",
+            "the system's host name 'localhost' is not a fully qualified domain name: set"
+            " hostname to the name your MX record points at, e.g. mx.example.test",
+        )
+
     def test_unusable_system_hostname_is_a_problem(self) -> None:
         self.patch(config_module.socket, "getfqdn", lambda: "under_score")
         self.assertProblem(
@@ -399,6 +410,16 @@ class ValueTests(ConfigTestCase):
         """YAML 1.1 reads a bare off as false; the key means the word."""
         config = self.load(MINIMAL + "authentication:\n  dmarc: off\n")
         self.assertEqual(config.authentication.dmarc, "off")
+
+    def test_hostname_must_be_fully_qualified(self) -> None:
+        for name in ("localhost", "mx", "192.0.2.25", "mx.123"):
+            self.assertProblem(
+                MINIMAL.replace("mx.example.test", name),
+                1,
+                "hostname",
+                f"'{name}' is not a fully qualified domain name: set it to the name your MX"
+                " record points at, e.g. mx.example.test",
+            )
 
     def test_bad_hostname(self) -> None:
         self.assertProblem(
@@ -920,8 +941,8 @@ class DomainTests(ConfigTestCase):
 
     def test_domains_of_wrong_type(self) -> None:
         self.assertProblem(
-            "domains: [example.test]\n",
-            1,
+            "hostname: mx.example.test\ndomains: [example.test]\n",
+            2,
             "domains",
             "expected a mapping of domain names, got a list",
         )

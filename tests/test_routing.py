@@ -317,6 +317,7 @@ class ForwardTests(unittest.TestCase):
         self.patch(config_module, "FORWARDING_SUPPORTED", True)
         self.config = load_config_text(
             dedent("""\
+                hostname: mx.example.test
                 domains:
                   example.test:
                     mailboxes: [alice]
@@ -566,6 +567,7 @@ class AliasGraphProperties(unittest.TestCase):
     def test_alias_delivers_once_to_each_reachable_mailbox(self, graph: tuple) -> None:
         mailboxes, aliases = graph
         document = {
+            "hostname": "mx.example.test",
             "domains": {
                 "example.test": {
                     "mailboxes": mailboxes,
