@@ -284,6 +284,17 @@ class RouteTests(CLITestCase):
         self.assertEqual(status, 1)
         self.assertEqual(out.splitlines()[-1], "550 5.7.1 Relaying denied")
 
+    def test_postmaster_fallback_is_said(self) -> None:
+        config = self.write(GOOD + "  lone.test:\n    mailboxes: [zed]\n")
+        status, out, _ = self.run_cli("route", "-c", config, "postmaster@lone.test")
+        self.assertEqual(status, 0)
+        self.assertIn(
+            "  lone.test has no postmaster: postmaster@lone.test goes to the first domain's,"
+            " postmaster@example.test (SPEC section 4, RFC 5321 section 4.5.1)",
+            out.splitlines(),
+        )
+        self.assertIn("  mailbox alice@example.test: ", out)
+
     def test_unknown_recipient_exits_1_with_the_reply(self) -> None:
         config = self.write(GOOD.replace('      "*": bob\n', ""), "no-catch-all.yaml")
         status, out, _ = self.run_cli("route", "-c", config, "zed@example.test")

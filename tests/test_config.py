@@ -1254,13 +1254,39 @@ class PostmasterTests(ConfigTestCase):
             "postmaster@example.test goes nowhere",
         )
 
-    def test_every_domain_needs_a_postmaster(self) -> None:
+    def test_first_domain_postmaster_problem_says_why(self) -> None:
         self.assertProblem(
-            MINIMAL + "  example.net:\n    mailboxes: [dave]\n",
-            7,
-            "domains.example.net",
-            "RFC 5321 section 4.5.1",
+            MINIMAL.replace("postmaster: alice", "team: alice"),
+            3,
+            "domains.example.test",
+            "RFC 5321 section 4.5.1; the first domain's postmaster also receives bare"
+            " <postmaster> and that of domains without their own",
         )
+
+    def test_another_domain_without_postmaster_is_not_a_problem(self) -> None:
+        """SPEC 4: it falls back to the first domain's postmaster."""
+        config = self.load(MINIMAL + "  example.net:\n    mailboxes: [dave]\n")
+        self.assertEqual(
+            [d.address for d in route(config, "postmaster@example.net").destinations],
+            ["alice@example.test"],
+        )
+
+    def test_alias_to_a_fallback_postmaster(self) -> None:
+        config = self.load(
+            MINIMAL + "  example.net:\n    mailboxes: [dave]\n    aliases: {abuse: postmaster}\n"
+        )
+        self.assertEqual(
+            [d.address for d in route(config, "abuse@example.net").destinations],
+            ["alice@example.test"],
+        )
+
+    def test_fallback_that_comes_back_is_a_loop(self) -> None:
+        problems = self.problems(
+            MINIMAL.replace("postmaster: alice", "postmaster: postmaster@example.net")
+            + "  example.net:\n    mailboxes: [dave]\n"
+        )
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("alias loop", problems[0].message)
 
     def test_postmaster_mailbox(self) -> None:
         self.load(MINIMAL + "  example.net:\n    mailboxes: [postmaster]\n")
