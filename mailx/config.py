@@ -51,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from mailx import yamlerrors
 from mailx.routing import (
     AddressError,
     Finding,
@@ -474,17 +475,11 @@ class _Tree:
 
 
 def _yaml_problem(error: yaml.YAMLError, text: str) -> tuple[int | None, str]:
-    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-    if mark is not None:
-        line = mark.line + 1
-    elif isinstance(error, yaml.reader.ReaderError):
+    """The line and words for a YAML error: the author's mistake (`mailx.yamlerrors`)."""
+    if isinstance(error, yaml.reader.ReaderError):
         line = text.count("\n", 0, error.position) + 1
-    else:
-        line = None
-    problem = getattr(error, "problem", None) or str(error)
-    context = getattr(error, "context", None)
-    message = f"{context}, {problem}" if context else problem
-    return line, f"YAML syntax error: {message}"
+        return line, f"YAML syntax error: {error.reason}"
+    return yamlerrors.explain(error, text)
 
 
 # ---------------------------------------------------------------------------

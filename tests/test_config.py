@@ -801,6 +801,127 @@ class UnknownKeyTests(ConfigTestCase):
         self.assertEqual(problems[0].message, "unknown key")
 
 
+# Real mistakes in the shipped mailx.yaml: (what, the line as it was, the
+# line as the user wrote it, line blamed relative to the edited one, message).
+# PyYAML's own line is given where it differs, to show what is fixed.
+YAML_MISTAKES = [
+    (
+        "tab",
+        "  message_size: 25MiB",
+        "\tmessage_size: 25MiB",
+        0,
+        "a tab in the indentation: YAML needs spaces",
+    ),
+    (
+        "unquoted catch-all",
+        '      # "*": alice',
+        "      *: alice",
+        0,
+        "'*' starts a YAML alias; to mean a literal *, quote it: \"*\": alice",
+    ),
+    (
+        "key indented one too many (PyYAML: 4 lines below)",
+        "    mailboxes: [alice, bob]",
+        "     mailboxes: [alice, bob]",
+        0,
+        "wrong indentation (5 spaces; the line above has 2, the line below 4): the keys of"
+        " one block start in the same column, a block nested under a key further right",
+    ),
+    (
+        "key indented one too few",
+        "  recipients: 100",
+        " recipients: 100",
+        0,
+        "wrong indentation (1 space; the line above has 2, the line below 2): the keys of"
+        " one block start in the same column, a block nested under a key further right",
+    ),
+    (
+        "first entry of a block not nested (PyYAML: the line below)",
+        "      postmaster: alice",
+        "    postmaster: alice",
+        0,
+        "wrong indentation (4 spaces; the line above has 4, the line below 6): the keys of"
+        " one block start in the same column, a block nested under a key further right",
+    ),
+    (
+        "unclosed quote (PyYAML: 16 lines below)",
+        '    subaddress_delimiter: "+"',
+        '    subaddress_delimiter: "+',
+        0,
+        'the quote " opened on this line is not closed',
+    ),
+    (
+        "unclosed bracket (PyYAML: 4 lines below)",
+        '  smtp: ["tcp:2525:interface=127.0.0.1"]',
+        '  smtp: ["tcp:2525:interface=127.0.0.1"',
+        0,
+        "the [ opened on this line is not closed with ]",
+    ),
+    (
+        "missing colon (PyYAML: the line below)",
+        "  message_size: 25MiB         # advertised as SIZE and enforced.  Default: 25MiB",
+        "  message_size 25MiB",
+        0,
+        "'message_size 25MiB' has no ':' after its key (write key: value)",
+    ),
+    (
+        "colon in a plain value",
+        "hostname: mx.example.test",
+        "hostname: mx.example.test: 25",
+        0,
+        'a value containing \': \' must be quoted, e.g. key: "a: b"',
+    ),
+    (
+        "value starting with @",
+        "      team: [alice, bob]        # several targets; each mailbox gets one copy",
+        "      team: @alice",
+        0,
+        "a value cannot start with @ in YAML: quote it",
+    ),
+    (
+        "list item among keys",
+        "      team: [alice, bob]        # several targets; each mailbox gets one copy",
+        "      - alice",
+        0,
+        "a list item ('- ') where a key was expected: write key: [a, b], or put the items"
+        " under a key of their own",
+    ),
+    (
+        "duplicate key: PyYAML would keep the last silently",
+        "  recipients: 100             # per message (RFC 5321 minimum).  Default: 100",
+        "  recipients: 100\n  recipients: 5",
+        1,
+        "limits.recipients: duplicate key (first on line {line})",
+    ),
+]
+
+
+class YAMLSyntaxTests(unittest.TestCase):
+    """Each broken file gives exactly one line, naming the line the user got wrong."""
+
+    def test_mistakes(self) -> None:
+        lines = (REPOSITORY / "mailx.yaml").read_text().split("\n")
+        for what, was, wrote, offset, message in YAML_MISTAKES:
+            matches = [i for i, line in enumerate(lines) if line.startswith(was)]
+            self.assertEqual(len(matches), 1, f"{what}: {was!r} not found once in mailx.yaml")
+            index = matches[0]
+            broken = lines[:index] + wrote.split("\n") + lines[index + 1 :]
+            error = self.assertRaises(
+                ConfigError, load_config_text, "\n".join(broken), "mailx.yaml"
+            )
+            line = index + 1 + offset
+            self.assertEqual(
+                str(error), f"mailx.yaml:{line}: {message.format(line=index + 1)}", what
+            )
+
+    def test_error_without_a_better_explanation_keeps_pyyaml_words_and_line(self) -> None:
+        error = self.assertRaises(
+            ConfigError, load_config_text, "hostname: mx.example.test\n--- x\n: y\n", "m.yaml"
+        )
+        self.assertEqual(len(error.problems), 1)
+        self.assertTrue(error.problems[0].message, error.problems[0])
+
+
 class FileTests(ConfigTestCase):
     def test_problem_format(self) -> None:
         problem = Problem(
@@ -823,10 +944,11 @@ class FileTests(ConfigTestCase):
         )
 
     def test_yaml_syntax_error_has_its_line(self) -> None:
+        """The line of the unclosed [, not the end of the file where PyYAML noticed."""
         problems = self.problems(MINIMAL + "limits:\n  recipients: [1, 2\n")
         self.assertEqual(len(problems), 1)
-        self.assertEqual(problems[0].line, 9)
-        self.assertIn("YAML syntax error", problems[0].message)
+        self.assertEqual(problems[0].line, 8)
+        self.assertEqual(problems[0].message, "the [ opened on this line is not closed with ]")
 
     def test_duplicate_yaml_key(self) -> None:
         self.assertProblem(
