@@ -270,6 +270,7 @@ def summarize(config: Config) -> dict[str, Any]:
         },
         "bare_postmaster": f"postmaster@{config.first_domain}",
         "domains": domains,
+        "warnings": [str(w) for w in config.warnings],
     }
 
 
@@ -288,6 +289,7 @@ def render_summary(summary: dict[str, Any]) -> str:
     tls = summary["tls"]
     lines = [
         f"{summary['file']}: OK",
+        *(f"warning: {w}" for w in summary.get("warnings", ())),
         f"hostname: {summary['hostname']}",
         f"listen: {', '.join(summary['listen'])}",
         f"tls: {tls['certificate']}, {tls['key']}" if tls else "tls: off (STARTTLS not offered)",

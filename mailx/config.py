@@ -326,6 +326,9 @@ class Config:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1"),
     )
+    # Worth saying, not stopping for (a certificate about to expire): printed
+    # by `mailxctl check`, logged at start-up.
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def first_domain(self) -> str:
@@ -617,6 +620,7 @@ class _Loader:
         self.file = file
         self.base = base
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
         # Alias targets that forward outside, when FORWARDING_SUPPORTED.
         self.forwards: list[_Node] = []
         # Where alias keys and targets were written: (domain, alias[, index]) -> node.
@@ -933,6 +937,25 @@ class _Loader:
         )
         key = self.value(fields["key"], self.readable_file) if "key" in fields else None
         return TLSConfig(certificate, key)
+
+    def tls_pair(self, node: _Node, tls: TLSConfig | None, hostname: str | None) -> None:
+        """The certificate and key must be a pair (`mailx.tlsfiles`): said here, in words,
+        so that `mailxctl check`, start-up and reload refuse it alike."""
+        if tls is None or tls.certificate is None or tls.key is None:
+            return
+        if any(p.key and p.key.startswith("tls.") for p in self.problems):
+            return  # the block's own problems first
+        from mailx import tlsfiles
+
+        try:
+            findings = tlsfiles.check_pair(tls.certificate, tls.key, hostname)
+        except OSError as e:  # checked readable a moment ago; raced
+            self.at(node, f"cannot read the certificate or key: {e.strerror}")
+            return
+        for finding in findings:
+            where = node.value.get(finding.key.split(".")[1], node)
+            problem = Problem(self.file, where.line, finding.key, finding.message)
+            (self.problems if finding.level == "error" else self.warnings).append(problem)
 
     def paths(self, node: _Node) -> Paths | None:
         fields = self.block(node, DEFAULTS["paths"])
@@ -1378,12 +1401,15 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         if smtp.null or (smtp.kind == "seq" and not smtp.value):
             loader.at(smtp, "needs at least one endpoint to listen on")
     outbound = loader.outbound(fields["outbound"])
+    hostname = loader.hostname(fields["hostname"])
+    tls = loader.tls(fields["tls"])
+    loader.tls_pair(fields["tls"], tls, hostname)
     config = Config(
         source=source,
-        hostname=loader.hostname(fields["hostname"]),
+        hostname=hostname,
         public_addresses=loader.items(fields["public_addresses"], loader.ip),
         listen=endpoints,
-        tls=loader.tls(fields["tls"]),
+        tls=tls,
         limits=loader.limits(fields["limits"]),
         paths=loader.paths(fields["paths"]),
         dns=loader.dns(fields["dns"]),
@@ -1393,6 +1419,7 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         outbound=outbound,
         reports=loader.value(fields["reports"], loader.report_address),
         haproxy_trusted_networks=trusted_proxies,
+        warnings=tuple(loader.warnings),
     )
     loader.require_srs_secret(outbound)
     return config

@@ -31,6 +31,7 @@ from mailx.config import (
 )
 from mailx.routing import route
 from mailx.testing import SRS_SECRET, SRS_SECRET_2
+from mailx.testing.tls import certificate_pem
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -538,7 +539,10 @@ class TLSTests(ConfigTestCase):
             (self.directory / name).write_text("-----BEGIN-----\n")
 
     def test_files_resolve_against_config_directory(self) -> None:
-        self.write("cert.pem", "key.pem")
+        cert, key = certificate_pem()
+        (self.directory / "cert.pem").write_bytes(cert)
+        (self.directory / "key.pem").write_bytes(key)
+        (self.directory / "key.pem").chmod(0o600)
         tls = self.load(MINIMAL + self.TLS).tls
         self.assertEqual(
             (tls.certificate, tls.key), (self.directory / "cert.pem", self.directory / "key.pem")
