@@ -239,6 +239,7 @@ def summarize(config: Config) -> dict[str, Any]:
                     else None
                 ),
                 "postmaster": [d.address for d in router.route(f"postmaster@{name}").destinations],
+                "postmaster_fallback": router.postmaster_falls_back(name),
             }
         )
     limits = config.limits
@@ -333,7 +334,8 @@ def render_summary(summary: dict[str, Any]) -> str:
             lines.append(
                 f"  subaddress delimiter: {delimiter!r}" if delimiter else "  subaddresses: off"
             )
-        lines.append(f"  postmaster → {', '.join(domain['postmaster'])}")
+        fallback = "  (the first domain's: none of its own)" if domain.get("postmaster_fallback") else ""
+        lines.append(f"  postmaster → {', '.join(domain['postmaster'])}{fallback}")
         if domain["dkim"]:
             lines.append(
                 f"  dkim: selector {domain['dkim']['selector']}, key {domain['dkim']['key']}"

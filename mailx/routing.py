@@ -498,6 +498,14 @@ class Router:
                     self._expander.expand(name, alias)
         self.postmaster_domain = next(iter(config.domains))
 
+    def postmaster_falls_back(self, domain: str) -> bool:
+        """Does postmaster@``domain`` go to the first domain's postmaster (SPEC section 4)?"""
+        canonical = self._expander.canonical(domain)
+        return (
+            canonical is not None
+            and self._expander.postmaster_fallback(canonical, "postmaster") is not None
+        )
+
     def expansion(self, domain: str, name: str) -> tuple[Destination, ...]:
         """Where mailbox or alias ``name`` of (canonical) ``domain`` delivers; for summaries."""
         return self._expander.expand(domain, name).destinations

@@ -295,6 +295,16 @@ class RouteTests(CLITestCase):
         )
         self.assertIn("  mailbox alice@example.test: ", out)
 
+    def test_check_summary_names_the_postmaster_fallback(self) -> None:
+        config = self.write(GOOD + "  lone.test:\n    mailboxes: [zed]\n")
+        status, out, _ = self.run_cli("check", "-c", config)
+        self.assertEqual(status, 0)
+        self.assertIn(
+            "  postmaster → alice@example.test  (the first domain's: none of its own)",
+            out.splitlines(),
+        )
+        self.assertEqual(out.count("none of its own"), 1)
+
     def test_unknown_recipient_exits_1_with_the_reply(self) -> None:
         config = self.write(GOOD.replace('      "*": bob\n', ""), "no-catch-all.yaml")
         status, out, _ = self.run_cli("route", "-c", config, "zed@example.test")
