@@ -223,18 +223,28 @@ def explain(error: yaml.YAMLError, text: str) -> tuple[int | None, str]:
                 " same column, a block nested under a key further right"
             )
 
-    if problem == "mapping values are not allowed here" and reported is not None:
+    # A key without its colon runs into the next line as one plain scalar.
+    if "could not find expected ':'" in problem and context_line is not None:
+        shown = _without_comment(lines[context_line]).strip()
+        return context_line + 1, f"'{shown}' has no ':' after its key (write key: value)"
+    if reported is not None and (
+        problem == "mapping values are not allowed here" or "expected <block end>" in problem
+    ):
         here = _without_comment(lines[reported])
         above = next(
             (i for i in range(reported - 1, -1, -1) if _significant(lines[i])), None
         )
-        if above is not None and ":" not in _without_comment(lines[above]):
-            shown = lines[above].strip()
-            return above + 1, f"'{shown}' has no ':' after its key (write key: value)"
-        if re.search(r":\s.*:(\s|$)", here):
+        if above is not None:
+            shown = _without_comment(lines[above]).strip()
+            if ":" not in shown and not shown.startswith(("-", "[", "{")):
+                return above + 1, f"'{shown}' has no ':' after its key (write key: value)"
+        if problem == "mapping values are not allowed here" and re.search(r":\s.*:(\s|$)", here):
             return reported + 1, (
                 "a value containing ': ' must be quoted, e.g. key: \"a: b\""
             )
+        for opener, closer in ("[]", "{}"):
+            if here.count(closer) > here.count(opener):
+                return reported + 1, f"a {closer} on this line closes no {opener}"
 
     if "cannot start any token" in problem and reported is not None:
         char = re.search(r"found character '(.+?)'", problem)

@@ -891,6 +891,42 @@ YAML_MISTAKES = [
         " under a key of their own",
     ),
     (
+        "block key without its colon (PyYAML: the line below)",
+        "    aliases:",
+        "    aliases",
+        0,
+        "'aliases' has no ':' after its key (write key: value)",
+    ),
+    (
+        "domain without its colon (PyYAML: 2 lines below)",
+        "  example.test:",
+        "  example.test",
+        0,
+        "'example.test' has no ':' after its key (write key: value)",
+    ),
+    (
+        "one ] too many",
+        "      team: [alice, bob]        # several targets; each mailbox gets one copy",
+        "      team: [alice, bob]]",
+        0,
+        "a ] on this line closes no [",
+    ),
+    (
+        "top-level key indented",
+        "hostname: mx.example.test",
+        " hostname: mx.example.test",
+        0,
+        "wrong indentation (1 space; the line below 0): the keys of one block start in the"
+        " same column, a block nested under a key further right",
+    ),
+    (
+        "unclosed single quote",
+        '  smtp: ["tcp:2525:interface=127.0.0.1"]',
+        "  smtp: 'tcp:2525",
+        0,
+        "the quote ' opened on this line is not closed",
+    ),
+    (
         "duplicate key: PyYAML would keep the last silently",
         "  recipients: 100             # per message (RFC 5321 minimum).  Default: 100",
         "  recipients: 100\n  recipients: 5",
