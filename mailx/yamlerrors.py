@@ -161,7 +161,7 @@ def _neighbour_columns(lines: list[str], index: int) -> str:
     if above is not None:
         parts.append(f"the line above has {_indent(above)}")
     if below is not None:
-        parts.append(f"the line below {_indent(below)}")
+        parts.append(f"the line below {_indent(below)}" if parts else f"the line below has {_indent(below)}")
     return ", ".join(parts)
 
 

@@ -916,7 +916,7 @@ YAML_MISTAKES = [
         "hostname: mx.example.test",
         " hostname: mx.example.test",
         0,
-        "wrong indentation (1 space; the line below 0): the keys of one block start in the"
+        "wrong indentation (1 space; the line below has 0): the keys of one block start in the"
         " same column, a block nested under a key further right",
     ),
     (
