@@ -284,7 +284,9 @@ class MailxService(service.MultiService):
         self._record_reload([], start=True)
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         for warning in self.config.warnings:
-            log.warn("{warning}", warning=str(warning))
+            # Not warning=...: Twisted's legacy observers (trial's, twistd's)
+            # take an event with a "warning" key for a Python warning.
+            log.warn("{problem}", problem=str(warning))
         log.info(
             "mailx ready as {hostname} on {listen}, domains: {domains}",
             hostname=self.config.hostname,
@@ -360,7 +362,7 @@ class MailxService(service.MultiService):
         self.context = self._context_for(config)
         self.factory.reconfigure(config, self._delivery_for, context)
         for warning in config.warnings:
-            log.warn("{warning}", warning=str(warning))
+            log.warn("{problem}", problem=str(warning))
         log.info(
             "reloaded {source}: domains: {domains}",
             source=str(config.source),

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailx.testing.server import TWISTD, LineClient, in_thread, message, start_server
@@ -280,6 +281,31 @@ class CertificateCheckTests(unittest.TestCase):
         key.chmod(0o640)
         status, _, err, _ = self.check(cert, key)
         self.assertEqual((status, err), (0, ""))
+
+
+class CertificateWarningAtStartUpTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_start_up_logs_an_expiring_certificate_and_serves_starttls(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        cert, key = make_certificate(
+            Path(self.mktemp()).absolute(), valid_for=datetime.timedelta(days=3, hours=1)
+        )
+        server = start_server(self, {"tls": {"certificate": str(cert), "key": str(key)}})
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertTrue(
+            any(f"tls.certificate: {cert}" in w and "in 3 days: renew it" in w for w in warnings),
+            warnings,
+        )
+
+        def run() -> None:
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+                client.starttls(context=client_context())
+                client.sendmail("s@sender.test", ["alice@example.test"], message("soon"))
+
+        yield in_thread(run)
+        self.assertEqual(len(server.messages("alice")), 1)
 
 
 class BadCertificateTests(unittest.TestCase):
