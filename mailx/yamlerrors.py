@@ -22,16 +22,21 @@ Everything else keeps PyYAML's words, at PyYAML's line.
 from __future__ import annotations
 
 import re
+import time
 
 import yaml
 
 __all__ = ["explain"]
 
-# The indentation search re-parses the file a few dozen times at most; a
-# file this large is not a hand-written mailx.yaml, and gets PyYAML's words.
+# The indentation search re-parses the file up to three times per line of
+# the window above the error: bounded by size and by time, so that a large
+# broken file still gets an answer at once (PyYAML's words, at worst).
 _SEARCH_LIMIT = 64 * 1024
+_SEARCH_SECONDS = 1.0
 # How far above the reported line the mistake may be.
 _WINDOW = 40
+# libyaml's parser when PyYAML has it (it does in its wheels): ~10x faster.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _mark_line(error: yaml.YAMLError, name: str) -> int | None:
@@ -91,7 +96,7 @@ def _unclosed_quote(line: str) -> str | None:
 
 def _parses(text: str) -> bool:
     try:
-        yaml.compose(text, Loader=yaml.SafeLoader)
+        yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError:
         return False
     return True
@@ -123,15 +128,14 @@ def _indentation_culprit(lines: list[str], upto: int) -> int | None:
     """
     significant = [i for i, line in enumerate(lines) if _significant(line)]
     empty = _empty_blocks(lines, significant)
+    deadline = time.monotonic() + _SEARCH_SECONDS
     columns: dict[int, int] = {}
     for i in significant:
         columns[_indent(lines[i])] = columns.get(_indent(lines[i]), 0) + 1
     found: list[tuple[int, int, int]] = []
-    for position, i in enumerate(significant):
-        if i > upto:
-            break
-        if i < upto - _WINDOW:
-            continue
+    # Nearest the error first: if time runs out, the likeliest were tried.
+    window = [(pos, i) for pos, i in enumerate(significant) if upto - _WINDOW <= i <= upto]
+    for position, i in reversed(window):
         here = _indent(lines[i])
         prev = _indent(lines[significant[position - 1]]) if position > 0 else 0
         after = (
@@ -140,6 +144,8 @@ def _indentation_culprit(lines: list[str], upto: int) -> int | None:
         for column in dict.fromkeys((after, prev, prev + 2)):
             if column == here:
                 continue
+            if time.monotonic() > deadline:
+                return min(found)[2] if found else None
             trial = list(lines)
             trial[i] = " " * column + lines[i].lstrip(" ")
             left_empty = _empty_blocks(trial, significant)
@@ -208,21 +214,6 @@ def explain(error: yaml.YAMLError, text: str) -> tuple[int | None, str]:
         if f"while parsing a flow {kind}" in context and context_line is not None:
             return context_line + 1, f"the {opener} opened on this line is not closed with {closer}"
 
-    if "expected <block end>, but found '-'" in f"{context}, {problem}":
-        return upto + 1, (
-            "a list item ('- ') where a key was expected: write key: [a, b],"
-            " or put the items under a key of their own"
-        )
-
-    if len(text) <= _SEARCH_LIMIT and reported is not None:
-        culprit = _indentation_culprit(lines, upto)
-        if culprit is not None:
-            return culprit + 1, (
-                f"wrong indentation ({_spaces(_indent(lines[culprit]))};"
-                f" {_neighbour_columns(lines, culprit)}): the keys of one block start in the"
-                " same column, a block nested under a key further right"
-            )
-
     # A key without its colon runs into the next line as one plain scalar.
     if "could not find expected ':'" in problem and context_line is not None:
         shown = _without_comment(lines[context_line]).strip()
@@ -245,6 +236,21 @@ def explain(error: yaml.YAMLError, text: str) -> tuple[int | None, str]:
         for opener, closer in ("[]", "{}"):
             if here.count(closer) > here.count(opener):
                 return reported + 1, f"a {closer} on this line closes no {opener}"
+
+    if "expected <block end>, but found '-'" in f"{context}, {problem}":
+        return upto + 1, (
+            "a list item ('- ') where a key was expected: write key: [a, b],"
+            " or put the items under a key of their own"
+        )
+
+    if len(text) <= _SEARCH_LIMIT and reported is not None:
+        culprit = _indentation_culprit(lines, upto)
+        if culprit is not None:
+            return culprit + 1, (
+                f"wrong indentation ({_spaces(_indent(lines[culprit]))};"
+                f" {_neighbour_columns(lines, culprit)}): the keys of one block start in the"
+                " same column, a block nested under a key further right"
+            )
 
     if "cannot start any token" in problem and reported is not None:
         char = re.search(r"found character '(.+?)'", problem)

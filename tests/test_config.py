@@ -954,6 +954,19 @@ class YAMLSyntaxTests(unittest.TestCase):
                 str(error), f"mailx.yaml:{line}: {message.format(line=index + 1)}", what
             )
 
+    def test_a_large_broken_file_is_explained_promptly(self) -> None:
+        """The indentation search is bounded (mailx.yamlerrors._SEARCH_SECONDS)."""
+        import time
+
+        lines = ["hostname: mx.example.test", "domains:", "  example.test:",
+                 "    mailboxes: [alice]", "    aliases:"]
+        lines += [f"      a{i}: alice" for i in range(3400)]
+        lines.append("     b: alice")
+        started = time.monotonic()
+        error = self.assertRaises(ConfigError, load_config_text, "\n".join(lines), "m.yaml")
+        self.assertLess(time.monotonic() - started, 15)  # unbounded, it took 40 s
+        self.assertEqual(error.problems[0].line, len(lines))
+
     def test_error_without_a_better_explanation_keeps_pyyaml_words_and_line(self) -> None:
         error = self.assertRaises(
             ConfigError, load_config_text, "hostname: mx.example.test\n--- x\n: y\n", "m.yaml"
