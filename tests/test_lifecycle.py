@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -247,7 +249,11 @@ class PrivilegeTests(unittest.TestCase):
             raise unittest.SkipTest(
                 f"the Python installation ({site}) is not readable by an unprivileged user here"
             )
-        directory = Path(self.mktemp()).absolute()
+        # Not self.mktemp(): trial makes its parent 0700, which the dropped
+        # user could not walk through.
+        directory = Path(tempfile.mkdtemp(prefix="mailx-uid-"))
+        directory.chmod(0o755)
+        self.addCleanup(shutil.rmtree, directory, True)
         for port in range(900, 1000):
             with socket.socket() as probe:
                 try:
