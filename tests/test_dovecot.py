@@ -9,6 +9,9 @@ settings from the README itself, so the two cannot drift apart, starts a
 private Dovecot (its own base_dir, logs and port on 127.0.0.1; nothing of
 the system's), has mailx file one message into INBOX and one, by the
 sender's DMARC p=quarantine, into Junk, and reads both back with imaplib.
+Where vmail can run this interpreter, mailx runs exactly as the README says
+(twistd --uid vmail --gid vmail); otherwise in-process, and the test hands
+its files to vmail as --uid would have made them.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from mailx.testing.dnsserver import serve_for_test
-from mailx.testing.server import free_port, send_mail, start_server
+from mailx.testing.server import ServerProcess, free_port, send_mail, start_server, write_config
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -81,6 +84,21 @@ def vmail_user() -> pwd.struct_passwd:
         capture_output=True,
     )  # another test run may have created it meanwhile: look again
     return pwd.getpwnam("vmail")
+
+
+def vmail_can_run_this_python() -> bool:
+    """Can an unprivileged user import this interpreter and its packages?"""
+    import sys
+
+    import twisted
+
+    # The interpreter (a file to execute) and the directories down to it and
+    # to the packages: each needs the "others" execute bit.
+    for start in (Path(sys.executable).resolve(), Path(twisted.__file__).resolve().parent):
+        for path in [start, *start.parents]:
+            if not os.stat(path).st_mode & 0o001:
+                return False
+    return True
 
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:
@@ -157,6 +175,13 @@ class DovecotRecipeTests(unittest.TestCase):
         finally:
             client.logout()
 
+    def overrides(self, dns_port: int) -> dict:
+        return {
+            "paths": {"mail": str(self.mail), "spool": str(self.base / "spool")},
+            "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "1s"},
+            "authentication": {"spf": True, "dkim": True, "dmarc": "enforce"},
+        }
+
     @defer.inlineCallbacks
     def test_dovecot_reads_inbox_and_junk_that_mailx_filed(self) -> None:
         dns = serve_for_test(
@@ -166,36 +191,46 @@ class DovecotRecipeTests(unittest.TestCase):
                 "_dmarc.shop.test": {"TXT": ["v=DMARC1; p=quarantine"]},
             },
         )
-        server = start_server(
-            self,
-            {
-                "paths": {"mail": str(self.mail), "spool": str(self.base / "spool")},
-                "dns": {"nameservers": [f"127.0.0.1:{dns.port}"], "timeout": "1s"},
-                "authentication": {"spf": True, "dkim": True, "dmarc": "enforce"},
-            },
-        )
+        as_vmail = vmail_can_run_this_python()
+        if as_vmail:
+            # The recipe itself: twistd --uid vmail --gid vmail mailx.
+            port = free_port()
+            config = write_config(
+                self.base / "etc",
+                {**self.overrides(dns.port), "listen": {"smtp": [f"tcp:{port}:interface=127.0.0.1"]}},
+            )
+            server = ServerProcess(
+                config, port, ["--uid", str(self.vmail.pw_uid), "--gid", str(self.vmail.pw_gid)]
+            )
+            yield threads.deferToThread(server.start)
+            self.addCleanup(server.kill)
+        else:
+            server = start_server(self, self.overrides(dns.port))
+            port = server.port
         yield send_mail(
-            server.port, "friend@sender.test", ["alice@example.test"],
+            port, "friend@sender.test", ["alice@example.test"],
             b"From: friend@sender.test\r\nSubject: hello inbox\r\n\r\nHi.\r\n",
         )
         yield send_mail(
-            server.port, "deals@shop.test", ["alice@example.test"],
+            port, "deals@shop.test", ["alice@example.test"],
             b"From: deals@shop.test\r\nSubject: cheap deals\r\n\r\nBuy.\r\n",
         )
-        self.assertEqual(len(server.messages("alice", folder=".Junk")), 1)
+        self.assertEqual(len(list((self.mail / "example.test/alice/.Junk/new").iterdir())), 1)
         port = self.start_dovecot()
 
-        # mailx ran as root in this process, so its files are root's, 0600
-        # in 0700 directories: what a server run as root leaves, and Dovecot
-        # (as vmail) cannot open it.
-        self.assertIn("SELECT failed", self.imap_subjects(port, "INBOX")[0])
-
-        # The recipe runs mailx with twistd --uid vmail --gid vmail, which
-        # makes vmail the owner of all it writes (tests.test_lifecycle.
-        # PrivilegeTests checks that).  Here the interpreter lives under
-        # /root (0700), which vmail cannot import from, so the test hands
-        # the tree to vmail as twistd's --uid would have created it.
-        chown_tree(self.mail, self.vmail.pw_uid, self.vmail.pw_gid)
+        if not as_vmail:
+            # mailx ran as root in this process, so its files are root's,
+            # 0600 in 0700 directories: what a server run as root leaves,
+            # and Dovecot (as vmail) cannot open it.
+            self.assertIn("SELECT failed", self.imap_subjects(port, "INBOX")[0])
+            # The recipe runs mailx with twistd --uid vmail --gid vmail, which
+            # makes vmail the owner of all it writes (the branch above, where
+            # vmail can run this interpreter).  Here it lives where vmail
+            # cannot import from (pyenv under /root, 0700), so the test hands
+            # the tree to vmail as twistd's --uid would have created it.
+            chown_tree(self.mail, self.vmail.pw_uid, self.vmail.pw_gid)
+        owners = {(p.stat().st_uid, p.stat().st_gid) for p in self.mail.rglob("*")}
+        self.assertEqual(owners, {(self.vmail.pw_uid, self.vmail.pw_gid)})
         self.assertEqual(self.imap_subjects(port, "INBOX"), ["Subject: hello inbox"])
         self.assertEqual(self.imap_subjects(port, "Junk"), ["Subject: cheap deals"])
         log = (self.base / "dovecot.log").read_text()
