@@ -239,6 +239,7 @@ def summarize(config: Config) -> dict[str, Any]:
                     else None
                 ),
                 "postmaster": [d.address for d in router.route(f"postmaster@{name}").destinations],
+                "postmaster_fallback": router.postmaster_falls_back(name),
             }
         )
     limits = config.limits
@@ -270,6 +271,7 @@ def summarize(config: Config) -> dict[str, Any]:
         },
         "bare_postmaster": f"postmaster@{config.first_domain}",
         "domains": domains,
+        "warnings": [str(w) for w in config.warnings],
     }
 
 
@@ -288,6 +290,7 @@ def render_summary(summary: dict[str, Any]) -> str:
     tls = summary["tls"]
     lines = [
         f"{summary['file']}: OK",
+        *(f"warning: {w}" for w in summary.get("warnings", ())),
         f"hostname: {summary['hostname']}",
         f"listen: {', '.join(summary['listen'])}",
         f"tls: {tls['certificate']}, {tls['key']}" if tls else "tls: off (STARTTLS not offered)",
@@ -331,7 +334,8 @@ def render_summary(summary: dict[str, Any]) -> str:
             lines.append(
                 f"  subaddress delimiter: {delimiter!r}" if delimiter else "  subaddresses: off"
             )
-        lines.append(f"  postmaster → {', '.join(domain['postmaster'])}")
+        fallback = "  (the first domain's: none of its own)" if domain.get("postmaster_fallback") else ""
+        lines.append(f"  postmaster → {', '.join(domain['postmaster'])}{fallback}")
         if domain["dkim"]:
             lines.append(
                 f"  dkim: selector {domain['dkim']['selector']}, key {domain['dkim']['key']}"

@@ -16,8 +16,9 @@ knowing:
 - Durations: a plain number is seconds; ``s``, ``m``, ``h``, ``d`` may be
   combined (``1h30m``).
 - ``hostname`` defaults to the system's fully qualified name
-  (`socket.getfqdn`): an MX must greet with its own name, and "localhost"
-  would be wrong everywhere but on a laptop.
+  (`socket.getfqdn`): an MX must greet with its own name.  Whichever way it
+  is set, it must be a dotted FQDN: "localhost" or a bare "myhost" would be
+  wrong everywhere, and is an error rather than a silent default.
 - Domains, mailboxes and alias names are folded (IDNA A-labels, lower
   case); two keys that fold to the same thing are an error.  IDNA uses the
   ``idna`` package (IDNA2008 with UTS #46) when installed, which it is with
@@ -50,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from mailx import yamlerrors
 from mailx.routing import (
     AddressError,
     Finding,
@@ -187,6 +189,19 @@ _DELIMITERS = frozenset("!#$%&'*+-/=?^_`{|}~.")
 DNSBL_ACTIONS = ("reject", "junk")
 CATCH_ALL = "*"
 
+_HOSTNAME_HINT = "to the name your MX record points at, e.g. mx.example.test"
+
+
+def is_fqdn(name: str) -> bool:
+    """A dotted name whose top label is not numeric (RFC 3696 2: no all-numeric TLD).
+
+    ``localhost``, ``mx`` and ``192.0.2.1`` are not names an MX record can
+    point at (RFC 5321 5.1; RFC 7505's null MX aside).
+    """
+    labels = name.rstrip(".").split(".")
+    return len(labels) >= 2 and all(labels) and not labels[-1].isdigit()
+
+
 _OUTSIDE_NOT_SUPPORTED = (
     "forwarding to outside addresses is not supported yet (outbound queue not implemented)"
 )
@@ -314,6 +329,9 @@ class Config:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1"),
     )
+    # Worth saying, not stopping for (a certificate about to expire): printed
+    # by `mailxctl check`, logged at start-up.
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def first_domain(self) -> str:
@@ -463,17 +481,11 @@ class _Tree:
 
 
 def _yaml_problem(error: yaml.YAMLError, text: str) -> tuple[int | None, str]:
-    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-    if mark is not None:
-        line = mark.line + 1
-    elif isinstance(error, yaml.reader.ReaderError):
+    """The line and words for a YAML error: the author's mistake (`mailx.yamlerrors`)."""
+    if isinstance(error, yaml.reader.ReaderError):
         line = text.count("\n", 0, error.position) + 1
-    else:
-        line = None
-    problem = getattr(error, "problem", None) or str(error)
-    context = getattr(error, "context", None)
-    message = f"{context}, {problem}" if context else problem
-    return line, f"YAML syntax error: {message}"
+        return line, f"YAML syntax error: {error.reason}"
+    return yamlerrors.explain(error, text)
 
 
 # ---------------------------------------------------------------------------
@@ -611,6 +623,7 @@ class _Loader:
         self.file = file
         self.base = base
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
         # Alias targets that forward outside, when FORWARDING_SUPPORTED.
         self.forwards: list[_Node] = []
         # Where alias keys and targets were written: (domain, alias[, index]) -> node.
@@ -856,14 +869,35 @@ class _Loader:
     # -- sections ---------------------------------------------------------
 
     def hostname(self, node: _Node) -> str | None:
+        """Our name: a dotted FQDN, since MX records, HELO and PTR checks need one.
+
+        The system's name is only a default: on many machines it is
+        ``localhost`` or a bare ``myhost``, which would put ``MX 10 localhost.``
+        in ``mailxctl dns`` and a name no one can resolve in our banner.
+        """
         if node.null:
             fqdn = socket.getfqdn()
             try:
-                return normalize_domain(fqdn)
+                name = normalize_domain(fqdn)
             except AddressError:
                 self.at(node, f"the system's host name '{fqdn}' is not a domain name: set hostname")
                 return None
-        return self.value(node, self.domain)
+            if not is_fqdn(name):
+                self.at(
+                    node,
+                    f"the system's host name '{fqdn}' is not a fully qualified domain name: "
+                    f"set hostname {_HOSTNAME_HINT}",
+                )
+                return None
+            return name
+        name = self.value(node, self.domain)
+        if name is not None and not is_fqdn(name):
+            self.at(
+                node,
+                f"'{node.raw}' is not a fully qualified domain name: set it {_HOSTNAME_HINT}",
+            )
+            return None
+        return name
 
     def report_address(self, node: _Node) -> str | None:
         if node.null:
@@ -906,6 +940,25 @@ class _Loader:
         )
         key = self.value(fields["key"], self.readable_file) if "key" in fields else None
         return TLSConfig(certificate, key)
+
+    def tls_pair(self, node: _Node, tls: TLSConfig | None, hostname: str | None) -> None:
+        """The certificate and key must be a pair (`mailx.tlsfiles`): said here, in words,
+        so that `mailxctl check`, start-up and reload refuse it alike."""
+        if tls is None or tls.certificate is None or tls.key is None:
+            return
+        if any(p.key and p.key.startswith("tls.") for p in self.problems):
+            return  # the block's own problems first
+        from mailx import tlsfiles
+
+        try:
+            findings = tlsfiles.check_pair(tls.certificate, tls.key, hostname)
+        except OSError as e:  # checked readable a moment ago; raced
+            self.at(node, f"cannot read the certificate or key: {e.strerror}")
+            return
+        for finding in findings:
+            where = node.value.get(finding.key.split(".")[1], node)
+            problem = Problem(self.file, where.line, finding.key, finding.message)
+            (self.problems if finding.level == "error" else self.warnings).append(problem)
 
     def paths(self, node: _Node) -> Paths | None:
         fields = self.block(node, DEFAULTS["paths"])
@@ -1352,12 +1405,15 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         if smtp.null or (smtp.kind == "seq" and not smtp.value):
             loader.at(smtp, "needs at least one endpoint to listen on")
     outbound = loader.outbound(fields["outbound"])
+    hostname = loader.hostname(fields["hostname"])
+    tls = loader.tls(fields["tls"])
+    loader.tls_pair(fields["tls"], tls, hostname)
     config = Config(
         source=source,
-        hostname=loader.hostname(fields["hostname"]),
+        hostname=hostname,
         public_addresses=loader.items(fields["public_addresses"], loader.ip),
         listen=endpoints,
-        tls=loader.tls(fields["tls"]),
+        tls=tls,
         limits=loader.limits(fields["limits"]),
         paths=loader.paths(fields["paths"]),
         dns=loader.dns(fields["dns"]),
@@ -1367,6 +1423,7 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         outbound=outbound,
         reports=loader.value(fields["reports"], loader.report_address),
         haproxy_trusted_networks=trusted_proxies,
+        warnings=tuple(loader.warnings),
     )
     loader.require_srs_secret(outbound)
     return config

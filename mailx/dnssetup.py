@@ -40,7 +40,7 @@ import dns.name
 import dns.reversename
 
 from mailx import dkimkeys
-from mailx.config import Config
+from mailx.config import Config, is_fqdn
 from mailx.dns import DNSTemporaryError, DNSVoidError, Resolver
 from mailx.routing import normalize_domain, parse_address
 
@@ -239,6 +239,12 @@ def plan(config: Config, domain: str, addresses: Sequence[str] | None = None) ->
             f"{domain} is not a configured domain (configured: {', '.join(config.domains)})"
         )
     host = config.hostname
+    if not is_fqdn(host):
+        # load_config refuses such a hostname; a Config built otherwise must
+        # not get an MX to "localhost." printed for the owner to publish.
+        raise ValueError(
+            f"hostname '{host}' is not a fully qualified domain name: an MX cannot point at it"
+        )
     ips = tuple(
         ipaddress.ip_address(a).compressed
         for a in (config.public_addresses if addresses is None else addresses)

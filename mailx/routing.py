@@ -305,6 +305,38 @@ class _Expander:
         self._stack: list[tuple[str, str]] = []
         self._loops: set[frozenset[tuple[str, str]]] = set()
         self.findings: list[Finding] = []
+        self.first_domain = next(iter(domains), None)
+
+    def own_postmaster(self, domain: str) -> str | None:
+        """The name postmaster@``domain`` reaches without the fallback: its own or the catch-all."""
+        found = self.lookup(domain, "postmaster")
+        if found is not None:
+            return found[0]
+        return "*" if "*" in self._domains[domain].aliases else None
+
+    def postmaster_fallback(self, domain: str, local: str) -> tuple[str, str, str] | None:
+        """SPEC 4: postmaster@``domain`` without its own goes to the first domain's postmaster.
+
+        RFC 5321 4.5.1 wants postmaster at every domain we accept mail for;
+        the first domain's is the one a bare <postmaster> reaches, so it is
+        the administrator's.  Returns (canonical domain, name, trace line), or
+        None if ``local`` is not postmaster or the domain has its own.
+        """
+        base, _ = split_subaddress(local, self._domains[domain].subaddress_delimiter)
+        if "postmaster" not in (local, base) or self.own_postmaster(domain) is not None:
+            return None
+        first = self.canonical(self.first_domain) if self.first_domain else None
+        if first is None or first == domain:
+            return None
+        name = self.own_postmaster(first)
+        if name is None:
+            return None
+        return (
+            first,
+            name,
+            f"{domain} has no postmaster: postmaster@{domain} goes to the first domain's,"
+            f" postmaster@{self.first_domain} (SPEC section 4, RFC 5321 section 4.5.1)",
+        )
 
     def canonical(self, domain: str) -> str | None:
         """The domain whose mailboxes serve ``domain``, or None if it is not ours."""
@@ -382,8 +414,12 @@ class _Expander:
             target_domain, local = domain, target
         found = self.lookup(target_domain, local)
         if found is None:
-            self._unknown(domain, alias, index, target, target_domain, local)
-            return None
+            fallback = self.postmaster_fallback(target_domain, local)
+            if fallback is None:
+                self._unknown(domain, alias, index, target, target_domain, local)
+                return None
+            target_domain, fallback_name, step = fallback
+            found = (fallback_name, (step,))
         name, more = found
         key = (target_domain, name)
         if key in self._stack:
@@ -415,35 +451,32 @@ class _Expander:
 def audit_domains(domains: Mapping[str, DomainConfig]) -> tuple[Finding, ...]:
     """Expand every alias of ``domains`` and report loops, dangling and outside targets.
 
-    Also reports every domain whose postmaster does not resolve (mailbox,
-    alias or catch-all): RFC 5321 4.5.1 requires postmaster for every domain
-    a server accepts mail for.  The config loader runs this on domains that
-    passed their own checks; `Router` relies on it having found nothing
-    (forwards aside).
+    Also reports a first domain whose postmaster does not resolve (mailbox,
+    alias or catch-all): it receives a bare <postmaster> and the postmaster
+    mail of every domain without its own (SPEC section 4), so RFC 5321 4.5.1
+    is met for all domains at once.  Another domain without a postmaster is
+    fine.  The config loader runs this on domains that passed their own
+    checks; `Router` relies on it having found nothing (forwards aside).
     """
     expander = _Expander(domains, None)
     for name, config in domains.items():
         if expander.canonical(name) == name:
             for alias in config.aliases:
                 expander.expand(name, alias)
-    for name in domains:
-        canonical = expander.canonical(name)
-        if canonical is None:
-            continue
-        if (
-            expander.lookup(canonical, "postmaster") is None
-            and "*" not in domains[canonical].aliases
-        ):
-            expander.findings.append(
-                Finding(
-                    "postmaster",
-                    name,
-                    None,
-                    None,
-                    f"postmaster@{name} goes nowhere: add a mailbox or an alias 'postmaster'"
-                    " (RFC 5321 section 4.5.1 requires one for every domain)",
-                )
+    first = expander.first_domain
+    canonical = expander.canonical(first) if first is not None else None
+    if canonical is not None and expander.own_postmaster(canonical) is None:
+        expander.findings.append(
+            Finding(
+                "postmaster",
+                first,
+                None,
+                None,
+                f"postmaster@{first} goes nowhere: add a mailbox or an alias 'postmaster'"
+                " (RFC 5321 section 4.5.1; the first domain's postmaster also receives"
+                " bare <postmaster> and that of domains without their own)",
             )
+        )
     return tuple(expander.findings)
 
 
@@ -464,6 +497,14 @@ class Router:
                 for alias in domain.aliases:
                     self._expander.expand(name, alias)
         self.postmaster_domain = next(iter(config.domains))
+
+    def postmaster_falls_back(self, domain: str) -> bool:
+        """Does postmaster@``domain`` go to the first domain's postmaster (SPEC section 4)?"""
+        canonical = self._expander.canonical(domain)
+        return (
+            canonical is not None
+            and self._expander.postmaster_fallback(canonical, "postmaster") is not None
+        )
 
     def expansion(self, domain: str, name: str) -> tuple[Destination, ...]:
         """Where mailbox or alias ``name`` of (canonical) ``domain`` delivers; for summaries."""
@@ -489,9 +530,13 @@ class Router:
         else:
             trace.append(f"{address.domain} is an alias of {domain}")
         found = self._expander.lookup(domain, address.local)
+        fallback = self._expander.postmaster_fallback(domain, address.local)
         if found is not None:
             name, steps = found
             trace.extend(steps)
+        elif fallback is not None:
+            domain, name, step = fallback
+            trace.append(step)
         elif "*" in self._domains[domain].aliases:
             name = "*"
             trace.append(

@@ -102,10 +102,21 @@ def tls_context(config: Config) -> Any:
         )
         options.getContext()  # loads the pair: a key that does not match fails here
     except (OSError, crypto.Error, SSL.Error, ValueError) as e:
+        # The config loader's pair check (mailx.tlsfiles) catches the usual
+        # mistakes in words; this is what OpenSSL alone still refuses.
         raise TLSConfigError(
-            f"tls: cannot use {config.tls.certificate} with {config.tls.key}: {e}"
+            f"tls: OpenSSL cannot use {config.tls.certificate} with {config.tls.key}:"
+            f" {_openssl_words(e)}"
         ) from None
     return options
+
+
+def _openssl_words(error: Exception) -> str:
+    """OpenSSL's reasons without its tuples: [('x509 ...', '', 'key values mismatch')]."""
+    reasons = error.args[0] if error.args else None
+    if isinstance(reasons, list) and all(isinstance(r, tuple) and r for r in reasons):
+        return "; ".join(str(r[-1]) for r in reasons) or str(error)
+    return str(getattr(error, "strerror", None) or error)
 
 
 def _pem_blocks(data: bytes) -> list[bytes]:
@@ -272,6 +283,10 @@ class MailxService(service.MultiService):
         self.pidfile.write_text(f"{os.getpid()}\n")
         self._record_reload([], start=True)
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+        for warning in self.config.warnings:
+            # Not warning=...: Twisted's legacy observers (trial's, twistd's)
+            # take an event with a "warning" key for a Python warning.
+            log.warn("{problem}", problem=str(warning))
         log.info(
             "mailx ready as {hostname} on {listen}, domains: {domains}",
             hostname=self.config.hostname,
@@ -346,6 +361,8 @@ class MailxService(service.MultiService):
         self.config = config
         self.context = self._context_for(config)
         self.factory.reconfigure(config, self._delivery_for, context)
+        for warning in config.warnings:
+            log.warn("{problem}", problem=str(warning))
         log.info(
             "reloaded {source}: domains: {domains}",
             source=str(config.source),

@@ -220,6 +220,26 @@ class ConfigFileChoiceTests(CLITestCase):
         self.assertIn(f"{self.directory / 'mailx.yaml'}: OK", out)
 
 
+class HostnameTests(CLITestCase):
+    def test_dns_never_prints_an_mx_to_localhost(self) -> None:
+        config = self.write(GOOD.replace("mx.example.test", "localhost"))
+        status, out, err = self.run_cli("dns", "-c", config, "example.test", "--ip", "192.0.2.25")
+        self.assertEqual(status, 1)
+        self.assertNotIn("MX", out)
+        self.assertIn("'localhost' is not a fully qualified domain name", err)
+
+    def test_dns_plan_refuses_a_config_built_with_a_bare_hostname(self) -> None:
+        import dataclasses
+
+        from mailx import config as config_module
+        from mailx import dnssetup
+
+        config = config_module.load_config(self.write(GOOD))
+        bare = dataclasses.replace(config, hostname="localhost")
+        error = self.assertRaises(ValueError, dnssetup.plan, bare, "example.test")
+        self.assertIn("not a fully qualified domain name", str(error))
+
+
 class RouteTests(CLITestCase):
     def setUp(self) -> None:
         super().setUp()
@@ -263,6 +283,27 @@ class RouteTests(CLITestCase):
         status, out, _ = self.run_cli("route", "-c", self.config, "alice@elsewhere.test")
         self.assertEqual(status, 1)
         self.assertEqual(out.splitlines()[-1], "550 5.7.1 Relaying denied")
+
+    def test_postmaster_fallback_is_said(self) -> None:
+        config = self.write(GOOD + "  lone.test:\n    mailboxes: [zed]\n")
+        status, out, _ = self.run_cli("route", "-c", config, "postmaster@lone.test")
+        self.assertEqual(status, 0)
+        self.assertIn(
+            "  lone.test has no postmaster: postmaster@lone.test goes to the first domain's,"
+            " postmaster@example.test (SPEC section 4, RFC 5321 section 4.5.1)",
+            out.splitlines(),
+        )
+        self.assertIn("  mailbox alice@example.test: ", out)
+
+    def test_check_summary_names_the_postmaster_fallback(self) -> None:
+        config = self.write(GOOD + "  lone.test:\n    mailboxes: [zed]\n")
+        status, out, _ = self.run_cli("check", "-c", config)
+        self.assertEqual(status, 0)
+        self.assertIn(
+            "  postmaster → alice@example.test  (the first domain's: none of its own)",
+            out.splitlines(),
+        )
+        self.assertEqual(out.count("none of its own"), 1)
 
     def test_unknown_recipient_exits_1_with_the_reply(self) -> None:
         config = self.write(GOOD.replace('      "*": bob\n', ""), "no-catch-all.yaml")

@@ -31,6 +31,7 @@ from mailx.config import (
 )
 from mailx.routing import route
 from mailx.testing import SRS_SECRET, SRS_SECRET_2
+from mailx.testing.tls import certificate_pem
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -198,6 +199,17 @@ class DefaultsTests(ConfigTestCase):
         self.assertEqual(
             self.load(MINIMAL.replace("hostname: mx.example.test\n", "")).hostname,
             "mail.example.net",
+        )
+
+    def test_system_hostname_that_is_not_an_fqdn_is_a_problem(self) -> None:
+        """Not silently 'localhost': `mailxctl dns` would print MX 10 localhost."""
+        self.patch(config_module.socket, "getfqdn", lambda: "localhost")
+        self.assertProblem(
+            MINIMAL.replace("hostname: mx.example.test\n", ""),
+            1,
+            "hostname",
+            "the system's host name 'localhost' is not a fully qualified domain name: set"
+            " hostname to the name your MX record points at, e.g. mx.example.test",
         )
 
     def test_unusable_system_hostname_is_a_problem(self) -> None:
@@ -401,6 +413,16 @@ class ValueTests(ConfigTestCase):
         config = self.load(MINIMAL + "authentication:\n  dmarc: off\n")
         self.assertEqual(config.authentication.dmarc, "off")
 
+    def test_hostname_must_be_fully_qualified(self) -> None:
+        for name in ("localhost", "mx", "192.0.2.25", "mx.123"):
+            self.assertProblem(
+                MINIMAL.replace("mx.example.test", name),
+                1,
+                "hostname",
+                f"'{name}' is not a fully qualified domain name: set it to the name your MX"
+                " record points at, e.g. mx.example.test",
+            )
+
     def test_bad_hostname(self) -> None:
         self.assertProblem(
             MINIMAL.replace("mx.example.test", "mx example"), 1, "hostname", "invalid domain"
@@ -518,7 +540,10 @@ class TLSTests(ConfigTestCase):
             (self.directory / name).write_text("-----BEGIN-----\n")
 
     def test_files_resolve_against_config_directory(self) -> None:
-        self.write("cert.pem", "key.pem")
+        cert, key = certificate_pem()
+        (self.directory / "cert.pem").write_bytes(cert)
+        (self.directory / "key.pem").write_bytes(key)
+        (self.directory / "key.pem").chmod(0o600)
         tls = self.load(MINIMAL + self.TLS).tls
         self.assertEqual(
             (tls.certificate, tls.key), (self.directory / "cert.pem", self.directory / "key.pem")
@@ -781,6 +806,176 @@ class UnknownKeyTests(ConfigTestCase):
         self.assertEqual(problems[0].message, "unknown key")
 
 
+# Real mistakes in the shipped mailx.yaml: (what, the line as it was, the
+# line as the user wrote it, line blamed relative to the edited one, message).
+# PyYAML's own line is given where it differs, to show what is fixed.
+YAML_MISTAKES = [
+    (
+        "tab",
+        "  message_size: 25MiB",
+        "\tmessage_size: 25MiB",
+        0,
+        "a tab in the indentation: YAML needs spaces",
+    ),
+    (
+        "unquoted catch-all",
+        '      # "*": alice',
+        "      *: alice",
+        0,
+        "'*' starts a YAML alias; to mean a literal *, quote it: \"*\": alice",
+    ),
+    (
+        "key indented one too many (PyYAML: 4 lines below)",
+        "    mailboxes: [alice, bob]",
+        "     mailboxes: [alice, bob]",
+        0,
+        "wrong indentation (5 spaces; the line above has 2, the line below 4): the keys of"
+        " one block start in the same column, a block nested under a key further right",
+    ),
+    (
+        "key indented one too few",
+        "  recipients: 100",
+        " recipients: 100",
+        0,
+        "wrong indentation (1 space; the line above has 2, the line below 2): the keys of"
+        " one block start in the same column, a block nested under a key further right",
+    ),
+    (
+        "first entry of a block not nested (PyYAML: the line below)",
+        "      postmaster: alice",
+        "    postmaster: alice",
+        0,
+        "wrong indentation (4 spaces; the line above has 4, the line below 6): the keys of"
+        " one block start in the same column, a block nested under a key further right",
+    ),
+    (
+        "unclosed quote (PyYAML: 16 lines below)",
+        '    subaddress_delimiter: "+"',
+        '    subaddress_delimiter: "+',
+        0,
+        'the quote " opened on this line is not closed',
+    ),
+    (
+        "unclosed bracket (PyYAML: 4 lines below)",
+        '  smtp: ["tcp:2525:interface=127.0.0.1"]',
+        '  smtp: ["tcp:2525:interface=127.0.0.1"',
+        0,
+        "the [ opened on this line is not closed with ]",
+    ),
+    (
+        "missing colon (PyYAML: the line below)",
+        "  message_size: 25MiB         # advertised as SIZE and enforced.  Default: 25MiB",
+        "  message_size 25MiB",
+        0,
+        "'message_size 25MiB' has no ':' after its key (write key: value)",
+    ),
+    (
+        "colon in a plain value",
+        "hostname: mx.example.test",
+        "hostname: mx.example.test: 25",
+        0,
+        'a value containing \': \' must be quoted, e.g. key: "a: b"',
+    ),
+    (
+        "value starting with @",
+        "      team: [alice, bob]        # several targets; each mailbox gets one copy",
+        "      team: @alice",
+        0,
+        "a value cannot start with @ in YAML: quote it",
+    ),
+    (
+        "list item among keys",
+        "      team: [alice, bob]        # several targets; each mailbox gets one copy",
+        "      - alice",
+        0,
+        "a list item ('- ') where a key was expected: write key: [a, b], or put the items"
+        " under a key of their own",
+    ),
+    (
+        "block key without its colon (PyYAML: the line below)",
+        "    aliases:",
+        "    aliases",
+        0,
+        "'aliases' has no ':' after its key (write key: value)",
+    ),
+    (
+        "domain without its colon (PyYAML: 2 lines below)",
+        "  example.test:",
+        "  example.test",
+        0,
+        "'example.test' has no ':' after its key (write key: value)",
+    ),
+    (
+        "one ] too many",
+        "      team: [alice, bob]        # several targets; each mailbox gets one copy",
+        "      team: [alice, bob]]",
+        0,
+        "a ] on this line closes no [",
+    ),
+    (
+        "top-level key indented",
+        "hostname: mx.example.test",
+        " hostname: mx.example.test",
+        0,
+        "wrong indentation (1 space; the line below has 0): the keys of one block start in the"
+        " same column, a block nested under a key further right",
+    ),
+    (
+        "unclosed single quote",
+        '  smtp: ["tcp:2525:interface=127.0.0.1"]',
+        "  smtp: 'tcp:2525",
+        0,
+        "the quote ' opened on this line is not closed",
+    ),
+    (
+        "duplicate key: PyYAML would keep the last silently",
+        "  recipients: 100             # per message (RFC 5321 minimum).  Default: 100",
+        "  recipients: 100\n  recipients: 5",
+        1,
+        "limits.recipients: duplicate key (first on line {line})",
+    ),
+]
+
+
+class YAMLSyntaxTests(unittest.TestCase):
+    """Each broken file gives exactly one line, naming the line the user got wrong."""
+
+    def test_mistakes(self) -> None:
+        lines = (REPOSITORY / "mailx.yaml").read_text().split("\n")
+        for what, was, wrote, offset, message in YAML_MISTAKES:
+            matches = [i for i, line in enumerate(lines) if line.startswith(was)]
+            self.assertEqual(len(matches), 1, f"{what}: {was!r} not found once in mailx.yaml")
+            index = matches[0]
+            broken = lines[:index] + wrote.split("\n") + lines[index + 1 :]
+            error = self.assertRaises(
+                ConfigError, load_config_text, "\n".join(broken), "mailx.yaml"
+            )
+            line = index + 1 + offset
+            self.assertEqual(
+                str(error), f"mailx.yaml:{line}: {message.format(line=index + 1)}", what
+            )
+
+    def test_a_large_broken_file_is_explained_promptly(self) -> None:
+        """The indentation search is bounded (mailx.yamlerrors._SEARCH_SECONDS)."""
+        import time
+
+        lines = ["hostname: mx.example.test", "domains:", "  example.test:",
+                 "    mailboxes: [alice]", "    aliases:"]
+        lines += [f"      a{i}: alice" for i in range(3400)]
+        lines.append("     b: alice")
+        started = time.monotonic()
+        error = self.assertRaises(ConfigError, load_config_text, "\n".join(lines), "m.yaml")
+        self.assertLess(time.monotonic() - started, 15)  # unbounded, it took 40 s
+        self.assertEqual(error.problems[0].line, len(lines))
+
+    def test_error_without_a_better_explanation_keeps_pyyaml_words_and_line(self) -> None:
+        error = self.assertRaises(
+            ConfigError, load_config_text, "hostname: mx.example.test\n--- x\n: y\n", "m.yaml"
+        )
+        self.assertEqual(len(error.problems), 1)
+        self.assertTrue(error.problems[0].message, error.problems[0])
+
+
 class FileTests(ConfigTestCase):
     def test_problem_format(self) -> None:
         problem = Problem(
@@ -803,10 +998,11 @@ class FileTests(ConfigTestCase):
         )
 
     def test_yaml_syntax_error_has_its_line(self) -> None:
+        """The line of the unclosed [, not the end of the file where PyYAML noticed."""
         problems = self.problems(MINIMAL + "limits:\n  recipients: [1, 2\n")
         self.assertEqual(len(problems), 1)
-        self.assertEqual(problems[0].line, 9)
-        self.assertIn("YAML syntax error", problems[0].message)
+        self.assertEqual(problems[0].line, 8)
+        self.assertEqual(problems[0].message, "the [ opened on this line is not closed with ]")
 
     def test_duplicate_yaml_key(self) -> None:
         self.assertProblem(
@@ -921,8 +1117,8 @@ class DomainTests(ConfigTestCase):
 
     def test_domains_of_wrong_type(self) -> None:
         self.assertProblem(
-            "domains: [example.test]\n",
-            1,
+            "hostname: mx.example.test\ndomains: [example.test]\n",
+            2,
             "domains",
             "expected a mapping of domain names, got a list",
         )
@@ -1234,13 +1430,39 @@ class PostmasterTests(ConfigTestCase):
             "postmaster@example.test goes nowhere",
         )
 
-    def test_every_domain_needs_a_postmaster(self) -> None:
+    def test_first_domain_postmaster_problem_says_why(self) -> None:
         self.assertProblem(
-            MINIMAL + "  example.net:\n    mailboxes: [dave]\n",
-            7,
-            "domains.example.net",
-            "RFC 5321 section 4.5.1",
+            MINIMAL.replace("postmaster: alice", "team: alice"),
+            3,
+            "domains.example.test",
+            "RFC 5321 section 4.5.1; the first domain's postmaster also receives bare"
+            " <postmaster> and that of domains without their own",
         )
+
+    def test_another_domain_without_postmaster_is_not_a_problem(self) -> None:
+        """SPEC 4: it falls back to the first domain's postmaster."""
+        config = self.load(MINIMAL + "  example.net:\n    mailboxes: [dave]\n")
+        self.assertEqual(
+            [d.address for d in route(config, "postmaster@example.net").destinations],
+            ["alice@example.test"],
+        )
+
+    def test_alias_to_a_fallback_postmaster(self) -> None:
+        config = self.load(
+            MINIMAL + "  example.net:\n    mailboxes: [dave]\n    aliases: {abuse: postmaster}\n"
+        )
+        self.assertEqual(
+            [d.address for d in route(config, "abuse@example.net").destinations],
+            ["alice@example.test"],
+        )
+
+    def test_fallback_that_comes_back_is_a_loop(self) -> None:
+        problems = self.problems(
+            MINIMAL.replace("postmaster: alice", "postmaster: postmaster@example.net")
+            + "  example.net:\n    mailboxes: [dave]\n"
+        )
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("alias loop", problems[0].message)
 
     def test_postmaster_mailbox(self) -> None:
         self.load(MINIMAL + "  example.net:\n    mailboxes: [postmaster]\n")

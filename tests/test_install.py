@@ -5,13 +5,23 @@ The twistd plugin lives in ``twisted/plugins/`` outside the ``mailx``
 package, which setuptools drops silently with ``packages = find:`` and which
 a default editable install hides from Twisted's plugin scan (research notes
 section 7).  Each test installs a copy of this checkout into a fresh
-virtualenv (``--system-site-packages`` supplies the dependencies, so no
-network is needed) and runs twistd from an unrelated directory.
+virtualenv and runs twistd from an unrelated directory.
+
+The nested virtualenv borrows its dependencies (Twisted, setuptools, pip)
+from the interpreter running the tests, so no network is needed.  Not with
+``--system-site-packages``: from inside a virtualenv that shows the *base*
+interpreter's packages, not the running one's, and a fresh ``python3 -m venv``
+then fails with ``invalid command 'bdist_wheel'`` or no Twisted at all.  A
+``.pth`` file lists the running interpreter's site directories instead; its
+lines are plain paths, so the ``.pth`` files inside them (the outer editable
+install of mailx) are not run and cannot shadow the copy under test.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import site
 import subprocess
 import venv
 from pathlib import Path
@@ -30,6 +40,32 @@ def copy_checkout(target: Path) -> Path:
     return target
 
 
+def running_site_dirs() -> list[str]:
+    """The site directories of the interpreter running the tests, in order."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def clean_env(python: Path) -> dict[str, str]:
+    """This environment without PYTHON* variables, the venv's bin/ first.
+
+    ``trial -j`` and the README's ``PYTHONPATH=$PWD`` put a checkout on
+    ``PYTHONPATH``; inherited, it would hand the nested interpreter that
+    checkout's plugin instead of the installed one.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    return env
+
+
+def run(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(python), *args], cwd=cwd, capture_output=True, text=True, env=clean_env(python)
+    )
+
+
 class InstallTests(unittest.TestCase):
     timeout = 600
 
@@ -37,18 +73,21 @@ class InstallTests(unittest.TestCase):
         base = Path(self.mktemp()).absolute()
         base.mkdir()
         env = base / "venv"
-        venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env)
-        return base, env / "bin" / "python"
+        venv.EnvBuilder(with_pip=False).create(env)
+        python = env / "bin" / "python"
+        purelib = run(
+            python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))", cwd=base
+        ).stdout.strip()
+        Path(purelib, "outer-site.pth").write_text("\n".join(running_site_dirs()) + "\n")
+        return base, python
 
     def pip_install(self, python: Path, *args: str) -> None:
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-             "--no-index", "--quiet", *args],
-            check=True,
-            capture_output=True,
-            # pip of the outer interpreter, whose site-packages the venv sees
-            env={"PYTHONPATH": "", "PATH": f"{python.parent}:/usr/bin:/bin"},
+        result = run(
+            python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+            "--quiet", *args,
+            cwd=python.parent,
         )
+        self.assertEqual(result.returncode, 0, f"pip install failed:\n{result.stdout}{result.stderr}")
 
     def assert_twistd_finds_plugin_in(self, python: Path, root: Path, cwd: Path) -> None:
         code = (
@@ -59,18 +98,14 @@ class InstallTests(unittest.TestCase):
             "import twisted.plugins.mailx_plugin as plugin, mailx\n"
             "print(len(makers), plugin.__file__, mailx.__file__)\n"
         )
-        result = subprocess.run(
-            [str(python), "-c", code], cwd=cwd, capture_output=True, text=True, check=True
-        )
+        result = run(python, "-c", code, cwd=cwd)
+        self.assertEqual(result.returncode, 0, result.stderr)
         count, plugin_file, package_file = result.stdout.split()
         self.assertEqual(count, "1")
         self.assertTrue(plugin_file.startswith(str(root)), plugin_file)
         self.assertTrue(package_file.startswith(str(root)), package_file)
-        twistd = subprocess.run(
-            [str(python), "-c", "from twisted.scripts.twistd import run; run()", "mailx", "--help"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
+        twistd = run(
+            python, "-c", "from twisted.scripts.twistd import run; run()", "mailx", "--help", cwd=cwd
         )
         self.assertEqual(twistd.returncode, 0, twistd.stderr)
         self.assertIn("--config", twistd.stdout)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -134,8 +136,29 @@ class SignalTests(unittest.TestCase):
         self.fail("the reloaded configuration never took effect")
 
     def test_mailxctl_reload_reports_the_servers_refusal(self) -> None:
-        # A key that does not match the certificate: the file parses (mailxctl's
-        # own check passes), the server refuses it, and mailxctl must say so.
+        # A new mailbox whose Maildir the server cannot make: the file passes
+        # mailxctl's own check (which cannot know), the server refuses it, and
+        # mailxctl must say so.  (A mismatched TLS key, used here before, is
+        # now refused by mailxctl's own check: tests.test_tls.)
+        server, directory = self.start()
+        (directory / "mail" / "example.test").mkdir(parents=True, exist_ok=True)
+        (directory / "mail" / "example.test" / "carol").write_text("not a directory\n")
+        rewrite(server.config_path, {"mailboxes": ["alice", "bob", "carol"]})
+        result = subprocess.run(
+            [sys.executable, "-m", "mailx.cli", "-c", str(server.config_path), "reload"],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("refused the new configuration and keeps the old one", result.stdout)
+        self.assertIn("carol", result.stdout)
+        # And the server still serves, with the old configuration.
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+            client.ehlo("c.test")
+            client.mail("s@sender.test")
+            self.assertEqual(client.rcpt("carol@example.test")[0], 550)
+            self.assertEqual(client.rcpt("alice@example.test")[0], 250)
+
+    def test_mailxctl_reload_refuses_a_mismatched_tls_key_itself(self) -> None:
         from mailx.testing.tls import make_certificate
 
         server, directory = self.start()
@@ -149,9 +172,7 @@ class SignalTests(unittest.TestCase):
             capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
-        self.assertIn("refused the new configuration and keeps the old one", result.stdout)
-        self.assertIn(f"  tls: cannot use {cert} with {other_key}", result.stdout)
-        # And the server still serves, with the old configuration.
+        self.assertIn(f"tls.key: {other_key} does not match the certificate", result.stderr)
         with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
             self.assertEqual(client.ehlo("c.test")[0], 250)
             self.assertNotIn("starttls", client.esmtp_features)
@@ -247,7 +268,11 @@ class PrivilegeTests(unittest.TestCase):
             raise unittest.SkipTest(
                 f"the Python installation ({site}) is not readable by an unprivileged user here"
             )
-        directory = Path(self.mktemp()).absolute()
+        # Not self.mktemp(): trial makes its parent 0700, which the dropped
+        # user could not walk through.
+        directory = Path(tempfile.mkdtemp(prefix="mailx-uid-"))
+        directory.chmod(0o755)
+        self.addCleanup(shutil.rmtree, directory, True)
         for port in range(900, 1000):
             with socket.socket() as probe:
                 try:

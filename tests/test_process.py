@@ -59,6 +59,7 @@ class StartupErrorTests(unittest.TestCase):
         self.addCleanup(busy.close)
         port = busy.getsockname()[1]
         result = self.run_twistd(
+            "hostname: mx.example.test\n"
             f"listen:\n  smtp: ['tcp:{port}:interface=127.0.0.1']\n"
             "domains:\n  example.test:\n    mailboxes: [postmaster]\n"
         )

@@ -10,8 +10,11 @@ cases on its own TestCase with another ``check_case``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from twisted.internet import defer
 from twisted.trial import unittest
+from twisted.trial.reporter import TestResult
 
 from mailx.auth.spf import check_spf
 from mailx.dns import Resolver
@@ -55,9 +58,24 @@ class SuiteLoadingTests(unittest.SynchronousTestCase):
     """The translation of the suite's zone conventions."""
 
     def test_all_cases_found(self):
-        if rfc7208.find_suite() is None:
-            raise unittest.SkipTest("suite file not found")
         self.assertEqual(len(list(rfc7208.cases())), 198)
+
+    def test_suite_is_vendored_with_its_licence(self):
+        """A plain clone runs the suite: it lives in tests/data/, licence beside it."""
+        here = Path(__file__).parent / "data"
+        self.assertEqual(rfc7208.find_suite(), here / rfc7208.SUITE_NAME)
+        self.assertIn("Gathman", (here / "rfc7208-tests.LICENSE").read_text())
+
+    def test_a_missing_suite_fails_rather_than_skips(self):
+        class Runner(unittest.SynchronousTestCase):
+            pass
+
+        self.patch(rfc7208, "find_suite", lambda: None)
+        rfc7208.install_cases(Runner)
+        result = TestResult()
+        Runner("test_suite_missing").run(result)
+        self.assertFalse(result.wasSuccessful())
+        self.assertEqual(result.skips, [])
 
     def test_spf_records_are_copied_to_txt_unless_txt_is_given(self):
         zone = rfc7208.zone_data(

@@ -304,6 +304,20 @@ class PostmasterTests(RoutingTestCase):
             route(self.config, "postmaster").address, Address("postmaster", "example.test")
         )
 
+    def test_domain_without_postmaster_falls_back_to_the_first_domains(self) -> None:
+        """SPEC 4: plain.test... has one; a domain with none reaches alice, and says so."""
+        config = load_config_text(
+            CONFIG + "  lone.test:\n    mailboxes: [zed]\n", "/etc/mailx/mailx.yaml"
+        )
+        for address in ("postmaster@lone.test", "PostMaster@Lone.Test", "postmaster+x@lone.test"):
+            decision = route(config, address)
+            self.assertEqual(decision.destinations, (mailbox("example.test", "alice"),), address)
+            self.assertIn(
+                "lone.test has no postmaster: postmaster@lone.test goes to the first domain's,"
+                " postmaster@example.test (SPEC section 4, RFC 5321 section 4.5.1)",
+                decision.trace,
+            )
+
     def test_postmaster_of_second_domain_reaches_across(self) -> None:
         self.assertEqual(
             self.destinations("postmaster@example.net"), (mailbox("example.test", "alice"),)
@@ -317,6 +331,7 @@ class ForwardTests(unittest.TestCase):
         self.patch(config_module, "FORWARDING_SUPPORTED", True)
         self.config = load_config_text(
             dedent("""\
+                hostname: mx.example.test
                 domains:
                   example.test:
                     mailboxes: [alice]
@@ -566,6 +581,7 @@ class AliasGraphProperties(unittest.TestCase):
     def test_alias_delivers_once_to_each_reachable_mailbox(self, graph: tuple) -> None:
         mailboxes, aliases = graph
         document = {
+            "hostname": "mx.example.test",
             "domains": {
                 "example.test": {
                     "mailboxes": mailboxes,

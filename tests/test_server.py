@@ -106,6 +106,24 @@ class DeliveryTests(unittest.TestCase):
         self.assertEqual(len(self.server.messages("alice")), 1)
 
     @defer.inlineCallbacks
+    def test_domain_without_postmaster_starts_and_files_to_the_first_domains(self) -> None:
+        """SPEC 4: no start-up error; postmaster@lone.test reaches alice; bob still served."""
+        server = start_server(self, {"domains": {"lone.test": {"mailboxes": ["zed"]}}})
+        replies = yield in_thread(
+            dialogue,
+            server.port,
+            [b"EHLO c.test", b"MAIL FROM:<s@sender.test>", b"RCPT TO:<postmaster@lone.test>"],
+        )
+        self.assertEqual(replies[-1][0], 250)
+        yield send_mail(server.port, "s@sender.test", ["postmaster@lone.test"], message("pm"))
+        yield send_mail(server.port, "s@sender.test", ["bob@example.test"], message("bob"))
+        [stored] = server.messages("alice")
+        self.assertIn(b"Delivered-To: alice@example.test\n", stored)
+        self.assertIn(b"Subject: pm\n", stored)
+        self.assertEqual(len(server.messages("bob")), 1)
+        self.assertEqual(server.messages("postmaster", "lone.test"), [])
+
+    @defer.inlineCallbacks
     def test_null_sender_is_accepted(self) -> None:
         yield send_mail(self.server.port, "", ["alice@example.test"], message("bounce"))
         self.assertTrue(self.server.messages("alice")[0].startswith(b"Return-Path: <>\n"))

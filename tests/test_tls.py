@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import datetime
 import smtplib
 import ssl
 import subprocess
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailx.testing.server import TWISTD, LineClient, in_thread, message, start_server
@@ -154,15 +156,164 @@ class ImplicitTLSTests(unittest.TestCase):
         self.assertIn(b"with ESMTPS id", server.messages("alice")[0])
 
 
+def write_tls_config(directory: Path, cert: Path, key: Path) -> Path:
+    """A mailx.yaml whose tls: block is on lines 2-4 (certificate 3, key 4)."""
+    path = directory / "mailx.yaml"
+    path.write_text(
+        "hostname: mx.example.test\n"
+        "tls:\n"
+        f"  certificate: {cert}\n"
+        f"  key: {key}\n"
+        "listen: {smtp: ['tcp:0:interface=127.0.0.1']}\n"
+        "paths: {mail: mail, spool: spool}\n"
+        "domains:\n  example.test:\n    mailboxes: [postmaster]\n"
+    )
+    return path
+
+
+def mailxctl_check(config: Path) -> tuple[int, str, str]:
+    """``mailxctl check -c config`` in-process: (status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from mailx import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(["check", "-c", str(config)])
+    return status, out.getvalue(), err.getvalue()
+
+
+class CertificateCheckTests(unittest.TestCase):
+    """``mailxctl check`` and start-up check the tls: pair, in words (mailx.tlsfiles)."""
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp()).absolute()
+        self.directory.mkdir()
+
+    def check(self, cert: Path, key: Path) -> tuple[int, str, str, Path]:
+        config = write_tls_config(self.directory, cert, key)
+        return (*mailxctl_check(config), config)
+
+    def test_mismatched_key_is_an_error_in_words(self) -> None:
+        cert, _ = make_certificate(self.directory / "one")
+        _, other_key = make_certificate(self.directory / "two")
+        status, out, err, config = self.check(cert, other_key)
+        self.assertEqual(status, 1)
+        self.assertEqual(
+            err,
+            f"{config}:4: tls.key: {other_key} does not match the certificate; the certificate"
+            f" in {cert} was issued for another key: install the key made with this"
+            " certificate, or the certificate issued for this key\n",
+        )
+        self.assertNotIn("OK", out)
+
+    def test_key_of_a_later_certificate_in_the_chain(self) -> None:
+        leaf, _ = make_certificate(self.directory / "leaf")
+        other, other_key = make_certificate(self.directory / "other")
+        chain = self.directory / "chain.pem"
+        chain.write_bytes(leaf.read_bytes() + other.read_bytes())
+        status, _, err, _ = self.check(chain, other_key)
+        self.assertEqual(status, 1)
+        self.assertIn(
+            f"it belongs to certificate 2 of 2 in {chain}: the server's own certificate must"
+            " come first, then the chain",
+            err,
+        )
+
+    def test_swapped_files(self) -> None:
+        cert, key = make_certificate(self.directory)
+        status, _, err, _ = self.check(key, cert)
+        self.assertEqual(status, 1)
+        self.assertIn(
+            f"tls.certificate: no PEM certificate in {key} (it holds a private key: are"
+            " certificate and key swapped?)",
+            err,
+        )
+
+    def test_key_with_a_passphrase(self) -> None:
+        cert, key = make_certificate(self.directory, passphrase=b"secret")
+        status, _, err, _ = self.check(cert, key)
+        self.assertEqual(status, 1)
+        self.assertIn(f"tls.key: {key} is protected by a passphrase", err)
+
+    def test_expired_certificate_is_a_warning(self) -> None:
+        cert, key = make_certificate(self.directory, valid_for=datetime.timedelta(days=-3))
+        status, out, err, config = self.check(cert, key)
+        self.assertEqual((status, err), (0, ""))
+        [warning] = [line for line in out.splitlines() if line.startswith("warning:")]
+        self.assertTrue(warning.startswith(f"warning: {config}:3: tls.certificate: {cert}"))
+        self.assertIn("expired on", warning)
+
+    def test_certificate_about_to_expire_is_a_warning(self) -> None:
+        cert, key = make_certificate(self.directory, valid_for=datetime.timedelta(days=5, hours=1))
+        status, out, _, _ = self.check(cert, key)
+        self.assertEqual(status, 0)
+        self.assertIn("in 5 days: renew it", out)
+
+    def test_good_pair_has_no_warning(self) -> None:
+        cert, key = make_certificate(self.directory)
+        status, out, err, _ = self.check(cert, key)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual([x for x in out.splitlines() if x.startswith("warning:")], [])
+
+    def test_certificate_for_another_name_is_a_warning(self) -> None:
+        cert, key = make_certificate(self.directory, hostname="www.example.test")
+        _, out, _, _ = self.check(cert, key)
+        self.assertIn(
+            f"{cert} is for www.example.test, not for the hostname mx.example.test", out
+        )
+
+    def test_world_readable_key_is_an_error_as_for_dkim_keys(self) -> None:
+        cert, key = make_certificate(self.directory)
+        key.chmod(0o644)
+        status, _, err, config = self.check(cert, key)
+        self.assertEqual(status, 1)
+        self.assertEqual(
+            err,
+            f"{config}:4: tls.key: every user of this machine can use {key} (mode 0644):"
+            f" chmod 600 {key}\n",
+        )
+
+    def test_group_readable_key_is_fine(self) -> None:
+        """0640 with a group such as Debian's ssl-cert."""
+        cert, key = make_certificate(self.directory)
+        key.chmod(0o640)
+        status, _, err, _ = self.check(cert, key)
+        self.assertEqual((status, err), (0, ""))
+
+
+class CertificateWarningAtStartUpTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_start_up_logs_an_expiring_certificate_and_serves_starttls(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        cert, key = make_certificate(
+            Path(self.mktemp()).absolute(), valid_for=datetime.timedelta(days=3, hours=1)
+        )
+        server = start_server(self, {"tls": {"certificate": str(cert), "key": str(key)}})
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertTrue(
+            any(f"tls.certificate: {cert}" in w and "in 3 days: renew it" in w for w in warnings),
+            warnings,
+        )
+
+        def run() -> None:
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+                client.starttls(context=client_context())
+                client.sendmail("s@sender.test", ["alice@example.test"], message("soon"))
+
+        yield in_thread(run)
+        self.assertEqual(len(server.messages("alice")), 1)
+
+
 class BadCertificateTests(unittest.TestCase):
-    def test_mismatched_key_stops_start_up(self) -> None:
+    def test_mismatched_key_stops_start_up_with_the_words_of_check(self) -> None:
         directory = Path(self.mktemp()).absolute()
         cert, _ = make_certificate(directory / "one")
         _, other_key = make_certificate(directory / "two")
-        (directory / "mailx.yaml").write_text(
-            f"tls: {{certificate: {cert}, key: {other_key}}}\n"
-            "domains:\n  example.test:\n    mailboxes: [postmaster]\n"
-        )
+        config = write_tls_config(directory, cert, other_key)
         result = subprocess.run(
             [*TWISTD, "--nodaemon", "--pidfile=", "mailx"],
             cwd=directory,
@@ -171,5 +322,9 @@ class BadCertificateTests(unittest.TestCase):
             timeout=60,
         )
         self.assertEqual(result.returncode, 1)
-        self.assertIn("mailx.yaml: tls: cannot use", result.stderr)
+        _, _, check_says = mailxctl_check(config)
+        self.assertEqual(result.stderr.replace(str(config), "mailx.yaml"),
+                         check_says.replace(str(config), "mailx.yaml"))
+        self.assertIn("does not match the certificate", result.stderr)
+        self.assertNotIn("key values mismatch", result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)

@@ -230,16 +230,18 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 class ServerProcess:
     """``twistd -n mailx`` as a child process, for crash and start-up tests."""
 
-    def __init__(self, config_path: Path, port: int) -> None:
+    def __init__(self, config_path: Path, port: int, twistd_args: Sequence[str] = ()) -> None:
         self.config_path = config_path
         self.port = port
+        self.twistd_args = tuple(twistd_args)  # before "mailx": --uid, --gid
         self.log_path = config_path.parent / "twistd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [*TWISTD, "--nodaemon", "--pidfile=", "mailx", "--config", str(self.config_path)],
+            [*TWISTD, "--nodaemon", "--pidfile=", *self.twistd_args, "mailx",
+             "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.config_path.parent,
