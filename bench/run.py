@@ -1,7 +1,8 @@
-"""mailx against an aiosmtpd peer, on this machine, in one command.
+"""mailx against an aiosmtpd peer or Postfix, on this machine, in one command.
 
     python3 bench/run.py                      # every scenario, mailx and the peer, 3 repeats
     python3 bench/run.py --servers peer --repeat 1 --scenarios 1KiB-c10
+    python3 bench/run.py --servers mailx,postfix,peer   # Postfix too (bench/peer_postfix.py)
 
 For each scenario and repeat, each server in turn (the order alternates from
 one repeat to the next) is started on a fresh Maildir, driven by the load
@@ -13,8 +14,8 @@ generator, and measured:
   message counts only once it is in a Maildir. The start is when the load
   generator began its first connection (the Python client reports it; for
   smtp-source, just before it is started).
-- peak RSS: VmHWM of the server process, read before it is stopped.
-- CPU: the server's user+system time during the run, per message.
+- peak RSS: VmHWM summed over the server's process tree, read before it is stopped.
+- CPU: the server tree's user+system time during the run, per message.
 
 The table gives the median over the repeats, the range in brackets, the
 ratio of the medians (mailx / peer), and the largest peak RSS.
