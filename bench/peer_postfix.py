@@ -156,7 +156,9 @@ def main_cf(inst: Instance, mode_params: Mapping[str, str]) -> dict[str, str]:
         "inet_interfaces": "127.0.0.1",
         "inet_protocols": "ipv4",
         "mynetworks": "127.0.0.0/8",
-        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        # Only bench.test (a virtual mailbox or alias domain) is accepted, from
+        # anyone: the peer relays nothing else, loopback clients included.
+        "smtpd_relay_restrictions": "reject_unauth_destination",
         "smtpd_recipient_restrictions": "",
         # Nothing leaves 127.0.0.1: no DNS for outbound next hops, no client
         # name lookup, no ETRN flush service, no biff.
@@ -206,6 +208,13 @@ def master_cf(inst: Instance, mode_lines: list[str]) -> list[str]:
 
 def configure(inst: Instance) -> None:
     """Write main.cf and master.cf for the instance's mode, and make its queue directories."""
+    # Postfix's daemons talk over Unix sockets in the queue (public/postlog,
+    # private/proxymap, ...): unix(7) allows 108 bytes a path, and
+    # postfix(1) reports the failure only to syslog.
+    longest = inst.queue.resolve() / "private" / "proxymap"
+    if len(os.fsencode(longest)) >= 108:
+        raise RuntimeError(f"{inst.directory} is too deep for Postfix's sockets "
+                           f"({longest} is over 107 bytes); use a shorter --workdir")
     inst.directory.mkdir(parents=True, exist_ok=True)
     _traversable(inst.directory)
     inst.config.mkdir(exist_ok=True)
@@ -221,7 +230,7 @@ def configure(inst: Instance) -> None:
                            capture_output=True, text=True, timeout=120)
     if check.returncode != 0:
         log = inst.log.read_text(errors="replace") if inst.log.exists() else ""
-        raise RuntimeError(f"postfix check failed: {check.stdout}{check.stderr}{log[-2000:]}")
+        raise RuntimeError(f"postfix check failed (status {check.returncode}): {check.stdout}{check.stderr}{log[-2000:]}")
 
 
 def _traversable(directory: Path) -> None:
@@ -283,14 +292,35 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> int:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
             pass
-    try:
-        # Daemons the master could not stop; it leads its own process group.
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     if proc.poll() is None:
+        proc.kill()
         proc.wait(grace)
+    # The master passes SIGTERM on to its daemons and exits without waiting
+    # for them; it led its own process group, so what is left of it goes now.
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and group_alive(proc.pid):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            break
+        time.sleep(0.05)
     return proc.returncode
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of the group is still running (zombies awaiting their reaper do not count)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        # proc(5): field 3 state, field 5 pgrp.
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
