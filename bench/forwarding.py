@@ -2,6 +2,7 @@
 
     python3 bench/forwarding.py                     # both scenarios, 3 repeats
     python3 bench/forwarding.py --messages 500 --repeat 1 --concurrency 10
+    python3 bench/forwarding.py --kinds forward,postfix-relay   # against Postfix relaying
 
 A separate script (bench/run.py is another engineer's, and compares mailx
 with an aiosmtpd peer); it reuses run.py's machinery: the same load
@@ -17,6 +18,13 @@ generator, server start-up and CPU/RSS readings.  For each repeat:
   write, the outbound session (SRS, one connection per message, as mailx
   does not reuse connections) and the fsyncs of the envelope update and the
   queue entry's removal.
+- ``postfix-relay`` (``--kinds maildir,forward,postfix-relay``): Postfix
+  (bench/peer_postfix.py, relay mode) in mailx's place, rewriting
+  alice@bench.test to someone@sink.test (virtual_alias_maps) and relaying
+  to the same sink (``relayhost = [127.0.0.1]:port``: no DNS), measured the
+  same way over its whole process tree. Postfix does no SRS, may reuse
+  connections (its connection cache) and keeps its own default of 20
+  connections per destination.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import time
 from pathlib import Path
 from types import MappingProxyType
 
+import peer_postfix
 import run
 from run import RunError, Scenario
 
@@ -83,7 +92,9 @@ def forward_scenario(base: Scenario, dns_port: int, sink_port: int, concurrency:
     return Scenario("forward", base.size, base.concurrency, base.messages, MappingProxyType(config))
 
 
-def measure_forward(base: Scenario, messages: int, run_dir: Path, args: argparse.Namespace) -> dict:
+def measure_forward(base: Scenario, messages: int, run_dir: Path, args: argparse.Namespace,
+                    server: str = "mailx") -> dict:
+    """mailx forwarding (alias, SRS) or Postfix relaying (virtual alias) to the sink."""
     run_dir.mkdir(parents=True)
     helper = subprocess.Popen(
         [sys.executable, __file__, "--serve-sink", str(messages)],
@@ -99,7 +110,17 @@ def measure_forward(base: Scenario, messages: int, run_dir: Path, args: argparse
         dns_port, sink_port = int(ready[1]), int(ready[2])
         scenario = forward_scenario(base, dns_port, sink_port, args.concurrency)
         port = run.free_port()
-        argv = run.mailx_command(run_dir, port, scenario, args)
+        if server == "postfix":
+            # The same sink as the next hop, by address (relayhost), not by MX.
+            inst = peer_postfix.Instance(run_dir / "postfix", port, "relay",
+                                         relay=("127.0.0.1", sink_port))
+            try:
+                peer_postfix.configure(inst)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                raise RunError(f"postfix: {e}") from None
+            argv = peer_postfix.command(inst)
+        else:
+            argv = run.mailx_command(run_dir, port, scenario, args)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(run.REPO), env.get("PYTHONPATH")]))
         log = run_dir / "server.log"
@@ -125,14 +146,14 @@ def measure_forward(base: Scenario, messages: int, run_dir: Path, args: argparse
             raise RunError(f"the sink did not get {messages} messages\n{run.log_tail(log)}")
         last = float(line.split()[1])
         cpu = run.cpu_seconds(proc.pid) - cpu_before
-        peak_rss = run.proc_status(proc.pid, "VmHWM")
+        peak_rss = run.tree_peak_rss(proc.pid)
     finally:
         if proc is not None:
             run.stop(proc)
         run.stop(helper)
     elapsed = last - load.start
     return {
-        "scenario": "forward",
+        "scenario": "forward" if server == "mailx" else "postfix-relay",
         "messages": messages,
         "acknowledged": load.ok,
         "elapsed": elapsed,
@@ -152,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--mailx-command", default=run.TWISTD + " -n --pidfile= mailx")
+    parser.add_argument("--kinds", default="maildir,forward",
+                        help="comma-separated: maildir, forward (mailx), postfix-relay "
+                             "(Postfix relaying to the same sink, bench/peer_postfix.py)")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--start-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
@@ -167,16 +191,22 @@ def main(argv: list[str] | None = None) -> int:
         f"filesystem {run.filesystem_of(workdir)} ({workdir})",
         flush=True,
     )
-    results: dict[str, list[dict]] = {"maildir": [], "forward": []}
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ("maildir", "forward", "postfix-relay")]
+    if unknown or not kinds:
+        parser.error(f"unknown or missing kind: {', '.join(unknown) or 'none'}")
+    results: dict[str, list[dict]] = {kind: [] for kind in kinds}
     try:
         for rep in range(args.repeat):
-            for kind in ("maildir", "forward") if rep % 2 == 0 else ("forward", "maildir"):
+            for kind in kinds if rep % 2 == 0 else kinds[::-1]:
                 run_dir = workdir / f"{kind}-{rep + 1}"
                 try:
                     if kind == "maildir":
                         result = run.measure("mailx", base, args.messages, run_dir, args)
-                    else:
+                    elif kind == "forward":
                         result = measure_forward(base, args.messages, run_dir, args)
+                    else:
+                        result = measure_forward(base, args.messages, run_dir, args, "postfix")
                 except RunError as e:
                     print(f"{kind} #{rep + 1}: {e}", file=sys.stderr)
                     return 1
@@ -196,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print()
-    print("| scenario | msg/s median (range) | mailx CPU ms/msg | peak RSS |")
+    print("| scenario | msg/s median (range) | server CPU ms/msg | peak RSS (tree) |")
     print("|---|---|---|---|")
     for kind, runs in results.items():
         rates = [r["msgs_per_s"] for r in runs if r["msgs_per_s"]]

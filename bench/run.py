@@ -1,7 +1,8 @@
-"""mailx against an aiosmtpd peer, on this machine, in one command.
+"""mailx against an aiosmtpd peer or Postfix, on this machine, in one command.
 
     python3 bench/run.py                      # every scenario, mailx and the peer, 3 repeats
     python3 bench/run.py --servers peer --repeat 1 --scenarios 1KiB-c10
+    python3 bench/run.py --servers mailx,postfix,peer   # Postfix too (bench/peer_postfix.py)
 
 For each scenario and repeat, each server in turn (the order alternates from
 one repeat to the next) is started on a fresh Maildir, driven by the load
@@ -13,8 +14,8 @@ generator, and measured:
   message counts only once it is in a Maildir. The start is when the load
   generator began its first connection (the Python client reports it; for
   smtp-source, just before it is started).
-- peak RSS: VmHWM of the server process, read before it is stopped.
-- CPU: the server's user+system time during the run, per message.
+- peak RSS: VmHWM summed over the server's process tree, read before it is stopped.
+- CPU: the server tree's user+system time during the run, per message.
 
 The table gives the median over the repeats, the range in brackets, the
 ratio of the medians (mailx / peer), and the largest peak RSS.
@@ -44,6 +45,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import loadgen
+import peer_postfix
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -166,6 +168,23 @@ def peer_command(run_dir: Path, port: int, scenario: Scenario, args,
             "--domain", DOMAIN, "--mailbox", MAILBOX, *extra, *scenario.peer_args]
 
 
+def postfix_command(run_dir: Path, port: int, scenario: Scenario, args) -> list[str]:
+    """A private Postfix (bench/peer_postfix.py): virtual(8) into the run's Maildir.
+
+    The master runs in the foreground, so the measured process tree is all of
+    Postfix; scenario.config and peer_args are mailx's and the aiosmtpd peer's.
+    """
+    if not peer_postfix.installed():
+        raise RunError("Postfix not installed (Debian: apt-get install postfix, "
+                       "'No configuration')")
+    inst = peer_postfix.Instance(run_dir / "postfix", port, "maildir", mail=run_dir / "mail")
+    try:
+        peer_postfix.configure(inst)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        raise RunError(f"postfix: {e}") from None
+    return peer_postfix.command(inst)
+
+
 # twistd of this interpreter. ("python3 -m twisted" is the newer "twist"
 # runner: no -n, JSON logs when not on a terminal.)
 TWISTD = shlex.join([sys.executable, "-c", "from twisted.scripts.twistd import run; run()"])
@@ -176,6 +195,8 @@ SERVERS: dict[str, Callable[..., list[str]]] = {
     "peer": peer_command,
     # Not in the default set: the peer with its fsyncs in a thread pool.
     "peer-threads": lambda *a: peer_command(*a, extra=("--fsync-in-thread",)),
+    # Not in the default set: Postfix, private instance on loopback (needs root).
+    "postfix": postfix_command,
 }
 
 
@@ -224,6 +245,12 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    try:
+        # What the server left behind in its group (measure() starts it as a
+        # session leader; Postfix's master does not wait for its daemons).
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     return proc.returncode
 
 
@@ -256,8 +283,35 @@ def process_tree(pid: int) -> set[int]:
     return tree
 
 
+def tree_peak_rss(pid: int) -> int:
+    """VmHWM summed over the process tree; a member that exits meanwhile (Postfix's
+    daemons come and go) is left out."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            total += proc_status(member, "VmHWM")
+        except (OSError, RunError):
+            continue
+    return total
+
+
+def tree_pss(pid: int) -> int:
+    """Pss summed over the process tree now (proc(5): smaps_rollup): shared pages
+    (libraries, a forked parent's) counted once, split between their sharers.
+    Postfix runs dozens of small processes; the VmHWM sum counts libc in each."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f
+                              if line.startswith("Pss:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system time of the process and its children, all threads (proc(5): 14, 15)."""
+    """User + system time of the process tree, all threads, reaped children too (proc(5): 14-17)."""
     total = 0.0
     for member in process_tree(pid):
         try:
@@ -265,7 +319,9 @@ def cpu_seconds(pid: int) -> float:
                 fields = f.read().rpartition(")")[2].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        # utime, stime, and cutime, cstime: the daemons a member reaped
+        # meanwhile (Postfix's master restarts smtpd, cleanup, ... as they exit).
+        total += sum(map(int, fields[11:15])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -467,7 +523,8 @@ def measure(server: str, scenario: Scenario, messages: int, run_dir: Path, args)
         # What other processes took meanwhile: the noise in this run.
         other = other_load(snapshot_before, cpu_snapshot(process_tree(proc.pid)), cpu + load.cpu)
         # The whole tree: mailx's Maildir writer is a child process.
-        peak_rss = sum(proc_status(member, "VmHWM") for member in process_tree(proc.pid))
+        peak_rss = tree_peak_rss(proc.pid)
+        pss = tree_pss(proc.pid)
     finally:
         status = stop(proc)
     elapsed = last_file - load.start
@@ -487,6 +544,7 @@ def measure(server: str, scenario: Scenario, messages: int, run_dir: Path, args)
         "elapsed_to_last_reply": load.acked - load.start,
         "msgs_per_s": delivered / elapsed if elapsed > 0 and not problems else None,
         "peak_rss": peak_rss,
+        "pss_at_end": pss,
         "cpu_per_msg": cpu / delivered if delivered else None,
         "loadgen_cpu": load.cpu,
         "other_load": other,
@@ -669,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {scenario.name:<12} {server:<12} #{rep + 1}: "
                           + (f"{rate:7.0f} msg/s" if rate else "  FAILED   ")
                           + f"  {result['delivered']}/{messages} in {result['elapsed']:.2f} s,"
-                          f" RSS {human_bytes(result['peak_rss'])},"
+                          f" RSS {human_bytes(result['peak_rss'])}"
+                          f" (PSS {human_bytes(result['pss_at_end'])} at the end),"
                           f" CPU {cpu * 1000 if cpu else 0:.2f} ms/msg,"
                           f" load generator CPU {result['loadgen_cpu']:.1f} s,"
                           f" other load {result['other_load']:.2f} cores",
