@@ -983,3 +983,100 @@ def queue_command(context: Context) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------
+# reports (SPEC section 15; mailx.reports)
+
+
+def _reports_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths", nargs="*", metavar="PATH",
+        help="report files, messages or Maildirs (default: the reports: address's Maildir)",
+    )
+    parser.add_argument("--domain", help="only reports about this domain (even if not ours)")
+    parser.add_argument("--since", metavar="DURATION", help="only reports of the last 7d, 12h...")
+    parser.add_argument("--no-dns", action="store_true", dest="no_dns",
+                        help="do not look up the PTR names of the sources")
+
+
+def _reports_maildirs(config: Config) -> list[Path]:
+    """The Maildir(s) the ``reports:`` address is delivered to (SPEC sections 4, 15)."""
+    if not config.reports:
+        raise ValueError("no reports: address in the configuration; give report files or Maildirs")
+    try:
+        result = Router(config).route(config.reports)
+    except (RouteRefused, AddressError) as e:
+        raise ValueError(f"the reports: address {config.reports} is not ours: {e}") from None
+    maildirs = [
+        d.maildir_path(config) for d in result.destinations if isinstance(d, MailboxDestination)
+    ]
+    if not maildirs:
+        raise ValueError(
+            f"the reports: address {config.reports} is not delivered to a mailbox here;"
+            " give report files or Maildirs"
+        )
+    return maildirs
+
+
+@command(
+    "reports",
+    "summarize the DMARC aggregate and TLS reports about our domains",
+    _reports_arguments,
+)
+def reports_command(context: Context) -> int:
+    """Exit 0, or 1 when any file could not be read (each named on stderr)."""
+    import time
+
+    from mailx import reports
+    from mailx.config import parse_duration
+
+    args = context.args
+    since = None
+    if args.since:
+        try:
+            since = time.time() - parse_duration(args.since)
+        except ValueError as e:
+            print(f"mailxctl reports: --since: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    domain = None
+    if args.domain:
+        try:
+            domain = normalize_domain(args.domain)
+        except AddressError as e:
+            print(printable(f"mailxctl reports: --domain: {e}"), file=sys.stderr)
+            return EXIT_USAGE
+    # With paths given, a configuration is optional: reports can be read
+    # anywhere; then every domain counts as ours.
+    config = None
+    if not args.paths or os.path.exists(context.config_path):
+        config = context.load_config()
+    if args.paths:
+        paths = [Path(p) for p in args.paths]
+    else:
+        assert config is not None
+        try:
+            paths = _reports_maildirs(config)
+        except ValueError as e:
+            print(printable(f"mailxctl reports: {e}"), file=sys.stderr)
+            return EXIT_WRONG
+    collected = reports.read_paths(paths)
+    for path, why in collected.errors:
+        print(printable(f"mailxctl reports: {path}: {why}"), file=sys.stderr)
+    ours = list(config.domains) if config is not None else None
+    summary = reports.summarize(collected.reports, ours, domain=domain, since=since)
+    if not args.no_dns:
+        from mailx.dns import Resolver
+
+        nameservers = config.dns.nameservers if config is not None else ()
+        timeout = min(config.dns.timeout, 2.0) if config is not None else 2.0
+        addresses = [
+            s["ip"] for d in summary["domains"] if d["ours"] or domain for s in d["sources"]
+        ]
+        names = reports.lookup_ptrs(Resolver(nameservers, timeout), addresses)
+        summary = reports.summarize(
+            collected.reports, ours, domain=domain, since=since, ptr=names.get
+        )
+    summary["errors"] = [{"path": p, "error": why} for p, why in collected.errors]
+    context.emit(summary, reports.render(summary))
+    return EXIT_WRONG if collected.errors else EXIT_OK
