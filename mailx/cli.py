@@ -1071,7 +1071,7 @@ def reports_command(context: Context) -> int:
         nameservers = config.dns.nameservers if config is not None else ()
         timeout = min(config.dns.timeout, 2.0) if config is not None else 2.0
         addresses = [
-            s["ip"] for d in summary["domains"] if d["ours"] or domain for s in d["sources"]
+            s["ip"] for d in summary["domains"] if d["shown"] for s in d["sources"]
         ]
         names = reports.lookup_ptrs(Resolver(nameservers, timeout), addresses)
         summary = reports.summarize(

@@ -173,13 +173,14 @@ Report = AggregateReport | TLSReport
 # Bytes to payloads: MIME, gzip, zip, all bounded
 
 
-def gunzip(data: bytes, limit: int = MAX_DECOMPRESSED) -> bytes:
+def gunzip(data: bytes, limit: int | None = None) -> bytes:
     """``data`` decompressed, refusing past ``limit`` bytes without producing them.
 
     Streaming with ``max_length``: a 1 GiB bomb costs ``limit`` bytes of
     memory and the time to inflate them, not a gigabyte.  (``gzip.decompress``
     has no bound.)
     """
+    limit = MAX_DECOMPRESSED if limit is None else limit
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # RFC 1952 framing
     out = bytearray()
     pending = data
@@ -193,13 +194,14 @@ def gunzip(data: bytes, limit: int = MAX_DECOMPRESSED) -> bytes:
     return bytes(out)
 
 
-def unzip(data: bytes, limit: int = MAX_DECOMPRESSED) -> list[tuple[str, bytes]]:
+def unzip(data: bytes, limit: int | None = None) -> list[tuple[str, bytes]]:
     """The files of a zip, each checked by declared size and then by streaming.
 
     A zip's central directory states each entry's size, and a bomb may lie
     about it; so the declared size is refused first and the inflated bytes
     are counted as they come.
     """
+    limit = MAX_DECOMPRESSED if limit is None else limit
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError, EOFError) as e:
@@ -542,8 +544,9 @@ def _files(path: Path) -> Iterator[Path]:
                     yield entry
 
 
-def read_file(path: Path, limit: int = MAX_FILE) -> bytes:
+def read_file(path: Path, limit: int | None = None) -> bytes:
     """At most ``limit`` bytes of ``path``; a larger file is a `ReportError`, unread."""
+    limit = MAX_FILE if limit is None else limit
     with open(path, "rb") as stream:
         if os.fstat(stream.fileno()).st_size > limit:
             raise ReportError(f"larger than {limit} bytes, not read")
@@ -556,7 +559,7 @@ def read_file(path: Path, limit: int = MAX_FILE) -> bytes:
 def read_paths(paths: Iterable[Path]) -> Collected:
     """Every report in ``paths`` (files, Maildirs); the unreadable ones as errors."""
     collected = Collected()
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[tuple[str, str, str, int]] = set()
     count = 0
     for path in paths:
         if not path.exists():
@@ -581,7 +584,8 @@ def read_paths(paths: Iterable[Path]) -> Collected:
             for report in reports:
                 # A report delivered twice (a retried delivery, a copy in
                 # two folders) counts once.
-                key = (type(report).__name__, report.org_name, report.report_id)
+                key = (type(report).__name__, report.org_name, report.report_id,
+                       report.begin)
                 if report.report_id and key in seen:
                     continue
                 seen.add(key)
@@ -671,12 +675,15 @@ def summarize(
     for name in sorted(domains):
         entry = domains[name]
         entry["ours"] = ours is None or name in ours
-        _finish(entry, ptr if (entry["ours"] or wanted) else None)
+        # A domain not ours is summarized only when --domain asks for it.
+        entry["shown"] = entry["ours"] or name == wanted
+        _finish(entry, ptr if entry["shown"] else None)
         result_domains.append(entry)
     tls_entries = []
     for name in sorted(tls):
         entry = tls[name]
         entry["ours"] = ours is None or name in ours
+        entry["shown"] = entry["ours"] or name == wanted
         entry["failures"] = [
             {"result_type": t, "receiving_mx": mx, "count": n}
             for (t, mx), n in sorted(entry.pop("_failures").items(), key=lambda i: -i[1])
@@ -748,7 +755,7 @@ def _finish(entry: dict[str, Any], ptr: Callable[[str], str | None] | None) -> N
     entry["messages"] = sum(s["messages"] for s in sources)
     entry["pass"] = sum(s["pass"] for s in sources)
     entry["fail"] = sum(s["fail"] for s in sources)
-    entry["verdict"] = _verdict(entry) if entry["ours"] else "not one of our domains"
+    entry["verdict"] = _verdict(entry) if entry["shown"] else "not one of our domains"
 
 
 def _verdict(entry: dict[str, Any]) -> str:
@@ -825,9 +832,11 @@ def render(summary: dict[str, Any]) -> str:
             f"{entry['domain']}: {entry['reports']} DMARC reports from {reporters},"
             f" {_day(entry['begin'])} to {_day(entry['end'])}"
         )
-        if not entry["ours"]:
+        if not entry["shown"]:
             blocks.append(f"{head}\n  not one of our domains: left out")
             continue
+        if not entry["ours"]:
+            head += " (not one of our domains)"
         policy = " ".join(f"{k}={v}" for k, v in entry["policy"].items() if v)
         lines = [
             head,
@@ -847,7 +856,7 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(f"  verdict: {entry['verdict']}")
         blocks.append("\n".join(lines))
     for entry in summary["tls"]:
-        if not entry["ours"]:
+        if not entry["shown"]:
             blocks.append(f"{entry['domain']}: TLS reports\n  not one of our domains: left out")
             continue
         lines = [
