@@ -59,6 +59,7 @@ MAX_DECOMPRESSED = 32 * 1024 * 1024  # one attachment, uncompressed
 MAX_ZIP_ENTRIES = 8  # a report zip holds one XML file
 MAX_ATTACHMENTS = 16  # report payloads taken from one message
 MAX_RECORDS = 100_000  # rows in one aggregate report
+MAX_ELEMENTS = 1000  # XML elements in one record (or report_metadata)
 MAX_FILES = 100_000  # files read from Maildirs in one run
 _CHUNK = 64 * 1024
 
@@ -352,17 +353,13 @@ def parse_aggregate(data: bytes, source: str = "") -> AggregateReport:
     # dropping them.
     data = data.lstrip(b"\xef\xbb\xbf \t\r\n")
     try:
-        root = SafeET.fromstring(data, forbid_dtd=True)
+        root, metadata, published, records = _stream_feedback(data)
     except defusedxml.DTDForbidden:
         raise ReportError("XML with a DTD (entities, external files) is refused") from None
     except (defusedxml.EntitiesForbidden, defusedxml.ExternalReferenceForbidden):
         raise ReportError("XML with entities or external references is refused") from None
     except SafeET.ParseError as e:
         raise ReportError(f"malformed XML: {e}") from None
-    if _local(root.tag) != "feedback":
-        raise ReportError(f"XML but not a DMARC report (root element <{_local(root.tag)}>)")
-    metadata = _child(root, "report_metadata")
-    published = _child(root, "policy_published")
     if metadata is None or published is None:
         raise ReportError("DMARC report without report_metadata or policy_published")
     domain = _domain(_text(published, "domain"))
@@ -373,11 +370,6 @@ def parse_aggregate(data: bytes, source: str = "") -> AggregateReport:
         for e in published
         if _local(e.tag) != "domain" and len(e) == 0
     }
-    records = []
-    for row_count, element in enumerate(_children(root, "record")):
-        if row_count >= MAX_RECORDS:
-            raise ReportError(f"more than {MAX_RECORDS} records")
-        records.append(_record(element))
     return AggregateReport(
         org_name=_text(metadata, "org_name"),
         email=_text(metadata, "email"),
@@ -389,6 +381,49 @@ def parse_aggregate(data: bytes, source: str = "") -> AggregateReport:
         records=tuple(records),
         source=source,
     )
+
+
+def _stream_feedback(data: bytes) -> tuple[Any, Any, Any, list[Record]]:
+    """``<feedback>`` read element by element: each record becomes a `Record`
+    and is dropped from the tree, so memory holds one record at a time, and
+    a record (or the metadata) of more than `MAX_ELEMENTS` elements is
+    refused as it grows rather than after."""
+    root = metadata = published = None
+    records: list[Record] = []
+    depth = elements = 0
+    events = SafeET.iterparse(io.BytesIO(data), events=("start", "end"), forbid_dtd=True)
+    for event, element in events:
+        if event == "start":
+            depth += 1
+            elements += 1
+            if root is None:
+                root = element
+                if _local(root.tag) != "feedback":
+                    raise ReportError(
+                        f"XML but not a DMARC report (root element <{_local(root.tag)}>)"
+                    )
+            elif elements > MAX_ELEMENTS:
+                raise ReportError(f"an element of <feedback> with over {MAX_ELEMENTS} elements")
+            continue
+        depth -= 1
+        if depth != 1:
+            continue
+        elements = 1  # only the root is still held
+        name = _local(element.tag)
+        if name == "record":
+            if len(records) >= MAX_RECORDS:
+                raise ReportError(f"more than {MAX_RECORDS} records")
+            records.append(_record(element))
+            assert root is not None
+            root.remove(element)
+        elif name == "report_metadata" and metadata is None:
+            metadata = element
+        elif name == "policy_published" and published is None:
+            published = element
+        else:  # <version>, extensions, repeats: not used
+            assert root is not None
+            root.remove(element)
+    return root, metadata, published, records
 
 
 def _record(element: Any) -> Record:

@@ -577,6 +577,25 @@ class HostileReportTests(ReportsTestCase):
         self.assertRefused(bad, "row/count is not a number",
                            self.cli(bad, self.file("g.xml", google())))
 
+    def test_too_many_records(self) -> None:
+        self.patch(reports, "MAX_RECORDS", 5)
+        rows = [record(f"192.0.2.{i}", 1, dkim="pass", spf="pass") for i in range(6)]
+        bad = self.file("rows.xml", google("example.test", *rows, report_id="rows"))
+        self.assertRefused(bad, "more than 5 records", self.cli(bad, self.file("g.xml", google())))
+
+    def test_a_record_with_too_many_elements_is_refused_as_it_grows(self) -> None:
+        auth = "<dkim><domain>x.test</domain><result>fail</result></dkim>" * 400
+        row = record("192.0.2.1", 1, dkim="fail", spf="fail", auth=auth)
+        bad = self.file("wide.xml", google("example.test", row, report_id="wide"))
+        self.assertRefused(bad, "over 1000 elements", self.cli(bad, self.file("g.xml", google())))
+
+    def test_many_records_are_read_one_at_a_time(self) -> None:
+        """5,000 rows: each becomes a Record and leaves the tree."""
+        rows = "".join(record(f"198.51.{i // 250}.{i % 250}", 1, dkim="pass", spf="pass")
+                       for i in range(5_000))
+        report = reports.parse_aggregate(google("example.test", rows))
+        self.assertEqual(len(report.records), 5_000)
+
     def test_terminal_escapes_in_a_report_are_shown_escaped(self) -> None:
         # XML 1.0 forbids C0 controls even as character references; C1 and
         # bidi controls are allowed, and would reach the terminal.
