@@ -981,10 +981,6 @@ def queue_command(context: Context) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---------------------------------------------------------------------------
 # reports (SPEC section 15; mailx.reports)
 
@@ -1046,10 +1042,10 @@ def reports_command(context: Context) -> int:
         except AddressError as e:
             print(printable(f"mailxctl reports: --domain: {e}"), file=sys.stderr)
             return EXIT_USAGE
-    # With paths given, a configuration is optional: reports can be read
-    # anywhere; then every domain counts as ours.
+    # With paths given, the default configuration is optional: reports can
+    # be read anywhere; then every domain counts as ours.
     config = None
-    if not args.paths or os.path.exists(context.config_path):
+    if not args.paths or args.config or os.path.exists(context.config_path):
         config = context.load_config()
     if args.paths:
         paths = [Path(p) for p in args.paths]
@@ -1080,3 +1076,7 @@ def reports_command(context: Context) -> int:
     summary["errors"] = [{"path": p, "error": why} for p, why in collected.errors]
     context.emit(summary, reports.render(summary))
     return EXIT_WRONG if collected.errors else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -801,12 +801,12 @@ def _verdict(entry: dict[str, Any]) -> str:
     if not entry["fail"]:
         already = policy == "reject"
         return (
-            f"all {entry['messages']} messages from {len(sources)} sources pass DMARC"
+            f"all {_n(entry['messages'], 'message')} from {_n(len(sources), 'source')} pass DMARC"
             + (": p=reject already applies" if already else ": safe to move to p=reject")
         )
     failing = [s for s in sources if s["fail"]]
     lines = [
-        f"{entry['fail']} of {entry['messages']} messages fail DMARC;"
+        f"{entry['fail']} of {_n(entry['messages'], 'message')} fail DMARC;"
         + (" refused under p=reject:" if policy == "reject" else " would be refused under p=reject:")
     ]
     for source in failing:
@@ -814,7 +814,7 @@ def _verdict(entry: dict[str, Any]) -> str:
         spf = "/".join(source["spf"])
         dkim = "/".join(source["dkim"])
         lines.append(
-            f"  {source['ip']}{name} {source['fail']} messages, spf={spf} dkim={dkim}:"
+            f"  {source['ip']}{name} {_n(source['fail'], 'message')}, spf={spf} dkim={dkim}:"
             f" {source['why']}"
         )
     return "\n".join(lines)
@@ -843,6 +843,10 @@ def _add_tls(tls: dict[str, dict[str, Any]], report: TLSReport, policy: TLSPolic
         entry["_failures"][(failure.result_type, failure.receiving_mx)] += failure.count
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def _day(timestamp: int) -> str:
     try:
         return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime(
@@ -864,7 +868,7 @@ def render(summary: dict[str, Any]) -> str:
     for entry in summary["domains"]:
         reporters = ", ".join(entry["reporters"])
         head = (
-            f"{entry['domain']}: {entry['reports']} DMARC reports from {reporters},"
+            f"{entry['domain']}: {_n(entry['reports'], 'DMARC report')} from {reporters},"
             f" {_day(entry['begin'])} to {_day(entry['end'])}"
         )
         if not entry["shown"]:
@@ -876,26 +880,26 @@ def render(summary: dict[str, Any]) -> str:
         lines = [
             head,
             f"  published: {policy or 'no policy'}",
-            f"  {entry['messages']} messages from {len(entry['sources'])} sources:"
+            f"  {_n(entry['messages'], 'message')} from {_n(len(entry['sources']), 'source')}:"
             f" {entry['pass']} pass DMARC, {entry['fail']} fail",
         ]
         for s in entry["sources"]:
             name = f" ({s['ptr']})" if s["ptr"] else ""
             dmarc = "pass" if not s["fail"] else ("fail" if not s["pass"] else "partly fails")
             lines.append(
-                f"  {s['ip']}{name}: {s['messages']} messages, dmarc={dmarc},"
+                f"  {s['ip']}{name}: {_n(s['messages'], 'message')}, dmarc={dmarc},"
                 f" spf={_counts(s['spf'])} (aligned {s['spf_aligned']}),"
                 f" dkim={_counts(s['dkim'])} (aligned {s['dkim_aligned']}),"
                 f" disposition={_counts(s['disposition'])}"
             )
-        lines.append(f"  verdict: {entry['verdict']}")
+        lines.append(f"  verdict: {entry['verdict']}".replace("\n", "\n  "))
         blocks.append("\n".join(lines))
     for entry in summary["tls"]:
         if not entry["shown"]:
             blocks.append(f"{entry['domain']}: TLS reports\n  not one of our domains: left out")
             continue
         lines = [
-            f"{entry['domain']}: {entry['reports']} TLS reports from"
+            f"{entry['domain']}: {_n(entry['reports'], 'TLS report')} from"
             f" {', '.join(entry['reporters'])} ({', '.join(entry['policy_types']) or 'no policy'})",
             f"  {entry['successful']} sessions succeeded, {entry['failed']} failed",
         ]

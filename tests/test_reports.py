@@ -26,6 +26,7 @@ import contextlib
 import gzip
 import io
 import json
+import os
 import resource
 import struct
 import time
@@ -351,10 +352,10 @@ class ReceiverFormatTests(ReportsTestCase):
                               "google.com!example.test!1764547200!1764633599.zip")))
         code, out, err = self.cli()
         self.assertEqual((code, err), (0, ""))
-        self.assertIn("example.test: 1 DMARC reports from google.com", out)
+        self.assertIn("example.test: 1 DMARC report from google.com", out)
         self.assertIn("192.0.2.10: 30 messages, dmarc=pass, spf=pass (aligned 30),"
                       " dkim=pass (aligned 30), disposition=none", out)
-        self.assertIn("verdict: all 30 messages from 1 sources pass DMARC:"
+        self.assertIn("verdict: all 30 messages from 1 source pass DMARC:"
                       " safe to move to p=reject", out)
 
     def test_microsoft_gzip_with_bom_and_envelope_to(self) -> None:
@@ -427,7 +428,7 @@ class ReceiverFormatTests(ReportsTestCase):
                               "company-x.test!example.test!1764547200!1764633599!001.json.gz")))
         code, out, err = self.cli()
         self.assertEqual((code, err), (0, ""))
-        self.assertIn("example.test: 1 TLS reports from Company-X (sts)", out)
+        self.assertIn("example.test: 1 TLS report from Company-X (sts)", out)
         self.assertIn("5326 sessions succeeded, 303 failed", out)
         self.assertIn("200 starttls-not-supported at mx.example.test", out)
         self.assertIn("100 certificate-expired at mx.example.test", out)
@@ -440,10 +441,10 @@ class ForeignDomainTests(ReportsTestCase):
         path = self.file("other.xml", google("other.test", bad, report_id="other-1"))
         code, out, _ = self.cli(path, self.file("ours.xml", google()))
         self.assertEqual(code, 0)
-        self.assertIn("other.test: 1 DMARC reports from google.com", out)
+        self.assertIn("other.test: 1 DMARC report from google.com", out)
         self.assertIn("not one of our domains: left out", out)
         self.assertNotIn("203.0.113.66", out)
-        self.assertIn("all 30 messages from 1 sources pass DMARC", out)
+        self.assertIn("all 30 messages from 1 source pass DMARC", out)
 
     def test_domain_option_shows_it(self) -> None:
         bad = record("203.0.113.66", 9, dkim="fail", spf="fail", header_from="other.test")
@@ -461,7 +462,7 @@ class HostileReportTests(ReportsTestCase):
         self.assertIn(f"mailxctl reports: {path}: ", err)
         self.assertIn(reason, err)
         # The other report is still summarized.
-        self.assertIn("all 30 messages from 1 sources pass DMARC", out)
+        self.assertIn("all 30 messages from 1 source pass DMARC", out)
 
     def test_malformed_xml_is_an_error_line_and_the_rest_is_summarized(self) -> None:
         bad = self.file("bad.xml", google()[:-40])
@@ -616,10 +617,12 @@ class DefaultMaildirTests(ReportsTestCase):
         self.assertIn("no reports: address in the configuration", err.getvalue())
 
     def test_paths_without_a_configuration(self) -> None:
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "MAILX_CONFIG"})
+        self.assertFalse(os.path.exists("mailx.yaml"))
         path = self.file("g.xml", google("anything.test"))
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(["-c", str(self.directory / "absent.yaml"), "reports", "--no-dns", path])
+            code = main(["reports", "--no-dns", path])
         self.assertEqual(code, 0)
         self.assertIn("anything.test", out.getvalue())
         self.assertIn("safe to move to p=reject", out.getvalue())
