@@ -38,6 +38,8 @@ from typing import Any
 import defusedxml
 import defusedxml.ElementTree as SafeET
 
+from mailx.routing import AddressError, normalize_domain
+
 __all__ = [
     "AggregateReport",
     "Record",
@@ -343,7 +345,20 @@ def _integer(text: str, what: str) -> int:
 
 
 def _domain(text: str) -> str:
-    return text.strip().rstrip(".").lower()
+    """A reported domain as mailx keeps its own (A-labels, lower case), or as written."""
+    name = text.strip().rstrip(".")
+    try:
+        return normalize_domain(name)
+    except AddressError:
+        return name.lower()
+
+
+def _is_ours(name: str, ours: set[str] | None) -> bool:
+    """One of our domains, or a subdomain of one (whose mail its ``sp`` governs)."""
+    if ours is None:
+        return True
+    labels = name.split(".")
+    return any(".".join(labels[i:]) in ours for i in range(len(labels)))
 
 
 def parse_aggregate(data: bytes, source: str = "") -> AggregateReport:
@@ -709,7 +724,7 @@ def summarize(
     result_domains = []
     for name in sorted(domains):
         entry = domains[name]
-        entry["ours"] = ours is None or name in ours
+        entry["ours"] = _is_ours(name, ours)
         # A domain not ours is summarized only when --domain asks for it.
         entry["shown"] = entry["ours"] or name == wanted
         _finish(entry, ptr if entry["shown"] else None)
@@ -717,7 +732,7 @@ def summarize(
     tls_entries = []
     for name in sorted(tls):
         entry = tls[name]
-        entry["ours"] = ours is None or name in ours
+        entry["ours"] = _is_ours(name, ours)
         entry["shown"] = entry["ours"] or name == wanted
         entry["failures"] = [
             {"result_type": t, "receiving_mx": mx, "count": n}

@@ -423,6 +423,11 @@ class ReceiverFormatTests(ReportsTestCase):
         self.assertEqual(everything["domains"][0]["reports"], 2)
         self.assertEqual(recent["domains"][0]["reports"], 1)
 
+    def test_a_bad_since_is_a_usage_error(self) -> None:
+        code, _, err = self.cli("--since", "lately", self.file("g.xml", google()))
+        self.assertEqual(code, 2)
+        self.assertIn("is not a duration", err)
+
     def test_tls_report(self) -> None:
         self.deliver(message((gzip.compress(TLS), "application/tlsrpt+gzip",
                               "company-x.test!example.test!1764547200!1764633599!001.json.gz")))
@@ -445,6 +450,24 @@ class ForeignDomainTests(ReportsTestCase):
         self.assertIn("not one of our domains: left out", out)
         self.assertNotIn("203.0.113.66", out)
         self.assertIn("all 30 messages from 1 source pass DMARC", out)
+
+    def test_a_subdomain_of_ours_is_ours(self) -> None:
+        bad = record("203.0.113.9", 2, dkim="fail", spf="fail", header_from="news.example.test")
+        code, out, _ = self.cli(self.file("sub.xml", google("News.Example.Test.", bad)))
+        self.assertEqual(code, 0)
+        self.assertIn("news.example.test: 1 DMARC report", out)
+        self.assertIn("203.0.113.9 2 messages, spf=none dkim=none: likely forgery", out)
+
+    def test_a_unicode_domain_matches_its_a_labels(self) -> None:
+        config = write_config(self.directory / "idn", {"domains": {"bücher.test": {
+            "mailboxes": ["alice"], "aliases": {"postmaster": "alice"}}}})
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["-c", str(config), "reports", "--no-dns",
+                         self.file("idn.xml", google("bücher.test"))])
+        self.assertEqual((code, err.getvalue()), (0, ""))
+        self.assertIn("xn--bcher-kva.test: 1 DMARC report", out.getvalue())
+        self.assertIn("safe to move to p=reject", out.getvalue())
 
     def test_domain_option_shows_it(self) -> None:
         bad = record("203.0.113.66", 9, dkim="fail", spf="fail", header_from="other.test")
