@@ -42,7 +42,7 @@ from twisted.trial import unittest
 from mailx import reports
 from mailx.cli import main
 from mailx.testing.dnsserver import serve_for_test
-from mailx.testing.server import write_config
+from mailx.testing.server import send_mail, start_server, write_config
 
 BEGIN = 1764547200  # 2025-12-01 00:00 UTC
 END = BEGIN + 86399
@@ -655,6 +655,33 @@ class DefaultMaildirTests(ReportsTestCase):
         self.deliver(message((zipped("g.xml", google()), "application/zip", "g.zip")))
         code, _, err = self.cli()
         self.assertEqual((code, err), (0, ""))
+
+
+class DeliveredReportTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_report_mailed_to_the_server_is_summarized_from_its_maildir(self) -> None:
+        """The whole path: a receiver mails its report over SMTP, mailx files it,
+        and ``mailxctl reports`` with the server's own configuration finds it."""
+        server = start_server(self, {
+            "reports": "dmarc@example.test",
+            "domains": {"example.test": {"mailboxes": ["alice", "bob", "dmarc"]}},
+        })
+        report = message((zipped("g.xml", google()), "application/zip", "g.zip"))
+        refused = yield send_mail(server.port, "noreply-dmarc-support@google.test",
+                                  ["dmarc@example.test"], report.replace(b"\n", b"\r\n"))
+        self.assertEqual(refused, {})
+        config = server.config.paths.mail.parent / "mailx.yaml"
+        self.assertTrue(config.exists())
+
+        def run() -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(["-c", str(config), "reports", "--no-dns"])
+            return code, out.getvalue(), err.getvalue()
+
+        code, out, err = yield deferToThread(run)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("192.0.2.10: 30 messages, dmarc=pass", out)
 
 
 class PTRTests(ReportsTestCase):
