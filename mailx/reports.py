@@ -529,6 +529,8 @@ def parse_tls(data: bytes, source: str = "") -> TLSReport:
                     sending_ip=str(detail.get("sending-mta-ip", ""))[:64],
                 )
             )
+        if not policy.get("policy-domain"):
+            raise ReportError("TLS report with a policy without policy-domain")
         mx_hosts = policy.get("mx-host", [])
         policies.append(
             TLSPolicy(
@@ -858,6 +860,22 @@ def _add_tls(tls: dict[str, dict[str, Any]], report: TLSReport, policy: TLSPolic
         entry["_failures"][(failure.result_type, failure.receiving_mx)] += failure.count
 
 
+# RFC 8460 4.3: the result types, and what the owner can do about each.
+TLS_HINTS = {
+    "starttls-not-supported": "the MX offered no STARTTLS: is tls: configured?",
+    "certificate-host-mismatch": "the certificate does not name the MX host",
+    "certificate-expired": "renew the certificate",
+    "certificate-not-trusted": "serve the full chain from a public CA",
+    "validation-failure": "the certificate chain did not validate",
+    "sts-policy-fetch-error": "https://mta-sts.<domain>/.well-known/mta-sts.txt could not be fetched",
+    "sts-policy-invalid": "the MTA-STS policy file does not parse",
+    "sts-webpki-invalid": "the mta-sts.<domain> web server's certificate is not trusted",
+    "tlsa-invalid": "a TLSA record is malformed",
+    "dnssec-invalid": "DNSSEC validation failed for the TLSA records",
+    "dane-required": "DANE is required but no usable TLSA record was found",
+}
+
+
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
@@ -920,7 +938,10 @@ def render(summary: dict[str, Any]) -> str:
         ]
         for failure in entry["failures"]:
             mx = f" at {failure['receiving_mx']}" if failure["receiving_mx"] else ""
-            lines.append(f"  {failure['count']} {failure['result_type']}{mx}")
+            hint = TLS_HINTS.get(failure["result_type"], "").replace("<domain>", entry["domain"])
+            lines.append(
+                f"  {failure['count']} {failure['result_type']}{mx}" + (f": {hint}" if hint else "")
+            )
         if not entry["failed"]:
             lines.append("  verdict: every sender reached us over TLS")
         blocks.append("\n".join(lines))

@@ -435,8 +435,9 @@ class ReceiverFormatTests(ReportsTestCase):
         self.assertEqual((code, err), (0, ""))
         self.assertIn("example.test: 1 TLS report from Company-X (sts)", out)
         self.assertIn("5326 sessions succeeded, 303 failed", out)
-        self.assertIn("200 starttls-not-supported at mx.example.test", out)
-        self.assertIn("100 certificate-expired at mx.example.test", out)
+        self.assertIn("200 starttls-not-supported at mx.example.test: the MX offered no"
+                      " STARTTLS", out)
+        self.assertIn("100 certificate-expired at mx.example.test: renew the certificate", out)
         self.assertIn("3 validation-failure", out)
 
 
