@@ -213,8 +213,48 @@ class AuthorDomainTests(unittest.SynchronousTestCase):
             message("a@one.test, b@two.test", "c@three.test", "d@one.test")
         )
         self.assertEqual(
-            (domains, count, problem), (("one.test", "two.test", "three.test"), 3, None)
+            (domains, count, problem),
+            (("one.test", "two.test", "three.test"), 3, "3 From header fields"),
         )
+
+    def test_several_addresses_in_one_field_are_no_problem(self):
+        self.assertEqual(
+            author_domains(message("a@one.test, b@two.test")), (("one.test", "two.test"), 1, None)
+        )
+
+    def test_usable_domains_are_kept_beside_a_broken_address(self):
+        for value in (
+            "PayPal <ceo@paypal.test>, x@y",
+            "PayPal <ceo@paypal.test>, <x@[192.0.2.1]>",
+            "PayPal <ceo@paypal.test>, x@",
+            "PayPal <ceo@paypal.test>, a@b.test c@d.test",
+        ):
+            domains, _, problem = author_domains(message(value))
+            self.assertEqual(domains, ("paypal.test",), value)
+            self.assertEqual(problem, "From address without a usable domain", value)
+
+    def test_second_empty_or_addressless_from_is_a_problem(self):
+        for second in ("", "nobody"):
+            domains, count, problem = author_domains(message("ceo@paypal.test", second))
+            self.assertEqual((domains, count, problem), (("paypal.test",), 2, "2 From header fields"))
+
+    def test_obsolete_space_before_the_colon_is_a_from(self):
+        # RFC 5322 4.5.8 obs-optional; mail clients read it as From.
+        m = b"X-Note : hi\r\nFrom : ceo@paypal.test\r\n\r\nbody\r\n"
+        self.assertEqual(author_domains(m), (("paypal.test",), 1, None))
+
+    def test_oversized_from_is_not_parsed(self):
+        value = "ceo@paypal.test " + '"' * 60_000
+        domains, _, problem = author_domains(message(value))
+        self.assertEqual((domains, problem), ((), "From header field over 4096 octets"))
+
+    def test_problem_text_is_ours(self):
+        _, _, problem = author_domains(message('"; dkim=pass; dmarc=pass" <x@[1.2.3.4]>'))
+        self.assertNotIn("dkim", problem)
+
+    def test_idna2008_not_idna2003(self):
+        # IDNA2003 maps ß to "ss" (fass.de); IDNA2008 keeps it (xn--fa-hia.de).
+        self.assertEqual(author_domains(message("ceo@faß.de"))[0], ("xn--fa-hia.de",))
 
     def test_no_from(self):
         self.assertEqual(
@@ -423,12 +463,14 @@ class EvaluateTests(unittest.TestCase):
         yield self.assertDMARC("pass", "a@half.test", spf("pass", "half.test"), rng=Sequence())
 
     # From header fields
-    def test_no_from_is_permerror(self):
+    def test_no_from_fails_with_quarantine(self):
         d = self.resolver.call(
             evaluate_dmarc, self.resolver, b"To: x@y.test\r\n\r\n", spf("pass", "example.test"), []
         )
         return d.addCallback(
-            lambda r: self.assertEqual((r.result, r.from_domain), ("permerror", None))
+            lambda r: self.assertEqual(
+                (r.result, r.from_domain, r.disposition), ("fail", None, "quarantine")
+            )
         )
 
     @defer.inlineCallbacks
@@ -445,14 +487,36 @@ class EvaluateTests(unittest.TestCase):
         r = yield self.assertDMARC("fail", "a@quarantine.test, b@example.test")
         self.assertEqual((r.from_domain, r.disposition), ("example.test", "reject"))
 
-    def test_several_from_fields_all_passing(self):
-        return self.assertDMARC(
-            "pass",
+    @defer.inlineCallbacks
+    def test_several_from_fields_fail_even_when_each_passes(self):
+        """RFC 7489 6.6.1: a From field added above a signed one keeps the DKIM pass."""
+        r = yield self.assertDMARC(
+            "fail",
             ("a@example.test", "b@none.test"),
             None,
             [dkim("pass", "example.test"), dkim("pass", "none.test")],
-            rng=Sequence(),
         )
+        self.assertEqual((r.from_domain, r.disposition), ("example.test", "reject"))
+
+    @defer.inlineCallbacks
+    def test_broken_from_under_policy_none_is_quarantined(self):
+        r = yield self.assertDMARC("fail", "a@none.test, x@y", spf("pass", "none.test"))
+        self.assertEqual((r.from_domain, r.disposition), ("none.test", "quarantine"))
+
+    @defer.inlineCallbacks
+    def test_broken_from_cannot_escape_a_reject_policy(self):
+        for value in ("a@example.test, x@y", "a@example.test, <x@[192.0.2.1]>", "a@example.test, x@"):
+            r = yield self.assertDMARC("fail", value)
+            self.assertEqual((r.from_domain, r.disposition), ("example.test", "reject"), value)
+        r = yield self.assertDMARC("fail", ("a@example.test", ""))
+        self.assertEqual(r.disposition, "reject")
+
+    @defer.inlineCallbacks
+    def test_unicode_author_is_looked_up_in_idna2008(self):
+        self.server.set("_dmarc.xn--fa-hia.de", "TXT", ["v=DMARC1; p=reject"])
+        self.server.set("_dmarc.fass.de", "TXT", ["v=DMARC1; p=none"])
+        r = yield self.assertDMARC("fail", "ceo@faß.de")
+        self.assertEqual((r.from_domain, r.disposition), ("xn--fa-hia.de", "reject"))
 
     # temporary DNS failures
     @defer.inlineCallbacks

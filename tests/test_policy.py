@@ -55,8 +55,11 @@ class DecideTests(unittest.SynchronousTestCase):
         self.assertEqual(decide(dmarc("temperror"), "enforce").action, ACCEPT)
 
     def test_enforce_other_results_accept(self):
-        for result in ("pass", "none", "permerror"):
+        for result in ("pass", "none"):
             self.assertEqual(decide(dmarc(result), "enforce").action, ACCEPT, result)
+
+    def test_enforce_permerror_is_junk_not_inbox(self):
+        self.assertEqual(decide(dmarc("permerror"), "enforce").action, JUNK)
 
     def test_monitor_always_accepts(self):
         for verdict in (

@@ -8,14 +8,18 @@ notes, section 8).  The record parser and alignment are pure functions;
 
 Decisions the RFC leaves open, taken here:
 
-- No From header field, or none with a usable domain: ``permerror``.  No
-  author domain means no policy to look up, so nothing can be enforced.
-- Several From fields, or several addresses in one (RFC 7489 6.6.1): every
+- An author that cannot be determined (RFC 7489 6.6.1: no From field,
+  several From fields, an address without a usable domain, a field past
+  the parser's bounds) fails DMARC: every usable domain it names is
+  evaluated as failing under its own policy, the strictest wins, and the
+  disposition is at least quarantine.  Passing is not enough: a second
+  From field above a signed one keeps the DKIM pass while the reader sees
+  the forged one; and a forger must not escape a policy by making the
+  author undeterminable (a permerror was accepted into the inbox).
+- Several addresses in one From field (legal, RFC 5322 3.6.2): every
   author domain is checked and the worst outcome decides, a failure with
-  the strictest policy first.  A forger gains nothing from adding a From
-  (each domain must pass on its own), and honest multi-author mail whose
-  domains all pass is delivered.  Refusing the RFC 5322 violation outright
-  would be policy no domain owner published.
+  the strictest policy first; all must pass.  A DKIM signature covers the
+  whole field, so no address can be added to a signed one.
 - A temporary DNS failure is ``temperror`` only where it matters: the
   record lookup itself, or an SPF/DKIM temperror on an identifier that
   would align.  ``decided_by_temperror`` says whether the outcome could
@@ -24,7 +28,6 @@ Decisions the RFC leaves open, taken here:
 
 from __future__ import annotations
 
-import email.policy
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -33,9 +36,11 @@ from functools import lru_cache
 
 from publicsuffixlist import PublicSuffixList
 
+from mailx import headers
 from mailx.auth.dkim import DKIMResult
 from mailx.auth.spf import SPFResult
 from mailx.dns import DNSTemporaryError, DNSVoidError, NXDomainError, Resolver
+from mailx.routing import AddressError, normalize_domain
 
 __all__ = [
     "DMARCRecord",
@@ -171,48 +176,59 @@ def aligned(identifier: str, author: str, mode: str, psl: PublicSuffixList | Non
     return mode != "s" and organizational_domain(a, psl) == organizational_domain(b, psl)
 
 
+# Bounds on what a stranger's From fields cost us (docs/security.md).  Past
+# them the author cannot be determined (RFC 7489 6.6.1) and DMARC fails.
+MAX_FROM_FIELD = 4096  # octets of one From field value; real ones are < 200
+MAX_FROM_FIELDS = 5  # From fields read; more than one is already a failure
+MAX_AUTHOR_DOMAINS = 10  # distinct domains whose policy is looked up
+
+
 def author_domains(message: bytes) -> tuple[tuple[str, ...], int, str | None]:
     """The RFC5322.From domains, the number of From fields, and any problem.
 
-    Only the header section of ``message`` is read.  Domains are A-labels,
-    lower case, each once, in order.
+    Only the header section of ``message`` is read.  Domains are A-labels
+    (IDNA2008, `mailx.routing.normalize_domain`, as everywhere in mailx),
+    lower case, each once, in order; every usable one is returned even when
+    there is a problem, so that each named domain's policy still applies.
+    A problem (no From, several, an address without a usable domain, a
+    field past the bounds) means the author cannot be determined.  Its text
+    is ours: no sender text goes into it (it reaches Authentication-Results).
     """
-    header = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
-    values: list[str] = []
-    current: list[bytes] | None = None
-    for line in re.split(rb"\r?\n", header):
-        if line[:1] in (b" ", b"\t"):
-            if current is not None:
-                current.append(line)
-            continue
-        if current is not None:
-            values.append(b"".join(current).decode("utf-8", "replace"))
-            current = None
-        name, colon, value = line.partition(b":")
-        if colon and name.strip().lower() == b"from":
-            current = [value]
-    if current is not None:
-        values.append(b"".join(current).decode("utf-8", "replace"))
-    if not values:
+    fields = headers.fields_named(headers.split_fields(headers.header_section(message)), b"from")
+    if not fields:
         return (), 0, "no From header field"
+    problem = f"{len(fields)} From header fields" if len(fields) > 1 else None
     domains: list[str] = []
-    for value in values:
-        try:
-            addresses = email.policy.default.header_factory("From", value).addresses
-        except Exception:  # noqa: BLE001 - the stdlib parser on hostile input
-            return (), len(values), "From header field cannot be parsed"
-        if not addresses:
-            return (), len(values), "From header field without an address"
-        for address in addresses:
-            try:
-                domain = address.domain.strip().rstrip(".").encode("idna").decode("ascii").lower()
-            except UnicodeError:
-                domain = ""
-            if not domain or "." not in domain or domain.startswith("["):
-                return (), len(values), f"From address {address.addr_spec!r} has no usable domain"
-            if domain not in domains:
+    for raw in fields[:MAX_FROM_FIELDS]:
+        value = headers.field_value(raw)
+        if len(value) > MAX_FROM_FIELD:
+            problem = problem or f"From header field over {MAX_FROM_FIELD} octets"
+            continue
+        found = headers.mailbox_domains(value.decode("utf-8", "replace"))
+        if not found:
+            problem = problem or "From header field without an address"
+        for text in found:
+            domain = _author_domain(text)
+            if domain is None:
+                problem = problem or "From address without a usable domain"
+            elif domain not in domains:
+                if len(domains) == MAX_AUTHOR_DOMAINS:
+                    problem = problem or f"more than {MAX_AUTHOR_DOMAINS} author domains"
+                    break
                 domains.append(domain)
-    return tuple(domains), len(values), None
+    return tuple(domains), len(fields), problem
+
+
+def _author_domain(text: str | None) -> str | None:
+    """A From address's domain as an A-label, None when it is not a domain name
+    with a dot (a single label is no registered domain: no policy to find)."""
+    if not text:
+        return None
+    try:
+        domain = normalize_domain(text.strip().rstrip("."))
+    except AddressError:
+        return None
+    return domain if "." in domain else None
 
 
 @dataclass(frozen=True)
@@ -284,14 +300,21 @@ def evaluate_dmarc(
     """
     psl = psl or default_psl()
     domains, count, problem = author_domains(message)
-    if problem:
-        return DMARCResult("permerror", None, problem)
-    results = [_evaluate(resolver, d, spf, dkim or (), psl, rng) for d in domains]
+    broken = problem is not None
+    results = [_evaluate(resolver, d, spf, dkim or (), psl, rng, broken) for d in domains]
+    if not results:
+        # RFC 7489 6.6.1: no author to check; never a pass, never ignored.
+        return DMARCResult("fail", None, problem or "", disposition="quarantine")
     worst = min(results, key=_severity)
     note = f" ({count} From fields)" if count > 1 else ""
     if len(domains) > 1:
         note += f" ({len(domains)} author domains, the worst decides)"
-    return replace(worst, reason=worst.reason + note, author_domains=domains)
+    reason = worst.reason + note
+    if broken:
+        reason = f"{problem}: the author cannot be determined (RFC 7489 6.6.1); {reason}"
+        if worst.result == "fail" and worst.disposition == "none":
+            worst = replace(worst, disposition="quarantine")
+    return replace(worst, reason=reason, author_domains=domains)
 
 
 def _severity(r: DMARCResult) -> tuple[int, int]:
@@ -314,7 +337,12 @@ def _evaluate(
     dkim: Sequence[DKIMResult],
     psl: PublicSuffixList,
     rng: Callable[[], float],
+    broken: bool = False,
 ) -> DMARCResult:
+    """One author domain; ``broken``: the From fields are (RFC 7489 6.6.1), so the
+    message fails whatever aligns (a second From field above a signed one
+    keeps the DKIM pass: a replayed signature must not carry a forged
+    author), under this domain's policy, and no less than quarantine."""
     org = organizational_domain(domain, psl)
     base = DMARCResult("none", domain, "", org_domain=org)
     spf_domain = spf.domain if spf is not None and spf.passed else None
@@ -338,8 +366,11 @@ def _evaluate(
             reason=f"DMARC record lookup failed: {e}",
             spf_aligned=s,
             dkim_aligned=d,
-            decided_by_temperror=not (s or d),
+            decided_by_temperror=broken or not (s or d),
         )
+    if broken:
+        # Without a usable policy still a failure (at least quarantine, by the caller).
+        base = replace(base, result="fail")
     if not records:
         return replace(base, reason=f"no DMARC record for {domain}")
     if len(records) > 1:
@@ -361,7 +392,7 @@ def _evaluate(
     # Identifier alignment, RFC 7489 3.1 and 6.6.2.
     s, d = aligned_pass(record.aspf, record.adkim)
     base = replace(base, spf_aligned=s, dkim_aligned=d)
-    if s or d:
+    if (s or d) and not broken:
         how = " and ".join(n for n, ok in (("SPF", s), ("DKIM", d)) if ok)
         return replace(base, result="pass", reason=f"{how} aligned with {domain}")
 
@@ -377,7 +408,7 @@ def _evaluate(
         for r in dkim
     ):
         pending.append("DKIM")
-    if pending:
+    if pending and not broken:
         return replace(
             base,
             result="temperror",
@@ -391,7 +422,10 @@ def _evaluate(
         sampled = rng() * 100 < record.pct
         if not sampled:
             disposition = _LOWER[disposition]
-    reason = f"no aligned SPF or DKIM pass for {domain}; policy {policy}"
+    if broken:
+        reason = f"{domain} is named as an author; policy {policy}"
+    else:
+        reason = f"no aligned SPF or DKIM pass for {domain}; policy {policy}"
     if not sampled:
         reason += f", outside pct={record.pct} sample: {disposition}"
     return replace(base, result="fail", disposition=disposition, reason=reason)

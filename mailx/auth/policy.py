@@ -38,7 +38,7 @@ def decide(dmarc: DMARCResult | None, mode: str) -> Decision:
     policy after the pct sample, RFC 7489 6.6.4) is reject, filed as junk
     when quarantine (RFC 7489 6.3 p=); a temperror that could end in either
     defers with 451 so the sender retries, rather than letting the
-    message through or refusing it for good.  ``monitor`` and ``off``
+    message through or refusing it for good; a permerror is junk.  ``monitor`` and ``off``
     always accept: monitor records the verdict, off skips DMARC.
     """
     if mode not in MODES:
@@ -51,8 +51,14 @@ def decide(dmarc: DMARCResult | None, mode: str) -> Decision:
         if dmarc.disposition == "reject":
             return Decision(REJECT, replies.DMARC_REJECT, f"{dmarc.from_domain} policy reject")
         if dmarc.disposition == "quarantine":
-            return Decision(JUNK, None, f"{dmarc.from_domain} policy quarantine")
+            author = dmarc.from_domain or "an undeterminable author"
+            return Decision(JUNK, None, f"{author} policy quarantine")
         return Decision(ACCEPT, None, f"{dmarc.from_domain} policy none")
     if dmarc.result == "temperror" and dmarc.decided_by_temperror:
         return Decision(TEMPFAIL, replies.DNS_TEMPFAIL, dmarc.reason)
+    if dmarc.result == "permerror":
+        # `evaluate_dmarc` reports an undeterminable author as fail; should a
+        # permerror come back all the same, it must not reach the inbox as
+        # if it had passed (a forger would aim for it).
+        return Decision(JUNK, None, f"dmarc=permerror: {dmarc.reason}")
     return Decision(ACCEPT, None, f"dmarc={dmarc.result}")

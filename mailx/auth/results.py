@@ -37,10 +37,23 @@ __all__ = [
 FIELD = "Authentication-Results"
 WIDTH = 78  # RFC 5322 2.1.1: lines SHOULD be no more than 78 characters
 HEADER_B_MIN = 8  # RFC 6008 4: at least 8 characters of b=, more if not unique
-# A reverse-path safe to show whole: dot-atom or printable quoted local part.
-_ADDRESS = re.compile(
-    r'(?:[A-Za-z0-9!#$%&\'*+/=?^_`{|}~.-]+|"(?:[ !#-\[\]-~]|\\[ -~])*")@[A-Za-z0-9.-]+'
-)
+# A reverse-path safe to show whole: a dot-atom local part.  A quoted one
+# (RFC 5321 allows "; dkim=pass; dmarc=pass"@evil.test) is left out for the
+# domain alone (RFC 8601 2.7.2): parsers that split at ";" would read it.
+_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9.-]+")
+# RFC 8601 2.7.2 smtp.helo, and the names in our comments: LDH and dots only.
+_NAME = re.compile(r"[A-Za-z0-9.-]+")
+# Our words for each SPF result (RFC 7208 2.6); the sender's text never
+# enters a comment (the reason names the whole MAIL FROM address).
+_SPF_COMMENT = {
+    "pass": "{ip} is permitted to send for {domain}",
+    "fail": "{ip} is not permitted to send for {domain}",
+    "softfail": "{ip} is not permitted to send for {domain}",
+    "neutral": "{domain} neither permits nor denies {ip}",
+    "none": "no SPF record for {domain}",
+    "temperror": "temporary DNS error",
+    "permerror": "permanent error in the SPF policy of {domain}",
+}
 
 
 def _printable(text: str) -> str:
@@ -48,18 +61,29 @@ def _printable(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
-def _comment(text: str) -> str:
-    """An RFC 5322 comment body: parentheses and backslashes escaped."""
-    return re.sub(r"([()\\])", r"\\\1", _printable(text))
-
-
 def _value(text: str) -> str:
-    """A property value authres may quote; no quote or backslash inside."""
-    return re.sub(r'["\\\s;()]', "_", _printable(text)) or "_"
+    """A property value from sender text: letters, digits and ``.@_+-`` only, so
+    no quote, ";" or "=" (nothing a reader could take for another result)."""
+    return re.sub(r"[^A-Za-z0-9.@_+-]", "_", text) or "_"
 
 
 def _reason(text: str) -> str:
-    return _printable(text).replace("\\", "/").replace('"', "'")
+    """A reason= value: our sentence, maybe quoting a library's error text.  No ";"
+    or "=" either, though quoted: a naive reader splitting the field at ";"
+    or matching "dmarc=pass" must not find results in it."""
+    text = _printable(text).replace("\\", "/").replace('"', "'")
+    return text.replace(";", ",").replace("=", ":")
+
+
+def _spf_comment(spf: SPFResult) -> str | None:
+    """The comment on spf=: generated from the result, the client address and the
+    checked domain (when it is a plain domain name), nothing the sender wrote."""
+    template = _SPF_COMMENT.get(spf.result)
+    if template is None:
+        return None
+    domain = spf.domain if spf.domain and _NAME.fullmatch(spf.domain) else "the sender"
+    ip = spf.client_ip if re.fullmatch(r"[0-9A-Fa-f.:]+", spf.client_ip or "") else "client"
+    return template.format(ip=ip, domain=domain)
 
 
 def header_b(signature_b: str, others: Sequence[str]) -> str:
@@ -74,10 +98,11 @@ def header_b(signature_b: str, others: Sequence[str]) -> str:
 
 
 def _spf(spf: SPFResult) -> authres.SPFAuthenticationResult:
-    comment = _comment(spf.reason) if spf.reason else None
+    comment = _spf_comment(spf)
     if spf.identity == "helo":
+        helo = spf.helo if spf.helo and _NAME.fullmatch(spf.helo) else _value(spf.helo or "")
         return authres.SPFAuthenticationResult(
-            result=spf.result, result_comment=comment, smtp_helo=_value(spf.helo or "")
+            result=spf.result, result_comment=comment, smtp_helo=helo
         )
     # RFC 8601 2.7.2: the domain alone will do when the address would not.
     sender = spf.sender if _ADDRESS.fullmatch(spf.sender) else _value(spf.domain)
@@ -94,9 +119,11 @@ def _dkim(results: Sequence[DKIMResult]) -> list[authres.DKIMAuthenticationResul
     for r in results:
         properties = []
         if r.b:
-            properties.append(
-                authres.AuthenticationResultProperty("header", "b", header_b(r.b, all_b))
-            )
+            # RFC 6008: base64 of the sender's b=; its "=" padding never matters
+            # in a prefix, and without it no "x=y" can be spelled here.
+            b = re.sub(r"[^A-Za-z0-9+/]", "", header_b(r.b, all_b))
+            if b:
+                properties.append(authres.AuthenticationResultProperty("header", "b", b))
         out.append(
             authres.DKIMAuthenticationResult(
                 result=r.result,

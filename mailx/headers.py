@@ -1,0 +1,258 @@
+# -*- test-case-name: tests.test_headers -*-
+"""Header-field syntax (RFC 5322 2.2, 3.6.8, 4.5), one place for all of mailx.
+
+Every module that recognises a field name, finds the end of a header section
+or splits one into fields uses these functions, so that what we strip, count
+or check is what a mail client (Dovecot, Thunderbird) will read: a forged
+``Authentication-Results : ...`` with a space before the colon is
+obsolete-syntax RFC 5322 that they accept, so we must too.
+
+Everything here is linear in its input (lists of pieces joined once, never
+``bytes +=`` in a loop) and standard library only: it runs on the reactor
+thread over a stranger's bytes.  Input is bytes with CRLF or LF line ends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+__all__ = [
+    "HeaderPool",
+    "end_of_header",
+    "field_name",
+    "field_value",
+    "fields_named",
+    "has_field",
+    "header_section",
+    "is_field_start",
+    "mailbox_domains",
+    "split_fields",
+    "unfold",
+]
+
+# RFC 5322 3.6.8: ftext is %d33-57 / %d59-126; 4.5.8 (obs-optional) allows
+# WSP between the name and the colon, which mail clients strip.
+_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_WSP = (b" ", b"\t")
+
+
+def field_name(line: bytes) -> bytes | None:
+    """The lower-cased name of the field starting ``line``, None if it starts none."""
+    m = _FIELD_NAME.match(line)
+    return m.group(1).lower() if m else None
+
+
+def is_field_start(line: bytes) -> bool:
+    """Does ``line`` begin a header field (``Name:`` or obsolete ``Name :``)?"""
+    return _FIELD_NAME.match(line) is not None
+
+
+def field_value(field: bytes) -> bytes:
+    """What follows the colon of a field (folding kept); b"" when it is no field."""
+    m = _FIELD_NAME.match(field)
+    return field[m.end() :] if m else b""
+
+
+def unfold(value: bytes) -> bytes:
+    """RFC 5322 2.2.3: remove each CRLF (or LF) that is followed by WSP; drop the final one."""
+    return re.sub(rb"\r?\n(?=[ \t])", b"", value).rstrip(b"\r\n")
+
+
+def end_of_header(data: bytes | bytearray, start: int = 0) -> int:
+    """Offset of the empty line that ends the header section, searching from ``start``;
+    -1 if it has not arrived.  A section that is empty (data starting with the
+    empty line) ends at 0.  CRLF line ends (what the SMTP layer hands over)."""
+    if start == 0 and data[:2] == b"\r\n":
+        return 0
+    at = data.find(b"\r\n\r\n", max(start - 3, 0))
+    return at + 2 if at >= 0 else -1
+
+
+def header_section(message: bytes) -> bytes:
+    """The header section of a whole message (CRLF or LF), its last line end kept."""
+    if message[:1] == b"\n" or message[:2] == b"\r\n":
+        return b""
+    m = re.search(rb"\n\r?\n", message)
+    return message[: m.start() + 1] if m else message
+
+
+def split_fields(header: bytes) -> list[bytes]:
+    """Header fields with their continuation lines, line ends kept (RFC 5322 2.2.3).
+
+    ``b"".join(split_fields(h)) == h``.  Linear: each field's lines are
+    joined once (appending bytes to bytes per line was quadratic).  A
+    continuation line before any field stands alone, as does any line that
+    is no field (it is kept, not interpreted).
+    """
+    fields: list[bytes] = []
+    current: list[bytes] = []
+    for line in header.splitlines(keepends=True):
+        if line[:1] in _WSP and current:
+            current.append(line)
+            continue
+        if current:
+            fields.append(current[0] if len(current) == 1 else b"".join(current))
+        current = [line]
+    if current:
+        fields.append(current[0] if len(current) == 1 else b"".join(current))
+    return fields
+
+
+def fields_named(fields: Iterable[bytes], name: bytes) -> list[bytes]:
+    """The fields called ``name`` (lower case), in order."""
+    return [f for f in fields if field_name(f) == name]
+
+
+def has_field(header: bytes, name: bytes) -> bool:
+    """Whether the header section has a field called ``name`` (lower case); linear."""
+    pattern = rb"(?:\A|\n)" + re.escape(name) + rb"[ \t]*:"
+    return re.search(pattern, header, re.IGNORECASE) is not None
+
+
+_SPECIALS = "<>,;:@"
+
+
+def _tokens(value: str) -> list[tuple[str, str]]:
+    """RFC 5322 3.2 lexical tokens of an address list, comments and folding dropped:
+    ("q", quoted-string), ("l", domain-literal), ("a", atom or dot), (special, "").
+
+    One pass, nesting counted rather than recursed: the stdlib's parsers are
+    super-linear (``email.headerregistry`` took 0.5 s on 4 KB of quotes) and
+    ``email.utils.getaddresses`` recurses into comments until RecursionError.
+    Unterminated quotes, comments and literals run to the end of the value.
+    """
+    out: list[tuple[str, str]] = []
+    i, n = 0, len(value)
+    atom: list[str] = []
+
+    def flush() -> None:
+        if atom:
+            out.append(("a", "".join(atom)))
+            atom.clear()
+
+    while i < n:
+        c = value[i]
+        if c in " \t\r\n":
+            flush()
+            i += 1
+        elif c == "(":
+            flush()
+            depth = 0
+            while i < n:
+                c = value[i]
+                if c == "\\":
+                    i += 1
+                elif c == "(":
+                    depth += 1
+                elif c == ")":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                i += 1
+            i += 1
+        elif c == '"' or c == "[":
+            flush()
+            close, kind = ('"', "q") if c == '"' else ("]", "l")
+            j, text = i + 1, []
+            while j < n and value[j] != close:
+                if value[j] == "\\" and j + 1 < n:
+                    j += 1
+                text.append(value[j])
+                j += 1
+            out.append((kind, "".join(text)))
+            i = j + 1
+        elif c in _SPECIALS:
+            flush()
+            out.append((c, ""))
+            i += 1
+        else:
+            atom.append(c)  # atext, ".", and bytes no RFC allows: kept, never parsed
+            i += 1
+    flush()
+    return out
+
+
+def mailbox_domains(value: str) -> list[str | None]:
+    """The domain of each mailbox in an address-list field value (RFC 5322 3.4),
+    as written; None for a mailbox without a usable one (no "@", a domain
+    literal, nothing after the "@").  Group names and route prefixes
+    (obs-route, 4.4) are skipped; empty list elements (obs-mbox-list) too.
+    """
+    domains: list[str | None] = []
+    current: list[tuple[str, str]] = []
+    angle: list[tuple[str, str]] | None = None
+    in_angle = False
+
+    def finish() -> None:
+        nonlocal angle
+        addr = angle if angle is not None else current
+        if addr or angle is not None:
+            domains.append(_domain_of(addr))
+        current.clear()
+        angle = None
+
+    for kind, text in _tokens(value):
+        if in_angle:
+            if kind == ">":
+                in_angle = False
+            elif kind == ":":
+                angle = []  # obs-route "@a,@b:" before the addr-spec
+            else:
+                angle.append((kind, text))  # type: ignore[union-attr]
+            continue
+        if kind == "<":
+            in_angle, angle = True, []
+        elif kind in (",", ";"):
+            finish()
+        elif kind == ":":
+            current.clear()  # a group's display name
+        elif angle is None:
+            current.append((kind, text))
+    if in_angle or current or angle is not None:
+        finish()
+    return domains
+
+
+def _domain_of(addr: list[tuple[str, str]]) -> str | None:
+    at = [i for i, (kind, _) in enumerate(addr) if kind == "@"]
+    if len(at) != 1 or at[0] == 0:
+        return None  # no "@", no local part, or two addresses run together
+    rest = [text for kind, text in addr[at[0] + 1 :] if kind == "a"]
+    if not rest or len(rest) != len(addr) - at[0] - 1:
+        return None  # empty, a domain literal, or a quoted string: no domain to look up
+    for before, after in zip(rest, rest[1:], strict=False):
+        if not (before.endswith(".") or after.startswith(".")):
+            return None  # "a@b.example c": words after the domain
+    return "".join(rest)
+
+
+class HeaderPool:
+    """Bytes of header sections held in memory, server-wide (docs/security.md).
+
+    Each session may hold ``reserved`` octets of header section without asking
+    (real header sections are a few KiB; at 1000 connections 64 KiB each is
+    64 MiB); beyond that it draws on one shared pool of ``shared`` octets, so a
+    thousand clients sending 1 MiB headers cannot hold 1 GiB.  A session
+    refused more must refuse the message temporarily.
+    """
+
+    def __init__(self, reserved: int = 64 * 1024, shared: int = 64 * 1024 * 1024) -> None:
+        self.reserved = reserved
+        self.shared = shared
+        self.in_use = 0  # shared octets currently drawn
+
+    def grow(self, held: int, wanted: int) -> bool:
+        """A session holding ``held`` octets wants ``wanted`` in all: True if allowed
+        (the shared part is then counted), False if the pool is exhausted."""
+        extra = max(wanted, self.reserved) - max(held, self.reserved)
+        if extra <= 0:
+            return True
+        if self.in_use + extra > self.shared:
+            return False
+        self.in_use += extra
+        return True
+
+    def release(self, held: int) -> None:
+        """A session holding ``held`` octets lets them go."""
+        self.in_use -= max(held - self.reserved, 0)
