@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.mail.smtp import IMessage
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from mailx import maildir, replies
+from mailx import headers, maildir, replies
 from mailx.replies import SMTPReplyError
 from mailx.routing import ForwardDestination, MailboxDestination, Route, quote_local, route
 from mailx.spool import SpoolBuffer
@@ -38,9 +39,11 @@ log = Logger(namespace="mailx.delivery")
 # Postfix's header_size_limit is 102400; ours is ten times that, and a header
 # section past it refuses the message (it cannot be checked or filtered).
 MAX_HEADER_SECTION = 1024 * 1024
+# A header section up to this size is split and checked on the reactor thread
+# (well under a millisecond); a larger one in a worker thread.
+INLINE_HEADER = 64 * 1024
 # Postfix's hopcount_limit; RFC 5321 6.3 suggests counting Received fields.
 MAX_RECEIVED = 50
-_FIELD_START = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 # A quoted local part may hold spaces (RFC 5321 4.1.2), never a line break.
 _UNSAFE_ADDRESS = re.compile(r"[^\x20-\x7e]")
@@ -75,6 +78,8 @@ class DeliveryContext:
     writer: Any = None  # mailx.writer.WriterClient: files mailbox-only messages
     outbound: Any = None  # mailx.outbound.Outbound: forwarding queue and SRS
     names: Any = None  # mailx.ptr.NameLookups: the client's name at connect (checks.reverse_dns)
+    # Header sections held in memory by every session together (docs/security.md).
+    header_pool: headers.HeaderPool = field(default_factory=headers.HeaderPool)
     incoming: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -201,40 +206,71 @@ class IncomingMessage:
         self.queue_id = queue_id
         self.sender = sender
         self.routes = list(routes)
-        self.header = b""
+        self.header = b""  # the header section, once its end has arrived
         self._in_header = True
+        self._head = bytearray()  # the header section so far
+        self._pool = delivery.context.header_pool
+        self._held = 0  # octets of self._head counted in the pool
         self.body = SpoolBuffer(delivery.context.incoming, queue_id)
         self._checks: defer.Deferred | None = None
 
     # --- receiving ---------------------------------------------------------
 
     def dataReceived(self, chunk: bytes) -> None:
-        """Whole CRLF lines, already dot-unstuffed and normalised."""
+        """Whole CRLF lines, already dot-unstuffed and normalised.
+
+        Linear in the header size: chunks are appended to one bytearray and
+        only the new bytes (plus 3 of overlap) are searched for the empty
+        line; the bytes held count against the server-wide header pool.
+        """
         if not self._in_header:
             self.body.write(chunk)
             return
-        header = self.header + chunk
-        if not header.startswith(b"\r\n") and not _FIELD_START.match(header[:1000]) and header:
-            # No header section at all (RFC 5322 3.5 makes it optional in practice).
-            self.header, self._in_header = b"", False
-            self.body.write(b"\r\n" + header)
+        head = self._head
+        if not chunk:
             return
-        end = 0 if header.startswith(b"\r\n") else header.find(b"\r\n\r\n")
-        if end >= 0:
-            cut = end + 2 if end else 0
-            self.header, self._in_header = header[:cut], False
-            self.body.write(header[cut:])
-        elif len(header) > MAX_HEADER_SECTION:
+        if not head:
+            if chunk.startswith(b"\r\n"):
+                self._end_header(b"", chunk)
+                return
+            if not headers.is_field_start(chunk):
+                # No header section at all (RFC 5322 3.5 makes it optional in practice).
+                self._end_header(b"", b"\r\n" + chunk)
+                return
+        searched = len(head)
+        head += chunk
+        end = headers.end_of_header(head, searched)
+        size = end if end >= 0 else len(head)
+        if size > MAX_HEADER_SECTION:
             # Passing it on unparsed would keep forged Authentication-Results
             # and a From that DMARC never saw; no real message comes close.
             raise SMTPReplyError(replies.HEADER_TOO_BIG)
-        else:
-            self.header = header
+        if not self._pool.grow(self._held, size):
+            raise SMTPReplyError(replies.HEADER_MEMORY)
+        self._held = max(self._held, size)
+        if end >= 0:
+            view = memoryview(head)
+            header, rest = bytes(view[:end]), bytes(view[end:])
+            view.release()
+            self._end_header(header, rest)
+
+    def _end_header(self, header: bytes, rest: bytes) -> None:
+        self.header, self._in_header = header, False
+        self._head = bytearray()
+        if rest:
+            self.body.write(rest)
+
+    def _release(self) -> None:
+        """Give back what this message drew from the header pool (once)."""
+        self._pool.release(self._held)
+        self._held = 0
+        self.header = b""
 
     def lineReceived(self, line: bytes) -> None:
         self.dataReceived(line + b"\r\n")
 
     def connectionLost(self) -> None:
+        self._release()
         self.body.discard()
 
     def abandon(self) -> None:
@@ -251,6 +287,8 @@ class IncomingMessage:
 
     @defer.inlineCallbacks
     def eomReceived(self) -> Iterator[defer.Deferred]:
+        if self._in_header:  # a message that is all header section
+            self._end_header(bytes(self._head), b"")
         ctx = self.delivery.context
         config = ctx.config
         try:
@@ -263,8 +301,15 @@ class IncomingMessage:
                     error=str(self.body.error),
                 )
                 raise SMTPReplyError(replies.LOCAL_ERROR)
-            fields = split_header(self.header)
-            fields = [f for f in fields if not _is_forged_results(f, config.hostname)]
+            if len(self.header) > INLINE_HEADER:
+                # Linear, but a megabyte of fields is still milliseconds of
+                # CPU that every other session would wait for.
+                fields = yield deferToThreadPool(
+                    ctx.reactor, ctx.reactor.getThreadPool(), _incoming_fields,
+                    self.header, config.hostname,
+                )
+            else:
+                fields = _incoming_fields(self.header, config.hostname)
             self.routes = self._without_loops(fields)
             verdict = None
             if ctx.authenticator is not None:
@@ -349,6 +394,7 @@ class IncomingMessage:
             log.failure("{qid}: delivery failed", qid=self.queue_id)
             raise SMTPReplyError(replies.LOCAL_ERROR) from None
         finally:
+            self._release()
             self.body.discard()
 
     def _without_loops(self, fields: list[bytes]) -> list[Route]:
@@ -361,14 +407,15 @@ class IncomingMessage:
         alike.  Only the copies that loop are dropped (that address has the
         message already); the message is refused when all of them do.
         """
-        received = sum(1 for f in fields if f[:9].lower() == b"received:")
+        names = [headers.field_name(f) for f in fields]
+        received = names.count(b"received")
         if received > MAX_RECEIVED:
             reason = f"{received} Received header fields"
         else:
             seen = {
-                f[13:].strip().strip(b"<>").decode("utf-8", "replace").lower()
-                for f in fields
-                if f[:13].lower() == b"delivered-to:"
+                headers.field_value(f).strip().strip(b"<>").decode("utf-8", "replace").lower()
+                for f, name in zip(fields, names, strict=True)
+                if name == b"delivered-to"
             }
             if not seen:
                 return self.routes
@@ -434,7 +481,7 @@ class IncomingMessage:
         """The header section for the checks, and the body's chunks when a DKIM
         signature needs them (read by the DKIM worker thread, never all in memory)."""
         header = b"".join(fields) + b"\r\n"
-        if not any(f[:15].lower() == b"dkim-signature:" for f in fields):
+        if not any(headers.field_name(f) == b"dkim-signature" for f in fields):
             return header, None
         return header, lambda: _after_blank_line(self.body.chunks())
 
@@ -486,25 +533,22 @@ def _quoted_path(sender: str) -> str:
 
 def split_header(header: bytes) -> list[bytes]:
     """Header fields with their continuation lines, CRLF kept (RFC 5322 2.2.3)."""
-    fields: list[bytes] = []
-    for line in header.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        else:
-            fields.append(line)
-    return fields
+    return headers.split_fields(header)
+
+
+def _incoming_fields(header: bytes, hostname: str) -> list[bytes]:
+    """The fields of an arriving header section, minus forged Authentication-Results."""
+    return [f for f in headers.split_fields(header) if not _is_forged_results(f, hostname)]
 
 
 def _is_forged_results(field: bytes, hostname: str) -> bool:
-    """An incoming Authentication-Results claiming to be ours (RFC 8601 5)."""
-    if field[:23].lower() != b"authentication-results:":
+    """An incoming Authentication-Results claiming to be ours (RFC 8601 5); the name
+    as mail clients read it, "Authentication-Results :" included (RFC 5322 4.5.8)."""
+    if headers.field_name(field) != b"authentication-results":
         return False
-    try:
-        from mailx.auth.results import is_forged_results
-    except ImportError:  # pragma: no cover - until the auth package lands
-        value = field[23:].decode("utf-8", "replace")
-        return value.split(";", 1)[0].strip().lower() == hostname.lower()
-    return is_forged_results(field[23:].decode("utf-8", "replace"), hostname)
+    from mailx.auth.results import is_forged_results
+
+    return is_forged_results(headers.field_value(field).decode("utf-8", "replace"), hostname)
 
 
 def _unique_mailboxes(routes: Sequence[Route]) -> list[tuple[MailboxDestination, str]]:

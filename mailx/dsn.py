@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Sequence
 from email.utils import formatdate
 
+from mailx import headers
 from mailx.queue import Envelope, Recipient
 from mailx.routing import quote_path
 
@@ -74,21 +75,15 @@ def _ascii(text: str) -> str:
 def _field_value(header: bytes, name: bytes) -> bytes | None:
     """The unfolded value of the first ``name`` field (lower-case name), or None.
 
-    A single pass over the lines, joined once: linear in the header's size
-    (repeated ``+=`` of continuation lines, or a regular expression with
-    ``.*`` over the field, are quadratic on a hostile header).
+    The name as mail clients read it, ``Content-Type :`` too (RFC 5322
+    4.5.8), by `mailx.headers`: linear in the header's size (repeated
+    ``+=`` of continuation lines, or a regular expression with ``.*`` over
+    the field, are quadratic on a hostile header).
     """
-    parts: list[bytes] | None = None
-    prefix = name + b":"
-    for line in header.split(b"\r\n"):
-        if parts is not None:
-            if line[:1] in (b" ", b"\t"):
-                parts.append(line)
-                continue
-            break
-        if line[: len(prefix)].lower() == prefix:
-            parts = [line[len(prefix) :]]
-    return None if parts is None else b" ".join(parts)
+    for field in headers.split_fields(header):
+        if headers.field_name(field) == name:
+            return headers.unfold(headers.field_value(field))
+    return None
 
 
 def is_report(header: bytes) -> bool:

@@ -94,6 +94,8 @@ SRS_FORGED = Reply(550, "5.7.1", "Invalid SRS address")
 # Messages
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section too large")
+# RFC 3463 4.3.1: mail system full; every session's headers together hit the bound.
+HEADER_MEMORY = Reply(452, "4.3.1", "Insufficient system resources, try again later")
 DATA_LINE_TOO_LONG = Reply(500, "5.5.6", "Line too long in message data, message refused")
 BARE_LINEFEED = Reply(554, "5.6.11", "Bare CR or LF in message data is not allowed")
 MESSAGE_ACCEPTED = Reply(250, "2.0.0", "OK queued as {queue_id}")

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mailx import replies
+from mailx import headers, replies
 from mailx.auth.dkim import DKIMResult, verify_dkim
 from mailx.auth.dmarc import DMARCResult, default_psl, evaluate_dmarc
 from mailx.auth.policy import Decision, decide
@@ -229,9 +229,9 @@ class Verdict:
 
 
 def _signed(message: bytes) -> bool:
-    """Whether the header section has a DKIM-Signature field."""
-    header = message.split(b"\r\n\r\n", 1)[0].lower()
-    return header.startswith(b"dkim-signature:") or b"\r\ndkim-signature:" in header
+    """Whether the header section has a DKIM-Signature field (``DKIM-Signature :``
+    too, RFC 5322 4.5.8: the field is named as the DKIM verifier reads it)."""
+    return headers.has_field(headers.header_section(message), b"dkim-signature")
 
 
 # How long an SPF result is reused for the same client, HELO and sender, and

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import authres
 import authres.dmarc
 
+from mailx import headers
 from mailx.auth.dkim import DKIMResult
 from mailx.auth.dmarc import DMARCResult
 from mailx.auth.spf import SPFResult
@@ -286,32 +287,14 @@ def strip_forged_results(message: bytes, authserv_id: str) -> bytes:
 
     Only the header section is touched; line endings are kept as found.
     """
-    match = re.search(rb"\r?\n(\r?\n)", message)
-    end = match.start(1) if match else len(message)
-    header, rest = message[:end], message[end:]
-    lines = re.split(rb"(?<=\n)", header)
-    kept: list[bytes] = []
-    field: list[bytes] = []
-
-    def flush() -> None:
-        raw = b"".join(field)
-        name, colon, value = raw.partition(b":")
+    header = headers.header_section(message)
+    rest = message[len(header) :]
+    kept = [
+        f
+        for f in headers.split_fields(header)
         if not (
-            colon
-            and name.strip().lower() == FIELD.lower().encode()
-            and is_forged_results(value, authserv_id)
-        ):
-            kept.append(raw)
-
-    for line in lines:
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t") and field:
-            field.append(line)
-            continue
-        if field:
-            flush()
-        field = [line]
-    if field:
-        flush()
+            headers.field_name(f) == b"authentication-results"
+            and is_forged_results(headers.field_value(f), authserv_id)
+        )
+    ]
     return b"".join(kept) + rest
