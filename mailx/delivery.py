@@ -304,20 +304,20 @@ class IncomingMessage:
             if len(self.header) > INLINE_HEADER:
                 # Linear, but a megabyte of fields is still milliseconds of
                 # CPU that every other session would wait for.
-                fields = yield deferToThreadPool(
+                fields, names = yield deferToThreadPool(
                     ctx.reactor, ctx.reactor.getThreadPool(), _incoming_fields,
                     self.header, config.hostname,
                 )
             else:
-                fields = _incoming_fields(self.header, config.hostname)
-            self.routes = self._without_loops(fields)
+                fields, names = _incoming_fields(self.header, config.hostname)
+            self.routes = self._without_loops(fields, names)
             verdict = None
             if ctx.authenticator is not None:
                 self._checks = ctx.authenticator.check(
                     self.delivery.session.client_ip,
                     self.delivery.session.helo,
                     self.sender,
-                    *self._message_for_checks(fields),
+                    *self._message_for_checks(fields, names),
                     queue_id=self.queue_id,
                 )
                 try:
@@ -397,7 +397,7 @@ class IncomingMessage:
             self._release()
             self.body.discard()
 
-    def _without_loops(self, fields: list[bytes]) -> list[Route]:
+    def _without_loops(self, fields: list[bytes], names: list[bytes | None]) -> list[Route]:
         """The routes minus what already went through us; 554 5.4.6 if nothing is left.
 
         RFC 5321 6.3: more than MAX_RECEIVED Received fields is a loop.  A
@@ -407,16 +407,19 @@ class IncomingMessage:
         alike.  Only the copies that loop are dropped (that address has the
         message already); the message is refused when all of them do.
         """
-        names = [headers.field_name(f) for f in fields]
         received = names.count(b"received")
         if received > MAX_RECEIVED:
             reason = f"{received} Received header fields"
         else:
-            seen = {
-                headers.field_value(f).strip().strip(b"<>").decode("utf-8", "replace").lower()
-                for f, name in zip(fields, names, strict=True)
-                if name == b"delivered-to"
-            }
+            seen = (
+                {
+                    headers.field_value(f).strip().strip(b"<>").decode("utf-8", "replace").lower()
+                    for f, name in zip(fields, names, strict=True)
+                    if name == b"delivered-to"
+                }
+                if b"delivered-to" in names
+                else set()
+            )
             if not seen:
                 return self.routes
             kept, dropped = [], []
@@ -477,11 +480,13 @@ class IncomingMessage:
             dmarc=dmarc.result if dmarc is not None else None,
         )
 
-    def _message_for_checks(self, fields: list[bytes]) -> tuple[bytes, Any]:
+    def _message_for_checks(
+        self, fields: list[bytes], names: list[bytes | None]
+    ) -> tuple[bytes, Any]:
         """The header section for the checks, and the body's chunks when a DKIM
         signature needs them (read by the DKIM worker thread, never all in memory)."""
         header = b"".join(fields) + b"\r\n"
-        if not any(headers.field_name(f) == b"dkim-signature" for f in fields):
+        if b"dkim-signature" not in names:
             return header, None
         return header, lambda: _after_blank_line(self.body.chunks())
 
@@ -536,9 +541,17 @@ def split_header(header: bytes) -> list[bytes]:
     return headers.split_fields(header)
 
 
-def _incoming_fields(header: bytes, hostname: str) -> list[bytes]:
-    """The fields of an arriving header section, minus forged Authentication-Results."""
-    return [f for f in headers.split_fields(header) if not _is_forged_results(f, hostname)]
+def _incoming_fields(header: bytes, hostname: str) -> tuple[list[bytes], list[bytes | None]]:
+    """The fields of an arriving header section, minus forged Authentication-Results,
+    and their lower-case names (None for a line that is no field)."""
+    fields, names = [], []
+    for f in headers.split_fields(header):
+        name = headers.field_name(f)
+        if name == b"authentication-results" and _is_forged_results(f, hostname):
+            continue
+        fields.append(f)
+        names.append(name)
+    return fields, names
 
 
 def _is_forged_results(field: bytes, hostname: str) -> bool:

@@ -234,6 +234,9 @@ def _signed(message: bytes) -> bool:
     return headers.has_field(headers.header_section(message), b"dkim-signature")
 
 
+# The largest message (a header section, for unsigned mail) checked on the
+# reactor thread when every DNS answer is cached.
+INLINE_CHECKS = 64 * 1024
 # How long an SPF result is reused for the same client, HELO and sender, and
 # how many are kept; see Authenticator._spf.
 SPF_MEMORY = 60.0
@@ -355,8 +358,13 @@ class Authenticator:
         if not _signed(message):
             # With every answer cached (a sender's second message, and most
             # of every message's lookups), the checks take a fraction of a
-            # millisecond: run them here, no thread, no network, no slot.
+            # millisecond: run them here, no thread, no network, no slot.  Not
+            # for a large header section: reading its From fields is linear and
+            # bounded, but milliseconds every other session would wait for.
             try:
+                if len(message) > INLINE_CHECKS:
+                    raise NotCached
+
                 return defer.succeed(
                     self.resolver.from_cache(self.check_sync, client_ip, helo, mail_from, message)
                 )

@@ -194,13 +194,14 @@ def author_domains(message: bytes) -> tuple[tuple[str, ...], int, str | None]:
     field past the bounds) means the author cannot be determined.  Its text
     is ours: no sender text goes into it (it reaches Authentication-Results).
     """
-    fields = headers.fields_named(headers.split_fields(headers.header_section(message)), b"from")
-    if not fields:
+    fields, count = headers.field_values(
+        headers.header_section(message), b"from", limit=MAX_FROM_FIELDS
+    )
+    if not count:
         return (), 0, "no From header field"
-    problem = f"{len(fields)} From header fields" if len(fields) > 1 else None
+    problem = f"{count} From header fields" if count > 1 else None
     domains: list[str] = []
-    for raw in fields[:MAX_FROM_FIELDS]:
-        value = headers.field_value(raw)
+    for value in fields:
         if len(value) > MAX_FROM_FIELD:
             problem = problem or f"From header field over {MAX_FROM_FIELD} octets"
             continue
@@ -216,7 +217,7 @@ def author_domains(message: bytes) -> tuple[tuple[str, ...], int, str | None]:
                     problem = problem or f"more than {MAX_AUTHOR_DOMAINS} author domains"
                     break
                 domains.append(domain)
-    return tuple(domains), len(fields), problem
+    return tuple(domains), count, problem
 
 
 def _author_domain(text: str | None) -> str | None:
