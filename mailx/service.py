@@ -25,6 +25,7 @@ from mailx.config import Config, ConfigError, load_config
 from mailx.delivery import DeliveryContext, SessionDelivery
 from mailx.dns import Resolver
 from mailx.dnsbl import Blocklists
+from mailx.headers import HeaderPool
 from mailx.outbound import Outbound
 from mailx.ptr import NameLookups
 from mailx.queue import Queue
@@ -148,6 +149,8 @@ class MailxService(service.MultiService):
         # server from starving the disk writers.
         self.dns_pool = ThreadPool(minthreads=0, maxthreads=DNS_THREADS, name="mailx-dns")
         self._public_suffixes: Any = None
+        # Header sections in memory, all sessions together; kept across reloads.
+        self.header_pool = HeaderPool()
         self.context = self._context_for(config)
         self.factory = MailxSMTPFactory(
             config, self._delivery_for, tls_context=tls_context(config)
@@ -193,6 +196,7 @@ class MailxService(service.MultiService):
             committer=self.committer,
             writer=self.writer,
             names=NameLookups(resolver, self.reactor) if config.checks.reverse_dns else None,
+            header_pool=self.header_pool,
         )
 
     def _outbound_for(self, config: Config, resolver: Resolver) -> Outbound:

@@ -207,6 +207,63 @@ def capture_log(testcase: Any) -> list[str]:
     return lines
 
 
+def bystander_seconds(port: int, proxy_from: str | None = None) -> float:
+    """How long another client waits for the banner and a NOOP (blocking): the
+    oracle that a hostile session is not stalling the server."""
+    start = time.monotonic()
+    client = LineClient(port, proxy_from=proxy_from)
+    try:
+        client.reply()
+        code, _ = client.command(b"NOOP")
+        if code != 250:
+            raise AssertionError(f"NOOP answered {code}")
+    finally:
+        client.close()
+    return time.monotonic() - start
+
+
+def hostile_message(
+    port: int,
+    content: bytes,
+    *,
+    mail_from: str = "someone@sender.test",
+    rcpt: str = "alice@example.test",
+    proxy_from: str | None = None,
+    chunk: int | None = None,
+) -> tuple[tuple[int, bytes], float]:
+    """Send ``content`` as one message (blocking), in writes of ``chunk`` octets if
+    given; until its reply comes, bystanders come one after another and are
+    timed.  Returns the reply to the final dot and the longest bystander wait."""
+    client = LineClient(port, proxy_from=proxy_from)
+    try:
+        client.reply()
+        for line in (b"EHLO hostile.test", f"MAIL FROM:<{mail_from}>".encode(),
+                     f"RCPT TO:<{rcpt}>".encode(), b"DATA"):
+            client.command(line)
+        data = content.rstrip(b"\r\n") + b"\r\n.\r\n"
+        if chunk is None:
+            client.send(data)
+        else:
+            client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for at in range(0, len(data), chunk):
+                client.send(data[at : at + chunk])
+        import threading
+
+        answer: list[Any] = []
+        reader = threading.Thread(target=lambda: answer.append(client.reply()), daemon=True)
+        reader.start()
+        other = "198.51.100.200" if proxy_from else None
+        waits = [bystander_seconds(port, other)]
+        while reader.is_alive():
+            waits.append(bystander_seconds(port, other))
+        reader.join()
+        if not answer:
+            raise ConnectionError("no reply to the message")
+        return answer[0], max(waits)
+    finally:
+        client.close()
+
+
 def in_thread(func: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
     return deferToThread(func, *args, **kwargs)
 
