@@ -27,9 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import email.parser
-import email.policy
-import email.utils
 import os
 import time
 from pathlib import Path
@@ -42,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import HASH_ALGORITHMS, parse_pem_private_key
 
+from mailx import headers
 from mailx.routing import AddressError, normalize_domain
 from mailx.text import Logger
 
@@ -312,14 +310,14 @@ def sign(
 
 def _from_domain(message: bytes) -> str | None:
     """The domain of the one From address, or None if there is not exactly one."""
-    head = message.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    fields = parsed.get_all("From") or []
-    addresses = email.utils.getaddresses([str(f) for f in fields])
-    if len(addresses) != 1 or "@" not in addresses[0][1]:
+    values, count = headers.field_values(headers.header_section(message), b"from", limit=1)
+    if count != 1:
+        return None
+    domains = headers.mailbox_domains(values[0].decode("utf-8", "replace"))
+    if len(domains) != 1 or domains[0] is None:
         return None
     try:
-        return normalize_domain(addresses[0][1].rpartition("@")[2])
+        return normalize_domain(domains[0])
     except AddressError:
         return None
 

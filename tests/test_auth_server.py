@@ -12,6 +12,8 @@ import base64
 import re
 from typing import Any
 
+import authres
+import authres.dmarc
 import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -20,7 +22,7 @@ from twisted.trial import unittest
 
 from mailx.testing import rfc7208
 from mailx.testing.dnsserver import serve_for_test, start_dns_server
-from mailx.testing.server import dialogue, in_thread, start_server
+from mailx.testing.server import dialogue, hostile_message, in_thread, start_server
 
 AUTHSERV = "mx.example.test"
 
@@ -259,3 +261,117 @@ class NoDNSTests(unittest.TestCase):
         )
         self.assertIn(replies[5][0], (250, 451))
         self.assertNotEqual(replies[5][0] // 100, 5)
+
+
+class HostileFromTests(unittest.TestCase):
+    """From fields made to hide the author from DMARC, or to stall the parser.
+
+    paypal.test publishes p=reject; the forger sends from its own address,
+    whose SPF passes but does not align with paypal.test.
+    """
+
+    FORGER_IP = "203.0.113.66"
+
+    def setUp(self) -> None:
+        self.dns = serve_for_test(
+            self,
+            {
+                "paypal.test": {"TXT": ["v=spf1 -all"]},
+                "_dmarc.paypal.test": {"TXT": ["v=DMARC1; p=reject"]},
+                "evil.test": {"TXT": ["v=spf1 ip4:203.0.113.0/24 -all"]},
+                # IDNA2008 keeps the sharp s; IDNA2003 (Python's codec) made it fass.de.
+                "_dmarc.xn--fa-hia.de": {"TXT": ["v=DMARC1; p=reject"]},
+                "_dmarc.fass.de": {"TXT": ["v=DMARC1; p=none"]},
+                "xn--fa-hia.de": {"TXT": ["v=spf1 -all"]},
+            },
+        )
+        self.server = start_server(self, auth_config(self.dns.port))
+
+    def send(self, header: bytes, mail_from: str = "x@evil.test") -> defer.Deferred:
+        body = header + b"To: alice@example.test\r\nSubject: urgent\r\n\r\nPay now.\r\n"
+        d = in_thread(
+            dialogue, self.server.port, transaction("evil.test", mail_from, body), self.FORGER_IP
+        )
+        return d.addCallback(lambda replies: replies[5])
+
+    @defer.inlineCallbacks
+    def assertRefused(self, header: bytes) -> Any:
+        reply = yield self.send(header)
+        self.assertEqual(
+            reply, (550, b"5.7.1 Rejected by DMARC policy of the sender's domain"), header
+        )
+        self.assertEqual(self.server.all_messages(), [])
+
+    def test_single_forged_from_is_refused(self) -> Any:
+        return self.assertRefused(b"From: PayPal <ceo@paypal.test>\r\n")
+
+    @defer.inlineCallbacks
+    def test_a_second_broken_from_cannot_turn_reject_into_inbox(self) -> Any:
+        # Each was dmarc=permerror and filed into the inbox.
+        for extra in (
+            b"From:\r\n",
+            b"From: nobody\r\n",
+            b"From: PayPal <ceo@paypal.test>\r\n",
+        ):
+            yield self.assertRefused(b"From: PayPal <ceo@paypal.test>\r\n" + extra)
+
+    @defer.inlineCallbacks
+    def test_a_broken_address_beside_the_author_cannot_turn_reject_into_inbox(self) -> Any:
+        for extra in (b", x@y", b", <x@[192.0.2.1]>", b", x@"):
+            yield self.assertRefused(b"From: PayPal <ceo@paypal.test>" + extra + b"\r\n")
+
+    def test_space_before_the_colon_of_the_first_field_cannot_hide_the_from(self) -> Any:
+        return self.assertRefused(b"X-Note : hi\r\nFrom: PayPal <ceo@paypal.test>\r\n")
+
+    def test_obsolete_from_name_is_the_author(self) -> Any:
+        return self.assertRefused(b"From : PayPal <ceo@paypal.test>\r\n")
+
+    def test_unicode_author_domain_is_looked_up_as_idna2008(self) -> Any:
+        return self.assertRefused("From: CEO <ceo@faß.de>\r\n".encode())
+
+    @defer.inlineCallbacks
+    def test_no_from_at_all_goes_to_junk(self) -> Any:
+        reply = yield self.send(b"")
+        self.assertEqual(reply[0], 250)
+        self.assertEqual(self.server.messages("alice"), [])
+        [junk] = self.server.messages("alice", folder=".Junk")
+        self.assertIn("dmarc=fail", results_header(junk))
+
+    @defer.inlineCallbacks
+    def test_sender_text_never_reaches_our_results_as_results(self) -> Any:
+        local = '"; dkim=pass header.d=paypal.test; dmarc=pass"'
+        reply = yield self.send(b"From: x@evil.test\r\n", mail_from=f"{local}@evil.test")
+        self.assertEqual(reply[0], 250)
+        [stored] = self.server.messages("alice")
+        head = stored.split(b"\n\n", 1)[0].decode()
+        ours = re.search(
+            rf"^Authentication-Results: {re.escape(AUTHSERV)};.*(?:\n[ \t].*)*", head, re.M
+        ).group(0)
+        self.assertNotIn("paypal", ours)
+        self.assertEqual(ours.count("dkim="), 1)
+        self.assertEqual(ours.count("dmarc="), 1)
+        parsed = authres.FeatureContext(authres.dmarc).parse(re.sub(r"\n[ \t]", " ", ours))
+        self.assertEqual(
+            [(r.method, r.result) for r in parsed.results],
+            [("spf", "pass"), ("dkim", "none"), ("dmarc", "none")],
+        )
+        [spf_result] = [r for r in parsed.results if r.method == "spf"]
+        self.assertEqual(spf_result.smtp_mailfrom, "evil.test")
+
+    @defer.inlineCallbacks
+    def test_two_60_kb_from_fields_do_not_stall_other_clients(self) -> Any:
+        # The stdlib parser took 33 s for each on the reactor thread (answers
+        # cached by a first message, so the checks ran inline).
+        yield self.send(b"From: x@evil.test\r\n")
+        hostile = (
+            b"From: " + b'"' * 60_000 + b"\r\n" + b"From: " + b"(" * 60_000 + b"\r\n"
+            b"To: alice@example.test\r\nSubject: slow\r\n\r\nbody\r\n"
+        )
+        reply, waited = yield in_thread(
+            hostile_message, self.server.port, hostile,
+            mail_from="x@evil.test", proxy_from=self.FORGER_IP,
+        )
+        self.assertEqual(reply[0], 250, reply)
+        self.assertLess(waited, 5.0)
+        [junk] = self.server.messages("alice", folder=".Junk")
+        self.assertIn("dmarc=fail", results_header(junk))
