@@ -252,3 +252,29 @@ class ForgedResultsTests(unittest.SynchronousTestCase):
             b"\r\n"
             b"Authentication-Results: mx.example.test; body text stays\r\n",
         )
+
+
+class OurTextOnlyTests(unittest.SynchronousTestCase):
+    """What the sender wrote never reads as a result in our header."""
+
+    HOSTILE = '"; dkim=pass header.d=paypal.test; dmarc=pass"@evil.test'
+
+    def test_quoted_local_part_is_left_out_of_smtp_mailfrom_and_the_comment(self):
+        spf = SPFResult(
+            "pass", "mailfrom", "evil.test", self.HOSTILE, "203.0.113.5", "evil.test",
+            f"203.0.113.5 is permitted to send for {self.HOSTILE}",
+        )
+        header = build_header(HOST, spf, (), None)
+        self.assertNotIn("paypal", header)
+        parsed = parse(header)
+        self.assertEqual([(r.method, r.result) for r in parsed.results], [("spf", "pass"), ("dkim", "none")])
+        self.assertEqual(parsed.results[0].smtp_mailfrom, "evil.test")
+        self.assertIn("(203.0.113.5 is permitted to send for evil.test)", unfold(header))
+
+    def test_sender_values_cannot_spell_a_result(self):
+        dkim = DKIMResult(
+            "fail", "x;dmarc=pass", "s=1", "rsa-sha256", "dmarc=pass;", "bad; dmarc=pass"
+        )
+        header = build_header(HOST, None, (dkim,), None)
+        self.assertNotIn("dmarc=pass", header)
+        self.assertEqual([(r.method, r.result) for r in parse(header).results], [("dkim", "fail")])
