@@ -28,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
 from mailx import headers, maildir, replies
+from mailx.auth.results import is_forged_results
 from mailx.replies import SMTPReplyError
 from mailx.routing import ForwardDestination, MailboxDestination, Route, quote_local, route
 from mailx.spool import SpoolBuffer
@@ -264,7 +265,7 @@ class IncomingMessage:
         """Give back what this message drew from the header pool (once)."""
         self._pool.release(self._held)
         self._held = 0
-        self.header = b""
+        self.header, self._head = b"", bytearray()
 
     def lineReceived(self, line: bytes) -> None:
         self.dataReceived(line + b"\r\n")
@@ -559,8 +560,6 @@ def _is_forged_results(field: bytes, hostname: str) -> bool:
     as mail clients read it, "Authentication-Results :" included (RFC 5322 4.5.8)."""
     if headers.field_name(field) != b"authentication-results":
         return False
-    from mailx.auth.results import is_forged_results
-
     return is_forged_results(headers.field_value(field).decode("utf-8", "replace"), hostname)
 
 
