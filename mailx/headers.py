@@ -78,25 +78,25 @@ def header_section(message: bytes) -> bytes:
     return message[: m.start() + 1] if m else message
 
 
+_FIELD_BREAK = re.compile(rb"\n[^ \t]")
+
+
 def split_fields(header: bytes) -> list[bytes]:
     """Header fields with their continuation lines, line ends kept (RFC 5322 2.2.3).
 
-    ``b"".join(split_fields(h)) == h``.  Linear: each field's lines are
-    joined once (appending bytes to bytes per line was quadratic).  A
-    continuation line before any field stands alone, as does any line that
-    is no field (it is kept, not interpreted).
+    ``b"".join(split_fields(h)) == h``.  Linear, and at C speed over the
+    lines: one search for each line end not followed by WSP, one slice per
+    field (appending bytes to bytes per folded line was quadratic: 9 s for
+    996 KiB).  A continuation line before any field stands alone, as does
+    any line that is no field (it is kept, not interpreted).
     """
     fields: list[bytes] = []
-    current: list[bytes] = []
-    for line in header.splitlines(keepends=True):
-        if line[:1] in _WSP and current:
-            current.append(line)
-            continue
-        if current:
-            fields.append(current[0] if len(current) == 1 else b"".join(current))
-        current = [line]
-    if current:
-        fields.append(current[0] if len(current) == 1 else b"".join(current))
+    start = 0
+    for m in _FIELD_BREAK.finditer(header):
+        fields.append(header[start : m.start() + 1])
+        start = m.start() + 1
+    if start < len(header):
+        fields.append(header[start:])
     return fields
 
 
