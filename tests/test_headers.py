@@ -117,6 +117,31 @@ class MailboxDomainTests(unittest.SynchronousTestCase):
         for value in ('"' * 60_000, "(" * 60_000, "<" * 60_000, "a@" * 30_000, "\\" * 60_000):
             self.assertLess(elapsed(headers.mailbox_domains, value), GENEROUS)
 
+    def test_past_the_token_bound_the_rest_is_unusable(self):
+        value = "ceo@paypal.test, " + "word " * headers.MAX_TOKENS + "x@evil.test"
+        self.assertEqual(headers.mailbox_domains(value), ["paypal.test", None])
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["", "Alice", '"Bob, Jr."', "=?utf-8?q?C=C3=A9?="]),
+                st.from_regex(r"[a-z0-9]{1,8}(\.[a-z0-9]{1,8}){0,2}", fullmatch=True),
+                st.from_regex(r"[a-z0-9]{1,10}(\.[a-z]{2,5}){1,2}", fullmatch=True),
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    def test_agrees_with_the_stdlib_on_ordinary_fields(self, mailboxes):
+        import email.utils
+
+        value = ", ".join(
+            f"{name} <{local}@{domain}>" if name else f"{local}@{domain}"
+            for name, local, domain in mailboxes
+        )
+        expected = [addr.rpartition("@")[2] for _, addr in email.utils.getaddresses([value])]
+        self.assertEqual(headers.mailbox_domains(value), expected, value)
+
     @given(st.text(alphabet='abc@.<>,;:()"\\[] \t', max_size=200))
     def test_never_raises(self, value):
         for domain in headers.mailbox_domains(value):
