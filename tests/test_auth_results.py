@@ -278,3 +278,22 @@ class OurTextOnlyTests(unittest.SynchronousTestCase):
         header = build_header(HOST, None, (dkim,), None)
         self.assertNotIn("dmarc=pass", header)
         self.assertEqual([(r.method, r.result) for r in parse(header).results], [("dkim", "fail")])
+
+    def test_undeterminable_author_is_a_well_formed_dmarc_fail(self):
+        dmarc = DMARCResult(
+            "fail",
+            "paypal.test",
+            "2 From header fields: the author cannot be determined (RFC 7489 6.6.1); "
+            "paypal.test is named as an author; policy reject",
+            policy="reject",
+            disposition="reject",
+            record=DMARCRecord(p="reject"),
+        )
+        header = build_header(HOST, None, None, dmarc)
+        [result] = parse(header).results
+        self.assertEqual((result.method, result.result, result.header_from), ("dmarc", "fail", "paypal.test"))
+        self.assertNotIn(";", result.reason)
+        self.assertIn("policy.dmarc=reject", unfold(header))
+        no_author = DMARCResult("fail", None, "no From header field", disposition="quarantine")
+        [result] = parse(build_header(HOST, None, None, no_author)).results
+        self.assertEqual((result.method, result.result), ("dmarc", "fail"))
