@@ -361,15 +361,15 @@ class Authenticator:
             # millisecond: run them here, no thread, no network, no slot.  Not
             # for a large header section: reading its From fields is linear and
             # bounded, but milliseconds every other session would wait for.
-            try:
-                if len(message) > INLINE_CHECKS:
-                    raise NotCached
-
-                return defer.succeed(
-                    self.resolver.from_cache(self.check_sync, client_ip, helo, mail_from, message)
-                )
-            except NotCached:
-                pass
+            if len(message) <= INLINE_CHECKS:
+                try:
+                    return defer.succeed(
+                        self.resolver.from_cache(
+                            self.check_sync, client_ip, helo, mail_from, message
+                        )
+                    )
+                except NotCached:
+                    pass
         deadline = Deadline(self.timeout)
         client = client_key(client_ip)
         work: list[defer.Deferred[Any]] = []  # the checks, once they have a slot
