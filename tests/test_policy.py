@@ -258,3 +258,34 @@ class AuthenticatorTests(unittest.TestCase):
         self.assertEqual(data["spf"]["result"], "fail")
         self.assertEqual(data["dmarc"]["record"], "v=DMARC1; p=reject; pct=100; adkim=r; aspf=r")
         self.assertEqual(data["reply"], str(replies.DMARC_REJECT))
+
+
+class InlineChecksTests(unittest.TestCase):
+    """Which messages may be checked on the reactor thread from cached answers."""
+
+    timeout_seconds = AuthenticatorTests.timeout_seconds
+    setUp = AuthenticatorTests.setUp
+    authenticator = AuthenticatorTests.authenticator
+
+    @defer.inlineCallbacks
+    def test_a_large_header_section_is_checked_in_a_worker_thread(self):
+        import threading
+
+        from mailx.auth import INLINE_CHECKS
+
+        auth = self.authenticator()
+        yield auth.check(GOOD_IP, "client.example.net", "alice@example.test", message())
+        threads = []
+        real = auth.check_sync
+
+        def spy(*args):
+            threads.append(threading.current_thread() is threading.main_thread())
+            return real(*args)
+
+        auth.check_sync = spy
+        small = message()
+        large = small.replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"p" * INLINE_CHECKS + b"\r\n\r\n", 1)
+        yield auth.check(GOOD_IP, "client.example.net", "alice@example.test", small)
+        v = yield auth.check(GOOD_IP, "client.example.net", "alice@example.test", large)
+        self.assertEqual(threads, [True, False])
+        self.assertEqual(v.dmarc.result, "pass")
