@@ -204,11 +204,12 @@ class AccumulationTests(unittest.TestCase):
 
     def test_time_grows_linearly_with_the_header(self):
         # Appending to bytes and searching all of it per piece was quadratic:
-        # eight times the header took some sixty times as long (2.6 s at 1 MiB);
-        # linear is eight, and the bound leaves room for a busy machine.
+        # eight times the header took some sixty times as long (3.5 s at 1 MiB
+        # here); linear is eight.  A shared machine makes small timings noisy
+        # (1 to 5 us a piece), hence the floor: still seven times below 3.5 s.
         small = min(self.feed(128 * 1024) for _ in range(5))
         large = min(self.feed(1024 * 1024) for _ in range(5))
-        self.assertLess(large, max(small, 0.002) * 24, (small, large))
+        self.assertLess(large, max(small * 24, 0.5), (small, large))
 
     def test_the_pool_is_drawn_and_given_back(self):
         from mailx.delivery import IncomingMessage
