@@ -100,14 +100,17 @@ def make_message(size: int, seed: int = 0) -> bytes:
 @dataclass
 class Stats:
     remaining: int
+    stop_at: float = float("inf")  # monotonic: no message is started after it (--duration)
     ok: int = 0
     errors: int = 0
     samples: list[str] = field(default_factory=list)
     first_connect: float = 0.0
     last_reply: float = 0.0
+    finished: float = 0.0  # monotonic: every session done, or the deadline
+    in_flight: int = 0  # messages sent and not yet answered
 
     def take(self) -> bool:
-        if self.remaining <= 0:
+        if self.remaining <= 0 or time.monotonic() >= self.stop_at:
             return False
         self.remaining -= 1
         return True
@@ -161,6 +164,7 @@ async def _session(host: str, port: int, data: bytes, stats: Stats) -> None:
         await _command(reader, writer, f"EHLO {HELO}\r\n".encode(), 250)
         while stats.take():
             in_flight = True
+            stats.in_flight += 1
             try:
                 await _command(reader, writer, mail, 250)
                 await _command(reader, writer, rcpt, 250)
@@ -168,12 +172,14 @@ async def _session(host: str, port: int, data: bytes, stats: Stats) -> None:
             except ReplyError as e:
                 stats.fail(str(e))
                 in_flight = False
+                stats.in_flight -= 1
                 await _command(reader, writer, b"RSET\r\n", 250)
                 continue
             writer.write(data)
             await writer.drain()
             code, text = await _reply(reader)
             in_flight = False
+            stats.in_flight -= 1
             stats.last_reply = time.monotonic()
             if code == 250:
                 stats.ok += 1
@@ -183,17 +189,35 @@ async def _session(host: str, port: int, data: bytes, stats: Stats) -> None:
         await _reply(reader)
     except (OSError, ReplyError) as e:
         # The session is over; other sessions send what is left.
+        if in_flight:
+            stats.in_flight -= 1
         stats.fail(f"session: {e}" if in_flight else f"session (idle): {e}")
     finally:
         writer.close()
 
 
-async def run(host: str, port: int, messages: int, concurrency: int, size: int) -> Stats:
-    """Send ``messages`` messages of ``size`` bytes over ``concurrency`` sessions."""
+async def run(host: str, port: int, messages: int, concurrency: int, size: int,
+              duration: float | None = None, deadline: float | None = None) -> Stats:
+    """Send ``messages`` messages of ``size`` bytes over ``concurrency`` sessions.
+
+    ``duration``: start no message after that many seconds (an offered load
+    of fixed length, for bench/abuse.py). ``deadline``: after that many
+    seconds, abandon whatever is still waiting for a reply; those messages
+    count as errors.
+    """
     data = make_message(size) + b".\r\n"
     stats = Stats(remaining=messages)
     stats.first_connect = time.monotonic()
-    await asyncio.gather(*(_session(host, port, data, stats) for _ in range(concurrency)))
+    if duration is not None:
+        stats.stop_at = stats.first_connect + duration
+    sessions = asyncio.gather(*(_session(host, port, data, stats) for _ in range(concurrency)))
+    try:
+        await asyncio.wait_for(sessions, deadline)
+    except TimeoutError:
+        if stats.in_flight:
+            stats.fail(f"deadline: {stats.in_flight} messages unanswered after {deadline:g} s")
+            stats.errors += stats.in_flight - 1
+    stats.finished = time.monotonic()
     return stats
 
 
@@ -233,15 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--size", type=int, default=1024, help="bytes per message")
+    parser.add_argument("--duration", type=float,
+                        help="start no message after this many seconds (--messages stays a cap)")
+    parser.add_argument("--deadline", type=float,
+                        help="give up on unanswered messages after this many seconds")
     args = parser.parse_args(argv)
-    stats = asyncio.run(run(args.host, args.port, args.messages, args.concurrency, args.size))
+    stats = asyncio.run(run(args.host, args.port, args.messages, args.concurrency, args.size,
+                            args.duration, args.deadline))
     json.dump({
-        "ok": stats.ok, "errors": stats.errors, "unsent": stats.remaining,
+        # With --duration the cap is not meant to be reached: nothing is "unsent".
+        "ok": stats.ok, "errors": stats.errors,
+        "unsent": 0 if args.duration is not None else stats.remaining,
         "samples": stats.samples,
         "first_connect": stats.first_connect, "last_reply": stats.last_reply,
+        "finished": stats.finished,
     }, sys.stdout)
     print()
-    return 0 if stats.ok == args.messages else 1
+    return 0 if stats.ok == args.messages or (args.duration and not stats.errors) else 1
 
 
 if __name__ == "__main__":

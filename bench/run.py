@@ -455,10 +455,12 @@ class LoadResult:
     acked: float  # monotonic: last reply (Python) or exit (smtp-source)
     cpu: float  # the load generator's user+system seconds
     detail: str
+    finished: float = 0.0  # monotonic: the load generator's end (all sessions done)
 
 
 def run_loadgen(kind: str, port: int, scenario: Scenario, messages: int, run_dir: Path,
-                timeout: float) -> LoadResult:
+                timeout: float, extra: Sequence[str] = ()) -> LoadResult:
+    """Run the load generator to its end; ``extra``: more loadgen.py options."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     if kind == "smtp-source":
         message_file = run_dir / "message.txt"
@@ -468,7 +470,7 @@ def run_loadgen(kind: str, port: int, scenario: Scenario, messages: int, run_dir
     else:
         argv = [sys.executable, str(BENCH / "loadgen.py"), "--port", str(port),
                 "--messages", str(messages), "--concurrency", str(scenario.concurrency),
-                "--size", str(scenario.size)]
+                "--size", str(scenario.size), *extra]
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -490,14 +492,13 @@ def run_loadgen(kind: str, port: int, scenario: Scenario, messages: int, run_dir
     except (ValueError, IndexError):
         raise RunError(f"load generator failed: {detail[-500:]}") from None
     return LoadResult(report["ok"], report["errors"] + report["unsent"], report["first_connect"],
-                      report["last_reply"] or acked, cpu, detail if report["errors"] else "")
+                      report["last_reply"] or acked, cpu, detail if report["errors"] else "",
+                      report.get("finished") or acked)
 
 
-def measure(server: str, scenario: Scenario, messages: int, run_dir: Path, args) -> dict:
-    """One run: start the server on an empty Maildir, load it, count, stop it."""
-    run_dir.mkdir(parents=True)
-    port = free_port()
-    argv = SERVERS[server](run_dir, port, scenario, args)
+def launch(name: str, argv: list[str], run_dir: Path, port: int,
+           start_timeout: float) -> subprocess.Popen:
+    """Start a server in ``run_dir`` (log in server.log) and wait for its 220 on ``port``."""
     log = run_dir / "server.log"
     # The mailx of this checkout, installed or not (an editable install in
     # strict mode does not see modules added since).
@@ -507,11 +508,22 @@ def measure(server: str, scenario: Scenario, messages: int, run_dir: Path, args)
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=run_dir,
                                 env=env, start_new_session=True)
     try:
-        try:
-            wait_ready(proc, port, args.start_timeout)
-        except RunError as e:
-            raise RunError(f"{server} did not start: {e}\n  {shlex.join(argv)}\n"
-                           f"{log_tail(log)}") from None
+        wait_ready(proc, port, start_timeout)
+    except RunError as e:
+        stop(proc)
+        raise RunError(f"{name} did not start: {e}\n  {shlex.join(argv)}\n"
+                       f"{log_tail(log)}") from None
+    return proc
+
+
+def measure(server: str, scenario: Scenario, messages: int, run_dir: Path, args) -> dict:
+    """One run: start the server on an empty Maildir, load it, count, stop it."""
+    run_dir.mkdir(parents=True)
+    port = free_port()
+    argv = SERVERS[server](run_dir, port, scenario, args)
+    log = run_dir / "server.log"
+    proc = launch(server, argv, run_dir, port, args.start_timeout)
+    try:
         cpu_before = cpu_seconds(proc.pid)
         snapshot_before = cpu_snapshot(process_tree(proc.pid))
         load = run_loadgen(args.loadgen, port, scenario, messages, run_dir, args.timeout)
