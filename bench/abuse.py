@@ -54,6 +54,7 @@ import json
 import os
 import secrets
 import selectors
+import shlex
 import shutil
 import socket
 import statistics
@@ -222,24 +223,26 @@ class Helper:
 SRS_SECRET = secrets.token_urlsafe(32)
 
 
-def mailx_overrides(plain: int, proxied: int, helper: Helper, extra: dict) -> dict:
-    """mailx's shipped defaults but for what the bench needs; deep-merged into run.mailx_config.
+# run.py raises these for its load generator, one address with many sessions;
+# here they stay as the server under test ships them.
+RAISED_BY_RUN = ("connections", "connections_per_ip", "connection_rate_per_ip")
 
-    - the limits as shipped (mailx.config.DEFAULTS), but ``greeting_delay``
-      0: the pause costs each of the load's sessions a fixed wait, not work
-      (attack pre-banner turns it back on);
+
+def mailx_overrides(plain: int, proxied: int, helper: Helper, extra: dict) -> dict:
+    """What the bench changes in mailx's shipped configuration (deep-merged into run.mailx_config).
+
+    - ``greeting_delay`` 0: the pause costs each of the load's sessions a
+      fixed wait, not work (attack pre-banner turns it back on);
     - checks on (SPF, DKIM, DMARC enforce) against the helper's DNS, with a
       1 s timeout (5 s shipped) so that one of attack spf-slow's checks lasts
       8 s, not 40;
     - two listeners: the plain one for the load, a ``haproxy:`` one for the attackers;
     - bob receives the attacks; ``fwd`` forwards to the sink, which refuses it.
     """
-    from mailx.config import DEFAULTS
-
     base = {
         "listen": {"smtp": [f"tcp:{plain}:interface={HOST}",
                             f"haproxy:tcp:{proxied}:interface={HOST}"]},
-        "limits": {**DEFAULTS["limits"], "greeting_delay": "0s"},
+        "limits": {"greeting_delay": "0s"},
         "authentication": {"spf": True, "dkim": True, "dmarc": "enforce"},
         "dns": {"nameservers": [f"{HOST}:{helper.dns_port}"], "timeout": f"{DNS_TIMEOUT:g}s"},
         "domains": {run.DOMAIN: {
@@ -249,6 +252,16 @@ def mailx_overrides(plain: int, proxied: int, helper: Helper, extra: dict) -> di
         "outbound": {"srs_secret": SRS_SECRET, "port": helper.sink_port},
     }
     return run.deep_merge(base, extra)
+
+
+def mailx_argv(run_dir: Path, plain: int, overrides: dict, args: argparse.Namespace) -> list[str]:
+    """Write the configuration (JSON is YAML), with the shipped per-client limits; the command."""
+    config = run.mailx_config(run_dir, plain, overrides)
+    for key in RAISED_BY_RUN:
+        config["limits"].pop(key, None)
+    path = run_dir / "mailx.yaml"
+    path.write_text(json.dumps(config, indent=2))
+    return [*shlex.split(args.mailx_command), "--config", str(path)]
 
 
 # --- attack plumbing -----------------------------------------------------------
@@ -562,7 +575,7 @@ def noop_flood(t: Target) -> Verdict:
     lock = threading.Lock()
 
     def worker(_: int) -> None:
-        for _attempt in range(50):  # connections per worker, at most
+        for _attempt in range(300):  # connections per worker, at most
             if not t.running():
                 return
             with lock:
@@ -760,11 +773,9 @@ def measure(attack: Attack, helper: Helper, run_dir: Path, args: argparse.Namesp
     run_dir.mkdir(parents=True)
     phase = max(args.phase, attack.min_phase)
     plain, proxied = run.free_port(), run.free_port()
-    scenario = Scenario(attack.name, LEGIT.size, LEGIT.concurrency, LEGIT.messages,
-                        MappingProxyType(mailx_overrides(plain, proxied, helper,
-                                                         dict(attack.config))))
-    argv = run.mailx_command(run_dir, plain, scenario, args)
-    proc = run.launch("mailx", argv, run_dir, plain, args.start_timeout)
+    argv = mailx_argv(run_dir, plain, mailx_overrides(plain, proxied, helper, dict(attack.config)),
+                      args)
+    proc = run.launch("mailx", argv, run_dir, plain, args.start_timeout, args.mailx_tree)
     verdict = None
     try:
         helper_cpu = run.cpu_seconds(helper.proc.pid)
@@ -903,6 +914,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
     parser.add_argument("--mailx-command", default=run.TWISTD + " -n --pidfile= mailx",
                         help="how to start mailx; --config FILE is appended")
+    parser.add_argument("--mailx-tree", type=Path, default=run.REPO,
+                        help="the checkout whose mailx runs (first on the server's PYTHONPATH; "
+                             "default: this one), to measure another commit's server")
     parser.add_argument("--start-timeout", type=float, default=30.0)
     parser.add_argument("--serve-helper", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

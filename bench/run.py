@@ -497,13 +497,16 @@ def run_loadgen(kind: str, port: int, scenario: Scenario, messages: int, run_dir
 
 
 def launch(name: str, argv: list[str], run_dir: Path, port: int,
-           start_timeout: float) -> subprocess.Popen:
-    """Start a server in ``run_dir`` (log in server.log) and wait for its 220 on ``port``."""
+           start_timeout: float, tree: Path = REPO) -> subprocess.Popen:
+    """Start a server in ``run_dir`` (log in server.log) and wait for its 220 on ``port``.
+
+    ``tree``: whose mailx runs, first on its PYTHONPATH (default: this checkout).
+    """
     log = run_dir / "server.log"
     # The mailx of this checkout, installed or not (an editable install in
     # strict mode does not see modules added since).
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=run_dir,
                                 env=env, start_new_session=True)
