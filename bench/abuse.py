@@ -1,6 +1,6 @@
 """Abuse: does the legitimate load keep its pace while a stranger attacks?
 
-    python3 bench/abuse.py                         # every attack, 3 repetitions (~10 min)
+    python3 bench/abuse.py                         # every attack, 3 repetitions (10-12 min)
     python3 bench/abuse.py --quick                 # 1 repetition, short phases (~3 min)
     python3 bench/abuse.py --attack header-fold --attack dkim-bh --repeat 5
 
@@ -17,6 +17,10 @@ shipped configuration, checks on; see ``mailx_overrides``):
 3. attack: the attack starts, and after ``LEAD`` seconds the same load runs
    again for the same time beside it.  The attack repeats itself until the
    load is over (every loop bounded in count and time), then stops.
+
+Hostile messages are paced (``message_loop(interval=...)``): what hostile
+content costs is the question, not volume, which costs any server.  The
+``none`` row is the same measurement without an attack: the ratio's noise.
 
 The legitimate load is bench/loadgen.py (10 sessions, 1 KiB messages, to
 alice@bench.test from 127.0.0.1 on the plain listener, SPF pass, DMARC
