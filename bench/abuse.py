@@ -950,6 +950,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the checkout whose mailx runs (first on the server's PYTHONPATH; "
                              "default: this one), to measure another commit's server")
     parser.add_argument("--start-timeout", type=float, default=30.0)
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="before each run, wait up to this long for other processes "
+                             f"to use less than {run.NOISE_WARNING} cores")
     parser.add_argument("--serve-helper", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -977,6 +980,8 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeat):
             for attack in args.attacks:
                 run_dir = workdir / f"{attack.name}-{rep + 1}"
+                if args.quiet_wait:
+                    run.wait_quiet(args.quiet_wait)
                 try:
                     result = measure(attack, helper, run_dir, args)
                 except RunError as e:
