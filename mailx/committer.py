@@ -61,6 +61,8 @@ class GroupCommitter:
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Called in the committer thread with each batch's size (mailx.metrics).
+        self.observe_batch: Callable[[int], None] | None = None
 
     def start(self) -> None:
         self._stopping = False
@@ -99,6 +101,8 @@ class GroupCommitter:
             self.reactor.callFromThread(self._report, outcomes)
 
     def _commit(self, jobs: list[tuple[Callable[[Batch], Any], defer.Deferred]]) -> list[Any]:
+        if self.observe_batch is not None:
+            self.observe_batch(len(jobs))
         batch = Batch()
         results: list[Any] = []
         for number, (job, _) in enumerate(jobs):

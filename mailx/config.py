@@ -100,7 +100,11 @@ DEFAULTS: Mapping[str, Any] = _frozen(
             # Who may send a PROXY header on a haproxy: listener (Dovecot's
             # haproxy_trusted_networks); from anyone else the header is a lie.
             "haproxy_trusted_networks": ["127.0.0.0/8", "::1"],
+            # HTTP GET /metrics (Prometheus text format); none by default.
+            "metrics": [],
         },
+        # text: twistd's lines; json: one JSON object per line (Loki, ELK).
+        "logging": {"format": "text"},
         "tls": None,  # {certificate, key}; STARTTLS is offered only when set
         "limits": {
             "message_size": "25MiB",  # Gmail's 25 MB; Postfix's default is 10240000
@@ -187,6 +191,7 @@ DMARC_MODES = ("enforce", "monitor", "off")
 # letters and digits as delimiters would split ordinary names.
 _DELIMITERS = frozenset("!#$%&'*+-/=?^_`{|}~.")
 DNSBL_ACTIONS = ("reject", "junk")
+LOG_FORMATS = ("text", "json")
 CATCH_ALL = "*"
 
 _HOSTNAME_HINT = "to the name your MX record points at, e.g. mx.example.test"
@@ -329,6 +334,9 @@ class Config:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1"),
     )
+    # listen.metrics: where GET /metrics is served (SPEC section 13).
+    metrics_listen: tuple[str, ...] = ()
+    log_format: str = "text"  # logging.format: "text" | "json"
     # Worth saying, not stopping for (a certificate about to expire): printed
     # by `mailxctl check`, logged at start-up.
     warnings: tuple[Problem, ...] = ()
@@ -1391,17 +1399,26 @@ def _parse_yaml(text: str, loader: _Loader) -> _Node | None:
         yaml_loader.dispose()
 
 
+def _log_format(loader: _Loader, node: _Node) -> str:
+    fields = loader.block(node, DEFAULTS["logging"])
+    if fields is None:
+        return DEFAULTS["logging"]["format"]
+    return loader.value(fields["format"], loader.choice, LOG_FORMATS) or "text"
+
+
 def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
     fields = loader.block(root, DEFAULTS)
     if fields is None:
         return None
     listen = loader.block(fields["listen"], DEFAULTS["listen"])
     endpoints: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     if listen is not None:
         trusted_proxies = loader.items(listen["haproxy_trusted_networks"], loader.network)
         smtp = listen["smtp"]
         endpoints = loader.items(smtp, loader.server_endpoint, single=True)
+        metrics = loader.items(listen["metrics"], loader.server_endpoint, single=True)
         if smtp.null or (smtp.kind == "seq" and not smtp.value):
             loader.at(smtp, "needs at least one endpoint to listen on")
     outbound = loader.outbound(fields["outbound"])
@@ -1423,6 +1440,8 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         outbound=outbound,
         reports=loader.value(fields["reports"], loader.report_address),
         haproxy_trusted_networks=trusted_proxies,
+        metrics_listen=metrics,
+        log_format=_log_format(loader, fields["logging"]),
         warnings=tuple(loader.warnings),
     )
     loader.require_srs_secret(outbound)

@@ -180,6 +180,8 @@ class SessionDelivery:
             qid=queue_id,
             rcpt=recipient,
             destinations=", ".join(_describe(d) for d in decision.destinations),
+            event="rcpt",
+            result="accepted",
         )
         return decision
 
@@ -188,6 +190,10 @@ class SessionDelivery:
 
     def disconnected(self) -> None:
         pass
+
+
+# The message's verdict: logged when refused, or once filed when accepted.
+VERDICT_LINE = "{qid}: {action} size={size} nrcpt={nrcpt} {results}"
 
 
 def _describe(destination: Any) -> str:
@@ -292,6 +298,7 @@ class IncomingMessage:
             self._end_header(bytes(self._head), b"")
         ctx = self.delivery.context
         config = ctx.config
+        end_of_data = ctx.reactor.seconds()
         try:
             self.body.finish()
             if self.body.error is not None:
@@ -330,15 +337,17 @@ class IncomingMessage:
             if action == "accept" and self.delivery.junk:
                 action = "junk"
             results = verdict.log_fields() if verdict is not None else {}
-            log.info(
-                "{qid}: {action} size={size} nrcpt={nrcpt} {results}",
-                qid=self.queue_id,
-                action="accepted" if action in ("accept", "junk") else action,
-                size=size,
-                nrcpt=len(self.routes),
-                results=" ".join(f"{k}={v}" for k, v in results.items()),
-            )
+            verdict_line = {
+                "qid": self.queue_id,
+                "action": "accepted" if action in ("accept", "junk") else action,
+                "size": size,
+                "nrcpt": len(self.routes),
+                "results": " ".join(f"{k}={v}" for k, v in results.items()),
+                # Each method's A-R result alone, for mailx.metrics.
+                "checks": verdict.results() if verdict is not None else {},
+            }
             if action in ("reject", "tempfail"):
+                log.info(VERDICT_LINE, event="verdict", **verdict_line)
                 raise SMTPReplyError(verdict.reply)
             extra = [verdict.header.encode("utf-8") + b"\r\n"] if verdict is not None else []
             mailboxes = _unique_mailboxes(self.routes)
@@ -360,6 +369,13 @@ class IncomingMessage:
                 yield ctx.deliver_in_thread(
                     file_copies, config, self.queue_id, copies, header, self.body, enqueue
                 )
+            # Logged once durable: "accepted" is what the 250 reply says.
+            log.info(
+                VERDICT_LINE,
+                filing_seconds=ctx.reactor.seconds() - end_of_data,
+                **verdict_line,
+                **replies.outcome("message", replies.MESSAGE_ACCEPTED),
+            )
             if outgoing is not None:
                 ctx.outbound.submitted(outgoing)
             for dest, _, junk in copies:
@@ -369,12 +385,20 @@ class IncomingMessage:
                     address=dest.address,
                     mailbox=f"{dest.domain}/{dest.mailbox}",
                     junk=" folder=Junk" if junk else "",
+                    event="delivery",
+                    kind="maildir",
+                    status="sent",
                 )
             return replies.MESSAGE_ACCEPTED.with_text(
                 replies.MESSAGE_ACCEPTED.text.format(queue_id=self.queue_id)
             )
         except SMTPReplyError as e:
-            log.info("{qid}: refused: {reply}", qid=self.queue_id, reply=str(e.reply))
+            log.info(
+                "{qid}: refused: {reply}",
+                qid=self.queue_id,
+                reply=str(e.reply),
+                **replies.outcome("message", e.reply),
+            )
             raise
         except defer.CancelledError:
             log.info("{qid}: abandoned: the client hung up during the checks", qid=self.queue_id)
@@ -389,10 +413,15 @@ class IncomingMessage:
                 qid=self.queue_id,
                 error=str(e).replace("\n", " "),
                 mail=str(config.paths.mail),
+                **replies.outcome("message", replies.LOCAL_ERROR),
             )
             raise SMTPReplyError(replies.LOCAL_ERROR) from None
         except Exception:
-            log.failure("{qid}: delivery failed", qid=self.queue_id)
+            log.failure(
+                "{qid}: delivery failed",
+                qid=self.queue_id,
+                **replies.outcome("message", replies.LOCAL_ERROR),
+            )
             raise SMTPReplyError(replies.LOCAL_ERROR) from None
         finally:
             self._release()

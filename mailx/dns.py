@@ -238,6 +238,7 @@ class Resolver:
         threadpool: Any = None,
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = 10000,
+        observe: Callable[[str, float, str | None], None] | None = None,
     ) -> None:
         if nameservers:
             resolver = dns.resolver.Resolver(configure=False)
@@ -262,6 +263,9 @@ class Resolver:
         self._reactor = reactor
         self._threadpool = threadpool
         self._local = threading.local()
+        # observe(rdtype, seconds, error or None): each lookup that went to
+        # the network (mailx.metrics), called in the worker thread.
+        self._observe = observe
 
     # -- blocking lookups (worker threads only) ---------------------------
 
@@ -289,13 +293,23 @@ class Resolver:
                 why = "abandoned" if deadline.cancelled else "out of time"
                 raise DNSTemporaryError(f"{qname} {rdtype}: not asked, the check is {why}")
             lifetime = min(lifetime, left)
+        started = time.monotonic()
         try:
             answer = self._resolve(qname, rdtype, lifetime)
         except DNSVoidError as e:
+            self._observed(rdtype, started, None)  # NXDOMAIN and NODATA are answers
             self._cache.put(key, (type(e), str(e)), getattr(e, "ttl", DEFAULT_NEGATIVE_TTL))
             raise
+        except DNSTemporaryError as e:
+            self._observed(rdtype, started, "timeout" if "timed out" in str(e) else "failure")
+            raise
+        self._observed(rdtype, started, None)
         self._cache.put(key, answer, answer.ttl)
         return answer
+
+    def _observed(self, rdtype: str, started: float, error: str | None) -> None:
+        if self._observe is not None:
+            self._observe(rdtype, time.monotonic() - started, error)
 
     def _resolve(self, qname: str, rdtype: str, lifetime: float) -> Answer:
         target = qname

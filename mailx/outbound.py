@@ -1030,6 +1030,11 @@ class Outbound(service.Service):
             return sender
         return self.srs.forward(sender, original.rpartition("@")[2])
 
+    def queued(self) -> list[float]:
+        """When each queued message was accepted (epoch seconds): for the metrics,
+        read at scrape time from the scraping thread, hence the copy."""
+        return [entry.envelope.created for entry in list(self._entries.values())]
+
     def submitted(self, envelope: Envelope) -> None:
         """A new entry is on disk (fsynced): start delivering it."""
         log.info(
@@ -1187,6 +1192,8 @@ class Outbound(service.Service):
             "delay": f"{delay:.1f}",
             "attempts": r.attempts,
             "reply": r.last_reply,
+            "event": "delivery",  # for mailx.metrics, with kind and status
+            "kind": envelope.kind,
         }
         fmt = (
             "{qid}: to=<{rcpt}> orig_to=<{orig}> relay={relay} tls={tls} delay={delay}s"
@@ -1332,6 +1339,8 @@ class Outbound(service.Service):
                 kind=kind,
                 nid=notice_id,
                 to=envelope.sender,
+                event="delivery",
+                status="sent",
             )
         if forwards:
             notice = Envelope(

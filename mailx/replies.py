@@ -39,6 +39,20 @@ class Reply:
         return f"{self.code} {self.enhanced} {self.text}"
 
 
+def outcome(event: str, reply: Reply) -> dict[str, str]:
+    """Log fields saying how a stage ended, for `mailx.metrics` (and the JSON log):
+    ``event`` (rcpt, message), ``result`` (refused on 5xx, tempfail on 4xx,
+    accepted) and ``code``, the enhanced status code: the reason, in a
+    vocabulary small enough to be a metric label."""
+    if reply.permanent:
+        result = "refused"
+    elif reply.temporary:
+        result = "tempfail"
+    else:
+        result = "accepted"
+    return {"event": event, "result": result, "code": reply.enhanced}
+
+
 class SMTPReplyError(Exception):
     """Raised by the delivery layer to answer with a given reply."""
 

@@ -26,6 +26,7 @@ from mailx.delivery import DeliveryContext, SessionDelivery
 from mailx.dns import Resolver
 from mailx.dnsbl import Blocklists
 from mailx.headers import HeaderPool
+from mailx.metrics import Metrics
 from mailx.outbound import Outbound
 from mailx.ptr import NameLookups
 from mailx.queue import Queue
@@ -133,8 +134,10 @@ class MailxService(service.MultiService):
     # off; an unfinished message was never acknowledged, so nothing is lost.
     shutdown_grace = 30.0
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, log_observer: Any = None) -> None:
         super().__init__()
+        # logging.format: json; twistd installs it (see setServiceParent).
+        self.log_observer = log_observer
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -143,6 +146,10 @@ class MailxService(service.MultiService):
         self._reload_lock = defer.DeferredLock()
         # Incoming mail is filed by one group-committing thread (see committer).
         self.committer = GroupCommitter(reactor, maildir.fsync_directory)
+        # SPEC 13: counted from the log events, and from these hooks;
+        # served on listen.metrics.
+        self.metrics = Metrics()
+        self.committer.observe_batch = self.metrics.filing_batch
         # Mailbox-only messages are filed by a child process (see mailx.writer).
         self.writer = WriterClient(reactor)
         # DNS lookups block in dnspython; their own pool keeps a slow DNS
@@ -157,6 +164,8 @@ class MailxService(service.MultiService):
         )
         self.endpoints = [server_endpoint(reactor, d) for d in config.listen]
         self.ports: list[Any] = []
+        self.metrics.watch_queue(self.outbound.queued, reactor.seconds)
+        self.metrics_ports: list[Any] = []
         # dns.watch: re-check our own published records, reading the config
         # of the moment so a reload's changes apply from the next round.
         dnswatch.add_dns_watch(self, lambda: self.config)
@@ -170,6 +179,7 @@ class MailxService(service.MultiService):
             config.dns.timeout,
             reactor=self.reactor,
             threadpool=self.dns_pool,
+            observe=self.metrics.dns_lookup,
         )
         auth = config.authentication
         authenticator = None
@@ -253,10 +263,21 @@ class MailxService(service.MultiService):
         self._listen()
         super().privilegedStartService()
 
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        # twistd's AppLogger takes a log observer set on the application
+        # (after makeService, before anything is logged): logging.format json.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+
     def _listen(self) -> None:
         if self._listening:
             return
         self._listening = True
+        self.metrics.start()
+        self._listen_metrics()
         for description, endpoint in zip(self.config.listen, self.endpoints, strict=True):
             # Stream endpoints listen synchronously; a port in use must stop
             # start-up with a clear error rather than leave a deaf server.
@@ -266,6 +287,21 @@ class MailxService(service.MultiService):
                 error = getattr(failures[0].value, "socketError", None)
                 if isinstance(error, OSError):
                     raise ListenError(preflight.listen_error(description, error))
+                raise ListenError(f"cannot listen on {description}: {failures[0].getErrorMessage()}")
+
+    def _listen_metrics(self) -> None:
+        from twisted.internet.endpoints import serverFromString
+
+        site = self.metrics.site() if self.config.metrics_listen else None
+        for description in self.config.metrics_listen:
+            failures: list[Failure] = []
+            endpoint = serverFromString(self.reactor, description)
+            endpoint.listen(site).addCallbacks(self.metrics_ports.append, failures.append)
+            if failures:
+                error = getattr(failures[0].value, "socketError", None)
+                if isinstance(error, OSError):
+                    message = preflight.listen_error(description, error)
+                    raise ListenError(message.replace("listen.smtp", "listen.metrics"))
                 raise ListenError(f"cannot listen on {description}: {failures[0].getErrorMessage()}")
 
     def startService(self) -> None:
@@ -399,7 +435,8 @@ class MailxService(service.MultiService):
         if getattr(self, "_previous_sighup", None) is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
-        ports, self.ports = self.ports, []
+        ports, self.ports = self.ports + self.metrics_ports, []
+        self.metrics_ports = []
         self._listening = False
         stopping = [defer.maybeDeferred(port.stopListening) for port in ports]
         stopping.append(defer.maybeDeferred(super().stopService))
@@ -432,6 +469,7 @@ class MailxService(service.MultiService):
             except FileNotFoundError:
                 pass
         log.info("mailx stopped")
+        self.metrics.stop()
 
 
 class ListenError(Exception):
@@ -453,6 +491,22 @@ def _twistd_ids(options: Options) -> tuple[int | None, int | None]:
         return None, None
 
 
+def _json_observer(options: Options) -> Any:
+    """``logging.format: json`` to where twistd would log: stdout with ``-n``
+    or ``--logfile=-``, else ``--logfile`` (twistd.log by default), rotated
+    as twistd rotates its own."""
+    from twisted.python import logfile
+
+    from mailx.jsonlog import json_observer
+
+    parent = getattr(options, "parent", None) or {}
+    name = parent.get("logfile") or ""
+    if not name and not parent.get("nodaemon", True):
+        name = "twistd.log"  # twistd's UnixAppLogger default when daemonizing
+    out = sys.stdout if name in ("", "-") else logfile.LogFile.fromFullPath(name)
+    return json_observer(out)
+
+
 def makeService(options: Options) -> MailxService:
     """Load and check everything while the terminal is still attached (see preflight)."""
     path = os.path.abspath(options["config"])
@@ -472,7 +526,8 @@ def makeService(options: Options) -> MailxService:
         if found:
             print(preflight.lines(found), file=sys.stderr)
             raise SystemExit(1)
-        return MailxService(config)
+        observer = _json_observer(options) if config.log_format == "json" else None
+        return MailxService(config, log_observer=observer)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)

@@ -202,7 +202,11 @@ class MailxESMTP(smtp.ESMTP):
         )
         self.delivery = self.factory.delivery_for(self.session)
         log.info(
-            "{session}: connect from {ip}:{port}", session=self.session.session_id, ip=ip, port=port
+            "{session}: connect from {ip}:{port}",
+            session=self.session.session_id,
+            ip=ip,
+            port=port,
+            event="connect",  # `event`: what mailx.metrics counts (see there)
         )
         self.setTimeout(self.timeout)
         self._session_deadline = self.callLater(
@@ -479,7 +483,11 @@ class MailxESMTP(smtp.ESMTP):
         if self._message is not None:
             self._message.connectionLost()
             self._message = None
-        self._log_message("refused: {reply}", reply=str(replies.DATA_LINE_TOO_LONG))
+        self._log_message(
+            "refused: {reply}",
+            reply=str(replies.DATA_LINE_TOO_LONG),
+            **replies.outcome("message", replies.DATA_LINE_TOO_LONG),
+        )
         self.mode = COMMAND
         self._close_with(replies.DATA_LINE_TOO_LONG)
 
@@ -510,7 +518,9 @@ class MailxESMTP(smtp.ESMTP):
         qid = self._qid
         self._reset_transaction()
         if failed is not None:
-            self._log_message("refused: {reply}", reply=str(failed), qid=qid)
+            self._log_message(
+                "refused: {reply}", reply=str(failed), qid=qid, **replies.outcome("message", failed)
+            )
             self.reply(failed)
             self._count_error()
             return
@@ -667,6 +677,7 @@ class MailxESMTP(smtp.ESMTP):
                     session=self.session.session_id,
                     tls=described,
                     ip=self.session.client_ip,
+                    event="tls",
                 )
             self.session.tls = described
         greeting = self.host + b" Hello " + self.session.client_ip.encode("ascii")
@@ -745,7 +756,11 @@ class MailxESMTP(smtp.ESMTP):
             return
         if len(self._recipients) >= self.settings.recipients:
             # RFC 5321 4.5.3.1.10: 452 asks the client to send the rest later.
-            self._log_message("recipient <{rcpt}> deferred: too many recipients", rcpt=recipient)
+            self._log_message(
+                "recipient <{rcpt}> deferred: too many recipients",
+                rcpt=recipient,
+                **replies.outcome("rcpt", replies.TOO_MANY_RECIPIENTS),
+            )
             self.reply(replies.TOO_MANY_RECIPIENTS)
             return
 
@@ -757,7 +772,12 @@ class MailxESMTP(smtp.ESMTP):
             reply = failure.value.reply if failure.check(SMTPReplyError) else replies.LOCAL_ERROR
             if not failure.check(SMTPReplyError):
                 log.failure("{qid}: recipient check failed", failure, qid=self._qid)
-            self._log_message("recipient <{rcpt}> refused: {reply}", rcpt=recipient, reply=str(reply))
+            self._log_message(
+                "recipient <{rcpt}> refused: {reply}",
+                rcpt=recipient,
+                reply=str(reply),
+                **replies.outcome("rcpt", reply),
+            )
             self.reply(reply)
             if reply.permanent:
                 self._count_error()
@@ -1082,14 +1102,31 @@ class MailxSMTPFactory(ServerFactory):
         if self.shutting_down:
             return replies.SHUTTING_DOWN
         if len(self.sessions) >= self.settings.connections:
-            log.info("refused connection from {ip}: too many connections", ip=ip)
+            log.info(
+                "refused connection from {ip}: too many connections",
+                ip=ip,
+                event="connection_refused",
+                reason="connections",
+            )
             return replies.TOO_MANY_CONNECTIONS
         key = self.settings.limit_key(ip)
         if self.per_ip.get(key, 0) >= self.settings.connections_per_ip:
-            log.info("refused connection from {ip}: too many connections from {key}", ip=ip, key=key)
+            log.info(
+                "refused connection from {ip}: too many connections from {key}",
+                ip=ip,
+                key=key,
+                event="connection_refused",
+                reason="connections_per_ip",
+            )
             return replies.TOO_MANY_CONNECTIONS_FROM_IP
         if self._over_rate(ip, key):
-            log.info("refused connection from {ip}: connection rate limit of {key}", ip=ip, key=key)
+            log.info(
+                "refused connection from {ip}: connection rate limit of {key}",
+                ip=ip,
+                key=key,
+                event="connection_refused",
+                reason="connection_rate",
+            )
             return replies.CONNECTION_RATE
         self.sessions.add(proto)
         proto.limit_key = key

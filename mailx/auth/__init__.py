@@ -209,6 +209,20 @@ class Verdict:
         fields["action"] = self.action
         return fields
 
+    def results(self) -> dict[str, str]:
+        """Each method's one result as in A-R (``{"spf": "pass", "dkim": "none"}``),
+        for the metrics: DKIM is ``pass`` when any signature passes, else the
+        first signature's result (RFC 8601 2.7.1 results), ``none`` unsigned."""
+        results: dict[str, str] = {}
+        if self.spf is not None:
+            results["spf"] = self.spf.result
+        if self.dkim is not None:
+            found = [r.result for r in self.dkim]
+            results["dkim"] = "pass" if "pass" in found else (found[0] if found else "none")
+        if self.dmarc is not None:
+            results["dmarc"] = self.dmarc.result
+        return results
+
     def as_dict(self) -> dict[str, Any]:
         """Every verdict with its reason, JSON-ready: ``check-message --json``."""
         dkim = None if self.dkim is None else [asdict(r) for r in self.dkim]
