@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -143,6 +143,17 @@ def mailx_command(run_dir: Path, port: int, scenario: Scenario, args) -> list[st
     return [*shlex.split(args.mailx_command), "--config", str(path)]
 
 
+def mailx_observed_command(run_dir: Path, port: int, scenario: Scenario, args,
+                           json_logs: bool = False) -> list[str]:
+    """mailx with listen.metrics on (and optionally logging.format: json), to
+    compare with plain mailx in the same run: the cost of being watched."""
+    overrides: dict = {"listen": {"metrics": [f"tcp:{free_port()}:interface=127.0.0.1"]}}
+    if json_logs:
+        overrides["logging"] = {"format": "json"}
+    observed = replace(scenario, config=deep_merge(scenario.config, overrides))
+    return mailx_command(run_dir, port, observed, args)
+
+
 _dns_server: subprocess.Popen | None = None
 _dns_port: int | None = None
 
@@ -192,6 +203,10 @@ TWISTD = shlex.join([sys.executable, "-c", "from twisted.scripts.twistd import r
 
 SERVERS: dict[str, Callable[..., list[str]]] = {
     "mailx": mailx_command,
+    # Not in the default set: mailx with its metrics listener, and with JSON
+    # logs too: --servers mailx,mailx-metrics,mailx-json gives the ratios.
+    "mailx-metrics": mailx_observed_command,
+    "mailx-json": lambda *a: mailx_observed_command(*a, json_logs=True),
     "peer": peer_command,
     # Not in the default set: the peer with its fsyncs in a thread pool.
     "peer-threads": lambda *a: peer_command(*a, extra=("--fsync-in-thread",)),
