@@ -210,9 +210,9 @@ class Metrics:
         self.connections_refused.labels(str(event.get("reason", "other"))).inc()
 
     def _tls(self, event: LogEvent) -> None:
-        # "TLSv1.3 TLS_AES_256_GCM_SHA384": the protocol is the first word.
-        described = str(event.get("tls", ""))
-        self.tls.labels(described.split(" ", 1)[0] or "unknown").inc()
+        # "TLSv1.3:TLS_AES_256_GCM_SHA384" (smtp.tls_description): the protocol.
+        described = str(event.get("tls") or "")
+        self.tls.labels(described.split(":", 1)[0] or "unknown").inc()
 
     def _rcpt(self, event: LogEvent) -> None:
         result = event.get("result")

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import re
+import smtplib
+import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -21,9 +24,11 @@ from twisted.trial import unittest
 from mailx import metrics
 from mailx.testing import SRS_SECRET
 from mailx.testing.dnsserver import serve_for_test
-from mailx.testing.server import dialogue, in_thread, start_server
+from mailx.testing.server import LineClient, dialogue, in_thread, merge, message, start_server
 from mailx.testing.sink import start_sink
+from mailx.testing.tls import make_certificate
 from tests.test_forwarding import wait_until
+from tests.test_tls import client_context
 
 ZONES = {
     # SPF passes for 203.0.113.0/24, DMARC p=reject; bounces go to the sink.
@@ -221,3 +226,129 @@ class DashboardTests(unittest.TestCase):
             exported |= {name + "_bucket", name + "_sum", name + "_count"}
         exported |= set(re.findall(r"^(mailx_[a-z_]+)", text, re.M))
         self.assertEqual(named - exported, set())
+
+
+class SessionMetricsTests(unittest.TestCase):
+    """TLS versions, connection-limit refusals and 452 at RCPT, each counted once."""
+
+    def start(self, overrides: dict) -> Any:
+        base = {"listen": {"metrics": ["tcp:0:interface=127.0.0.1"]}}
+        server = start_server(self, merge(base, overrides))
+        return server, server.service.metrics_ports[0].getHost().port
+
+    @defer.inlineCallbacks
+    def test_tls_version_is_counted(self) -> None:
+        cert, key = make_certificate(Path(self.mktemp()).absolute())
+        server, port = self.start({"tls": {"certificate": str(cert), "key": str(key)}})
+
+        def run() -> None:
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+                client.starttls(context=client_context())
+                client.sendmail("s@sender.test", ["alice@example.test"], message("tls"))
+
+        yield in_thread(run)
+        _, found = yield scrape(port)
+        versions = {
+            dict(k[1])["version"]: v for k, v in found.items() if k[0] == "mailx_tls_sessions_total"
+        }
+        self.assertEqual(sum(versions.values()), 1)
+        self.assertIn(next(iter(versions)), ("TLSv1.2", "TLSv1.3"))
+
+    @defer.inlineCallbacks
+    def test_refused_connections_and_too_many_recipients(self) -> None:
+        server, port = self.start({"limits": {"connections_per_ip": 1, "recipients": 1}})
+        first = yield in_thread(LineClient, server.port)
+        self.addCleanup(first.close)
+        yield in_thread(first.reply)
+        replies = yield in_thread(dialogue, server.port, [])
+        self.assertEqual(replies[0][0], 421)
+        script = [b"EHLO c.test", b"MAIL FROM:<s@sender.test>"]
+        for line in script + [b"RCPT TO:<alice@example.test>", b"RCPT TO:<bob@example.test>"]:
+            reply = yield in_thread(first.command, line)
+        self.assertEqual(reply[0], 452)
+        _, found = yield scrape(port)
+        self.assertEqual(
+            value(found, "mailx_smtp_connections_refused_total", reason="connections_per_ip"), 1
+        )
+        self.assertEqual(value(found, "mailx_smtp_sessions_total"), 1)
+        self.assertEqual(value(found, "mailx_recipients_total", result="tempfail"), 1)
+        self.assertEqual(value(found, "mailx_recipients_total", result="accepted"), 1)
+        self.assertEqual(value(found, "mailx_refusals_total", stage="rcpt", code="4.5.3"), 1)
+
+    @defer.inlineCallbacks
+    def test_only_metrics_is_served(self) -> None:
+        _, port = self.start({})
+
+        def get(path: str) -> int:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        self.assertEqual((yield in_thread(get, "/")), 404)
+        self.assertEqual((yield in_thread(get, "/metrics")), 200)
+
+
+class ConfigTests(unittest.TestCase):
+    def load(self, overrides: dict) -> Any:
+        from mailx.config import load_config
+        from mailx.testing.server import write_config
+
+        return load_config(write_config(Path(self.mktemp()).absolute(), overrides))
+
+    def problems(self, overrides: dict) -> list[str]:
+        from mailx.config import ConfigError
+
+        with self.assertRaises(ConfigError) as caught:
+            self.load(overrides)
+        return [str(p) for p in caught.exception.problems]
+
+    def test_defaults(self) -> None:
+        config = self.load({})
+        self.assertEqual((config.metrics_listen, config.log_format), ((), "text"))
+
+    def test_given(self) -> None:
+        config = self.load(
+            {"listen": {"metrics": "tcp:9325:interface=127.0.0.1"}, "logging": {"format": "json"}}
+        )
+        self.assertEqual(config.metrics_listen, ("tcp:9325:interface=127.0.0.1",))
+        self.assertEqual(config.log_format, "json")
+
+    def test_unknown_format_is_one_problem(self) -> None:
+        [problem] = self.problems({"logging": {"format": "xml"}})
+        self.assertIn("logging.format: must be one of text, json, got", problem)
+
+    def test_bad_endpoint_is_one_problem(self) -> None:
+        [problem] = self.problems({"listen": {"metrics": ["nonsense:1"]}})
+        self.assertIn("listen.metrics[0]", problem)
+
+
+class MetricsPortInUseTests(unittest.TestCase):
+    def test_start_up_stops_with_one_line_naming_listen_metrics(self) -> None:
+        import socket
+        import subprocess
+
+        from mailx.testing.server import TWISTD, free_port, write_config
+
+        busy = socket.socket()
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        self.addCleanup(busy.close)
+        metrics = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
+        directory = Path(self.mktemp()).absolute()
+        smtp = f"tcp:{free_port()}:interface=127.0.0.1"
+        config = write_config(directory, {"listen": {"smtp": [smtp], "metrics": [metrics]}})
+        result = subprocess.run(
+            [*TWISTD, "--nodaemon", "--pidfile=", "mailx", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=directory,
+            timeout=60,
+        )
+        output = (result.stdout + result.stderr).strip()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(len(output.splitlines()), 1, output)
+        self.assertIn(f"cannot listen on {metrics}: address already in use", output)
+        self.assertIn("change listen.metrics", output)
