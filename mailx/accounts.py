@@ -559,7 +559,8 @@ class DovecotAuthProtocol(LineOnlyReceiver):
             name = normalize_username(options.get("user", "")) or username
             d.callback(Account(name))
         elif verb == "FAIL":
-            if "temp" in options:
+            # Dovecot 2.3 says code=temp_fail; older ones a bare "temp".
+            if "temp" in options or options.get("code") == "temp_fail":
                 d.errback(AccountsUnavailable(options.get("reason") or "temporary failure"))
             else:
                 d.callback(None)
