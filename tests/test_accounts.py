@@ -385,6 +385,15 @@ class AccountsConfigTests(unittest.TestCase):
         self.assertIn("limits.auth_failures: must be at least 1", problems[0])
         self.assertIn("limits.send_per_hour: expected a whole number", problems[1])
 
+    def test_server_user_must_read_the_passwords_file(self) -> None:
+        from mailx import preflight
+
+        config = make_config(self.directory)
+        self.assertNotIn("accounts.passwords", [n.what for n in preflight.needs(config)])
+        (self.directory / "passwd").write_text("")
+        needs = [n for n in preflight.needs(config) if n.what == "accounts.passwords"]
+        self.assertEqual([(n.path, n.access) for n in needs], [(self.directory / "passwd", "read")])
+
     def test_repository_yaml_documents_the_keys(self) -> None:
         text = (REPOSITORY / "mailx.yaml").read_text()
         for line in ("auth_failures: 5", "send_per_hour: 200", "passwords: null", "dovecot: null"):
