@@ -365,22 +365,29 @@ class PasswdFileAccounts:
         self.reactor = reactor
         self._own_pool = pool is None
         self.pool = pool or ThreadPool(minthreads=0, maxthreads=AUTH_THREADS, name="mailx-auth")
-        if self._own_pool:
-            self.pool.start()
-            self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self.close)
+        self._trigger: Any = None
         self._lock = threading.Lock()
         self._key: tuple[int, ...] | None = None
         self._table: dict[str, str] = {}
         self._pending = 0
 
+    def _start(self) -> None:
+        """Start our pool at the first login, not at construction: twistd
+        builds services before it daemonizes, and a fork keeps no threads."""
+        if self._own_pool and not self.pool.started:
+            self.pool.start()
+            self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.close)
+
     def close(self) -> None:
         """Stop the pool this object made (at reactor shutdown, or by a test)."""
         if self._own_pool and self.pool.started:
             self.pool.stop()
-            try:
-                self.reactor.removeSystemEventTrigger(self._trigger)
-            except (ValueError, KeyError):
-                pass
+            if self._trigger is not None:
+                try:
+                    self.reactor.removeSystemEventTrigger(self._trigger)
+                except (ValueError, KeyError):
+                    pass
+                self._trigger = None
 
     def authenticate(
         self, username: str, password: str, remote_ip: str | None = None
@@ -392,6 +399,7 @@ class PasswdFileAccounts:
             )
             return defer.fail(AccountsUnavailable("too many authentication checks at once"))
         self._pending += 1
+        self._start()
         d = deferToThreadPool(self.reactor, self.pool, self._check, username, password)
 
         def done(result: Any) -> Any:

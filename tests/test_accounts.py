@@ -233,6 +233,11 @@ class PasswdFileAccountsTests(unittest.TestCase):
         text = "".join(f"{user}:{stored}\n" for user, stored in entries.items())
         accounts.write_passwd(self.path, text.encode())
 
+    def test_no_thread_before_the_first_login(self) -> None:
+        """twistd daemonizes (forks) after building the services: threads
+        started then would be gone."""
+        self.assertFalse(PasswdFileAccounts(self.path, reactor).pool.started)
+
     @defer.inlineCallbacks
     def test_right_password(self) -> Any:
         account = yield self.accounts.authenticate("Alice@Example.Test", "correct horse")
