@@ -550,7 +550,8 @@ class DovecotAuthProtocol(LineOnlyReceiver):
         if remote_ip:
             fields.append(f"rip={tab_escape(remote_ip)}")
         fields.append(f"resp={response}")
-        d: defer.Deferred = defer.Deferred()
+        # Cancelled (timed out): forget it, so a late reply finds nothing.
+        d: defer.Deferred = defer.Deferred(lambda _: self.requests.pop(request_id, None))
         self.requests[request_id] = (d, username)
         self.sendLine("\t".join(fields).encode("ascii", "replace"))
         return d

@@ -713,6 +713,67 @@ class DovecotProtocolTests(unittest.TestCase):
         self.failureResultOf(d, AccountsUnavailable)
 
 
+class FakeDovecot:
+    """An endpoint whose connections are StringTransports, handshake answered."""
+
+    def __init__(self) -> None:
+        self.protocols: list[DovecotAuthProtocol] = []
+
+    def connect(self, factory: Any) -> defer.Deferred:
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(DovecotProtocolTests.HANDSHAKE)
+        self.protocols.append(protocol)
+        return defer.succeed(protocol)
+
+
+class DovecotClientTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.auth = DovecotAuthAccounts("unix:/nonexistent", self.clock)
+        self.fake = FakeDovecot()
+        self.auth.endpoint = self.fake
+
+    def test_requests_share_one_connection(self) -> None:
+        first = self.auth.authenticate("a@example.test", "x")
+        second = self.auth.authenticate("b@example.test", "y")
+        [protocol] = self.fake.protocols
+        protocol.dataReceived(b"FAIL\t2\tuser=b@example.test\nOK\t1\tuser=a@example.test\n")
+        self.assertEqual(self.successResultOf(first), Account("a@example.test"))
+        self.assertIsNone(self.successResultOf(second))
+
+    def test_in_flight_bounded(self) -> None:
+        waiting = [
+            self.auth.authenticate("a@example.test", "x") for _ in range(accounts.MAX_PENDING)
+        ]
+        self.failureResultOf(self.auth.authenticate("a@example.test", "x"), AccountsUnavailable)
+        self.clock.advance(self.auth.timeout + 1)  # they time out; the bound frees up
+        for d in waiting:
+            self.failureResultOf(d, AccountsUnavailable)
+        self.assertEqual(self.fake.protocols[0].requests, {})
+        self.assertNoResult(self.auth.authenticate("a@example.test", "x"))
+
+    def test_nul_in_credentials_never_sent(self) -> None:
+        self.assertIsNone(self.successResultOf(self.auth.authenticate("a@example.test\0b", "x")))
+        self.assertIsNone(self.successResultOf(self.auth.authenticate("a@example.test", "x\0y")))
+        self.assertEqual(self.fake.protocols, [])
+
+    def test_accounts_from_config(self) -> None:
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        config = make_config(directory)
+        chosen = accounts.accounts_from_config(config, reactor)
+        self.assertIsInstance(chosen, PasswdFileAccounts)
+        text = CONFIG.replace(
+            "  passwords: passwd\n", '  dovecot: "unix:/run/dovecot/auth-client"\n'
+        )
+        chosen = accounts.accounts_from_config(make_config(directory, text), reactor)
+        self.assertIsInstance(chosen, DovecotAuthAccounts)
+        self.assertIsNone(
+            accounts.accounts_from_config(make_config(directory, CONFIG.split("accounts:")[0]))
+        )
+
+
 class DovecotTimeoutTests(unittest.TestCase):
     def test_silent_server_times_out(self) -> None:
         """A service that accepts and never answers costs a timeout, not a hang."""
