@@ -341,6 +341,25 @@ def write_passwd(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def set_password(path: Path, username: str, field: str) -> None:
+    """Set ``username``'s password field in the file at ``path`` (created if
+    missing).  Two at once do not lose each other's change: the read, edit
+    and rename happen under an exclusive lock on the directory (the file
+    itself is replaced, so a lock on it would guard the old one)."""
+    import fcntl
+
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        try:
+            data = read_passwd(path)
+        except FileNotFoundError:
+            data = b""
+        write_passwd(path, set_password_text(data, username, field))
+    finally:
+        os.close(dir_fd)  # releases the lock
+
+
 # The pool for hash checks: two threads bound what logins cost (2 x 64 MiB
 # for Argon2, two cores' worth of CPU at worst) whatever arrives at once.
 AUTH_THREADS = 2

@@ -1118,13 +1118,7 @@ def read_new_password() -> str | None:
 def passwd(context: Context) -> int:
     """``mailxctl passwd ADDRESS``: an Argon2id hash into the passwd-file, atomically;
     a running server sees the change at the next login (it watches the file)."""
-    from mailx.accounts import (
-        account_mailbox,
-        hash_password,
-        read_passwd,
-        set_password_text,
-        write_passwd,
-    )
+    from mailx.accounts import account_mailbox, hash_password, set_password
 
     config = context.load_config()
     path = config.accounts.passwords
@@ -1141,16 +1135,10 @@ def passwd(context: Context) -> int:
     if password is None:
         return EXIT_WRONG
     try:
-        data = read_passwd(path)
-    except FileNotFoundError:
-        data = b""
+        set_password(path, mailbox.address, hash_password(password))
     except (OSError, ValueError) as e:
-        print(printable(f"mailxctl passwd: cannot read {path}: {e}"), file=sys.stderr)
-        return EXIT_WRONG
-    try:
-        write_passwd(path, set_password_text(data, mailbox.address, hash_password(password)))
-    except OSError as e:
-        print(printable(f"mailxctl passwd: cannot write {path}: {e.strerror}"), file=sys.stderr)
+        error = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(printable(f"mailxctl passwd: cannot update {path}: {error}"), file=sys.stderr)
         return EXIT_WRONG
     context.emit(
         {"account": mailbox.address, "file": str(path), "scheme": "ARGON2ID"},

@@ -572,6 +572,27 @@ class PasswdCommandTests(unittest.TestCase):
         self.assertTrue(text.startswith("# managed by mailxctl\n" + other))
         self.assertTrue(verify_password(self.stored("alice@example.test"), "new one"))
 
+    def test_concurrent_updates_are_all_kept(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPOSITORY))
+        users = ["alice", "bob", "carol"]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "mailx.cli", "passwd", f"{user}@example.test"]
+                + ["-c", self.config_file],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                env=env,
+            )
+            for user in users
+        ]
+        for user, process in zip(users, processes, strict=True):
+            process.stdin.write(f"{user} pw\n".encode())
+            process.stdin.close()
+        for process in processes:
+            self.assertEqual(process.wait(timeout=120), 0)
+        for user in users:
+            self.assertTrue(verify_password(self.stored(f"{user}@example.test"), f"{user} pw"))
+
     def test_not_a_mailbox_exits_1(self) -> None:
         for address in ("team@example.test", "alice@elsewhere.test", "nobody@example.test", "x"):
             result = self.passwd(address, "pw\n")
