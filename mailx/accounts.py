@@ -31,6 +31,7 @@ import base64
 import os
 import stat
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,6 +199,24 @@ def verify_password(stored: str, password: str) -> bool:
         return bool(handler.verify(secret, hashed))
     except (ValueError, TypeError, UnicodeError):
         return False  # a malformed hash is a wrong password, never a crash
+
+
+def decoy_hash(table: Mapping[str, str]) -> str:
+    """What an unknown user's password is checked against, result unused, so
+    that it costs what a known user's check costs: a hash of the file's most
+    common scheme and parameters (one of its own entries), else `_dummy`.
+    A file of one kind (mailxctl passwd writes only Argon2id) leaks nothing;
+    a mixed one tells its rarer schemes' users apart from unknown ones."""
+    kinds: dict[str, list[str]] = {}
+    for stored in table.values():
+        if scheme_problem(stored) is None:
+            scheme, hashed = hash_scheme(stored)
+            # Scheme and cost: "$argon2id$v=19$m=65536,t=3,p=1", "$2y$05", "$6$rounds=N".
+            cost = hashed.rsplit("$", 2)[0] if scheme.startswith("ARGON2") else hashed[:7]
+            kinds.setdefault(f"{scheme} {cost}", []).append(stored)
+    if not kinds:
+        return _dummy()
+    return max(kinds.values(), key=len)[0]
 
 
 # A real hash of a random password, made once: an unknown user costs what a
@@ -388,6 +407,7 @@ class PasswdFileAccounts:
         self._lock = threading.Lock()
         self._key: tuple[int, ...] | None = None
         self._table: dict[str, str] = {}
+        self._decoy: str | None = None
         self._pending = 0
 
     def _start(self) -> None:
@@ -430,16 +450,17 @@ class PasswdFileAccounts:
     # -- in the pool -------------------------------------------------------
 
     def _check(self, username: str, password: str) -> Account | None:
-        table = self._current()
+        table, decoy = self._current()
         name = normalize_username(username)
         stored = table.get(name) if name is not None else None
         if stored is None or scheme_problem(stored) is not None:
-            verify_password(_dummy(), password)
+            verify_password(decoy, password)
             return None
         return Account(name) if verify_password(stored, password) else None
 
-    def _current(self) -> dict[str, str]:
-        """The table, re-read if the file changed since the last look (a stat)."""
+    def _current(self) -> tuple[dict[str, str], str]:
+        """The table and its decoy hash, re-read if the file changed since the
+        last look (a stat)."""
         with self._lock:
             try:
                 key = _stat_key(os.stat(self.path))
@@ -448,8 +469,8 @@ class PasswdFileAccounts:
                     log.warn(
                         "accounts file {path} does not exist: no accounts", path=str(self.path)
                     )
-                self._key, self._table = (), {}
-                return self._table
+                self._key, self._table, self._decoy = (), {}, None
+                return self._table, _dummy()
             except OSError as e:
                 log.error(
                     "cannot read accounts file {path}: {error}",
@@ -469,13 +490,14 @@ class PasswdFileAccounts:
                     )
                     raise AccountsUnavailable(error) from None
                 self._table = _table(data)
+                self._decoy = decoy_hash(self._table)
                 self._key = key
                 log.info(
                     "accounts file {path} read: {count} accounts",
                     path=str(self.path),
                     count=len(self._table),
                 )
-            return self._table
+            return self._table, self._decoy or _dummy()
 
 
 # ---------------------------------------------------------------------------

@@ -251,8 +251,8 @@ class PasswdFileAccountsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unknown_user_costs_a_hash_check(self) -> Any:
-        """Timing must not tell which accounts exist: an unknown user is checked
-        against a dummy hash of the scheme mailxctl passwd writes."""
+        """Timing must not tell which accounts exist: an unknown user's password
+        is checked against a hash like the file's own (result unused)."""
         checked: list[str] = []
         real = accounts.verify_password
 
@@ -261,9 +261,29 @@ class PasswdFileAccountsTests(unittest.TestCase):
             return real(stored, password)
 
         self.patch(accounts, "verify_password", spy)
+        # The right password of another account: still no one.
+        self.assertIsNone(
+            (yield self.accounts.authenticate("nobody@example.test", "correct horse"))
+        )
+        self.assertEqual(checked, [DOVEADM["correct horse"][2]])  # the file's bcrypt
+        self.path.unlink()
         yield self.accounts.authenticate("nobody@example.test", "correct horse")
-        self.assertEqual(len(checked), 1)
-        self.assertTrue(checked[0].startswith("{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$"))
+        self.assertTrue(checked[1].startswith("{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$"))
+
+    def test_decoy_is_the_most_common_kind(self) -> None:
+        argon, argon_i, bcrypt_hash, sha512 = (DOVEADM["correct horse"][i] for i in (0, 1, 2, 3))
+        table = {
+            "a@x.test": bcrypt_hash,
+            "b@x.test": argon,
+            "c@x.test": DOVEADM["pässwörd"][0],  # same Argon2id parameters as b
+            "d@x.test": sha512,
+            "e@x.test": "{PLAIN}x",
+            "f@x.test": "{PLAIN}y",
+            "g@x.test": "{PLAIN}z",
+        }
+        self.assertEqual(accounts.decoy_hash(table), argon)
+        self.assertEqual(accounts.decoy_hash({"a@x.test": argon_i}), argon_i)
+        self.assertTrue(accounts.decoy_hash({"e@x.test": "{PLAIN}x"}).startswith("{ARGON2ID}"))
 
     @defer.inlineCallbacks
     def test_changed_file_is_read_without_restart(self) -> Any:
