@@ -15,8 +15,8 @@ Two sources of accounts, one interface (`IAccounts`):
 Hash checks cost tens of milliseconds of CPU (Argon2: 64 MiB of memory
 too) and never run on the reactor thread: they run in a small pool of their
 own, whose size bounds the memory and CPU that logins can take.  An
-unknown user is checked against a dummy hash of the same cost, so timing
-does not tell which accounts exist.
+unknown user is checked against a hash like the file's own (`decoy_hash`),
+so timing does not tell which accounts exist.
 
 Send-as (`addresses_for`, `may_send_as`) is a pure function of the
 configuration: the account's mailbox address and its subaddresses, every
