@@ -389,6 +389,10 @@ def check(context: Context) -> int:
         text += "\n".join(f"  {p}" for p in problems)
     else:
         text += f"\nfiles: every file and directory is usable by {user.describe()}"
+    accounts = accounts_summary(config)
+    if accounts is not None:
+        summary["accounts"] = accounts
+        text = "\n".join([text, *render_accounts(accounts)])
     context.emit(summary, text)
     return EXIT_WRONG if problems else EXIT_OK
 
@@ -1076,6 +1080,122 @@ def reports_command(context: Context) -> int:
     summary["errors"] = [{"path": p, "error": why} for p, why in collected.errors]
     context.emit(summary, reports.render(summary))
     return EXIT_WRONG if collected.errors else EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# passwd, and the accounts part of check (SPEC section 11; mailx.accounts)
+
+
+def _passwd_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", help="the account: a mailbox's full address")
+
+
+def read_new_password() -> str | None:
+    """The password: asked twice on a terminal; otherwise one line of stdin,
+    its newline stripped (SPEC 11).  None, with the reason on stderr, if the
+    two differ or it is empty."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("New password: ")
+        if getpass.getpass("Again: ") != first:
+            print("mailxctl passwd: the passwords do not match; nothing changed", file=sys.stderr)
+            return None
+        password = first
+    else:
+        password = sys.stdin.readline()
+        if password.endswith("\n"):
+            password = password[:-1]
+            if password.endswith("\r"):
+                password = password[:-1]
+    if not password:
+        print("mailxctl passwd: empty password; nothing changed", file=sys.stderr)
+        return None
+    return password
+
+
+@command("passwd", "set an account's password in accounts.passwords", _passwd_arguments)
+def passwd(context: Context) -> int:
+    """``mailxctl passwd ADDRESS``: an Argon2id hash into the passwd-file, atomically;
+    a running server sees the change at the next login (it watches the file)."""
+    from mailx.accounts import account_mailbox, hash_password, set_password
+
+    config = context.load_config()
+    path = config.accounts.passwords
+    if path is None:
+        message = f"{context.config_path}: accounts.passwords is not set"
+        print(printable(f"mailxctl passwd: {message}"), file=sys.stderr)
+        return EXIT_WRONG
+    mailbox = account_mailbox(config, context.args.address)
+    if mailbox is None:
+        message = f"{context.args.address} is not a mailbox: an account is a mailbox's full address"
+        print(printable(f"mailxctl passwd: {message}"), file=sys.stderr)
+        return EXIT_WRONG
+    password = read_new_password()
+    if password is None:
+        return EXIT_WRONG
+    try:
+        set_password(path, mailbox.address, hash_password(password))
+    except (OSError, ValueError) as e:
+        error = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(printable(f"mailxctl passwd: cannot update {path}: {error}"), file=sys.stderr)
+        return EXIT_WRONG
+    context.emit(
+        {"account": mailbox.address, "file": str(path), "scheme": "ARGON2ID"},
+        f"{mailbox.address}: password set in {path}",
+    )
+    return EXIT_OK
+
+
+def accounts_summary(config: Config) -> dict[str, Any] | None:
+    """What each account may send as (`mailx.accounts.addresses_for`), and the
+    passwd-file's problems; None when no accounts are configured.  With
+    ``accounts.dovecot`` the accounts are Dovecot's: every mailbox is listed."""
+    from mailx.accounts import addresses_for, parse_passwd, passwd_problems, read_passwd
+
+    accounts = config.accounts
+    warnings: list[str] = []
+    if accounts.passwords is not None:
+        source = str(accounts.passwords)
+        try:
+            data = read_passwd(accounts.passwords)
+        except FileNotFoundError:
+            data = b""
+            warnings.append(f"{source} does not exist yet: no accounts (mailxctl passwd adds one)")
+        except (OSError, ValueError) as e:
+            data = b""
+            warnings.append(f"cannot read {source}: {e}")
+        warnings += [f"{source}: {p}" for p in passwd_problems(data)]
+        names = list(dict.fromkeys(e.username for e in parse_passwd(data) if e.address))
+    elif accounts.dovecot is not None:
+        source = f"dovecot {accounts.dovecot}"
+        names = [
+            f"{m}@{name}"
+            for name, domain in config.domains.items()
+            if domain.alias_of is None
+            for m in sorted(domain.mailboxes)
+        ]
+    else:
+        return None
+    entries = []
+    for name in names:
+        allowed = sorted(addresses_for(config, name))
+        if not allowed:
+            warnings.append(f"{name} is not a mailbox: it can log in to nothing")
+        entries.append({"account": name, "send_as": allowed})
+    return {"source": source, "accounts": entries, "warnings": warnings}
+
+
+def render_accounts(summary: dict[str, Any]) -> list[str]:
+    lines = ["", f"accounts: {summary['source']}"]
+    for entry in summary["accounts"]:
+        lines.append(f"  {entry['account']} sends as: {', '.join(entry['send_as']) or '(nothing)'}")
+    if not summary["accounts"]:
+        lines.append("  (none)")
+    if summary["accounts"]:
+        lines.append("  (and each of these with a subaddress, where the domain has a delimiter)")
+    lines += [f"warning: {w}" for w in summary["warnings"]]
+    return lines
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
@@ -126,6 +126,17 @@ DEFAULTS: Mapping[str, Any] = _frozen(
             # (RFC 5321 4.3.1).  Postfix's postscreen_greet_wait is 6s; real
             # MTAs wait 5 minutes for a banner (RFC 5321 4.5.3.2.1); 0: off.
             "greeting_delay": "1s",
+            # SPEC 11 (submission): failed AUTH per client IP per 10 minutes,
+            # then 454 4.7.0 (Dovecot's penalty starts at the second failure).
+            # Recipients per account per hour.
+            "auth_failures": 5,
+            "send_per_hour": 200,
+        },
+        # SPEC 11: who may authenticate for submission, and as what they send.
+        "accounts": {
+            "passwords": None,  # a Dovecot passwd-file (mailxctl passwd writes it)
+            "dovecot": None,  # or Dovecot's auth-client socket, a Twisted client endpoint
+            "send_as": {},  # account address -> extra addresses in our domains
         },
         "paths": {"mail": "var/mail", "spool": "var/spool"},
         "dns": {
@@ -235,6 +246,17 @@ class Limits:
     greeting_delay: float  # seconds; 0: off
     junk_commands: int = 100
     ipv6_prefix_length: int = 64  # per-IP limits group IPv6 clients by this prefix
+    auth_failures: int = 5  # per client IP per 10 minutes (SPEC 11)
+    send_per_hour: int = 200  # recipients per account per hour (SPEC 11)
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    """Accounts for submission (SPEC 11): at most one of passwords and dovecot."""
+
+    passwords: Path | None = None
+    dovecot: str | None = None  # a Twisted client endpoint string
+    send_as: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -340,6 +362,7 @@ class Config:
     # Worth saying, not stopping for (a certificate about to expire): printed
     # by `mailxctl check`, logged at start-up.
     warnings: tuple[Problem, ...] = ()
+    accounts: AccountsConfig = field(default_factory=AccountsConfig)
 
     @property
     def first_domain(self) -> str:
@@ -932,6 +955,8 @@ class _Loader:
             "greeting_delay": self.value(fields["greeting_delay"], self.duration, False, True),
             "junk_commands": self.value(fields["junk_commands"], self.count, 1),
             "ipv6_prefix_length": self.value(fields["ipv6_prefix_length"], self.count, 1, 128),
+            "auth_failures": self.value(fields["auth_failures"], self.count, 1),
+            "send_per_hour": self.value(fields["send_per_hour"], self.count, 1),
         }
         return Limits(**values)
 
@@ -1054,6 +1079,44 @@ class _Loader:
             allowed_networks=self.items(fields["allowed_networks"], self.network),
             mta_sts=self.value(fields["mta_sts"], self.boolean),
         )
+
+    def accounts(self, node: _Node, domains: Mapping[str, DomainConfig]) -> AccountsConfig | None:
+        """SPEC 11: ``passwords`` or ``dovecot`` (not both); ``send_as`` keys are
+        mailboxes, values addresses in our domains."""
+        fields = self.block(node, DEFAULTS["accounts"])
+        if fields is None:
+            return None
+        passwords = None if fields["passwords"].null else self.value(fields["passwords"], self.path)
+        dovecot = self.value(fields["dovecot"], self.client_endpoint)
+        if passwords is not None and dovecot is not None:
+            self.at(fields["dovecot"], "accounts.passwords and accounts.dovecot exclude each other")
+        send_as: dict[str, tuple[str, ...]] = {}
+        given = fields["send_as"]
+        if given.kind == "map":
+            for key, child in given.value.items():
+                key_node = _Node("scalar", child.line, child.key, key, key)
+                account = self.value(key_node, self.our_address, domains, True)
+                extra = self.items(child, self.our_address, domains, False, single=True)
+                if account is not None:
+                    send_as[account] = tuple(dict.fromkeys(send_as.get(account, ()) + extra))
+        elif not given.null:
+            self.at(given, f"expected a mapping of accounts to addresses, got {given.describe()}")
+        return AccountsConfig(passwords, dovecot, MappingProxyType(send_as))
+
+    def our_address(self, node: _Node, domains: Mapping[str, DomainConfig], mailbox: bool) -> str:
+        """An address in one of our domains; with ``mailbox``, a mailbox's own address."""
+        text = self.text(node)
+        try:
+            address = parse_address(text)
+        except AddressError as e:
+            raise _Invalid(f"bad address '{text}': {e}") from None
+        domain = domains.get(address.domain)
+        if domain is None:
+            raise _Invalid(f"{address.domain} is not one of our domains")
+        if mailbox and (domain.alias_of is not None or address.local not in domain.mailboxes):
+            where = domain.alias_of or address.domain
+            raise _Invalid(f"'{text}' is not a mailbox of {where}: an account is a mailbox's address")
+        return str(address)
 
     def smarthost_auth(self, node: _Node) -> SmarthostAuth | None:
         if node.null:
@@ -1444,5 +1507,8 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         log_format=_log_format(loader, fields["logging"]),
         warnings=tuple(loader.warnings),
     )
+    accounts = loader.accounts(fields["accounts"], config.domains)
+    if accounts is not None:
+        config = replace(config, accounts=accounts)
     loader.require_srs_secret(outbound)
     return config

@@ -118,6 +118,11 @@ def needs(config: Any) -> list[Need]:
         if domain.dkim is not None:
             # Read at each signing (bounces, DSNs), long after the drop.
             found.append(Need(f"domains.{name}.dkim.key", domain.dkim.key, "read"))
+    passwords = config.accounts.passwords
+    if passwords is not None and passwords.exists():
+        # Re-read as the server's user at the first login after each change
+        # (missing: no accounts yet, mailxctl passwd creates it).
+        found.append(Need("accounts.passwords", passwords, "read"))
     spool = config.paths.spool
     found.append(Need("paths.spool", spool, "write"))
     for sub in ("incoming", "queue"):

@@ -134,7 +134,7 @@ class DefaultsTests(ConfigTestCase):
         limits = self.config.limits
         self.assertEqual(
             dataclasses.astuple(limits),
-            (25 * 1024 * 1024, 100, 1000, 20, 300.0, 1800.0, 20, 60, 1.0, 100, 64),
+            (25 * 1024 * 1024, 100, 1000, 20, 300.0, 1800.0, 20, 60, 1.0, 100, 64, 5, 200),
         )
 
     def test_only_loopback_may_send_proxy_headers(self) -> None:
