@@ -97,6 +97,12 @@ DEFAULTS: Mapping[str, Any] = _frozen(
         "listen": {
             # Unprivileged and local until the owner says otherwise (SPEC section 2).
             "smtp": ["tcp:2525:interface=127.0.0.1"],
+            # SPEC 11: authenticated submission, off by default.  "submission"
+            # (RFC 6409, port 587) offers STARTTLS and takes AUTH and MAIL only
+            # after it; "submissions" (RFC 8314, port 465) is TLS from the first
+            # byte with tls:'s certificate.  Both need tls: and accounts.
+            "submission": [],
+            "submissions": [],
             # Who may send a PROXY header on a haproxy: listener (Dovecot's
             # haproxy_trusted_networks); from anyone else the header is a lie.
             "haproxy_trusted_networks": ["127.0.0.0/8", "::1"],
@@ -363,6 +369,9 @@ class Config:
     # by `mailxctl check`, logged at start-up.
     warnings: tuple[Problem, ...] = ()
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
+    # SPEC 11: the submission listeners (STARTTLS; implicit TLS).
+    submission: tuple[str, ...] = ()
+    submissions: tuple[str, ...] = ()
 
     @property
     def first_domain(self) -> str:
@@ -1469,6 +1478,22 @@ def _log_format(loader: _Loader, node: _Node) -> str:
     return loader.value(fields["format"], loader.choice, LOG_FORMATS) or "text"
 
 
+def _submission_listeners(loader: _Loader, listen: dict[str, _Node], config: Config) -> Config:
+    """SPEC 11: submission listeners need a certificate (RFC 8314 3: no
+    password in cleartext) and somewhere to check passwords."""
+    found = {}
+    for kind in ("submission", "submissions"):
+        node = listen[kind]
+        found[kind] = loader.items(node, loader.server_endpoint, single=True)
+        if not found[kind]:
+            continue
+        if config.tls is None:
+            loader.at(node, "needs tls: (a certificate and key): passwords never travel in cleartext")
+        if config.accounts.passwords is None and config.accounts.dovecot is None:
+            loader.at(node, "needs accounts.passwords or accounts.dovecot to check logins against")
+    return replace(config, submission=found["submission"], submissions=found["submissions"])
+
+
 def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
     fields = loader.block(root, DEFAULTS)
     if fields is None:
@@ -1510,5 +1535,7 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
     accounts = loader.accounts(fields["accounts"], config.domains)
     if accounts is not None:
         config = replace(config, accounts=accounts)
+    if listen is not None:
+        config = _submission_listeners(loader, listen, config)
     loader.require_srs_secret(outbound)
     return config

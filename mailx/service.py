@@ -12,12 +12,15 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.task import deferLater
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from mailx import dnswatch, maildir, preflight, ptr, spool
+from mailx.accounts import accounts_from_config
 from mailx.auth import Authenticator
 from mailx.auth.dmarc import default_psl
 from mailx.committer import GroupCommitter
@@ -30,7 +33,8 @@ from mailx.metrics import Metrics
 from mailx.outbound import Outbound
 from mailx.ptr import NameLookups
 from mailx.queue import Queue
-from mailx.smtp import MailxSMTPFactory, server_endpoint
+from mailx.smtp import SMTP, SUBMISSION, SUBMISSIONS, MailxSMTPFactory, server_endpoint
+from mailx.submission import SubmissionDelivery, SubmissionState
 from mailx.text import Logger
 from mailx.writer import WriterClient
 
@@ -121,6 +125,21 @@ def _openssl_words(error: Exception) -> str:
     return str(getattr(error, "strerror", None) or error)
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentTLS:
+    """The implicit-TLS listeners' connection creator: the service's TLS
+    options of the moment, so a reload's renewed certificate applies to the
+    next connection (twisted.protocols.tls asks once per connection)."""
+
+    def __init__(self, service: Any) -> None:
+        self._service = service
+
+    def serverConnectionForTLS(self, tls_protocol: Any) -> Any:
+        from OpenSSL import SSL
+
+        return SSL.Connection(self._service._tls.getContext(), None)
+
+
 def _pem_blocks(data: bytes) -> list[bytes]:
     marker = b"-----END CERTIFICATE-----"
     return [part.strip() + b"\n" + marker + b"\n" for part in data.split(marker) if part.strip()]
@@ -159,10 +178,38 @@ class MailxService(service.MultiService):
         # Header sections in memory, all sessions together; kept across reloads.
         self.header_pool = HeaderPool()
         self.context = self._context_for(config)
-        self.factory = MailxSMTPFactory(
-            config, self._delivery_for, tls_context=tls_context(config)
-        )
+        self._tls = tls_context(config)
+        self.factory = MailxSMTPFactory(config, self._delivery_for, tls_context=self._tls)
+        # SPEC 11: the submission listeners, each kind its own factory (their
+        # per-IP connection counts are their own); the accounts and the
+        # failure and rate counters are shared by both.
+        self.accounts = accounts_from_config(config, reactor)
+        self.submission = SubmissionState(self.accounts, config.limits)
+        self.factories = {SMTP: self.factory}
+        for kind in (SUBMISSION, SUBMISSIONS):
+            if getattr(config, kind):
+                self.factories[kind] = MailxSMTPFactory(
+                    config,
+                    self._submission_delivery_for,
+                    tls_context=self._tls,
+                    kind=kind,
+                    submission=self.submission,
+                )
         self.endpoints = [server_endpoint(reactor, d) for d in config.listen]
+        self.listeners: list[tuple[str, Any, Any]] = [
+            (d, e, self.factory) for d, e in zip(config.listen, self.endpoints, strict=True)
+        ]
+        for kind in (SUBMISSION, SUBMISSIONS):
+            for description in getattr(config, kind):
+                factory: Any = self.factories[kind]
+                if kind == SUBMISSIONS and not description.startswith("ssl:"):
+                    # RFC 8314 3: TLS from the first byte, with tls:'s
+                    # certificate (through _CurrentTLS, so a reload's renewed
+                    # certificate applies to new connections).
+                    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+                    factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
+                self.listeners.append((description, server_endpoint(reactor, description), factory))
         self.ports: list[Any] = []
         self.metrics.watch_queue(self.outbound.queued, reactor.seconds)
         self.metrics_ports: list[Any] = []
@@ -235,6 +282,9 @@ class MailxService(service.MultiService):
         # change the rules under a transaction in progress.
         return SessionDelivery(self.context, session)
 
+    def _submission_delivery_for(self, session: Any) -> SubmissionDelivery:
+        return SubmissionDelivery(self.context, session, self.submission)
+
     def prepare_storage(self, clean: bool = True, config: Config | None = None) -> None:
         """Create the directories and (at start-up) clear what a crash left behind."""
         config = config or self.config
@@ -278,11 +328,11 @@ class MailxService(service.MultiService):
         self._listening = True
         self.metrics.start()
         self._listen_metrics()
-        for description, endpoint in zip(self.config.listen, self.endpoints, strict=True):
+        for description, endpoint, factory in self.listeners:
             # Stream endpoints listen synchronously; a port in use must stop
             # start-up with a clear error rather than leave a deaf server.
             failures: list[Failure] = []
-            endpoint.listen(self.factory).addCallbacks(self.ports.append, failures.append)
+            endpoint.listen(factory).addCallbacks(self.ports.append, failures.append)
             if failures:
                 error = getattr(failures[0].value, "socketError", None)
                 if isinstance(error, OSError):
@@ -330,7 +380,7 @@ class MailxService(service.MultiService):
         log.info(
             "mailx ready as {hostname} on {listen}, domains: {domains}",
             hostname=self.config.hostname,
-            listen=", ".join(self.config.listen),
+            listen=", ".join(d for d, _, _ in self.listeners),
             domains=", ".join(self.config.domains),
         )
 
@@ -396,11 +446,24 @@ class MailxService(service.MultiService):
         return config, context
 
     def _apply(self, config: Config, context: Any) -> list[str]:
-        if config.listen != self.config.listen:
+        if (config.listen, config.submission, config.submissions) != (
+            self.config.listen,
+            self.config.submission,
+            self.config.submissions,
+        ):
             log.warn("reload: listen endpoints changed; they take effect at the next restart")
+        if config.accounts != self.config.accounts:
+            close = getattr(self.accounts, "close", None)
+            if close is not None:
+                close()
+            self.accounts = accounts_from_config(config, self.reactor)
+        self.submission.reconfigure(self.accounts, config.limits)
         self.config = config
         self.context = self._context_for(config)
-        self.factory.reconfigure(config, self._delivery_for, context)
+        self._tls = context
+        for kind, factory in self.factories.items():
+            delivery_for = self._delivery_for if kind == SMTP else self._submission_delivery_for
+            factory.reconfigure(config, delivery_for, context)
         for warning in config.warnings:
             log.warn("{problem}", problem=str(warning))
         log.info(
@@ -440,7 +503,8 @@ class MailxService(service.MultiService):
         self._listening = False
         stopping = [defer.maybeDeferred(port.stopListening) for port in ports]
         stopping.append(defer.maybeDeferred(super().stopService))
-        self.factory.shutdown()
+        for factory in self.factories.values():
+            factory.shutdown()
         d = defer.gatherResults(stopping, consumeErrors=True)
         d.addBoth(lambda _: self._drain_sessions())
         d.addBoth(lambda _: self.writer.stop())
@@ -451,9 +515,12 @@ class MailxService(service.MultiService):
     @defer.inlineCallbacks
     def _drain_sessions(self) -> Any:
         deadline = self.reactor.seconds() + self.shutdown_grace
-        while self.factory.sessions and self.reactor.seconds() < deadline:
+        def sessions() -> list[Any]:
+            return [p for f in self.factories.values() for p in f.sessions]
+
+        while sessions() and self.reactor.seconds() < deadline:
             yield deferLater(self.reactor, 0.05, lambda: None)
-        for proto in list(self.factory.sessions):
+        for proto in sessions():
             log.info("shutdown: cutting off a session that did not finish in time")
             proto.transport.abortConnection()
 

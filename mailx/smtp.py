@@ -49,6 +49,14 @@ log = Logger(namespace="mailx.smtp")
 
 COMMAND = "COMMAND"
 DATA = "DATA"
+AUTH = "AUTH"  # the next line is a SASL response (RFC 4954 4), not a command
+
+# Listener kinds.  Port 25 (an MX) never offers AUTH; the submission
+# listeners (SPEC 11) take mail only from authenticated users, over TLS.
+SMTP = "smtp"
+SUBMISSION = "submission"  # RFC 6409, port 587: STARTTLS, then AUTH
+SUBMISSIONS = "submissions"  # RFC 8314, port 465: TLS from the first byte
+LISTENER_KINDS = (SMTP, SUBMISSION, SUBMISSIONS)
 
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
 MAX_COMMAND_LINE = 510
@@ -117,9 +125,15 @@ class Session:
         "tls",
         "reverse_name",
         "started",
+        "kind",
+        "account",
     )
 
-    def __init__(self, session_id: str, client_ip: str, client_port: int) -> None:
+    def __init__(
+        self, session_id: str, client_ip: str, client_port: int, kind: str = SMTP
+    ) -> None:
+        self.kind = kind  # SMTP, SUBMISSION or SUBMISSIONS
+        self.account: str | None = None  # after a successful AUTH (submission only)
         self.session_id = session_id
         self.client_ip = client_ip
         self.client_port = client_port
@@ -155,10 +169,12 @@ class MailxESMTP(smtp.ESMTP):
     def __init__(self, factory: MailxSMTPFactory) -> None:
         super().__init__(chal={}, contextFactory=factory.tls_context)
         self.factory = factory
+        self.kind = factory.kind  # SMTP, SUBMISSION or SUBMISSIONS: what this listener allows
         self.settings = factory.settings
         self.host = self.settings.hostname.encode("ascii")
         self.timeout = self.settings.idle_timeout
         self.mode = COMMAND
+        self._auth_next: Callable[[bytes], None] | None = None  # in AUTH mode: what takes the response
         self.session: Session | None = None
         self.delivery: Any = None
         # Unprocessed input is self._buffer[self._offset:]; the consumed prefix
@@ -193,7 +209,7 @@ class MailxESMTP(smtp.ESMTP):
         self._admitted = True
         self.transport.registerProducer(self, True)
         self._producing = True
-        self.session = Session(self.factory.new_session_id(), ip, port)
+        self.session = Session(self.factory.new_session_id(), ip, port, self.factory.kind)
         if _openssl_connection(self.transport) is not None:
             self.startedTLS = True  # an implicit-TLS (ssl:) listener
             self.session.tls = "TLS"
@@ -414,6 +430,16 @@ class MailxESMTP(smtp.ESMTP):
                 if self.mode == DATA:
                     if not self._process_data():
                         break
+                elif self.mode == AUTH:
+                    buf = self._buffer
+                    end = buf.find(b"\r\n", self._offset)
+                    if end < 0:
+                        if len(buf) - self._offset > MAX_PARTIAL_COMMAND:
+                            self._close_with(replies.LINE_TOO_LONG)
+                        break
+                    line = buf[self._offset : end]
+                    self._offset = end + 2
+                    self._auth_response(line)
                 else:
                     buf = self._buffer
                     end = buf.find(b"\r\n", self._offset)
@@ -602,7 +628,27 @@ class MailxESMTP(smtp.ESMTP):
             return
         if verb in JUNK_COMMANDS and not self._count_junk():
             return
+        refusal = self._submission_gate(verb)
+        if refusal is not None:
+            self.reply(refusal)
+            self._count_error()
+            return
         handler(self, arg)
+
+    def _submission_gate(self, verb: bytes) -> Reply | None:
+        """What a submission listener requires before a command (SPEC 11), or None.
+
+        The whole table: on port 25 nothing; on a submission listener AUTH
+        and MAIL need TLS (RFC 3207 4, RFC 8314 3), MAIL needs AUTH (RFC
+        6409 4.1); RCPT and DATA need MAIL, as everywhere.
+        """
+        if self.kind == SMTP:
+            return None
+        if verb in (b"AUTH", b"MAIL") and not self.startedTLS:
+            return replies.MUST_STARTTLS
+        if verb == b"MAIL" and self.session.account is None:
+            return replies.AUTH_REQUIRED
+        return None
 
     def _count_error(self) -> None:
         """Postfix's smtpd_soft/hard_error_limit: slow down, then hang up.
@@ -695,6 +741,9 @@ class MailxESMTP(smtp.ESMTP):
         }
         if self.canStartTLS and not self.startedTLS:
             ext[b"STARTTLS"] = None
+        if self.kind != SMTP and self.startedTLS and self.session.account is None:
+            # RFC 4954 4: not offered before TLS, nor once authenticated.
+            ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
         return ext
 
     def do_MAIL(self, rest: bytes) -> None:
@@ -928,9 +977,161 @@ class MailxESMTP(smtp.ESMTP):
         self.session.esmtp = False
         self.session.tls = "TLS"
 
+    # --- AUTH (submission listeners; SPEC 11, RFC 4954) -----------------------
+    #
+    # Written here rather than through Twisted's ESMTP ``challengers`` and
+    # ``portal``: those read the response through Twisted's own line mode
+    # (which this class replaces), check credentials synchronously inside
+    # the cred checker's Deferred chain without our pipelining hold, answer
+    # 535 without enhanced codes and have no hook for the per-IP failure
+    # count.  PLAIN and LOGIN are a few lines each.
+
     def do_AUTH(self, rest: bytes) -> None:
-        # An MX takes no logins; submission is not our job.
-        self.reply(replies.NOT_IMPLEMENTED)
+        if self.kind == SMTP:
+            # An MX takes no logins (SPEC 11: 502 5.5.1 on port 25).
+            self.reply(replies.NOT_IMPLEMENTED)
+            return
+        if self.session.helo is None:
+            self.reply(replies.BAD_SEQUENCE.with_text("Send EHLO first"))
+            self._count_error()
+            return
+        if self.session.account is not None:
+            self.reply(replies.AUTH_ALREADY)  # RFC 4954 4
+            return
+        if self._sender is not None:
+            self.reply(replies.AUTH_IN_TRANSACTION)  # RFC 4954 4
+            return
+        if self.factory.submission.failures.blocked(self.limit_key):
+            log.info(
+                "auth refused: ip={ip} too many failures ({session})",
+                ip=self.session.client_ip,
+                session=self.session.session_id,
+            )
+            self._close_with(replies.AUTH_TOO_MANY_FAILURES)
+            return
+        words = rest.split()
+        mechanism = words[0].upper() if words else b""
+        initial = words[1] if len(words) > 1 else None
+        if len(words) > 2 or mechanism not in (b"PLAIN", b"LOGIN"):
+            self.reply(replies.AUTH_MECHANISM)
+            self._count_error()
+            return
+        if mechanism == b"PLAIN":
+            if initial is None:
+                self._challenge(b"", self._auth_plain)
+            else:
+                # RFC 4954 4: "=" is an empty initial response.
+                self._auth_plain(b"" if initial == b"=" else initial)
+        elif initial is None:
+            self._challenge(b"VXNlcm5hbWU6", self._auth_login_user)  # "Username:"
+        else:
+            self._auth_login_user(initial)
+
+    def _challenge(self, challenge: bytes, then: Callable[[bytes], None]) -> None:
+        """334 and wait for the client's response line (RFC 4954 4)."""
+        self.mode = AUTH
+        self._auth_next = then
+        self._send(b"334 " + challenge + b"\r\n")
+
+    def _auth_response(self, line: bytes) -> None:
+        self.mode = COMMAND
+        then, self._auth_next = self._auth_next, None
+        response = line.strip()
+        if response == b"*":
+            self.reply(replies.AUTH_CANCELLED)  # RFC 4954 4: the client cancels
+            return
+        then(response)
+
+    def _auth_plain(self, response: bytes) -> None:
+        from mailx.submission import decode_base64, decode_plain
+
+        if decode_base64(response) is None:
+            self.reply(replies.AUTH_BAD_BASE64)
+            self._count_error()
+            return
+        parsed = decode_plain(response)
+        if parsed is None:
+            self._auth_failed("", "PLAIN")
+            return
+        authzid, user, password = parsed
+        if authzid and authzid.lower() != user.lower():
+            # Acting for another user (RFC 4616 authzid) is not offered.
+            self._auth_failed(user, "PLAIN")
+            return
+        self._check_login(user, password, "PLAIN")
+
+    def _auth_login_user(self, response: bytes) -> None:
+        from mailx.submission import decode_base64
+
+        user = decode_base64(response)
+        if user is None:
+            self.reply(replies.AUTH_BAD_BASE64)
+            self._count_error()
+            return
+        self._challenge(b"UGFzc3dvcmQ6", lambda r: self._auth_login_password(user, r))  # "Password:"
+
+    def _auth_login_password(self, user: str, response: bytes) -> None:
+        from mailx.submission import decode_base64
+
+        password = decode_base64(response)
+        if password is None:
+            self.reply(replies.AUTH_BAD_BASE64)
+            self._count_error()
+            return
+        self._check_login(user, password, "LOGIN")
+
+    def _check_login(self, user: str, password: str, mechanism: str) -> None:
+        """Ask the accounts (off the reactor thread), holding input meanwhile."""
+        accounts = self.factory.submission.accounts
+        d = defer.maybeDeferred(accounts.authenticate, user, password, self.session.client_ip)
+
+        def done(account: Any) -> None:
+            if account is None:
+                self._auth_failed(user, mechanism)
+                return
+            self.session.account = account.address
+            log.info(
+                "{session}: authenticated as {account} ip={ip} mechanism={mechanism}",
+                session=self.session.session_id,
+                account=account.address,
+                ip=self.session.client_ip,
+                mechanism=mechanism,
+            )
+            self.reply(replies.AUTH_OK)
+
+        def failed(failure: Failure) -> None:
+            from mailx.accounts import AccountsUnavailable
+
+            if not failure.check(AccountsUnavailable):
+                log.failure("{session}: authentication check failed", failure, session=self.session.session_id)
+            log.info(
+                "auth unavailable: ip={ip} mechanism={mechanism} user={user}: {why}",
+                ip=self.session.client_ip,
+                mechanism=mechanism,
+                user=user[:256],
+                why=str(failure.value),
+            )
+            self.reply(replies.AUTH_UNAVAILABLE)  # RFC 4954 6: 454 4.7.0
+
+        self._await(d, done, failed)
+
+    def _auth_failed(self, user: str, mechanism: str) -> None:
+        """535, counted per client IP; the line docs/fail2ban/mailx.conf matches.
+
+        The IP comes first: the user name is the client's text (escaped by
+        mailx.text.Logger, but it may contain " ip=..."), so the filter
+        anchors on the first field.
+        """
+        count = self.factory.submission.failures.failed(self.limit_key)
+        log.info(
+            "auth failed: ip={ip} mechanism={mechanism} failures={count} session={session} user={user}",
+            ip=self.session.client_ip,
+            mechanism=mechanism,
+            count=count,
+            session=self.session.session_id,
+            user=user[:256],
+        )
+        self.reply(replies.AUTH_INVALID)
 
     def do_BDAT(self, rest: bytes) -> None:
         self.reply(replies.NOT_IMPLEMENTED)
@@ -1071,7 +1272,12 @@ class MailxSMTPFactory(ServerFactory):
         config: Any,
         delivery_for: Callable[[Session], Any],
         tls_context: Any = None,
+        kind: str = SMTP,
+        submission: Any = None,
     ) -> None:
+        self.kind = kind
+        # mailx.submission.SubmissionState: accounts and the shared counters.
+        self.submission = submission
         self.settings = Settings(config)
         self.delivery_for = delivery_for
         self.tls_context = tls_context
