@@ -390,7 +390,8 @@ def listen_problems(descriptions: Sequence[str]) -> list[str]:
 
 def problems(config: Any, user: RunAs, listen: bool = True) -> list[str]:
     """Everything that would stop or cripple the server, one line each."""
-    found = listen_problems(config.listen) if listen else []
+    listeners = (*config.listen, *config.submission, *config.submissions)
+    found = listen_problems(listeners) if listen else []
     if listen and config.metrics_listen:
         found += [
             p.replace("listen.smtp", "listen.metrics") for p in listen_problems(config.metrics_listen)

@@ -20,10 +20,12 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailx import dkimkeys
+from mailx import dkimkeys, dnssetup
 from mailx.accounts import hash_password
+from mailx.auth.spf import check_spf
 from mailx.config import ConfigError, load_config
-from mailx.submission import AuthFailures, SendRate, decode_plain, header_refusal
+from mailx.dns import Resolver
+from mailx.submission import AuthFailures, SendRate, decode_plain, header_refusal, unsigned_domains
 from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.server import (
     LineClient,
@@ -52,6 +54,8 @@ def dkim_key() -> Any:
     if not _DKIM_KEY:
         _DKIM_KEY.append(dkimkeys.generate_key("rsa"))
     return _DKIM_KEY[0]
+
+
 ZONES = {
     "outside.test": {"MX": [(10, "mx.outside.test")]},
     "mx.outside.test": {"A": ["127.0.0.1"]},
@@ -71,7 +75,9 @@ def wait_until(predicate: Any, timeout: float = 20.0) -> defer.Deferred:
     return poll()
 
 
-def submitted(sender: str = "alice@example.test", to: str = "bob@example.test", extra: str = "") -> bytes:
+def submitted(
+    sender: str = "alice@example.test", to: str = "bob@example.test", extra: str = ""
+) -> bytes:
     """A message as a mail client writes it, without Date or Message-ID."""
     return (f"From: Alice <{sender}>\r\nTo: {to}\r\nSubject: hi\r\n{extra}\r\nHello.\r\n").encode()
 
@@ -172,7 +178,11 @@ class SubmissionDeliveryTests(SubmissionCase):
         def send() -> None:
             with self.client(implicit=True) as c:
                 c.login("alice@example.test", PASSWORD)  # smtplib tries PLAIN first... or CRAM
-                c.sendmail("alice+news@example.test", ["alice@example.test"], submitted("sales@example.test"))
+                c.sendmail(
+                    "alice+news@example.test",
+                    ["alice@example.test"],
+                    submitted("sales@example.test"),
+                )
 
         yield self.inthread(send)
         [message] = self.server.messages("alice")
@@ -184,7 +194,11 @@ class SubmissionDeliveryTests(SubmissionCase):
         def send() -> None:
             with self.client() as c:
                 c.login("alice@example.test", PASSWORD)
-                c.sendmail("team@example.test", ["someone@outside.test"], submitted("team@example.test", "someone@outside.test"))
+                c.sendmail(
+                    "team@example.test",
+                    ["someone@outside.test"],
+                    submitted("team@example.test", "someone@outside.test"),
+                )
 
         yield self.inthread(send)
         [received] = yield self.sink.wait_for(1)
@@ -193,6 +207,23 @@ class SubmissionDeliveryTests(SubmissionCase):
         self.assertTrue(self.verify_dkim(received.data))
         self.assertIn(b"with ESMTPSA", received.data)
         self.assertNotIn(b"Delivered-To", received.data)
+        # SPF for the sending IP passes with the records `mailxctl dns` prints.
+        plan = dnssetup.plan(self.server.config, "example.test", ["127.0.0.1"])
+        for record in plan.records:
+            if record.type in ("MX", "A", "TXT") and record.name in (
+                "example.test",
+                "mx.example.test",
+            ):
+                value: Any = record.value
+                if record.type == "MX":
+                    preference, host = record.value.split()
+                    value = (int(preference), host)
+                self.dns.set(record.name, record.type, [value])
+        resolver = Resolver(self.dns.nameservers, 2)
+        spf = yield resolver.call(
+            check_spf, resolver, "127.0.0.1", "mx.example.test", received.mail_from
+        )
+        self.assertEqual(spf.result, "pass")
 
     @defer.inlineCallbacks
     def test_msmtp_on_both_listeners(self) -> None:
@@ -237,7 +268,9 @@ class TableTests(SubmissionCase):
         def talk() -> tuple[Any, Any]:
             c = self.raw()
             code, text = c.command(b"EHLO client.test")
-            return text, c.command(b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0" + PASSWORD.encode()))
+            return text, c.command(
+                b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0" + PASSWORD.encode())
+            )
 
         ehlo, reply = yield self.inthread(talk)
         self.assertNotIn(b"AUTH", ehlo)
@@ -277,7 +310,12 @@ class TableTests(SubmissionCase):
         self.assertEqual(reply[0], 535)
         self.assertTrue(reply[1].startswith(b"5.7.8"))
         self.assertTrue(
-            any(re.search(r"auth failed: ip=127\.0\.0\.1 mechanism=PLAIN .*user=alice@example\.test", x) for x in lines),
+            any(
+                re.search(
+                    r"auth failed: ip=127\.0\.0\.1 mechanism=PLAIN .*user=alice@example\.test", x
+                )
+                for x in lines
+            ),
             lines,
         )
 
@@ -375,7 +413,15 @@ class TableTests(SubmissionCase):
             with self.client() as c:
                 c.login("alice@example.test", PASSWORD)
                 c.docmd("MAIL", "FROM:<alice@example.test>")
-                return [c.docmd("RCPT", f"TO:<{r}>") for r in ("bob@example.test", "x@outside.test", "sales@example.test", "team@example.test")]
+                return [
+                    c.docmd("RCPT", f"TO:<{r}>")
+                    for r in (
+                        "bob@example.test",
+                        "x@outside.test",
+                        "sales@example.test",
+                        "team@example.test",
+                    )
+                ]
 
         replies = yield self.inthread(talk)
         self.assertEqual([r[0] for r in replies], [250, 250, 250, 450])
@@ -400,7 +446,11 @@ class TableTests(SubmissionCase):
                 c.docmd("AUTH", "PLAIN")
                 cancelled = c.docmd("*")
                 bad = c.docmd("AUTH", "PLAIN !!notbase64")
-                ok = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0alice@example.test\0" + PASSWORD.encode()).decode())
+                ok = c.docmd(
+                    "AUTH",
+                    "PLAIN "
+                    + base64.b64encode(b"\0alice@example.test\0" + PASSWORD.encode()).decode(),
+                )
                 return cancelled, bad, ok
 
         cancelled, bad, ok = yield self.inthread(talk)
@@ -420,7 +470,9 @@ class StolenPasswordTests(SubmissionCase):
                 mail = c.docmd("MAIL", "FROM:<bob@example.test>")
                 c.docmd("RSET")
                 try:
-                    c.sendmail("alice@example.test", ["victim@outside.test"], submitted("ceo@example.test"))
+                    c.sendmail(
+                        "alice@example.test", ["victim@outside.test"], submitted("ceo@example.test")
+                    )
                     end = (250, b"")
                 except smtplib.SMTPDataError as e:
                     end = (e.smtp_code, e.smtp_error)
@@ -544,7 +596,11 @@ class CrashTests(unittest.TestCase):
             with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
                 c.starttls(context=tls_client_context(cert))
                 c.login("alice@example.test", PASSWORD)
-                c.sendmail("alice@example.test", ["someone@outside.test"], submitted(to="someone@outside.test"))
+                c.sendmail(
+                    "alice@example.test",
+                    ["someone@outside.test"],
+                    submitted(to="someone@outside.test"),
+                )
 
         yield deferToThread(send)
         process.kill()
@@ -555,3 +611,48 @@ class CrashTests(unittest.TestCase):
         delivered = [m for m in sink.accepted if m.recipients == ["someone@outside.test"]]
         self.assertEqual(len(delivered), 1)
         process.terminate()
+
+
+class UnsignedDomainTests(unittest.TestCase):
+    def config(self, dkim: bool) -> Any:
+        directory = Path(self.mktemp()).absolute()
+        cert, key = make_certificate(directory / "tls")
+        domain: dict[str, Any] = {"mailboxes": ["alice"], "aliases": {"team": "alice"}}
+        if dkim:
+            dkimkeys.write_key(dkim_key(), directory / "dkim.key")
+            domain["dkim"] = {"selector": "mx1", "key": str(directory / "dkim.key")}
+        return load_config(
+            write_config(
+                directory,
+                {
+                    "listen": {"submission": ["tcp:0:interface=127.0.0.1"]},
+                    "tls": {"certificate": str(cert), "key": str(key)},
+                    "accounts": {"passwords": str(directory / "passwd")},
+                    "domains": {"example.test": domain},
+                },
+            )
+        )
+
+    def test_domain_without_key_is_a_check_warning(self) -> None:
+        from mailx.cli import accounts_summary
+
+        warnings = accounts_summary(self.config(dkim=False))["warnings"]
+        self.assertTrue(any("example.test" in w and "no DKIM key" in w for w in warnings), warnings)
+
+    def test_domain_with_key_is_not(self) -> None:
+        from mailx.cli import accounts_summary
+
+        self.assertEqual(unsigned_domains(self.config(dkim=True)), [])
+        self.assertFalse(
+            any("DKIM" in w for w in accounts_summary(self.config(dkim=True))["warnings"])
+        )
+
+    def test_start_up_warns(self) -> None:
+        lines = capture_log(self)
+        config = self.config(dkim=False)
+        from mailx.service import MailxService
+
+        service = MailxService(config)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertTrue(any("example.test" in x and "no DKIM key" in x for x in lines), lines)
