@@ -659,3 +659,49 @@ class UnsignedDomainTests(unittest.TestCase):
         service.startService()
         self.addCleanup(service.stopService)
         self.assertTrue(any("example.test" in x and "no DKIM key" in x for x in lines), lines)
+
+
+class BounceTests(SubmissionCase):
+    @defer.inlineCallbacks
+    def test_remote_refusal_comes_back_to_the_senders_mailbox(self) -> None:
+        self.sink.script("rcpt", "550 5.1.1 no such user")
+
+        def send() -> None:
+            with self.client() as c:
+                c.login("alice@example.test", PASSWORD)
+                c.sendmail(
+                    "alice@example.test",
+                    ["nobody@outside.test"],
+                    submitted(to="nobody@outside.test"),
+                )
+
+        yield self.inthread(send)
+        yield wait_until(lambda: self.server.messages("alice"), 30)
+        [bounce] = self.server.messages("alice")
+        self.assertIn(b"Return-Path: <>", bounce)
+        self.assertIn(b"nobody@outside.test", bounce)
+        self.assertIn(b"5.1.1", bounce)
+
+
+class HostileAuthTests(SubmissionCase):
+    @defer.inlineCallbacks
+    def test_endless_auth_response_is_cut_off_and_others_served(self) -> None:
+        def talk() -> Any:
+            c = self.client()
+            c.docmd("AUTH", "PLAIN")
+            c.sock.sendall(b"A" * 100_000)
+            try:
+                return c.getreply()
+            except smtplib.SMTPServerDisconnected:
+                return "closed"
+
+        reply = yield self.inthread(talk)
+        self.assertIn(reply if reply == "closed" else reply[0], ("closed", 500))
+
+        def other() -> Any:
+            with self.client() as c:
+                return c.login("alice@example.test", PASSWORD)[0]
+
+        started = time.monotonic()
+        self.assertEqual((yield self.inthread(other)), 235)
+        self.assertLess(time.monotonic() - started, 15)
