@@ -705,3 +705,42 @@ class HostileAuthTests(SubmissionCase):
         started = time.monotonic()
         self.assertEqual((yield self.inthread(other)), 235)
         self.assertLess(time.monotonic() - started, 15)
+
+
+class ReloadTests(SubmissionCase):
+    limits = {"auth_failures": 2}
+
+    @defer.inlineCallbacks
+    def test_reload_keeps_failure_counts_and_applies_send_as(self) -> None:
+        def fail_twice() -> None:
+            with self.client() as c:
+                for _ in range(2):
+                    c.docmd(
+                        "AUTH", "PLAIN " + base64.b64encode(b"\0bob@example.test\0nope").decode()
+                    )
+
+        yield self.inthread(fail_twice)
+        # bob may send as sales@ after the reload.
+        config_path = self.server.config.source
+        text = config_path.read_text().replace(
+            "alice@example.test:\n    - sales@example.test",
+            "alice@example.test:\n    - sales@example.test\n    bob@example.test:\n    - sales@example.test",
+        )
+        self.assertIn("bob@example.test:", text)
+        config_path.write_text(text)
+        self.assertTrue(self.server.service.reload())
+
+        def after() -> Any:
+            with self.client() as c:
+                token = base64.b64encode(b"\0bob@example.test\0bobs").decode()
+                return c.docmd("AUTH", "PLAIN " + token)[0]
+
+        self.assertEqual((yield self.inthread(after)), 454)  # still blocked
+        self.server.service.submission.failures._failures.clear()  # the cool-down, without waiting
+
+        def send_as_sales() -> Any:
+            with self.client() as c:
+                c.login("bob@example.test", "bobs")
+                return c.docmd("MAIL", "FROM:<sales@example.test>")[0]
+
+        self.assertEqual((yield self.inthread(send_as_sales)), 250)
