@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import os
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
-from dkim.crypto import HASH_ALGORITHMS, parse_pem_private_key
+from dkim.crypto import HASH_ALGORITHMS
 
 from mailx import headers
 from mailx.routing import AddressError, normalize_domain
@@ -184,7 +185,7 @@ def load_key(path: str | os.PathLike[str]) -> PrivateKey:
         raise KeyFileError(f"cannot read DKIM key {path}: {e.strerror}") from None
     if b"-----BEGIN" in data:
         try:
-            key = serialization.load_pem_private_key(data, password=None)
+            key = _load_pem(data)
         except (ValueError, TypeError) as e:
             raise KeyFileError(f"{path}: not a usable private key: {e}") from None
         if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
@@ -197,6 +198,14 @@ def load_key(path: str | os.PathLike[str]) -> PrivateKey:
     if len(seed) != 32:
         raise KeyFileError(f"{path}: not a PEM private key nor a base64 Ed25519 seed")
     return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_pem(data: bytes) -> PrivateKey:
+    """Parse a PEM key once per content: cryptography checks an RSA key on
+    load (~100 ms for 2048 bits), which every submitted message would pay.
+    Keyed by the file's bytes, so a rotated key is parsed afresh."""
+    return serialization.load_pem_private_key(data, password=None)
 
 
 def public_key_data(key: PrivateKey) -> str:
@@ -238,6 +247,20 @@ class _Ed25519Adapter:
         return SimpleNamespace(signature=self._key.sign(digest))
 
 
+class _RSAAdapter:
+    """RSASSA-PKCS1-v1_5 over an already computed SHA-256 digest (RFC 6376 3.3.1)."""
+
+    def __init__(self, key: rsa.RSAPrivateKey) -> None:
+        self._key = key
+
+    def sign(self, digest: bytes) -> SimpleNamespace:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+        signature = self._key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+        return SimpleNamespace(signature=signature)
+
+
 class _Signer(dkim.DKIM):
     """dkimpy's DKIM, signing with a ``cryptography`` key of either type."""
 
@@ -250,7 +273,12 @@ class _Signer(dkim.DKIM):
             signer: object = _Ed25519Adapter(key)
         else:
             self.signature_algorithm = b"rsa-sha256"
-            signer = parse_pem_private_key(_pem(key))
+            # cryptography's RSA (OpenSSL) rather than dkimpy's pure-Python
+            # one: 0.5 ms instead of ~20 ms a signature for 2048 bits, which
+            # every submitted message pays.  Handed to gen_header through its
+            # Ed25519 branch (``pk.sign(digest)``, the same SHA-256 digest of
+            # the same canonical headers); a= is set below, before the switch.
+            signer = _RSAAdapter(key)
         canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
         present = {name.lower() for name, _ in self.headers}
         if b"from" not in present:
@@ -278,7 +306,15 @@ class _Signer(dkim.DKIM):
         ]
         if timestamp is not None:
             fields.insert(5, (b"t", str(int(timestamp)).encode("ascii")))
-        value = self.gen_header(fields, self.include_headers, canon, b"DKIM-Signature", signer)
+        algorithm = self.signature_algorithm
+        if isinstance(signer, _RSAAdapter):
+            self.signature_algorithm = b"ed25519-sha256"  # the branch that calls pk.sign(digest)
+        try:
+            value = self.gen_header(
+                fields, self.include_headers, canon, b"DKIM-Signature", signer
+            )
+        finally:
+            self.signature_algorithm = algorithm
         return b"DKIM-Signature: " + value
 
 
