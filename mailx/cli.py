@@ -1177,12 +1177,6 @@ def accounts_summary(config: Config) -> dict[str, Any] | None:
         ]
     else:
         return None
-    from mailx.submission import unsigned_domains
-
-    warnings += [
-        f"{domain}: users can send from it but it has no DKIM key (mailxctl dkim keygen DOMAIN)"
-        for domain in unsigned_domains(config)
-    ]
     entries = []
     for name in names:
         allowed = sorted(addresses_for(config, name))

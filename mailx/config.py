@@ -1491,7 +1491,22 @@ def _submission_listeners(loader: _Loader, listen: dict[str, _Node], config: Con
             loader.at(node, "needs tls: (a certificate and key): passwords never travel in cleartext")
         if config.accounts.passwords is None and config.accounts.dovecot is None:
             loader.at(node, "needs accounts.passwords or accounts.dovecot to check logins against")
-    return replace(config, submission=found["submission"], submissions=found["submissions"])
+    config = replace(config, submission=found["submission"], submissions=found["submissions"])
+    from mailx.submission import unsigned_domains
+
+    unsigned = [
+        Problem(
+            loader.file,
+            None,
+            f"domains.{name}.dkim",
+            "users can send from this domain (listen.submission) but it has no DKIM key:"
+            " their mail goes out unsigned (mailxctl dkim keygen DOMAIN)",
+        )
+        for name in unsigned_domains(config)
+    ]
+    if unsigned:
+        config = replace(config, warnings=(*config.warnings, *unsigned))
+    return config
 
 
 def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:

@@ -34,7 +34,7 @@ from mailx.outbound import Outbound
 from mailx.ptr import NameLookups
 from mailx.queue import Queue
 from mailx.smtp import SMTP, SUBMISSION, SUBMISSIONS, MailxSMTPFactory, server_endpoint
-from mailx.submission import SubmissionDelivery, SubmissionState, unsigned_domains
+from mailx.submission import SubmissionDelivery, SubmissionState
 from mailx.text import Logger
 from mailx.writer import WriterClient
 
@@ -377,12 +377,6 @@ class MailxService(service.MultiService):
             # Not warning=...: Twisted's legacy observers (trial's, twistd's)
             # take an event with a "warning" key for a Python warning.
             log.warn("{problem}", problem=str(warning))
-        for domain in unsigned_domains(self.config):
-            log.warn(
-                "{domain}: users can send from it but it has no DKIM key:"
-                " their mail goes out unsigned",
-                domain=domain,
-            )
         log.info(
             "mailx ready as {hostname} on {listen}, domains: {domains}",
             hostname=self.config.hostname,
