@@ -320,6 +320,10 @@ class TableTests(SubmissionCase):
             ),
             lines,
         )
+        # The shipped fail2ban filter finds the client in the real line.
+        filter_re = fail2ban_regex()
+        hosts = [m.group("host") for x in lines if (m := filter_re.search(x))]
+        self.assertEqual(hosts, ["127.0.0.1"])
 
     @defer.inlineCallbacks
     def test_login_mechanism_and_unknown_mechanism(self) -> None:
@@ -549,11 +553,16 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual((config.submission, config.submissions), ((), ()))
 
 
+def fail2ban_regex() -> re.Pattern[str]:
+    """docs/fail2ban/mailx.conf's failregex in Python ``re``, <HOST> an address."""
+    conf = (Path(__file__).parent.parent / "docs" / "fail2ban" / "mailx.conf").read_text()
+    [failregex] = re.findall(r"^failregex\s*=\s*(.+)$", conf, re.M)
+    return re.compile(failregex.strip().replace("<HOST>", r"(?P<host>[0-9a-fA-F.:]+)"))
+
+
 class Fail2banTests(unittest.TestCase):
     def test_filter_matches_the_log_line(self) -> None:
-        conf = (Path(__file__).parent.parent / "docs" / "fail2ban" / "mailx.conf").read_text()
-        [failregex] = re.findall(r"^failregex\s*=\s*(.+)$", conf, re.M)
-        pattern = re.compile(failregex.strip().replace("<HOST>", r"(?P<host>[0-9a-fA-F.:]+)"))
+        pattern = fail2ban_regex()
         line = (
             "2026-12-02T01:40:00+0000 [mailx.smtp#info] auth failed: ip=192.0.2.7 mechanism=PLAIN"
             " failures=1 session=S1 user=x ip=10.9.9.9"
