@@ -765,6 +765,10 @@ class MailxESMTP(smtp.ESMTP):
                 size = int(value)
             elif name == b"BODY" and value is not None and value.upper() in (b"7BIT", b"8BITMIME"):
                 pass
+            elif name == b"AUTH" and self.kind != SMTP and value is not None:
+                # RFC 4954 5: a server offering AUTH accepts MAIL's AUTH=
+                # parameter; its claim is not trusted (the login decides).
+                pass
             else:
                 self.reply(replies.PARAMETER_NOT_IMPLEMENTED)
                 self._count_error()

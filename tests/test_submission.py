@@ -392,6 +392,15 @@ class TableTests(SubmissionCase):
         self.assertEqual(team[0], 250)
 
     @defer.inlineCallbacks
+    def test_mail_auth_parameter_accepted(self) -> None:
+        def talk() -> Any:
+            with self.client() as c:
+                c.login("alice@example.test", PASSWORD)
+                return c.docmd("MAIL", "FROM:<alice@example.test> AUTH=<>")[0]
+
+        self.assertEqual((yield self.inthread(talk)), 250)
+
+    @defer.inlineCallbacks
     def test_header_from_not_owned(self) -> None:
         def talk() -> Any:
             with self.client() as c:
