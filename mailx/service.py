@@ -507,10 +507,17 @@ class MailxService(service.MultiService):
             factory.shutdown()
         d = defer.gatherResults(stopping, consumeErrors=True)
         d.addBoth(lambda _: self._drain_sessions())
+        d.addBoth(lambda _: self._close_accounts())
         d.addBoth(lambda _: self.writer.stop())
         d.addBoth(lambda _: self._stop_disk_pool())
         self._stopping = d
         return d
+
+    def _close_accounts(self) -> None:
+        """The accounts' pool or Dovecot connection, once no session needs them."""
+        close = getattr(self.accounts, "close", None)
+        if close is not None:
+            close()
 
     @defer.inlineCallbacks
     def _drain_sessions(self) -> Any:

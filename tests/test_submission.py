@@ -770,3 +770,42 @@ class ReloadTests(SubmissionCase):
                 return c.docmd("MAIL", "FROM:<sales@example.test>")[0]
 
         self.assertEqual((yield self.inthread(send_as_sales)), 250)
+
+
+class DovecotSubmissionTests(unittest.TestCase):
+    """Submission against Dovecot's auth service (accounts.dovecot), as
+    Postfix's smtpd_sasl_type = dovecot does; the set-up is test_accounts'."""
+
+    timeout = 90
+
+    from tests.test_accounts import RealDovecotTests as _Real
+
+    setUp = _Real.setUp
+    stop_dovecot = _Real.stop_dovecot
+
+    @defer.inlineCallbacks
+    def test_login_checked_by_dovecot(self) -> None:
+        cert, key = make_certificate(Path(self.mktemp()).absolute())
+        server = start_server(
+            self,
+            {
+                "listen": {"submission": ["tcp:0:interface=127.0.0.1"]},
+                "tls": {"certificate": str(cert), "key": str(key)},
+                "accounts": {"dovecot": f"unix:{self.socket}"},
+            },
+        )
+        port = server.ports[1]
+
+        def talk() -> Any:
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+                c.starttls(context=tls_client_context(cert))
+                c.ehlo("client.test")
+                wrong = c.docmd(
+                    "AUTH", "PLAIN " + base64.b64encode(b"\0alice@example.test\0x").decode()
+                )
+                c.login("alice@example.test", "tr0ub4dor")
+                c.sendmail("alice@example.test", ["bob@example.test"], submitted())
+                return wrong[0]
+
+        self.assertEqual((yield deferToThread(talk)), 535)
+        self.assertEqual(len(server.messages("bob")), 1)
