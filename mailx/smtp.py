@@ -430,16 +430,6 @@ class MailxESMTP(smtp.ESMTP):
                 if self.mode == DATA:
                     if not self._process_data():
                         break
-                elif self.mode == AUTH:
-                    buf = self._buffer
-                    end = buf.find(b"\r\n", self._offset)
-                    if end < 0:
-                        if len(buf) - self._offset > MAX_PARTIAL_COMMAND:
-                            self._close_with(replies.LINE_TOO_LONG)
-                        break
-                    line = buf[self._offset : end]
-                    self._offset = end + 2
-                    self._auth_response(line)
                 else:
                     buf = self._buffer
                     end = buf.find(b"\r\n", self._offset)
@@ -449,7 +439,10 @@ class MailxESMTP(smtp.ESMTP):
                         break
                     line = buf[self._offset : end]
                     self._offset = end + 2
-                    self._command(line)
+                    if self.mode == AUTH:  # a SASL response line (RFC 4954 4)
+                        self._auth_response(line)
+                    else:
+                        self._command(line)
         finally:
             self._processing = False
             if self._offset:
@@ -984,11 +977,12 @@ class MailxESMTP(smtp.ESMTP):
     # --- AUTH (submission listeners; SPEC 11, RFC 4954) -----------------------
     #
     # Written here rather than through Twisted's ESMTP ``challengers`` and
-    # ``portal``: those read the response through Twisted's own line mode
-    # (which this class replaces), check credentials synchronously inside
-    # the cred checker's Deferred chain without our pipelining hold, answer
-    # 535 without enhanced codes and have no hook for the per-IP failure
-    # count.  PLAIN and LOGIN are a few lines each.
+    # ``portal`` (research notes section 3, "AUTH"): Twisted's ext_AUTH
+    # accepts AUTH before TLS (235 in cleartext), a PLAIN response without
+    # NULs raises unguarded and drops the connection, it reads responses
+    # through the line mode this class replaces, its replies carry no
+    # enhanced codes, and it has no hook for the per-IP failure count nor
+    # for our pipelining hold.  PLAIN and LOGIN are a few lines each.
 
     def do_AUTH(self, rest: bytes) -> None:
         if self.kind == SMTP:
