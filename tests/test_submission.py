@@ -392,6 +392,16 @@ class TableTests(SubmissionCase):
         self.assertEqual(team[0], 250)
 
     @defer.inlineCallbacks
+    def test_mail_pipelined_after_auth_waits_for_the_verdict(self) -> None:
+        def talk() -> Any:
+            with self.client() as c:
+                token = base64.b64encode(b"\0alice@example.test\0" + PASSWORD.encode())
+                c.send(b"AUTH PLAIN " + token + b"\r\nMAIL FROM:<alice@example.test>\r\n")
+                return c.getreply()[0], c.getreply()[0]
+
+        self.assertEqual((yield self.inthread(talk)), (235, 250))
+
+    @defer.inlineCallbacks
     def test_mail_auth_parameter_accepted(self) -> None:
         def talk() -> Any:
             with self.client() as c:
