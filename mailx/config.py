@@ -94,6 +94,11 @@ DEFAULTS: Mapping[str, Any] = _frozen(
         # Receives DMARC aggregate (rua, RFC 7489 7.2) and TLS-RPT (RFC 8460)
         # reports; `mailxctl dns` puts it in the records it prints.
         "reports": None,
+        # Where our users read their mail (IMAP over TLS, RFC 8314 3.3): mailx
+        # serves no IMAP, so only the owner knows.  "host" or "host:port"
+        # (port 993 by default); `mailxctl dns` prints its RFC 6186 SRV record
+        # and the Thunderbird autoconfig file from it.
+        "imap": None,
         "listen": {
             # Unprivileged and local until the owner says otherwise (SPEC section 2).
             "smtp": ["tcp:2525:interface=127.0.0.1"],
@@ -372,6 +377,8 @@ class Config:
     # SPEC 11: the submission listeners (STARTTLS; implicit TLS).
     submission: tuple[str, ...] = ()
     submissions: tuple[str, ...] = ()
+    # imap: the IMAPS server our users read mail from, (host, port); for `mailxctl dns`.
+    imap: tuple[str, int] | None = None
 
     @property
     def first_domain(self) -> str:
@@ -938,6 +945,22 @@ class _Loader:
             )
             return None
         return name
+
+    def imap_server(self, node: _Node) -> tuple[str, int] | None:
+        """``host`` or ``host:port``: the IMAPS server (RFC 8314 3.3: port 993, TLS first)."""
+        if node.null:
+            return None
+        text = self.text(node).strip()
+        host, _, port = text.rpartition(":") if ":" in text else (text, "", "993")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise _Invalid(f"'{text}': bad port '{port}' (host or host:port, e.g. imap.example.test)")
+        try:
+            name = normalize_domain(host)
+        except AddressError as e:
+            raise _Invalid(f"'{text}': {e}") from None
+        if not is_fqdn(name):
+            raise _Invalid(f"'{text}': the IMAP server needs a fully qualified name")
+        return name, int(port)
 
     def report_address(self, node: _Node) -> str | None:
         if node.null:
@@ -1542,6 +1565,7 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         domains=MappingProxyType(loader.domains(fields["domains"])),
         outbound=outbound,
         reports=loader.value(fields["reports"], loader.report_address),
+        imap=loader.value(fields["imap"], loader.imap_server),
         haproxy_trusted_networks=trusted_proxies,
         metrics_listen=metrics,
         log_format=_log_format(loader, fields["logging"]),

@@ -32,6 +32,7 @@ import hashlib
 import ipaddress
 import re
 import textwrap
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,8 @@ __all__ = [
     "Finding",
     "Plan",
     "SPFSyntaxError",
+    "autoconfig_xml",
+    "endpoint_port",
     "check_config",
     "check_plan",
     "count_spf_lookups",
@@ -80,6 +83,8 @@ COMMENT_WIDTH = 78
 # RFC 8461 3.2: max_age in seconds.  A day while in testing mode, so a
 # change reaches senders quickly; raise it (a week or more) with enforce.
 MTA_STS_MAX_AGE = 86400
+# RFC 6409 3.1 (587, STARTTLS), RFC 8314 7.3 (465, implicit TLS), RFC 8314 7.2 (993).
+SUBMISSION_PORT, SUBMISSIONS_PORT, IMAPS_PORT = 587, 465, 993
 
 
 # ---------------------------------------------------------------------------
@@ -121,11 +126,21 @@ class Plan:
     smarthost: str | None = None  # the relay's host name or address
     dkim_key: str | None = None  # the configured key file
     dkim_error: str | None = None  # why the DKIM record could not be derived
+    autoconfig: str | None = None  # the Thunderbird config-v1.1.xml, when IMAP is known
 
     @property
     def mta_sts_url(self) -> str:
         # RFC 8461 3.3: the policy is fetched from this well-known URL.
         return f"https://mta-sts.{self.domain}/.well-known/mta-sts.txt"
+
+    @property
+    def autoconfig_urls(self) -> tuple[str, str]:
+        """Where Thunderbird looks for the file, in its order (Mozilla's autoconfig
+        documentation): the autoconfig host first, then the domain's well-known path."""
+        return (
+            f"https://autoconfig.{self.domain}/mail/config-v1.1.xml",
+            f"https://{self.domain}/.well-known/autoconfig/mail/config-v1.1.xml",
+        )
 
 
 def mta_sts_policy(hostname: str, mode: str = "testing") -> str:
@@ -226,6 +241,182 @@ def _dkim_expected(config: Config, domain: str) -> tuple[Expected, str | None]:
         "DKIM", name, "TXT", value, required=True, purpose=purpose, fix="publish our key"
     )
     return record, None
+
+
+@dataclass(frozen=True)
+class MailService:
+    """A service mail clients find through SRV (RFC 6186) and autoconfig."""
+
+    service: str  # the SRV service label: submissions, submission, imaps
+    host: str
+    port: int
+    socket: str  # autoconfig's socketType: SSL (TLS from the first byte) or STARTTLS
+    priority: int
+
+
+def endpoint_port(endpoint: str) -> tuple[int | None, str | None]:
+    """The port and interface of a server endpoint string (``tcp:587:interface=::``).
+
+    ``(None, None)`` for an endpoint that names no port (``systemd:``,
+    ``unix:``).  Parsed by hand, as `smarthost_host` is: Twisted parses
+    these strings only inside ``serverFromString``, which keeps the port in
+    private attributes.  A ``haproxy:`` prefix is looked through.
+    """
+    parts = re.split(r"(?<!\\):", endpoint)
+    while parts and parts[0].lower() == "haproxy":
+        parts = parts[1:]
+    if not parts or parts[0].lower() not in ("tcp", "tcp6", "ssl"):
+        return None, None
+    positional = [p for p in parts[1:] if "=" not in p]
+    named = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    port = named.get("port") or (positional[0] if positional else None)
+    interface = named.get("interface")
+    return (
+        int(port) if port and port.isdigit() else None,
+        interface.replace("\\:", ":") if interface else None,
+    )
+
+
+def _is_loopback(interface: str | None) -> bool:
+    try:
+        return interface is not None and ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return interface == "localhost"
+
+
+def _submission_services(config: Config, notes: list[str]) -> list[MailService]:
+    """The submission listeners as clients should find them, submissions first.
+
+    RFC 8314 3.3 prefers TLS from the first byte to STARTTLS, and a client
+    picks among a protocol's SRV services by priority (RFC 6186 3.1, with
+    RFC 8314 5.1 adding ``_submissions``): 0 for submissions, 1 for
+    submission.
+    """
+    services = []
+    for priority, (kind, standard, socket) in enumerate(
+        (("submissions", SUBMISSIONS_PORT, "SSL"), ("submission", SUBMISSION_PORT, "STARTTLS"))
+    ):
+        endpoints = getattr(config, kind)
+        if not endpoints:
+            continue
+        parsed = [(e, *endpoint_port(e)) for e in endpoints]
+        endpoint, port, interface = next((x for x in parsed if x[1] == standard), parsed[0])
+        behind_proxy = endpoint.lower().startswith("haproxy:")
+        if port is None or behind_proxy:
+            # The public port is the proxy's or whoever passed us the socket.
+            notes.append(
+                f"listen.{kind} {endpoint}: the port clients reach is not in the endpoint;"
+                f" the {kind} SRV record and autoconfig name the standard port {standard}."
+                " Change them if your proxy or port forward listens on another."
+            )
+            port = standard
+        elif port != standard:
+            # SRV names the port clients connect to (RFC 2782).  Without a
+            # NAT that is the listener's; with one forwarding the standard
+            # port here, it is the standard one: only the owner knows.
+            notes.append(
+                f"listen.{kind} is on port {port}, not the standard {standard}: the SRV record"
+                f" and autoconfig name {port}, where clients connect directly. If a NAT or"
+                f" firewall forwards {standard} to {port}, publish {standard} instead: clients"
+                " see the public port."
+            )
+        if _is_loopback(interface):
+            notes.append(
+                f"listen.{kind} listens on {interface} only: mail clients elsewhere reach it"
+                " only through a proxy or port forward."
+            )
+        services.append(MailService(kind, config.hostname, port, socket, priority))
+    return services
+
+
+def autoconfig_xml(
+    domain: str, incoming: Sequence[MailService], outgoing: Sequence[MailService]
+) -> str:
+    """Thunderbird's ``config-v1.1.xml`` (Mozilla's autoconfig format), first listed first.
+
+    The user name is the whole address (``%EMAILADDRESS%``): accounts are
+    addresses (SPEC 11); PLAIN/LOGIN inside TLS is ``password-cleartext``.
+    Built with ElementTree, so a name is always escaped right.
+    """
+    root = ET.Element("clientConfig", version="1.1")
+    provider = ET.SubElement(root, "emailProvider", id=domain)
+    ET.SubElement(provider, "domain").text = domain
+    ET.SubElement(provider, "displayName").text = domain
+    ET.SubElement(provider, "displayShortName").text = domain
+    for tag, kind, services in (
+        ("incomingServer", "imap", incoming),
+        ("outgoingServer", "smtp", outgoing),
+    ):
+        for service in services:
+            server = ET.SubElement(provider, tag, type=kind)
+            for name, text in (
+                ("hostname", service.host),
+                ("port", str(service.port)),
+                ("socketType", service.socket),
+                ("authentication", "password-cleartext"),
+                ("username", "%EMAILADDRESS%"),
+            ):
+                ET.SubElement(server, name).text = text
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, "unicode") + "\n"
+
+
+def _srv_records(config: Config, domain: str, notes: list[str]) -> tuple[list[Expected], str | None]:
+    """RFC 6186 SRV records for what we offer, and the autoconfig file when it can be whole."""
+    outgoing = _submission_services(config, notes)
+    incoming = []
+    if config.imap is not None:
+        incoming.append(MailService("imaps", *config.imap, "SSL", 0))
+    records = []
+    for service in (*outgoing, *incoming):
+        how = "TLS from the first byte" if service.socket == "SSL" else "STARTTLS"
+        what = "send mail" if service.service.startswith("submission") else "read mail"
+        records.append(
+            Expected(
+                "SRV",
+                f"_{service.service}._tcp.{domain}",
+                "SRV",
+                f"{service.priority} 1 {service.port} {service.host}",
+                required=False,
+                purpose=f"mail clients set up with an @{domain} address find where to"
+                f" {what}: {service.host} port {service.port}, {how} (RFC 6186).",
+                fix=f"publish it in the zone of {domain}",
+            )
+        )
+    if incoming:
+        # RFC 6186 3.4: target "." says the service is not offered; RFC 8314
+        # 3.3 and 4 want clients off cleartext IMAP, so say so.
+        records.append(
+            Expected(
+                "SRV",
+                f"_imap._tcp.{domain}",
+                "SRV",
+                "0 0 0 .",
+                required=False,
+                purpose="says IMAP without TLS (port 143) is not offered, so that clients"
+                " use _imaps only (RFC 6186 3.4, RFC 8314 4).",
+                fix=f"publish it in the zone of {domain}",
+            )
+        )
+    if not outgoing and not incoming:
+        notes.append(
+            "Mail clients: no submission listener (listen.submission, listen.submissions)"
+            " and no imap: server is configured, so no SRV records (RFC 6186) nor"
+            " Thunderbird autoconfig file are printed."
+        )
+    elif not incoming:
+        notes.append(
+            "Set imap: in mailx.yaml to the IMAP server your users read mail from (Dovecot,"
+            " for example) to get its _imaps._tcp record and a Thunderbird autoconfig file."
+        )
+    elif not outgoing:
+        notes.append(
+            "No submission listener (listen.submission, listen.submissions): no"
+            " _submission(s)._tcp records nor autoconfig file; clients cannot send through"
+            " this server."
+        )
+    xml = autoconfig_xml(domain, incoming, outgoing) if incoming and outgoing else None
+    return records, xml
 
 
 def plan(config: Config, domain: str, addresses: Sequence[str] | None = None) -> Plan:
@@ -419,6 +610,8 @@ def plan(config: Config, domain: str, addresses: Sequence[str] | None = None) ->
                 in_zone=False,
             )
         )
+    srv, autoconfig = _srv_records(config, domain, notes)
+    records.extend(srv)
     dkim_config = config.domains[domain].dkim
     return Plan(
         domain,
@@ -430,6 +623,7 @@ def plan(config: Config, domain: str, addresses: Sequence[str] | None = None) ->
         relay,
         str(dkim_config.key) if dkim_config else None,
         dkim_error,
+        autoconfig,
     )
 
 
@@ -468,6 +662,10 @@ def _rdata(record: Expected, indent: int) -> str:
         return f"{preference} {exchange}."
     if record.type in ("PTR", "CNAME"):
         return f"{record.value}."
+    if record.type == "SRV":
+        # RFC 2782: priority weight port target; "." alone is the root.
+        *numbers, target = record.value.split()
+        return " ".join(numbers) + " " + (target if target == "." else f"{target}.")
     return record.value
 
 
@@ -526,6 +724,11 @@ def _web_value(record: Expected) -> str:
     if record.type == "MX":
         preference, exchange = record.value.split()
         return f"{exchange}  (priority {preference})"
+    if record.type == "SRV":
+        priority, weight, port, target = record.value.split()
+        if target == ".":
+            return ".  (priority 0, weight 0, port 0: not offered)"
+        return f"{target}  (priority {priority}, weight {weight}, port {port})"
     return record.value
 
 
@@ -562,6 +765,19 @@ def render_plan(p: Plan) -> str:
     )
     out += ["", web_table(p), "", f"MTA-STS policy file, to serve at {p.mta_sts_url}:", ""]
     out.extend(f"    {line}" for line in p.mta_sts_policy.splitlines())
+    if p.autoconfig is not None:
+        first, second = p.autoconfig_urls
+        out += [""]
+        out.extend(
+            _wrap(
+                f"Thunderbird autoconfig file, to serve at {first} (with a certificate for"
+                f" autoconfig.{p.domain}) or at {second}:",
+                "",
+                "",
+            )
+        )
+        out += [""]
+        out.extend(f"    {line}" for line in p.autoconfig.splitlines())
     ptrs = [r for r in p.records if r.type == "PTR"]
     if ptrs:
         out += ["", "Reverse DNS (PTR), to ask of your hosting provider:"]
@@ -596,6 +812,9 @@ def plan_json(p: Plan) -> dict[str, Any]:
             for r in p.records
         ],
         "mta_sts_policy": {"url": p.mta_sts_url, "text": p.mta_sts_policy},
+        "autoconfig": None
+        if p.autoconfig is None
+        else {"urls": list(p.autoconfig_urls), "text": p.autoconfig},
         "notes": list(p.notes),
     }
 
@@ -1142,6 +1361,45 @@ class _Checker:
                 f"replace the record: {_publish_fix(e).split(': ', 1)[1]}",
             )
         return _finding(e, OK, f"matches our key {self.plan.dkim_key}", keys)
+
+    # -- SRV (RFC 6186) ---------------------------------------------------------
+
+    def check_srv(self, e: Expected) -> Finding:
+        try:
+            answer = self.resolver.query(e.name, "SRV").records
+        except DNSVoidError:
+            return _finding(e, MISSING, f"no SRV record at {e.name}")
+        except DNSTemporaryError as err:
+            return _finding(e, ERROR, f"lookup failed: {err}", fix="check again later")
+        records = sorted(
+            (r.priority, r.weight, r.port, r.target.to_text(omit_final_dot=True).lower())
+            for r in answer
+        )
+        found = [f"{pr} {w} {port} {t or '.'}" for pr, w, port, t in records]
+        _, _, want_port, want_target = e.value.split()
+        # RFC 2782: the root (".") as target means "not offered".
+        offered = [(port, t) for _, _, port, t in records if t not in ("", ".")]
+        if want_target == ".":
+            if offered:
+                return _finding(
+                    e,
+                    WRONG,
+                    f"{e.name} names {', '.join(f'{t}:{port}' for port, t in offered)}:"
+                    " clients may use it without TLS",
+                    found,
+                    f"replace it: {_publish_fix(e).split(': ', 1)[1]}",
+                )
+            return _finding(e, OK, "says the service is not offered", found)
+        if (int(want_port), want_target) in offered:
+            return _finding(e, OK, f"clients find {want_target} port {want_port}", found)
+        if not offered:
+            detail = "says the service is not offered (target \".\", RFC 6186 3.4)"
+        else:
+            detail = (
+                f"points to {', '.join(f'{t}:{port}' for port, t in offered)},"
+                f" not {want_target}:{want_port}"
+            )
+        return _finding(e, WRONG, detail, found, f"replace it: {_publish_fix(e).split(': ', 1)[1]}")
 
     # -- DMARC ------------------------------------------------------------------
 

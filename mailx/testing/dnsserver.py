@@ -20,7 +20,8 @@ blocking the reactor that has to answer it.
 Zone data: ``{name: {type: [values]}}`` with types A, AAAA (address
 strings), MX (``(preference, exchange)``), PTR, NS, CNAME (names), TXT and
 SPF (each value a str, bytes or a tuple of strings for a record of several
-strings; a str over 255 octets is split into strings as DNS requires).
+strings; a str over 255 octets is split into strings as DNS requires) and
+SRV (``(priority, weight, port, target)``, target "." for "not offered").
 The server is authoritative for the root zone: a name absent from the data
 answers NXDOMAIN, a present name without the type asked answers NODATA,
 both with an SOA whose MINIMUM is ``negative_ttl`` (RFC 2308).
@@ -51,6 +52,7 @@ _TYPES = {
     "TXT": dns.TXT,
     "SPF": dns.SPF,
     "SOA": dns.SOA,
+    "SRV": dns.SRV,
 }
 ALL = None  # every type of a name, for timeout() and servfail()
 
@@ -89,6 +91,9 @@ def _record(rtype: str, value: Any, ttl: int) -> Any:
     if rtype in ("TXT", "SPF"):
         cls = dns.Record_TXT if rtype == "TXT" else dns.Record_SPF
         return cls(*_strings(value), ttl=ttl)
+    if rtype == "SRV":
+        priority, weight, port, target = value
+        return dns.Record_SRV(int(priority), int(weight), int(port), _wire(target), ttl=ttl)
     raise ValueError(f"unsupported record type {rtype!r}")
 
 
