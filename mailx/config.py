@@ -953,7 +953,9 @@ class _Loader:
         text = self.text(node).strip()
         host, _, port = text.rpartition(":") if ":" in text else (text, "", "993")
         if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise _Invalid(f"'{text}': bad port '{port}' (host or host:port, e.g. imap.example.test)")
+            raise _Invalid(
+                f"'{text}': bad port '{port}' (host or host:port, e.g. imap.example.test)"
+            )
         try:
             name = normalize_domain(host)
         except AddressError as e:

@@ -361,7 +361,9 @@ def autoconfig_xml(
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, "unicode") + "\n"
 
 
-def _srv_records(config: Config, domain: str, notes: list[str]) -> tuple[list[Expected], str | None]:
+def _srv_records(
+    config: Config, domain: str, notes: list[str]
+) -> tuple[list[Expected], str | None]:
     """RFC 6186 SRV records for what we offer, and the autoconfig file when it can be whole."""
     outgoing = _submission_services(config, notes)
     incoming = []
@@ -1393,7 +1395,7 @@ class _Checker:
         if (int(want_port), want_target) in offered:
             return _finding(e, OK, f"clients find {want_target} port {want_port}", found)
         if not offered:
-            detail = "says the service is not offered (target \".\", RFC 6186 3.4)"
+            detail = 'says the service is not offered (target ".", RFC 6186 3.4)'
         else:
             detail = (
                 f"points to {', '.join(f'{t}:{port}' for port, t in offered)},"

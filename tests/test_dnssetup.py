@@ -17,17 +17,20 @@ import json
 import os
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import dns.reversename
 import dns.zone
+from defusedxml import ElementTree
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from mailx import cli, dkimkeys, dnssetup
 from mailx.config import ConfigError, load_config, load_config_text
 from mailx.testing.dnsserver import serve_for_test
+from mailx.testing.tls import make_certificate
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -71,6 +74,21 @@ domains:
     return path
 
 
+def client_extra(directory: Path, submission: str = "tcp:587", submissions: str = "tcp:465") -> str:
+    """mailx.yaml lines for submission listeners (with the tls: and accounts: they need) and imap:."""
+    cert, key = make_certificate(directory / "tls")
+    (directory / "passwd").touch()
+    return f"""\
+imap: imap.example.test
+tls: {{certificate: {cert}, key: {key}}}
+accounts: {{passwords: passwd}}
+listen:
+  smtp: ["tcp:2525:interface=127.0.0.1"]
+  submission: ["{submission}"]
+  submissions: ["{submissions}"]
+"""
+
+
 def zone_from_json(data: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
     """The loopback server's zone data for the records ``mailxctl dns --json`` prints."""
     zone: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
@@ -82,6 +100,9 @@ def zone_from_json(data: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
             zone[record["name"]]["MX"].append((int(preference), exchange))
         elif record["type"] == "TXT":
             zone[record["name"]]["TXT"].append(tuple(record["strings"]))
+        elif record["type"] == "SRV":
+            priority, weight, port, target = record["value"].split()
+            zone[record["name"]]["SRV"].append((int(priority), int(weight), int(port), target))
         else:
             zone[record["name"]][record["type"]].append(record["value"])
     return zone
@@ -285,6 +306,194 @@ class RenderTests(unittest.TestCase):
         dkim_json = next(r for r in data["records"] if r["record"] == "DKIM")
         self.assertEqual("".join(dkim_json["strings"]), dkim_json["value"])
         self.assertEqual(data["mta_sts_policy"]["url"], self.plan.mta_sts_url)
+
+
+# ---------------------------------------------------------------------------
+# Records for mail clients: RFC 6186 SRV and the Thunderbird autoconfig file
+
+
+class ClientRecordTests(unittest.TestCase):
+    """Built from the configuration alone; no DNS."""
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp()).resolve()
+        self.config = load_config(write_config(self.directory))
+
+    def plan(self, **changes: Any) -> dnssetup.Plan:
+        return dnssetup.plan(replace(self.config, **changes), "example.test")
+
+    @staticmethod
+    def srv(p: dnssetup.Plan) -> dict[str, str]:
+        return {r.name: r.value for r in p.records if r.type == "SRV"}
+
+    def test_no_listeners_no_srv_and_a_note(self) -> None:
+        p = self.plan()
+        self.assertEqual(self.srv(p), {})
+        self.assertIsNone(p.autoconfig)
+        self.assertTrue(any("no SRV records (RFC 6186)" in n for n in p.notes), p.notes)
+
+    def test_submissions_preferred_over_submission(self) -> None:
+        p = self.plan(submission=("tcp:587",), submissions=("tcp:465",))
+        self.assertEqual(
+            self.srv(p),
+            {
+                "_submissions._tcp.example.test": f"0 1 465 {HOST}",
+                "_submission._tcp.example.test": f"1 1 587 {HOST}",
+            },
+        )
+        self.assertTrue(all(not r.required for r in p.records if r.type == "SRV"))
+        # Without imap:, Thunderbird has no incoming server: no autoconfig, a note.
+        self.assertIsNone(p.autoconfig)
+        self.assertTrue(any("Set imap:" in n for n in p.notes), p.notes)
+
+    def test_only_the_configured_listener_is_published(self) -> None:
+        p = self.plan(submission=("tcp:587",))
+        self.assertEqual(self.srv(p), {"_submission._tcp.example.test": f"1 1 587 {HOST}"})
+
+    def test_standard_port_chosen_among_several_endpoints(self) -> None:
+        p = self.plan(submission=("tcp:2587:interface=127.0.0.1", "tcp6:port=587"))
+        self.assertEqual(self.srv(p), {"_submission._tcp.example.test": f"1 1 587 {HOST}"})
+        self.assertFalse(any("listen.submission" in n for n in p.notes), p.notes)
+
+    def test_other_port_is_published_with_a_note(self) -> None:
+        p = self.plan(submissions=("tcp:2465:interface=127.0.0.1",))
+        self.assertEqual(self.srv(p), {"_submissions._tcp.example.test": f"0 1 2465 {HOST}"})
+        notes = " ".join(p.notes)
+        self.assertIn("port 2465, not the standard 465", notes)
+        self.assertIn("publish 465 instead", notes)
+        self.assertIn("listens on 127.0.0.1 only", notes)
+
+    def test_behind_haproxy_the_standard_port_with_a_note(self) -> None:
+        p = self.plan(submission=("haproxy:tcp:2587",))
+        self.assertEqual(self.srv(p), {"_submission._tcp.example.test": f"1 1 587 {HOST}"})
+        self.assertTrue(any("standard port 587" in n for n in p.notes), p.notes)
+
+    def test_imap_gets_imaps_and_no_cleartext_imap(self) -> None:
+        p = self.plan(imap=("imap.example.test", 993))
+        self.assertEqual(
+            self.srv(p),
+            {
+                "_imaps._tcp.example.test": "0 1 993 imap.example.test",
+                # RFC 6186 3.4: "." says not offered.
+                "_imap._tcp.example.test": "0 0 0 .",
+            },
+        )
+
+    def test_endpoint_port(self) -> None:
+        cases = {
+            "tcp:587": (587, None),
+            "tcp:port=465:interface=0.0.0.0": (465, "0.0.0.0"),
+            "tcp6:587:interface=\\:\\:1": (587, "::1"),
+            "haproxy:tcp:2587": (2587, None),
+            "systemd:domain=INET:index=0": (None, None),
+            "unix:/run/mailx.sock": (None, None),
+        }
+        for endpoint, wanted in cases.items():
+            self.assertEqual(dnssetup.endpoint_port(endpoint), wanted, endpoint)
+
+    def autoconfig(self) -> Any:
+        p = self.plan(
+            submission=("tcp:587",), submissions=("tcp:465",), imap=("imap.example.test", 993)
+        )
+        self.assertIsNotNone(p.autoconfig)
+        return ElementTree.fromstring(p.autoconfig.encode())
+
+    def test_autoconfig_names_the_servers(self) -> None:
+        root = self.autoconfig()
+        self.assertEqual((root.tag, root.get("version")), ("clientConfig", "1.1"))
+        provider = root.find("emailProvider")
+        self.assertEqual(provider.get("id"), "example.test")
+        self.assertEqual(provider.findtext("domain"), "example.test")
+
+        def server(element: Any) -> tuple[str | None, ...]:
+            return (
+                element.get("type"),
+                element.findtext("hostname"),
+                element.findtext("port"),
+                element.findtext("socketType"),
+                element.findtext("authentication"),
+                element.findtext("username"),
+            )
+
+        self.assertEqual(
+            [server(e) for e in provider.findall("incomingServer")],
+            [("imap", "imap.example.test", "993", "SSL", "password-cleartext", "%EMAILADDRESS%")],
+        )
+        # Thunderbird tries them in order: TLS from the first byte first (RFC 8314 3.3).
+        self.assertEqual(
+            [server(e) for e in provider.findall("outgoingServer")],
+            [
+                ("smtp", HOST, "465", "SSL", "password-cleartext", "%EMAILADDRESS%"),
+                ("smtp", HOST, "587", "STARTTLS", "password-cleartext", "%EMAILADDRESS%"),
+            ],
+        )
+
+    def test_autoconfig_urls_and_json(self) -> None:
+        p = self.plan(submissions=("tcp:465",), imap=("imap.example.test", 993))
+        data = dnssetup.plan_json(p)
+        self.assertEqual(
+            data["autoconfig"]["urls"],
+            [
+                "https://autoconfig.example.test/mail/config-v1.1.xml",
+                "https://example.test/.well-known/autoconfig/mail/config-v1.1.xml",
+            ],
+        )
+        self.assertEqual(data["autoconfig"]["text"], p.autoconfig)
+        srv = {(r["name"], r["value"]) for r in data["records"] if r["type"] == "SRV"}
+        self.assertIn(("_submissions._tcp.example.test", f"0 1 465 {HOST}"), srv)
+        self.assertIsNone(dnssetup.plan_json(self.plan())["autoconfig"])
+
+    def test_zone_fragment_srv_parses(self) -> None:
+        """dnspython reads the SRV lines back, "." target included."""
+        p = self.plan(
+            submission=("tcp:587",), submissions=("tcp:465",), imap=("imap.example.test", 993)
+        )
+        zone = dns.zone.from_text(
+            "$TTL 3600\n" + dnssetup.zone_fragment(p),
+            origin="example.test.",
+            relativize=False,
+            check_origin=False,
+        )
+        found = {
+            (name.to_text(omit_final_dot=True), rdata.to_text())
+            for name, rdataset in zone.iterate_rdatasets("SRV")
+            for rdata in rdataset
+        }
+        self.assertEqual(
+            found,
+            {
+                ("_submissions._tcp.example.test", f"0 1 465 {HOST}."),
+                ("_submission._tcp.example.test", f"1 1 587 {HOST}."),
+                ("_imaps._tcp.example.test", "0 1 993 imap.example.test."),
+                ("_imap._tcp.example.test", "0 0 0 ."),
+            },
+        )
+
+
+class IMAPConfigTests(unittest.TestCase):
+    def config(self, line: str) -> Any:
+        return load_config_text(
+            f"hostname: {HOST}\n{line}domains:\n  example.test:\n"
+            "    mailboxes: [alice]\n    aliases: {postmaster: alice}\n",
+            "mailx.yaml",
+        )
+
+    def test_default_is_none(self) -> None:
+        self.assertIsNone(self.config("").imap)
+
+    def test_port_993_unless_given(self) -> None:
+        self.assertEqual(self.config("imap: IMAP.Example.TEST\n").imap, ("imap.example.test", 993))
+        self.assertEqual(
+            self.config("imap: imap.example.test:1993\n").imap, ("imap.example.test", 1993)
+        )
+
+    def test_bad_values_are_problems(self) -> None:
+        for value in ("imap.example.test:99999", "imap.example.test:x", "localhost", "[bad"):
+            e = self.assertRaises(ConfigError, self.config, f'imap: "{value}"\n')
+            self.assertEqual([p.key for p in e.problems], ["imap"], value)
+
+    def test_repository_default_mirrors_it(self) -> None:
+        self.assertIn("\nimap: null\n", (REPOSITORY / "mailx.yaml").read_text())
 
 
 # ---------------------------------------------------------------------------
@@ -606,6 +815,86 @@ class CheckTests(CheckTestCase):
         status, out, _ = yield self.check()
         self.assertEqual(status, 1)
         self.assertIn(f"{IPV6} has no reverse DNS", out)
+
+
+class ClientRecordCheckTests(CheckTestCase):
+    """--check of the SRV records, against the loopback DNS server."""
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        yield super().setUp()
+        write_config(self.directory, self.server.nameservers, extra=client_extra(self.directory))
+        status, out, _ = yield self.run_cli("dns", "example.test", "--json", "-c", self.config)
+        self.assertEqual(status, 0, out)
+        self.published = json.loads(out)
+        self.server.load(zone_from_json(self.published))
+
+    @defer.inlineCallbacks
+    def srv_line(self, name: str) -> Any:
+        """Exit 0 (SRV is recommended) and the check's lines about ``name``."""
+        status, out, _ = yield self.check()
+        self.assertEqual(status, 0, out)
+        lines = out.splitlines()
+        index = next(i for i, line in enumerate(lines) if f" SRV {name} " in line)
+        return "\n".join(lines[index : index + 4])
+
+    @defer.inlineCallbacks
+    def test_what_we_print_checks_ok(self) -> None:
+        status, out, _ = yield self.check("--json")
+        self.assertEqual(status, 0, out)
+        srv = {f["name"]: f["status"] for f in json.loads(out)["findings"] if f["type"] == "SRV"}
+        self.assertEqual(
+            srv,
+            {
+                "_submissions._tcp.example.test": "ok",
+                "_submission._tcp.example.test": "ok",
+                "_imaps._tcp.example.test": "ok",
+                "_imap._tcp.example.test": "ok",
+            },
+        )
+
+    @defer.inlineCallbacks
+    def test_missing_srv(self) -> None:
+        self.server.remove("_submissions._tcp.example.test")
+        block = yield self.srv_line("_submissions._tcp.example.test")
+        self.assertIn("MISSING  SRV _submissions._tcp.example.test (recommended)", block)
+        self.assertIn(f"_submissions._tcp.example.test. IN SRV 0 1 465 {HOST}.", block)
+
+    @defer.inlineCallbacks
+    def test_srv_with_the_wrong_port(self) -> None:
+        self.server.set("_submission._tcp.example.test", "SRV", [(0, 1, 25, HOST)])
+        block = yield self.srv_line("_submission._tcp.example.test")
+        self.assertIn(
+            f"WRONG    SRV _submission._tcp.example.test (recommended): points to"
+            f" {HOST}:25, not {HOST}:587",
+            block,
+        )
+        self.assertIn(f"IN SRV 1 1 587 {HOST}.", block)
+
+    @defer.inlineCallbacks
+    def test_srv_to_another_host(self) -> None:
+        self.server.set("_submissions._tcp.example.test", "SRV", [(0, 1, 465, "old.example.test")])
+        block = yield self.srv_line("_submissions._tcp.example.test")
+        self.assertIn("points to old.example.test:465", block)
+
+    @defer.inlineCallbacks
+    def test_srv_saying_not_offered(self) -> None:
+        self.server.set("_imaps._tcp.example.test", "SRV", [(0, 0, 0, ".")])
+        block = yield self.srv_line("_imaps._tcp.example.test")
+        self.assertIn("WRONG", block)
+        self.assertIn("says the service is not offered", block)
+
+    @defer.inlineCallbacks
+    def test_cleartext_imap_advertised(self) -> None:
+        self.server.set("_imap._tcp.example.test", "SRV", [(0, 1, 143, "imap.example.test")])
+        block = yield self.srv_line("_imap._tcp.example.test")
+        self.assertIn("names imap.example.test:143: clients may use it without TLS", block)
+
+    @defer.inlineCallbacks
+    def test_srv_timeout_is_an_error(self) -> None:
+        self.server.timeout("_submission._tcp.example.test")
+        block = yield self.srv_line("_submission._tcp.example.test")
+        self.assertIn("ERROR    SRV _submission._tcp.example.test", block)
 
 
 class CheckDNSCommandTests(CheckTestCase):
