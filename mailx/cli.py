@@ -609,6 +609,11 @@ def _dns_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="A",
         help="this server's public IPv6 address (repeatable; default: public_addresses)",
     )
+    parser.add_argument(
+        "--autoconfig",
+        action="store_true",
+        help="print only the Thunderbird autoconfig file (config-v1.1.xml), to save and serve",
+    )
 
 
 @command(
@@ -627,6 +632,16 @@ def dns_command(context: Context) -> int:
         context.emit({"ok": False, "error": str(e)}, f"mailxctl dns: {e}")
         return EXIT_WRONG
     data = dnssetup.plan_json(plan)
+    if args.autoconfig:
+        if plan.autoconfig is None:
+            message = (
+                f"mailxctl dns: no autoconfig file for {plan.domain}: it needs imap: and a"
+                " submission listener (listen.submission or listen.submissions) in mailx.yaml"
+            )
+            context.emit({"ok": False, "error": message}, message)
+            return EXIT_WRONG
+        context.emit(data["autoconfig"], plan.autoconfig.rstrip("\n"))
+        return EXIT_OK
     if not args.check:
         context.emit(data, dnssetup.render_plan(plan))
         return EXIT_OK

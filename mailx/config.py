@@ -94,7 +94,7 @@ DEFAULTS: Mapping[str, Any] = _frozen(
         # Receives DMARC aggregate (rua, RFC 7489 7.2) and TLS-RPT (RFC 8460)
         # reports; `mailxctl dns` puts it in the records it prints.
         "reports": None,
-        # Where our users read their mail (IMAP over TLS, RFC 8314 3.3): mailx
+        # Where our users read their mail (IMAP over TLS, RFC 8314): mailx
         # serves no IMAP, so only the owner knows.  "host" or "host:port"
         # (port 993 by default); `mailxctl dns` prints its RFC 6186 SRV record
         # and the Thunderbird autoconfig file from it.
@@ -947,7 +947,7 @@ class _Loader:
         return name
 
     def imap_server(self, node: _Node) -> tuple[str, int] | None:
-        """``host`` or ``host:port``: the IMAPS server (RFC 8314 3.3: port 993, TLS first)."""
+        """``host`` or ``host:port``: the IMAPS server (RFC 8314: port 993, TLS first)."""
         if node.null:
             return None
         text = self.text(node).strip()

@@ -83,7 +83,7 @@ COMMENT_WIDTH = 78
 # RFC 8461 3.2: max_age in seconds.  A day while in testing mode, so a
 # change reaches senders quickly; raise it (a week or more) with enforce.
 MTA_STS_MAX_AGE = 86400
-# RFC 6409 3.1 (587, STARTTLS), RFC 8314 7.3 (465, implicit TLS), RFC 8314 7.2 (993).
+# RFC 6409 (587, STARTTLS); RFC 8314 (465 and 993, TLS from the first byte).
 SUBMISSION_PORT, SUBMISSIONS_PORT, IMAPS_PORT = 587, 465, 993
 
 
@@ -287,8 +287,8 @@ def _is_loopback(interface: str | None) -> bool:
 def _submission_services(config: Config, notes: list[str]) -> list[MailService]:
     """The submission listeners as clients should find them, submissions first.
 
-    RFC 8314 3.3 prefers TLS from the first byte to STARTTLS, and a client
-    picks among a protocol's SRV services by priority (RFC 6186 3.1, with
+    RFC 8314 prefers TLS from the first byte to STARTTLS, and a client
+    picks among a protocol's SRV services by priority (RFC 6186 3, with
     RFC 8314 5.1 adding ``_submissions``): 0 for submissions, 1 for
     submission.
     """
@@ -386,8 +386,8 @@ def _srv_records(
             )
         )
     if incoming:
-        # RFC 6186 3.4: target "." says the service is not offered; RFC 8314
-        # 3.3 and 4 want clients off cleartext IMAP, so say so.
+        # RFC 2782: target "." says the service is decidedly not available;
+        # RFC 8314 wants clients off cleartext IMAP, so say so.
         records.append(
             Expected(
                 "SRV",
@@ -396,7 +396,7 @@ def _srv_records(
                 "0 0 0 .",
                 required=False,
                 purpose="says IMAP without TLS (port 143) is not offered, so that clients"
-                " use _imaps only (RFC 6186 3.4, RFC 8314 4).",
+                " use _imaps only (RFC 2782, RFC 8314).",
                 fix=f"publish it in the zone of {domain}",
             )
         )
@@ -1395,7 +1395,7 @@ class _Checker:
         if (int(want_port), want_target) in offered:
             return _finding(e, OK, f"clients find {want_target} port {want_port}", found)
         if not offered:
-            detail = 'says the service is not offered (target ".", RFC 6186 3.4)'
+            detail = 'says the service is not offered (target ".", RFC 2782)'
         else:
             detail = (
                 f"points to {', '.join(f'{t}:{port}' for port, t in offered)},"

@@ -374,7 +374,7 @@ class ClientRecordTests(unittest.TestCase):
             self.srv(p),
             {
                 "_imaps._tcp.example.test": "0 1 993 imap.example.test",
-                # RFC 6186 3.4: "." says not offered.
+                # RFC 2782: "." says not offered.
                 "_imap._tcp.example.test": "0 0 0 .",
             },
         )
@@ -419,7 +419,7 @@ class ClientRecordTests(unittest.TestCase):
             [server(e) for e in provider.findall("incomingServer")],
             [("imap", "imap.example.test", "993", "SSL", "password-cleartext", "%EMAILADDRESS%")],
         )
-        # Thunderbird tries them in order: TLS from the first byte first (RFC 8314 3.3).
+        # Thunderbird tries them in order: TLS from the first byte first (RFC 8314).
         self.assertEqual(
             [server(e) for e in provider.findall("outgoingServer")],
             [
@@ -627,6 +627,27 @@ class DNSCommandTests(CLITestCase):
         status, out, _ = yield self.run_cli("dns", "example.com", "-c", str(config))
         self.assertEqual(status, 1)
         self.assertIn("example.com is not a configured domain", out)
+
+    @defer.inlineCallbacks
+    def test_autoconfig_alone(self) -> None:
+        """``--autoconfig`` prints the file and nothing else, ready to save and serve."""
+        config = write_config(self.directory, extra=client_extra(self.directory))
+        status, out, err = yield self.run_cli(
+            "dns", "example.test", "--autoconfig", "-c", str(config)
+        )
+        self.assertEqual((status, err), (0, ""))
+        root = ElementTree.fromstring(out.encode())
+        self.assertEqual(root.find("emailProvider/incomingServer/port").text, "993")
+        self.assertEqual(out, dnssetup.plan(load_config(config), "example.test").autoconfig)
+
+    @defer.inlineCallbacks
+    def test_autoconfig_without_imap_exits_1(self) -> None:
+        config = write_config(self.directory)
+        status, out, _ = yield self.run_cli(
+            "dns", "example.test", "--autoconfig", "-c", str(config)
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("it needs imap: and a submission listener", out)
 
 
 class CheckTestCase(CLITestCase):
