@@ -329,7 +329,7 @@ class _Validator:
             raise SieveError(
                 line, f"the {name} {what} expects {len(positional)} positional argument(s), got {len(rest)}"
             )
-        for a, kind in zip(rest, positional):
+        for a, kind in zip(rest, positional, strict=True):
             if isinstance(a, Tag):
                 raise SieveError(a.line, f"unexpected tagged argument ':{a.name}' for the {name} {what}")
             out["pos"].append(self.value(a, kind, name, what, a.line))
