@@ -597,7 +597,7 @@ class _Run:
             if a.kind in ("keep", "fileinto") and action.kind in ("keep", "fileinto") and _same_folder(a, action):
                 self.actions[i] = replace(a, flags=action.flags, copy=a.copy and action.copy)
                 return
-            if a.kind == action.kind == "redirect" and a.target.lower() == action.target.lower():
+            if a.kind == action.kind == "redirect" and _same_address(a.target, action.target):
                 self.actions[i] = replace(a, copy=a.copy and action.copy)
                 return
             if a.kind == action.kind == "discard":
@@ -866,6 +866,13 @@ _ADDRESS = re2.compile(r"[^\s@<>()\[\],;:\"]+@[^\s@<>()\[\],;:\"]+")
 
 def _valid_address(a: str) -> bool:
     return _ADDRESS.fullmatch(a) is not None
+
+
+def _same_address(a: str, b: str) -> bool:
+    """RFC 5321 2.4: the local part is case-sensitive, the domain is not."""
+    la, _, da = a.rpartition("@")
+    lb, _, db = b.rpartition("@")
+    return la == lb and da.lower() == db.lower()
 
 
 def _same_folder(a: Action, b: Action) -> bool:

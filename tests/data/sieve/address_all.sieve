@@ -1,0 +1,2 @@
+require "fileinto";
+if address :all :is "from" "bob@y.example" { fileinto "Bob"; }

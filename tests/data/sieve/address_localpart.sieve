@@ -1,0 +1,2 @@
+require "fileinto";
+if address :localpart :is ["to","cc"] "me+tag" { fileinto "LP"; }

@@ -1,0 +1,2 @@
+require ["body","fileinto"];
+if body :raw :contains "<b>pay</b>" { fileinto "RawHtml"; }

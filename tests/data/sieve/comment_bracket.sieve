@@ -1,0 +1,3 @@
+require /* inline */ "fileinto"; # and a hash
+/* multi
+line */ fileinto "C";

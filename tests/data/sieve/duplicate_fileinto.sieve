@@ -1,0 +1,5 @@
+require "fileinto";
+fileinto "Same";
+fileinto "Same";
+keep;
+fileinto "INBOX";

@@ -1,0 +1,2 @@
+require ["fileinto","envelope","subaddress"];
+if envelope :user "to" "me" { fileinto "EnvUser"; }

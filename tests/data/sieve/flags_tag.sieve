@@ -1,0 +1,3 @@
+require ["imap4flags","fileinto"];
+fileinto :flags "\\Answered \\Seen" "Done";
+keep :flags "\\Deleted";

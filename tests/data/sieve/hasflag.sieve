@@ -1,0 +1,3 @@
+require ["imap4flags","fileinto"];
+addflag "\\Seen";
+if hasflag :is "\\seen" { fileinto "HasSeen"; }

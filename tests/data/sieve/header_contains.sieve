@@ -1,0 +1,2 @@
+require "fileinto";
+if header :contains ["subject","to"] ["digest","other"] { fileinto "Hit"; }

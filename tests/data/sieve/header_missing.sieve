@@ -1,0 +1,2 @@
+require "fileinto";
+if header :is "x-nothing" "" { fileinto "Empty"; } else { fileinto "NoHeader"; }

@@ -1,0 +1,2 @@
+require "fileinto";
+if header :is "x-spam-score" "12" { fileinto "Twelve"; }

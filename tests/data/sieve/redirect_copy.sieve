@@ -1,0 +1,3 @@
+require "copy";
+redirect :copy "alice@v.example";
+redirect :copy "ALICE@v.example";

@@ -1,0 +1,5 @@
+redirect "a@v.example";
+redirect "b@v.example";
+redirect "c@v.example";
+redirect "d@v.example";
+redirect "e@v.example";

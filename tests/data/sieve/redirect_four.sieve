@@ -1,0 +1,4 @@
+redirect "a@v.example";
+redirect "b@v.example";
+redirect "c@v.example";
+redirect "d@v.example";

@@ -1,0 +1,2 @@
+require ["fileinto","regex"];
+if address :regex "from" "^[[:alpha:]]+@[a-z]+\\.example$" { fileinto "Class"; }
