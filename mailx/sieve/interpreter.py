@@ -346,9 +346,22 @@ class _Validator:
         comp = out.get("comparator", "i;ascii-casemap")
         if comp == "i;ascii-numeric" and out.get("match") in ("contains", "matches", "regex"):
             raise SieveError(line, f"the comparator does not support :{out['match']}")
+        if out.get("match") == "regex":
+            self.check_regex(name, what, out, line)
         if name == "vacation" and "days" in out["tags"] and "seconds" in out["tags"]:
             raise SieveError(line, "vacation: :days and :seconds are exclusive")
         return out
+
+    def check_regex(self, name: str, what: str, out: dict, line: int) -> None:
+        """Pigeonhole compiles constant :regex keys with the script: a bad one does not compile."""
+        keys = out["pos"][-1]
+        for key in keys:
+            if "variables" in self.required and "${" in key:
+                continue
+            try:
+                _re2(key, False, True)
+            except re2.error:
+                raise SieveError(line, f"{name} {what}: invalid regular expression '{key}'") from None
 
     def value(self, a, kind: str, name: str, what: str, line: int):
         if kind == "number":
