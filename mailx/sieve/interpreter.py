@@ -559,19 +559,22 @@ class _Run:
             flags = self.flag_list(tags["flags"]) if "flags" in tags else tuple(self.flags)
             copy = bool(tags.get("copy"))
             folder = self.expand(pos[0])
-            self.add(c, Action("fileinto", folder, flags=flags, copy=copy, create=bool(tags.get("create"))))
-            if not copy:
+            new = self.add(c, Action("fileinto", folder, flags=flags, copy=copy, create=bool(tags.get("create"))))
+            if new and not copy:
                 self.implicit_keep = False
         elif name == "redirect":
-            self.redirects += 1
-            if self.redirects > MAX_REDIRECTS:
-                raise SieveError(c.line, f"redirect: more than {MAX_REDIRECTS} redirects for one message")
             address = self.expand(pos[0])
             if not _valid_address(address):
                 raise SieveError(c.line, f"redirect: invalid address '{address}'")
             copy = bool(tags.get("copy"))
-            self.add(c, Action("redirect", address, copy=copy))
-            if not copy:
+            action = Action("redirect", address, copy=copy)
+            if not any(a.kind == "redirect" and _same_address(a.target, address) for a in self.actions):
+                # SPEC 12 / Pigeonhole's sieve_max_redirects: distinct addresses count.
+                self.redirects += 1
+                if self.redirects > MAX_REDIRECTS:
+                    raise SieveError(c.line, f"number of redirect actions exceeds policy limit (> {MAX_REDIRECTS})")
+            new = self.add(c, action)
+            if new and not copy:
                 self.implicit_keep = False
         elif name == "reject":
             self.add(c, Action("reject", self.expand(pos[0])))
@@ -596,7 +599,12 @@ class _Run:
             else:
                 self.flags = new
 
-    def add(self, c: Command, action: Action) -> None:
+    def add(self, c: Command, action: Action) -> bool:
+        """Add an action; False when it merged into an equal earlier one.
+
+        A merged duplicate leaves the implicit keep as the first one left it
+        (Pigeonhole: `fileinto :copy "A"; fileinto "A";` still keeps).
+        """
         kinds = {a.kind for a in self.actions}
         # RFC 5429 2.1: reject cannot go with an action that delivers or replies.
         if action.kind == "reject" and kinds & {"keep", "fileinto", "redirect", "vacation", "reject"}:
@@ -608,16 +616,16 @@ class _Run:
         for i, a in enumerate(self.actions):
             # RFC 5228 4.2/2.10.3: the same folder or address twice is one action.
             if a.kind in ("keep", "fileinto") and action.kind in ("keep", "fileinto") and _same_folder(a, action):
-                self.actions[i] = replace(a, flags=action.flags, copy=a.copy and action.copy)
-                return
+                self.actions[i] = replace(a, flags=action.flags)
+                return False
             if a.kind == action.kind == "redirect" and _same_address(a.target, action.target):
-                self.actions[i] = replace(a, copy=a.copy and action.copy)
-                return
+                return False
             if a.kind == action.kind == "discard":
-                return
+                return False
         if len(self.actions) >= MAX_ACTIONS:
             raise SieveError(c.line, f"total number of actions exceeds policy limit ({MAX_ACTIONS})")
         self.actions.append(action)
+        return True
 
     def flag_list(self, values: Iterable[str]) -> tuple[str, ...]:
         """RFC 5232 3: space-separated flags, case-insensitively unique."""
@@ -655,7 +663,7 @@ class _Run:
     def vacation(self, c: Command, tags: dict, pos: list) -> None:
         if "seconds" in tags:
             # Pigeonhole's sieve_vacation_min_period: 1 day (SPEC 12).
-            seconds = max(int(tags["seconds"]), 86400) if tags["seconds"] else 0
+            seconds = max(int(tags["seconds"]), 86400)
         else:
             days = int(tags.get("days", 7))
             seconds = max(days, 1) * 86400

@@ -1,0 +1,5 @@
+require ["imap4flags","fileinto"];
+fileinto "A";
+addflag "\\Seen";
+fileinto "A";
+removeflag "\\Seen";

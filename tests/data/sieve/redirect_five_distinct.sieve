@@ -1,0 +1,6 @@
+redirect "a@v.example";
+redirect "A@v.example";
+redirect "a@v.example";
+redirect "b@v.example";
+redirect "c@v.example";
+redirect "d@v.example";
