@@ -123,6 +123,26 @@ class BoundsTests(unittest.TestCase):
         self.assertEqual(kinds(script, message), [("keep", "INBOX")])
         self.assertLess(time.monotonic() - start, 5)
 
+    def test_long_glob_against_long_value_is_bounded(self) -> None:
+        # Thousands of wildcards overflow RE2's DFA cache; its NFA then costs
+        # value x pattern, which the matching budget cuts off.
+        script = 'require "fileinto";\nif header :matches "subject" "' + "*a?" * 3000 + 'b" { fileinto "X"; }'
+        message = b"Subject: " + b"a" * 60000 + b"b\r\n\r\nbody\r\n"
+        start = time.monotonic()
+        result = run(script, Message.from_bytes(message), ME)
+        self.assertIn("too much work", result.error)
+        self.assertTrue(result.implicit_keep)
+        self.assertLess(time.monotonic() - start, 5)
+
+    def test_variable_expansion_is_bounded(self) -> None:
+        script = (
+            'require "variables";\nset "a" "' + "x" * 4000 + '";\nset "b" "' + "${a}" * 200000 + '";\n'
+            'set :length "n" "${b}";\nif string :is "${n}" "4096" { discard; }'
+        )
+        start = time.monotonic()
+        self.assertEqual(kinds(script), [("discard", "")])
+        self.assertLess(time.monotonic() - start, 5)
+
     def test_many_header_tests_are_bounded(self) -> None:
         keys = ", ".join(f'"k{i}"' for i in range(500))
         script = f'if header :contains "subject" [{keys}] {{ discard; }}\n' * 20

@@ -42,6 +42,14 @@ _RE2_MAX_MEM = 8 << 20
 # A script with `while`-like length is impossible (Sieve has no loops); this
 # bounds the work a script can do per message through its tests instead.
 MAX_TEST_STEPS = 100_000
+# Matching work per message, in (value length x key length) units: RE2 is
+# linear in the value but falls back to an NFA whose cost grows with the
+# pattern too once its DFA cache (max_mem) is full.  ~3e7 units a second
+# measured on a 60 KB value against a 3000-character glob; this is a second
+# or two at worst.
+MAX_MATCH_WORK = 50_000_000
+# RFC 5229 3.2 asks for ${0}..${9} at least; Pigeonhole offers exactly those.
+MAX_MATCH_INDEX = 9
 
 EXTENSIONS = frozenset(
     """fileinto reject envelope encoded-character subaddress copy imap4flags
@@ -464,18 +472,23 @@ def _re2(pattern: str, casefold: bool, longest: bool):
 
 
 def _glob(key: str) -> str:
-    """RFC 5228 2.7.1 :matches: '*' any run, '?' one character, '\\' escapes."""
+    """RFC 5228 2.7.1 :matches: '*' any run, '?' one character, '\\' escapes.
+
+    Only the first nine wildcards capture (${1}..${9}): captures make RE2's
+    submatch pass slower, and no variable can name a tenth.
+    """
     out = []
+    groups = 0
     i = 0
     while i < len(key):
         c = key[i]
         if c == "\\" and i + 1 < len(key):
             i += 1
             out.append(re2.escape(key[i]))
-        elif c == "*":
-            out.append("(.*?)")
-        elif c == "?":
-            out.append("(.)")
+        elif c in "*?":
+            groups += 1
+            body = ".*?" if c == "*" else "."
+            out.append(f"({body})" if groups <= MAX_MATCH_INDEX else f"(?:{body})")
         else:
             out.append(re2.escape(c))
         i += 1
@@ -494,6 +507,7 @@ class _Run:
         self.matches: list[str] = []
         self.redirects = 0
         self.steps = 0
+        self.work = 0
         self.uses_variables = False
         self.regex_cache: dict[tuple[str, bool, bool], object] = {}
 
@@ -503,7 +517,19 @@ class _Run:
         """RFC 5229 3: ${name} and ${N}, when "variables" is required."""
         if not self.uses_variables or "${" not in s:
             return s
-        return _VARIABLE.sub(self._lookup, s)[: MAX_VARIABLE_SIZE * 4]
+        # Built piece by piece under a budget: "${a}" repeated through a 1 MiB
+        # script would otherwise expand to a gigabyte before any cut.
+        out, size, pos = [], 0, 0
+        limit = MAX_VARIABLE_SIZE * 4
+        for m in _VARIABLE.finditer(s):
+            for piece in (s[pos : m.start()], self._lookup(m)):
+                out.append(piece[: limit - size])
+                size += len(out[-1])
+            pos = m.end()
+            if size >= limit:
+                return "".join(out)
+        out.append(s[pos:][: limit - size])
+        return "".join(out)
 
     def _lookup(self, m) -> str:
         name = m.group(1)
@@ -841,6 +867,9 @@ class _Run:
         return False
 
     def match_one(self, t: Test, mtype: str, comp: str, x: dict, v: str, k: str) -> bool:
+        self.work += len(v) * max(len(k), 1) if mtype in ("matches", "regex") else len(v) + len(k)
+        if self.work > MAX_MATCH_WORK:
+            raise SieveError(t.line, "the script does too much work (matching)")
         if mtype == "value":
             return _relation(_compare(v, k, comp), x["relation"])
         if mtype == "is":
@@ -855,7 +884,7 @@ class _Run:
                 return False
             if self.uses_variables:
                 # RFC 5229 3.2: ${0} the whole value, ${1}.. each wildcard.
-                self.matches = [v] + [v[slice(*m.span(i))] for i in range(1, min(m.re.groups, 9) + 1)]
+                self.matches = [v] + [v[slice(*m.span(i))] for i in range(1, min(m.re.groups, MAX_MATCH_INDEX) + 1)]
             return True
         if mtype == "regex":
             rx = self.compiled(k, fold, True, t)
@@ -863,7 +892,7 @@ class _Run:
             if m is None:
                 return False
             if self.uses_variables:
-                self.matches = [m.group(0)] + [m.group(i) or "" for i in range(1, min(m.re.groups, 9) + 1)]
+                self.matches = [m.group(0)] + [m.group(i) or "" for i in range(1, min(m.re.groups, MAX_MATCH_INDEX) + 1)]
             return True
         raise SieveError(t.line, f"unknown match type :{mtype}")  # pragma: no cover
 
