@@ -284,7 +284,13 @@ def _test(depth: int) -> st.SearchStrategy[str]:
         st.builds(lambda p, m, k: f'address {p} {m} ["from","to","cc"] "{k}"', _PART, _MATCH, _KEYS),
         st.builds(lambda p, k: f'envelope {p} "to" "{k}"', _PART, _KEYS),
         st.builds(lambda h: f'exists "{h}"', _HEADERS),
-        st.sampled_from(["true", "false", "size :over 1K", "size :under 500"]),
+        st.sampled_from(["true", "false", "size :over 1K", "size :under 500", 'hasflag :contains "seen"',
+                         'body :text :contains "pay"', 'body :raw :contains "<b>"',
+                         'body :content "text/html" :contains "<b>"']),
+        st.builds(lambda r, h, k: f'header :{r} :comparator "i;ascii-numeric" "{h}" "{k}"',
+                  st.sampled_from(['value "gt"', 'value "le"', 'count "eq"', 'count "gt"', "is"]),
+                  _HEADERS, st.sampled_from(["0", "1", "2", "10", "x"])),
+        st.builds(lambda k: f'string :matches "${{v}}" "{k}"', _KEYS),
     )
     if depth == 0:
         return leaf
@@ -302,11 +308,15 @@ _ACTION = st.one_of(
     st.builds(lambda f: f'fileinto :copy "{f}";', _FOLDERS),
     st.sampled_from(["keep;", "discard;", "stop;", 'redirect "a@v.example";', 'redirect :copy "b@v.example";',
                      'addflag "\\\\Seen";', 'vacation "away";', 'fileinto "${1}";']),
+    st.sampled_from(['vacation :days 2 :addresses ["me@x.example"] "away";', 'removeflag "\\\\Seen";',
+                     'setflag "\\\\Flagged $Work";', 'fileinto :flags "\\\\Answered" "A";',
+                     'keep :flags "\\\\Deleted";', 'set "v" "${1}";', 'set :upper "v" "${v}x";',
+                     'fileinto "V/${v}";', 'reject "no";', 'redirect "${v}@v.example";']),
 )
 _SCRIPT = st.builds(
     lambda body: (
         'require ["fileinto","envelope","subaddress","copy","imap4flags","vacation","variables",'
-        '"relational","regex"];\n' + "\n".join(body)
+        '"relational","regex","body","reject","comparator-i;ascii-numeric"];\n' + "\n".join(body)
     ),
     st.lists(
         st.one_of(

@@ -576,8 +576,8 @@ class _Run:
         name, tags, pos = c.name, x["tags"], x["pos"]
         if name == "keep":
             flags = self.flag_list(tags["flags"]) if "flags" in tags else tuple(self.flags)
-            self.add(c, Action("keep", "INBOX", flags=flags))
-            self.implicit_keep = False
+            if self.add(c, Action("keep", "INBOX", flags=flags)):
+                self.implicit_keep = False
         elif name == "discard":
             self.implicit_keep = False
             self.add(c, Action("discard"))
