@@ -252,7 +252,8 @@ class DifferentialTests(unittest.TestCase):
             source = script.read_bytes()
             for message in messages:
                 raw = message.read_bytes()
-                for envelope in ENVELOPES:
+                # The second envelope (a daemon sender, no subaddress) only where it can matter.
+                for envelope in ENVELOPES if "envelope" in script.name or "vacation" in script.name else ENVELOPES[:1]:
                     theirs = self.pigeonhole.run(source, raw, envelope)
                     ours = canonical_ours(source, raw, envelope)
                     if theirs != ours:

@@ -1,0 +1,1 @@
+require ["fileinto","variables"]; if address :all :matches "to" "*" { fileinto "A/${1}"; }

@@ -1,0 +1,1 @@
+require ["fileinto"]; if address :is "to" "b+x@g.example" { fileinto "B"; }

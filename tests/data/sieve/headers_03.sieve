@@ -1,0 +1,1 @@
+require ["fileinto","variables","subaddress"]; if address :detail :matches "to" "*" { fileinto "D/${1}"; }

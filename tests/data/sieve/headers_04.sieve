@@ -1,0 +1,1 @@
+require ["fileinto","relational"]; if address :count "eq" "to" "2" { fileinto "Two"; }

@@ -1,0 +1,1 @@
+require ["fileinto","variables"]; if address :localpart :matches "from" "*" { fileinto "L/${1}"; }

@@ -1,0 +1,1 @@
+require ["fileinto"]; if header :is "x-empty" "" { fileinto "E"; }

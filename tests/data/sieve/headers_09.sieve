@@ -1,0 +1,1 @@
+require ["fileinto"]; if exists "X-EMPTY" { fileinto "X"; }

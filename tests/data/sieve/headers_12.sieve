@@ -1,0 +1,1 @@
+require ["fileinto","body"]; if body :raw :contains "LF only" { fileinto "Body"; }

@@ -1,0 +1,1 @@
+require ["fileinto","envelope","variables"]; if envelope :localpart :matches "from" "*" { fileinto "EL/${1}"; }

@@ -1,0 +1,1 @@
+redirect "a@v.example"; redirect "a@v.example"; redirect "b@v.example"; redirect "c@v.example"; redirect "d@v.example";

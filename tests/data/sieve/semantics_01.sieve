@@ -1,0 +1,1 @@
+require ["reject","vacation"]; vacation "x"; reject "no";

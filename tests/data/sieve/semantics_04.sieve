@@ -1,0 +1,1 @@
+require ["reject"]; redirect "a@v.example"; reject "no";

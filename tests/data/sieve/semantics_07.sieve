@@ -1,0 +1,1 @@
+require ["variables","fileinto"]; set "x" "${unknown}abc"; fileinto "${x}";

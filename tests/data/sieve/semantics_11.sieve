@@ -1,0 +1,1 @@
+require "fileinto"; if address :is "from" "BOB@Y.EXAMPLE" { fileinto "ok"; }

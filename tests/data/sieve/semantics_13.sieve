@@ -1,0 +1,1 @@
+require ["vacation"]; vacation :days 0 "x";

@@ -1,0 +1,1 @@
+require "imap4flags"; addflag "\\seen \\Seen foo FOO"; keep;

@@ -1,0 +1,1 @@
+require ["envelope"]; if envelope :is "to" "ME+TAG@x.example" { discard; }

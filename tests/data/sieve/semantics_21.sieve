@@ -1,0 +1,1 @@
+require ["variables","fileinto"]; set :upper :lowerfirst "a" "hello"; fileinto "${a}";

@@ -1,0 +1,1 @@
+require "copy"; redirect :copy "a@v.example"; redirect "a@v.example";
