@@ -211,6 +211,20 @@ class VacationDecisionTests(unittest.TestCase):
 
 
 class ResultShapeTests(unittest.TestCase):
+    def test_compile_error_keeps(self) -> None:
+        result = run('fileinto "x";', Message.from_bytes(PLAIN), ME)
+        self.assertTrue(result.error.startswith("compile: line 1:"), result.error)
+        self.assertEqual([(a.kind, a.implicit) for a in result.actions], [("keep", True)])
+
+    def test_failure_of_ours_keeps(self) -> None:
+        def broken(name: str) -> bool:
+            raise OSError("mailbox list unreadable")
+
+        result = run('require ["mailbox","fileinto"];\nif mailboxexists "A" { fileinto "A"; }',
+                     Message.from_bytes(PLAIN), ME, broken)
+        self.assertIn("internal error", result.error)
+        self.assertEqual([(a.kind, a.implicit) for a in result.actions], [("keep", True)])
+
     def test_leading_question_mark_is_one_character(self) -> None:
         # RFC 5228 2.7.1; Pigeonhole 2.3.19 differs here (it files into Q).
         script = 'require "fileinto";\nif header :matches "subject" "?bcde *" { fileinto "Q"; }'

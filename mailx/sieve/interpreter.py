@@ -956,11 +956,17 @@ def run(
 ) -> Result:
     """The actions the script takes on the message; implicit keep resolved.
 
-    A script that does not compile raises `SieveError`; one that fails while
-    running gives a `Result` holding only the implicit keep and the error
-    (RFC 5228 2.10.6), as Pigeonhole does.
+    Never raises: a script that does not compile, one that fails while
+    running (RFC 5228 2.10.6), and any failure of ours give a `Result` that
+    holds only the implicit keep and the error, so that no filter outcome
+    can lose a message (SPEC 12).  `compile_script` first to tell a compile
+    error apart.
     """
-    commands = compile_script(script) if not isinstance(script, list) else script
+    keep_only = (Action("keep", "INBOX", implicit=True),)
+    try:
+        commands = compile_script(script) if not isinstance(script, list) else script
+    except SieveError as e:
+        return Result(keep_only, error=f"compile: {e}")
     state = _Run(message, envelope, mailboxes)
     state.uses_variables = any(
         c.name == "require" and "variables" in c.extra["pos"][0] for c in commands
@@ -968,7 +974,9 @@ def run(
     try:
         state.block(commands)
     except SieveError as e:
-        return Result((Action("keep", "INBOX", implicit=True),), error=str(e))
+        return Result(keep_only, error=str(e))
+    except Exception as e:  # noqa: BLE001 - a bug of ours must not lose the message
+        return Result(keep_only, error=f"internal error: {type(e).__name__}: {e}")
     actions = list(state.actions)
     if state.implicit_keep:
         actions.append(Action("keep", "INBOX", flags=tuple(state.flags), implicit=True))
