@@ -172,6 +172,20 @@ class BoundsTests(unittest.TestCase):
         self.assertTrue(result.implicit_keep)
 
 
+class RegexDialectTests(unittest.TestCase):
+    """Where RE2 and Pigeonhole's POSIX ERE (glibc regcomp) part ways, on purpose."""
+
+    def test_backreference_does_not_compile(self) -> None:
+        # RE2 has none (linear time is why we use it); Pigeonhole accepts them.
+        with self.assertRaises(SieveError):
+            compile_script('require "regex";\nif header :regex "subject" "(a)\\\\1" { keep; }')
+
+    def test_backslash_in_brackets_is_literal_as_in_posix(self) -> None:
+        script = 'require ["regex","fileinto"];\nif header :regex "subject" "[\\\\]]" { fileinto "X"; }'
+        self.assertEqual(kinds(script, b"Subject: a]\r\n\r\nx\r\n"), [("keep", "INBOX")])
+        self.assertEqual(kinds(script, b"Subject: a\\]\r\n\r\nx\r\n"), [("fileinto", "X")])
+
+
 class VacationDecisionTests(unittest.TestCase):
     SCRIPT = 'require "vacation";\nvacation "away";'
 

@@ -356,6 +356,8 @@ class _Validator:
             raise SieveError(line, f"the comparator does not support :{out['match']}")
         if out.get("match") == "regex":
             self.check_regex(name, what, out, line)
+        if name == "set" and "${" not in out["pos"][0] and not _VARIABLE_NAME.fullmatch(out["pos"][0].lower()):
+            raise SieveError(line, f"set command: invalid variable name '{out['pos'][0]}'")
         if name == "vacation" and "days" in out["tags"] and "seconds" in out["tags"]:
             raise SieveError(line, "vacation: :days and :seconds are exclusive")
         return out
@@ -367,7 +369,7 @@ class _Validator:
             if "variables" in self.required and "${" in key:
                 continue
             try:
-                _re2(key, False, True)
+                _re2(_posix_brackets(key), False, True)
             except re2.error:
                 raise SieveError(line, f"{name} {what}: invalid regular expression '{key}'") from None
 
@@ -459,6 +461,51 @@ def _compare(a: str, b: str, comparator: str) -> int:
 
 def _relation(cmp: int, op: str) -> bool:
     return {"gt": cmp > 0, "ge": cmp >= 0, "lt": cmp < 0, "le": cmp <= 0, "eq": cmp == 0, "ne": cmp != 0}[op]
+
+
+def _posix_brackets(pattern: str) -> str:
+    """POSIX ERE bracket expressions in RE2's syntax.
+
+    In POSIX a backslash inside [...] is a literal (``[\\]]`` is "\\" then
+    "]"), and a "]" first in the brackets is a member; RE2 reads Perl's
+    escapes there.  Outside brackets the two agree closely enough for Sieve.
+    """
+    out = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\" and i + 1 < n:
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if c != "[":
+            out.append(c)
+            i += 1
+            continue
+        j = i + 1
+        body = ["["]
+        if j < n and pattern[j] == "^":
+            body.append("^")
+            j += 1
+        if j < n and pattern[j] == "]":
+            body.append("\\]")
+            j += 1
+        while j < n and pattern[j] != "]":
+            if pattern[j] == "[" and j + 1 < n and pattern[j + 1] in ":.=":
+                close = pattern.find(pattern[j + 1] + "]", j + 2)
+                if close < 0:
+                    break
+                body.append(pattern[j : close + 2])
+                j = close + 2
+                continue
+            body.append("\\\\" if pattern[j] == "\\" else ("\\[" if pattern[j] == "[" else pattern[j]))
+            j += 1
+        if j >= n:  # unterminated: leave it for RE2 to refuse
+            out.append(pattern[i:])
+            break
+        out.append("".join(body) + "]")
+        i = j + 1
+    return "".join(out)
 
 
 def _re2(pattern: str, casefold: bool, longest: bool):
@@ -887,7 +934,7 @@ class _Run:
                 self.matches = [v] + [v[slice(*m.span(i))] for i in range(1, min(m.re.groups, MAX_MATCH_INDEX) + 1)]
             return True
         if mtype == "regex":
-            rx = self.compiled(k, fold, True, t)
+            rx = self.compiled(_posix_brackets(k), fold, True, t)
             m = rx.search(v)
             if m is None:
                 return False

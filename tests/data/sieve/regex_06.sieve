@@ -1,0 +1,1 @@
+require ["fileinto","regex"]; if header :regex "subject" "\\bfor\\b" { fileinto "wb"; }

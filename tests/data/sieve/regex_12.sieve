@@ -1,0 +1,1 @@
+require ["fileinto","encoded-character"]; fileinto "${HEX:41}";

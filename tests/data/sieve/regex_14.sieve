@@ -1,0 +1,1 @@
+require ["fileinto","variables"]; set "a.b" "x"; fileinto "${a.b}";

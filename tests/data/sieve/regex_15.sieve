@@ -1,0 +1,1 @@
+require ["fileinto","variables"]; set "A" "up"; fileinto "${a}";

@@ -1,0 +1,1 @@
+require ["fileinto","regex"]; if header :regex "subject" "[^]a-z ]" { fileinto "neg"; }
