@@ -555,6 +555,7 @@ class _Run:
         self.redirects = 0
         self.steps = 0
         self.work = 0
+        self.bodies: dict[object, str] = {}
         self.uses_variables = False
         self.regex_cache: dict[tuple[str, bool, bool], object] = {}
 
@@ -873,7 +874,15 @@ class _Run:
         return out
 
     def body(self, tags: dict) -> str:
-        """RFC 5173 5: the raw body, or its decoded text parts."""
+        """RFC 5173 5: the raw body, or its decoded text parts (once per transform)."""
+        key = "raw" if "raw" in tags else tuple(tags.get("content", ("text",)))
+        if key not in self.bodies:
+            if len(self.bodies) >= 8:
+                self.bodies.clear()
+            self.bodies[key] = self._body(tags)
+        return self.bodies[key]
+
+    def _body(self, tags: dict) -> str:
         raw = self.message.body
         if "raw" in tags:
             return raw.decode("utf-8", "replace")
