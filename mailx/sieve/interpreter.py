@@ -356,6 +356,10 @@ class _Validator:
             raise SieveError(line, f"the comparator does not support :{out['match']}")
         if out.get("match") == "regex":
             self.check_regex(name, what, out, line)
+        if name == "redirect" and "${" not in out["pos"][0] and not _valid_address(out["pos"][0]):
+            raise SieveError(line, f"redirect command: invalid address '{out['pos'][0]}'")
+        if name == "body" and len({"raw", "content", "text"} & set(out["tags"])) > 1:
+            raise SieveError(line, "body test: multiple body transforms specified")
         if name == "set" and "${" not in out["pos"][0] and not _VARIABLE_NAME.fullmatch(out["pos"][0].lower()):
             raise SieveError(line, f"set command: invalid variable name '{out['pos'][0]}'")
         if name == "vacation" and "days" in out["tags"] and "seconds" in out["tags"]:

@@ -1,0 +1,1 @@
+if header :comparator "i;nonesuch" "a" "b" { keep; }

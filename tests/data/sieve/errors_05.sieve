@@ -1,0 +1,2 @@
+require "relational";
+if header :value "zz" "a" "1" { keep; }

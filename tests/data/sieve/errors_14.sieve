@@ -1,0 +1,3 @@
+require "encoded-character";
+keep;
+fileinto "${unicode:D800}";
