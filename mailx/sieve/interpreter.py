@@ -360,6 +360,15 @@ class _Validator:
             raise SieveError(line, f"redirect command: invalid address '{out['pos'][0]}'")
         if name == "body" and len({"raw", "content", "text"} & set(out["tags"])) > 1:
             raise SieveError(line, "body test: multiple body transforms specified")
+        if name == "vacation" and "${" not in out["tags"].get("from", "${"):
+            _, address = email.utils.parseaddr(out["tags"]["from"])
+            if not _valid_address(address):
+                raise SieveError(line, f"vacation command: invalid :from address '{out['tags']['from']}'")
+        if name == "set":
+            for same in (("lower", "upper"), ("lowerfirst", "upperfirst"), ("quotewildcard", "quoteregex")):
+                # RFC 5229 4.1: two modifiers of one precedence are an error.
+                if all(m in out["tags"] for m in same):
+                    raise SieveError(line, f"set command: :{same[0]} and :{same[1]} cannot be combined")
         if name == "set" and "${" not in out["pos"][0] and not _VARIABLE_NAME.fullmatch(out["pos"][0].lower()):
             raise SieveError(line, f"set command: invalid variable name '{out['pos'][0]}'")
         if name == "vacation" and "days" in out["tags"] and "seconds" in out["tags"]:

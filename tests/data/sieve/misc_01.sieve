@@ -1,0 +1,1 @@
+require "envelope"; if envelope :is "TO" "me+tag@x.example" { discard; }

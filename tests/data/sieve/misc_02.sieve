@@ -1,0 +1,1 @@
+require "vacation"; vacation :from "not an address" "x";

@@ -1,0 +1,1 @@
+require "vacation"; vacation :from "Me <me@x.example>" :subject "S" "x";

@@ -1,0 +1,1 @@
+require "vacation"; vacation :mime "Content-Type: text/plain\r\n\r\nx";

@@ -1,0 +1,1 @@
+require ["fileinto","envelope","variables"]; if envelope :all :matches "from" "*@*" { fileinto "${2}"; }

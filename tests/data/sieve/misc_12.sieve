@@ -1,0 +1,1 @@
+require "mailbox"; if mailboxexists "INBOX" { discard; }

@@ -1,0 +1,1 @@
+require ["variables"]; set :length :upper "a" "x";

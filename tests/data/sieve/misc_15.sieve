@@ -1,0 +1,1 @@
+require ["variables"]; set :lower :upper "a" "x";
