@@ -1,0 +1,1 @@
+require ["fileinto","relational"]; if header :value "eq" "subject" "GRÜSSE AUS BERLIN" { fileinto "ueq"; }

@@ -1,0 +1,1 @@
+require "fileinto"; if header :is "subject" "GRÜßE AUS BERLIN" { fileinto "umlautcase"; }

@@ -1,0 +1,1 @@
+require "fileinto"; if header :contains :comparator "i;octet" "subject" "Grü" { fileinto "octcontains"; }

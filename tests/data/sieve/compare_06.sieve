@@ -1,0 +1,1 @@
+require "fileinto"; if header :matches "subject" "gr?ße*" { fileinto "qmb"; }

@@ -1,0 +1,1 @@
+require "fileinto"; if address :domain :is "from" "Z.EXAMPLE" { fileinto "dom"; }

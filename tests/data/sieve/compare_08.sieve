@@ -1,0 +1,1 @@
+require ["fileinto","variables"]; if address :all :matches "from" "*" { fileinto "${1}"; }

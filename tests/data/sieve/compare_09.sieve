@@ -1,0 +1,1 @@
+require ["fileinto","variables"]; if header :matches "from" "*" { fileinto "${1}"; }

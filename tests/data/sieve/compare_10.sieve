@@ -1,0 +1,1 @@
+require "fileinto"; if header :contains "to" "Other" { fileinto "dn"; }
