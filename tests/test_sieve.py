@@ -153,6 +153,15 @@ class BoundsTests(unittest.TestCase):
         self.assertTrue(result.implicit_keep)
         self.assertLess(time.monotonic() - start, 10)
 
+    def test_deeply_nested_comments_in_an_address_field(self) -> None:
+        # email.utils.getaddresses recursed once per "(" and raised RecursionError.
+        script = 'require "fileinto";\nif address :is "from" "bob@y.example" { fileinto "Bob"; }'
+        message = b"From: " + b"(" * 20000 + b")" * 20000 + b" bob@y.example\r\n\r\nbody\r\n"
+        start = time.monotonic()
+        result = run(script, Message.from_bytes(message), ME)
+        self.assertEqual((result.error, [(a.kind, a.target) for a in result.actions]), ("", [("fileinto", "Bob")]))
+        self.assertLess(time.monotonic() - start, 5)
+
     def test_variables_are_cut_at_4096_bytes(self) -> None:
         script = (
             'require ["variables","fileinto"];\nset "a" "' + "x" * 5000 + '";\n'

@@ -794,7 +794,7 @@ class _Run:
         mine = {a.lower() for a in (self.envelope.mailbox, self.envelope.rcpt_to, *addresses) if a}
         recipients = set()
         for name in ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc"):
-            for _, addr in email.utils.getaddresses(m.values(name)):
+            for addr in _addresses(m.values(name)):
                 recipients.add(addr.lower())
         if not mine & recipients:
             return "", "my address is not in To/Cc"  # RFC 5230 4.5
@@ -833,8 +833,7 @@ class _Run:
             values = []
             for h in self.expand_all(x["pos"][0]):
                 for v in self.message.values(h):
-                    for _, addr in email.utils.getaddresses([v]):
-                        values.append(addr)
+                    values.extend(_addresses([v]))
             return self.match(t, x, self.parts(values, x), x["pos"][1])
         if name == "envelope":
             values = []
@@ -981,6 +980,48 @@ class _Run:
 _VARIABLE = re2.compile(r"\$\{([0-9]+|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\}")
 _VARIABLE_NAME = re2.compile(r"[a-z_][a-z0-9_]*")
 _ADDRESS = re2.compile(r"[^\s@<>()\[\],;:\"]+@[^\s@<>()\[\],;:\"]+")
+
+
+def _strip_comments(value: str) -> str:
+    """RFC 5322 3.2.2 comments removed in one linear pass.
+
+    email.utils.getaddresses recurses once per nested "(": a From of 3000
+    "(" raises RecursionError.  Comments never take part in an address test.
+    """
+    if "(" not in value:
+        return value
+    out = []
+    depth = 0
+    quoted = False
+    i, n = 0, len(value)
+    while i < n:
+        c = value[i]
+        if c == "\\" and i + 1 < n:
+            if depth == 0:
+                out.append(value[i : i + 2])
+            i += 2
+            continue
+        if quoted:
+            quoted = c != '"'
+            out.append(c)
+        elif c == '"' and depth == 0:
+            quoted = True
+            out.append(c)
+        elif c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+            if depth == 0:
+                out.append(" ")
+        elif depth == 0:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _addresses(values: list[str]) -> list[str]:
+    """The addr-specs in address header values (RFC 5228 2.7.4)."""
+    return [addr for _, addr in email.utils.getaddresses([_strip_comments(v) for v in values])]
 
 
 def _valid_address(a: str) -> bool:
