@@ -47,7 +47,7 @@ def _describe(a: Action) -> list[str]:
     elif a.kind == "redirect":
         out.append(f" * redirect message to: <{a.target}>")
     elif a.kind == "reject":
-        out.append(f" * reject message with reason: {a.target}")
+        out.append(f" * reject message with reason: {a.target.replace(chr(13) + chr(10), chr(10)).rstrip()}")
     elif a.kind == "discard":
         out.append(" * discard")
     elif a.kind == "vacation":
@@ -57,12 +57,13 @@ def _describe(a: Action) -> list[str]:
             out.append(f"    => subject : {a.subject}")
         if a.from_ is not None:
             out.append(f"    => from    : {a.from_}")
-        out.append(f"    => handle  : {a.handle or a.target}")
+        # Pigeonhole's default handle is the reason and the other arguments run together.
+        out.append(f"    => handle  : {a.handle or '(from the reason)'}")
         if a.reply_to:
             out.append(f"    => to      : <{a.reply_to}>")
         else:
             out.append(f"    => not sent: {a.skip_reason}")
-        out += ["", "START MESSAGE", a.target.rstrip("\r\n"), "END MESSAGE"]
+        out += ["", "START MESSAGE", a.target.replace("\r\n", "\n").rstrip("\n"), "END MESSAGE"]
     if a.copy:
         out.append("        + preserve implicit keep")
     return out
