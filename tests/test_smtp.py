@@ -879,3 +879,55 @@ class SpoolLifetimeTests(unittest.TestCase):
         buffer.write(b"x" * (SPILL_AT + 1))
         self.assertEqual(self.files(), [])
         self.assertEqual(buffer.size, 2 * (SPILL_AT + 1))
+
+
+class _HeldPool:
+    """A thread pool that runs nothing until told: the split is "in a thread" for as long as we like."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def callInThreadWithCallback(self, on_result: Any, func: Any, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(lambda: on_result(True, func(*args, **kwargs)))
+
+
+class _PoolReactor:
+    def __init__(self, pool: _HeldPool) -> None:
+        self.pool = pool
+
+    def getThreadPool(self) -> _HeldPool:
+        return self.pool
+
+    def callFromThread(self, func: Any, *args: Any) -> None:
+        func(*args)
+
+
+class HangUpDuringHeaderSplitTests(unittest.TestCase):
+    """(f) A hang-up while a header section over 64 KiB is split off the reactor."""
+
+    def test_no_checks_and_no_filing_after_the_split(self) -> None:
+        from mailx.delivery import INLINE_HEADER, IncomingMessage
+
+        incoming = Path(self.mktemp())
+        incoming.mkdir(parents=True)
+        pool = _HeldPool()
+        checked: list[Any] = []
+        context = _SpoolContext(incoming)
+        context.reactor = _PoolReactor(pool)
+        context.config = SimpleNamespace(hostname="mx.example.test")
+        context.authenticator = SimpleNamespace(check=lambda *a, **k: checked.append(a) or defer.Deferred())
+        delivery = SimpleNamespace(
+            context=context, junk=False, session=SimpleNamespace(client_ip="192.0.2.1", helo="c.test")
+        )
+        message = IncomingMessage(delivery, "Q1", "s@sender.test", [])
+        message.dataReceived(b"From: a@sender.test\r\n" + b"X-Pad: p\r\n" * (INLINE_HEADER // 10 + 1))
+        message.dataReceived(b"\r\n" + b"b" * 76 + b"\r\n" * (SPILL_AT // 78 + 1))
+        message.dataReceived((b"b" * 76 + b"\r\n") * (SPILL_AT // 78 + 1))
+        self.assertEqual(os.listdir(incoming), ["Q1"])
+        result = message.eomReceived()
+        self.assertEqual(len(pool.calls), 1)  # the split is under way
+        message.abandon()  # the session's connectionLost
+        pool.calls.pop()()
+        self.failureResultOf(result, defer.CancelledError)
+        self.assertEqual(checked, [])
+        self.assertEqual(os.listdir(incoming), [])
