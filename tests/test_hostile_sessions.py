@@ -495,3 +495,48 @@ class HangUpWhileHeldTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 3)  # the DNS timeout is 4 s
         self.assertEqual(server.service.factory.per_ip, {})
         yield sleep(4.5)  # let the checks time out before the server stops
+
+
+class HangUpMidDataTests(unittest.TestCase):
+    """Hang-ups inside DATA after the body spilled to disk (h17)."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_spilled_body_is_gone_when_the_session_ends_and_others_are_served(self) -> None:
+        import random
+
+        server = start_server(self)
+        incoming = server.config.paths.spool / "incoming"
+        factory = server.service.factory
+        rng = random.Random(17)
+        line = b"f" * 76 + b"\r\n"
+
+        def hang_up(size: int, cut: int, long_line: bool) -> None:
+            client = LineClient(server.port)
+            try:
+                client.reply()
+                for command in (b"EHLO hangup.test", b"MAIL FROM:<s@sender.test>",
+                                b"RCPT TO:<bob@example.test>", b"DATA"):
+                    client.command(command)
+                body = b"Subject: x\r\n\r\n" + line * (size // len(line))
+                if long_line:
+                    body += b"L" * (70 * 1024)  # refused, and the server hangs up
+                try:
+                    client.send(body[: len(body) - cut])
+                except OSError:
+                    pass  # the server hung up first
+            finally:
+                client.close()  # often before the server has read it all
+
+        for n in range(12):
+            before = len(server.messages("bob"))
+            size, cut = rng.randint(300_000, 900_000), rng.randint(1, 100)
+            hanging = in_thread(hang_up, size, cut, n % 4 == 3)
+            yield assert_served_promptly(self, server)
+            yield hanging
+            # The session ends when the server reaches the hang-up; by then
+            # (not merely once the file is absent) its spool file is gone.
+            yield wait_until(lambda: not factory.sessions)
+            self.assertEqual(list(incoming.iterdir()), [], (n, size, cut))
+            self.assertEqual(len(server.messages("bob")), before + 1)  # only the bystander's
