@@ -21,7 +21,7 @@ from twisted.trial import unittest
 
 from mailx import replies
 from mailx.replies import SMTPReplyError
-from mailx.smtp import MAX_DATA_LINE, MailxSMTPFactory
+from mailx.smtp import CLOSE_GRACE, MAX_DATA_LINE, MailxSMTPFactory
 from mailx.spool import SPILL_AT, SpoolBuffer
 
 
@@ -931,3 +931,29 @@ class HangUpDuringHeaderSplitTests(unittest.TestCase):
         self.failureResultOf(result, defer.CancelledError)
         self.assertEqual(checked, [])
         self.assertEqual(os.listdir(incoming), [])
+
+
+class CloseGraceTests(unittest.TestCase):
+    """(g) A closing session whose last replies are never read is aborted after CLOSE_GRACE."""
+
+    def setUp(self) -> None:
+        self.factory = MailxSMTPFactory(make_config(), lambda s: FakeDelivery())
+        self.d = Dialogue(self.factory)
+        self.aborted: list[bool] = []
+        self.d.transport.abortConnection = lambda: self.aborted.append(True)
+        self.d.output()
+
+    def test_unread_close_is_aborted_after_the_grace(self) -> None:
+        self.d.clock.advance(61)  # idle timeout: 421 and loseConnection
+        self.assertTrue(self.d.transport.disconnecting)
+        self.d.clock.advance(CLOSE_GRACE - 0.5)
+        self.assertEqual(self.aborted, [])
+        self.d.clock.advance(1)
+        self.assertEqual(self.aborted, [True])
+
+    def test_a_close_that_completes_cancels_the_abort(self) -> None:
+        self.assertEqual(self.d.codes(b"QUIT\r\n"), [221])
+        self.d.proto.connectionLost(None)
+        self.assertEqual(self.d.clock.getDelayedCalls(), [])
+        self.d.clock.advance(CLOSE_GRACE + 1)
+        self.assertEqual(self.aborted, [])
