@@ -898,6 +898,9 @@ class _PoolReactor:
     def getThreadPool(self) -> _HeldPool:
         return self.pool
 
+    def seconds(self) -> float:
+        return 0.0
+
     def callFromThread(self, func: Any, *args: Any) -> None:
         func(*args)
 
