@@ -220,6 +220,7 @@ class IncomingMessage:
         self._held = 0  # octets of self._head counted in the pool
         self.body = SpoolBuffer(delivery.context.incoming, queue_id)
         self._checks: defer.Deferred | None = None
+        self._abandoned = False
 
     # --- receiving ---------------------------------------------------------
 
@@ -285,8 +286,10 @@ class IncomingMessage:
 
         Their slot and lookups are freed (`mailx.auth.Authenticator.check`);
         filing, once begun, goes on (its thread reads the body) and only its
-        reply is lost.
+        reply is lost.  A hang-up while a large header section is split in a
+        worker thread starts neither checks nor filing afterwards.
         """
+        self._abandoned = True
         if self._checks is not None:
             self._checks.cancel()
 
@@ -316,6 +319,8 @@ class IncomingMessage:
                     ctx.reactor, ctx.reactor.getThreadPool(), _incoming_fields,
                     self.header, config.hostname,
                 )
+                if self._abandoned:  # the client hung up meanwhile: nobody to answer
+                    raise defer.CancelledError()
             else:
                 fields, names = _incoming_fields(self.header, config.hostname)
             self.routes = self._without_loops(fields, names)
@@ -401,7 +406,7 @@ class IncomingMessage:
             )
             raise
         except defer.CancelledError:
-            log.info("{qid}: abandoned: the client hung up during the checks", qid=self.queue_id)
+            log.info("{qid}: abandoned: the client hung up before the reply", qid=self.queue_id)
             raise
         except OSError as e:
             # An operational problem (permissions, a full disk, a file where a

@@ -83,6 +83,11 @@ HOLD_BACKLOG = "backlog"  # our replies are not being read (the transport paused
 JUNK_COMMANDS = frozenset((b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP"))
 # Unprocessed input kept while a check holds the session: one socket read.
 MAX_HELD_INPUT = 64 * 1024
+# Seconds a closing session waits for its last replies to be read before it
+# is aborted: loseConnection waits for the write buffer to drain, and a
+# client that keeps its receive window shut would keep the session, its slot
+# and a spilled body's spool file for as long as it liked.
+CLOSE_GRACE = 10.0
 
 _PARAM = re.compile(rb"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
 _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
@@ -190,6 +195,7 @@ class MailxESMTP(smtp.ESMTP):
         self._session_deadline: Any = None
         self._greeting: Any = None
         self._pause: Any = None
+        self._abort_later: Any = None  # CLOSE_GRACE after loseConnection
         self._admitted = False
         self._finishing: Any = None  # the message whose end of data is being handled
         self.limit_key = ""  # what the factory's per-IP counts know this client by
@@ -263,6 +269,8 @@ class MailxESMTP(smtp.ESMTP):
             self._pause.cancel()
         if self._session_deadline is not None and self._session_deadline.active():
             self._session_deadline.cancel()
+        if self._abort_later is not None and self._abort_later.active():
+            self._abort_later.cancel()
         if self.mode == DATA and self._message is not None:
             self._message.connectionLost()
             self._message = None
@@ -304,7 +312,8 @@ class MailxESMTP(smtp.ESMTP):
         A registered producer keeps a Twisted transport open after
         ``loseConnection``, so it is unregistered first.  A client that lets
         our replies pile up would hold the socket open for as long as it
-        keeps its receive window shut: that one is aborted.
+        keeps its receive window shut: that one is aborted, at once when the
+        transport had paused us, else after CLOSE_GRACE.
         """
         self._closing = True
         self._buffer = b""
@@ -316,6 +325,8 @@ class MailxESMTP(smtp.ESMTP):
             self.transport.abortConnection()
         else:
             self.transport.loseConnection()
+            if self._abort_later is None:
+                self._abort_later = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     # --- flow control -------------------------------------------------------
 

@@ -49,12 +49,13 @@ class SpoolBuffer:
         self.path: Path | None = None
         self.size = 0
         self.error: OSError | None = None
+        self._discarded = False
 
     def write(self, data: bytes) -> None:
         """Append; runs on the reactor thread (a page-cache write, no fsync)."""
         self.size += len(data)
-        if self.error is not None:
-            return
+        if self.error is not None or self._discarded:
+            return  # a write after discard() must not spill into a new file nobody removes
         try:
             if self._file is not None:
                 self._file.write(data)
@@ -98,7 +99,9 @@ class SpoolBuffer:
         return b"".join(self.chunks())
 
     def discard(self) -> None:
-        """Drop the contents; never raises (it runs in error handlers)."""
+        """Drop the contents for good (later writes are only counted); never raises
+        (it runs in error handlers)."""
+        self._discarded = True
         file, self._file = self._file, None
         if file is not None:
             try:

@@ -525,6 +525,11 @@ class WireClient:
 
 # --- the server ---------------------------------------------------------------
 
+# mailx/smtp.py logs these two lines for every admitted session.
+_SESSION_LINE = re.compile(
+    rb"^\S+ \[mailx\.smtp#info\] (S[0-9A-F]+): (connect from|disconnect)\b", re.MULTILINE
+)
+
 
 class FuzzServer:
     """``twistd mailx`` in a child process, and what it stored."""
@@ -543,6 +548,8 @@ class FuzzServer:
         self.process = ServerProcess(write_config(directory, overrides), self.port)
         self.mail = directory / "mail"
         self.incoming = directory / "spool" / "incoming"
+        self._log_read = 0  # how much of the server log open_sessions() has read
+        self._open: set[bytes] = set()
 
     @property
     def tls(self) -> bool:
@@ -571,6 +578,28 @@ class FuzzServer:
     def stored(self) -> dict[Path, bytes]:
         """Every file under the mail root, by path."""
         return {p: p.read_bytes() for p in sorted(self.mail.rglob("*")) if p.is_file()}
+
+    def open_sessions(self) -> set[bytes]:
+        """Sessions the server logged a connect for and not yet their disconnect.
+
+        The disconnect line is written by ``connectionLost``, after the message
+        in DATA was dropped (and its spool file removed): a session that is not
+        open here is one the server has finished with.
+        """
+        try:
+            with open(self.process.log_path, "rb") as f:
+                f.seek(self._log_read)
+                data = f.read()
+        except OSError:
+            return self._open
+        whole = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self._log_read += whole
+        for m in _SESSION_LINE.finditer(data[:whole]):
+            if m.group(2) == b"connect from":
+                self._open.add(m.group(1))
+            else:
+                self._open.discard(m.group(1))
+        return self._open
 
     def leftovers(self) -> list[Path]:
         """Files in a Maildir tmp/ or in the incoming spool."""
@@ -1043,10 +1072,23 @@ class SMTPSessions(RuleBasedStateMachine):
         return token
 
     def wait_until_idle(self) -> None:
+        """Wait until the server has ended every session, then for tmp/ and incoming/ to empty.
+
+        "No file yet" is not idle: the server learns of a hang-up only once it
+        has read what the client sent before it, and a session cut in DATA
+        after more than 256 KiB may still be reading, and only then spill into
+        a spool file, after the client is gone.  Waiting for the files alone
+        once looked at incoming/ before that file existed, found it a moment
+        later (while the server still read), and reported a leak that the
+        server removed at its disconnect, as it should (h17).
+        """
         deadline = time.monotonic() + IDLE_TIMEOUT
-        while self.server.leftovers() and time.monotonic() < deadline:
+        while (self.server.open_sessions() or self.server.leftovers()) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not self.server.leftovers(), f"left behind: {self.server.leftovers()}"
+        still_open = sorted(self.server.open_sessions())
+        assert not still_open, f"sessions not ended {IDLE_TIMEOUT}s after their clients hung up: {still_open}"
+        left = self.server.leftovers()
+        assert not left, f"left behind after every session ended: {left}"
 
     def teardown(self) -> None:
         try:

@@ -23,7 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from mailx.smtp import HOLD_BACKLOG, MAX_EARLY_INPUT
+from mailx.smtp import CLOSE_GRACE, HOLD_BACKLOG, MAX_EARLY_INPUT
 from mailx.testing.server import (
     LineClient,
     RunningServer,
@@ -495,3 +495,87 @@ class HangUpWhileHeldTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 3)  # the DNS timeout is 4 s
         self.assertEqual(server.service.factory.per_ip, {})
         yield sleep(4.5)  # let the checks time out before the server stops
+
+
+class HangUpMidDataTests(unittest.TestCase):
+    """Hang-ups inside DATA after the body spilled to disk (h17)."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_spilled_body_is_gone_when_the_session_ends_and_others_are_served(self) -> None:
+        import random
+
+        server = start_server(self)
+        incoming = server.config.paths.spool / "incoming"
+        factory = server.service.factory
+        rng = random.Random(17)
+        line = b"f" * 76 + b"\r\n"
+
+        def hang_up(size: int, cut: int, long_line: bool) -> None:
+            client = LineClient(server.port)
+            try:
+                client.reply()
+                for command in (b"EHLO hangup.test", b"MAIL FROM:<s@sender.test>",
+                                b"RCPT TO:<bob@example.test>", b"DATA"):
+                    client.command(command)
+                body = b"Subject: x\r\n\r\n" + line * (size // len(line))
+                if long_line:
+                    body += b"L" * (70 * 1024)  # refused, and the server hangs up
+                try:
+                    client.send(body[: len(body) - cut])
+                except OSError:
+                    pass  # the server hung up first
+            finally:
+                client.close()  # often before the server has read it all
+
+        for n in range(12):
+            before = len(server.messages("bob"))
+            size, cut = rng.randint(300_000, 900_000), rng.randint(1, 100)
+            hanging = in_thread(hang_up, size, cut, n % 4 == 3)
+            yield assert_served_promptly(self, server)
+            yield hanging
+            # The session ends when the server reaches the hang-up; by then
+            # (not merely once the file is absent) its spool file is gone.
+            yield wait_until(lambda: not factory.sessions)
+            self.assertEqual(list(incoming.iterdir()), [], (n, size, cut))
+            self.assertEqual(len(server.messages("bob")), before + 1)  # only the bystander's
+
+    @defer.inlineCallbacks
+    def test_client_that_stops_reading_cannot_keep_a_closing_session_and_its_file(self) -> None:
+        # (g): the server ends the session (idle timeout) while some replies
+        # are still queued, below the mark at which it aborts at once; a
+        # client that keeps its receive window shut kept the half-closed
+        # session, its slot and its spool file for as long as it liked.
+        server = start_server(self, {"limits": {"idle_timeout": "1s", "junk_commands": 10**9}})
+        incoming = server.config.paths.spool / "incoming"
+        factory = server.service.factory
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.addCleanup(sock.close)
+        yield in_thread(sock.connect, ("127.0.0.1", server.port))
+        yield wait_until(lambda: factory.sessions, timeout=5)
+        [session] = list(factory.sessions)
+
+        def queued() -> int:
+            t = session.transport
+            return len(t.dataBuffer) + t._tempDataLen
+
+        # Unread replies until the kernel buffers are full and some wait in ours.
+        for _ in range(200):
+            if queued():
+                break
+            yield in_thread(sock.sendall, b"EHLO c.test\r\n" * 1000)
+            yield sleep(0.01)
+        self.assertTrue(queued())
+        self.assertNotIn(HOLD_BACKLOG, session._holds)
+        yield in_thread(sock.sendall, b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<bob@example.test>\r\n")
+        yield sleep(0.2)
+        yield in_thread(sock.sendall, b"DATA\r\n")
+        yield sleep(0.2)
+        yield in_thread(sock.sendall, b"Subject: x\r\n\r\n" + (b"f" * 76 + b"\r\n") * 5000)
+        yield wait_until(lambda: list(incoming.iterdir()), timeout=5)
+        # The idle timeout closes the session; the client never reads again.
+        yield wait_until(lambda: not factory.sessions, timeout=CLOSE_GRACE + 10)
+        self.assertEqual(list(incoming.iterdir()), [])
+        yield assert_served_promptly(self, server)

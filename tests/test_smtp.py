@@ -7,7 +7,10 @@ tests/test_server.py proves the same things over real sockets end to end.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +21,8 @@ from twisted.trial import unittest
 
 from mailx import replies
 from mailx.replies import SMTPReplyError
-from mailx.smtp import MAX_DATA_LINE, MailxSMTPFactory
+from mailx.smtp import CLOSE_GRACE, MAX_DATA_LINE, MailxSMTPFactory
+from mailx.spool import SPILL_AT, SpoolBuffer
 
 
 def make_config(**limits: object) -> SimpleNamespace:
@@ -766,3 +770,193 @@ class DialoguePropertyTests(unittest.TestCase):
             if code == 354:
                 mode = "data"
         self.assertEqual(codes, [])
+
+
+class _SpoolContext:
+    """What `mailx.delivery.IncomingMessage` needs of a DeliveryContext."""
+
+    def __init__(self, incoming: Path) -> None:
+        from mailx import headers
+
+        self.incoming = incoming
+        self.header_pool = headers.HeaderPool()
+
+
+class SpoolingDelivery(FakeDelivery):
+    """FakeDelivery whose messages are the real IncomingMessage, spooling to disk."""
+
+    def __init__(self, incoming: Path) -> None:
+        super().__init__()
+        self.context = _SpoolContext(incoming)
+
+    def data(self, qid: str, sender: str, routes: list) -> Any:
+        from mailx.delivery import IncomingMessage
+
+        message = IncomingMessage(self, qid, sender, routes)
+        self.messages.append(message)
+        return message
+
+
+class SpoolLifetimeTests(unittest.TestCase):
+    """The session drops a spilled body's file on every way a DATA can end early.
+
+    A fuzz run once reported a spool file left after a hang-up mid-DATA (h17):
+    the server had not yet read up to the hang-up, and removed the file when
+    it did.  These pin each ending in order, with the file already on disk.
+    """
+
+    LINE = b"f" * 76 + b"\r\n"
+
+    def setUp(self) -> None:
+        self.incoming = Path(self.mktemp())
+        self.incoming.mkdir(parents=True)
+        self.delivery = SpoolingDelivery(self.incoming)
+        self.factory = MailxSMTPFactory(make_config(message_size=SPILL_AT * 3), lambda s: self.delivery)
+        self.d = Dialogue(self.factory)
+        self.d.send(b"EHLO client.test\r\n")
+        codes = self.d.codes(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        self.assertEqual(codes, [250, 250, 354])
+
+    def files(self) -> list[str]:
+        return sorted(os.listdir(self.incoming))
+
+    def spill(self) -> None:
+        """Past SPILL_AT: the body is now a file."""
+        self.d.send(b"Subject: x\r\n\r\n" + self.LINE * (SPILL_AT // len(self.LINE) + 1))
+        self.assertEqual(len(self.files()), 1)
+
+    def test_hang_up_after_the_spill_removes_the_file(self) -> None:
+        self.spill()
+        self.d.proto.connectionLost(None)
+        self.assertEqual(self.files(), [])
+
+    def test_hang_up_in_the_read_that_spills_removes_the_file(self) -> None:
+        # (c): the last bytes and the hang-up arrive together.
+        self.d.send(b"Subject: x\r\n\r\n" + self.LINE * (SPILL_AT // len(self.LINE) + 1) + b"par")
+        self.d.proto.connectionLost(None)
+        self.assertEqual(self.files(), [])
+
+    def test_too_big_removes_the_file_at_once_and_more_data_makes_none(self) -> None:
+        # (e): after _data_failed, the rest of the message is only counted.
+        self.spill()
+        self.d.send(self.LINE * (2 * SPILL_AT // len(self.LINE) + 10))
+        self.assertEqual(self.files(), [])
+        self.d.send(self.LINE * (SPILL_AT // len(self.LINE) + 10))
+        self.assertEqual(self.files(), [])
+        self.assertEqual(self.d.codes(b".\r\n"), [552])
+        self.d.proto.connectionLost(None)
+        self.assertEqual(self.files(), [])
+
+    def test_line_over_64_kib_after_the_spill_removes_the_file(self) -> None:
+        # (d): refused and closed before any hang-up.
+        self.spill()
+        self.assertEqual(self.d.codes(b"L" * (MAX_DATA_LINE + 10)), [500])
+        self.assertTrue(self.d.transport.disconnecting)
+        self.assertEqual(self.files(), [])
+        self.d.proto.connectionLost(None)
+        self.assertEqual(self.files(), [])
+
+    def test_idle_timeout_in_data_after_the_spill_removes_the_file(self) -> None:
+        # (g): the server ends the session itself; the file goes at connectionLost.
+        self.spill()
+        self.d.clock.advance(61)
+        self.assertTrue(self.d.transport.disconnecting)
+        self.d.proto.connectionLost(None)
+        self.assertEqual(self.files(), [])
+
+    def test_input_after_the_hang_up_makes_no_new_file(self) -> None:
+        self.spill()
+        self.d.proto.connectionLost(None)
+        self.d.proto.dataReceived(self.LINE * (SPILL_AT // len(self.LINE) + 10))
+        self.assertEqual(self.files(), [])
+
+    def test_a_discarded_buffer_never_spills_again(self) -> None:
+        # The spool file has one owner: once discard() ran, no write makes a new one.
+        buffer = SpoolBuffer(self.incoming, "Q1")
+        buffer.write(b"x" * (SPILL_AT + 1))
+        self.assertEqual(self.files(), ["Q1"])
+        buffer.discard()
+        buffer.write(b"x" * (SPILL_AT + 1))
+        self.assertEqual(self.files(), [])
+        self.assertEqual(buffer.size, 2 * (SPILL_AT + 1))
+
+
+class _HeldPool:
+    """A thread pool that runs nothing until told: the split is "in a thread" for as long as we like."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def callInThreadWithCallback(self, on_result: Any, func: Any, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(lambda: on_result(True, func(*args, **kwargs)))
+
+
+class _PoolReactor:
+    def __init__(self, pool: _HeldPool) -> None:
+        self.pool = pool
+
+    def getThreadPool(self) -> _HeldPool:
+        return self.pool
+
+    def seconds(self) -> float:
+        return 0.0
+
+    def callFromThread(self, func: Any, *args: Any) -> None:
+        func(*args)
+
+
+class HangUpDuringHeaderSplitTests(unittest.TestCase):
+    """(f) A hang-up while a header section over 64 KiB is split off the reactor."""
+
+    def test_no_checks_and_no_filing_after_the_split(self) -> None:
+        from mailx.delivery import INLINE_HEADER, IncomingMessage
+
+        incoming = Path(self.mktemp())
+        incoming.mkdir(parents=True)
+        pool = _HeldPool()
+        checked: list[Any] = []
+        context = _SpoolContext(incoming)
+        context.reactor = _PoolReactor(pool)
+        context.config = SimpleNamespace(hostname="mx.example.test")
+        context.authenticator = SimpleNamespace(check=lambda *a, **k: checked.append(a) or defer.Deferred())
+        delivery = SimpleNamespace(
+            context=context, junk=False, session=SimpleNamespace(client_ip="192.0.2.1", helo="c.test")
+        )
+        message = IncomingMessage(delivery, "Q1", "s@sender.test", [])
+        message.dataReceived(b"From: a@sender.test\r\n" + b"X-Pad: p\r\n" * (INLINE_HEADER // 10 + 1))
+        message.dataReceived(b"\r\n" + b"b" * 76 + b"\r\n" * (SPILL_AT // 78 + 1))
+        message.dataReceived((b"b" * 76 + b"\r\n") * (SPILL_AT // 78 + 1))
+        self.assertEqual(os.listdir(incoming), ["Q1"])
+        result = message.eomReceived()
+        self.assertEqual(len(pool.calls), 1)  # the split is under way
+        message.abandon()  # the session's connectionLost
+        pool.calls.pop()()
+        self.failureResultOf(result, defer.CancelledError)
+        self.assertEqual(checked, [])
+        self.assertEqual(os.listdir(incoming), [])
+
+
+class CloseGraceTests(unittest.TestCase):
+    """(g) A closing session whose last replies are never read is aborted after CLOSE_GRACE."""
+
+    def setUp(self) -> None:
+        self.factory = MailxSMTPFactory(make_config(), lambda s: FakeDelivery())
+        self.d = Dialogue(self.factory)
+        self.aborted: list[bool] = []
+        self.d.transport.abortConnection = lambda: self.aborted.append(True)
+        self.d.output()
+
+    def test_unread_close_is_aborted_after_the_grace(self) -> None:
+        self.d.clock.advance(61)  # idle timeout: 421 and loseConnection
+        self.assertTrue(self.d.transport.disconnecting)
+        self.d.clock.advance(CLOSE_GRACE - 0.5)
+        self.assertEqual(self.aborted, [])
+        self.d.clock.advance(1)
+        self.assertEqual(self.aborted, [True])
+
+    def test_a_close_that_completes_cancels_the_abort(self) -> None:
+        self.assertEqual(self.d.codes(b"QUIT\r\n"), [221])
+        self.d.proto.connectionLost(None)
+        self.assertEqual(self.d.clock.getDelayedCalls(), [])
+        self.d.clock.advance(CLOSE_GRACE + 1)
+        self.assertEqual(self.aborted, [])
