@@ -41,7 +41,7 @@ import re
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,16 @@ FLUSH_POLL = 1.0
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
 SEND_CHUNK = 64 * 1024
+# Connection reuse (issue 12): an idle session waits this long for the next
+# message to the same host (Postfix smtp_connection_cache_time_limit: 2 s),
+# rather than a new TCP, EHLO and TLS handshake for each message.
+IDLE_TIME = 5.0
+# Transactions per connection (Postfix smtp_connection_reuse_count_limit: 0, no limit);
+# bounded so that one connection does not live for ever.
+MAX_TRANSACTIONS = 100
+# Idle sessions kept, in all and per host (Postfix keeps them in scache).
+MAX_IDLE = 50
+MAX_IDLE_PER_HOST = 10
 
 
 @dataclass(frozen=True)
@@ -309,6 +319,9 @@ class ClientSettings:
     credentials: tuple[str, str] | None = None  # AUTH, smarthost only, TLS required
     # RFC 8461 4.2 (MTA-STS enforce): STARTTLS is a must; no MAIL in clear text.
     require_tls: bool = False
+    # Offered the session once a transaction is over; True: it keeps it for
+    # the next (`SMTPClientProtocol.reuse`), False or None: QUIT.
+    idle: Callable[[SMTPClientProtocol], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -322,11 +335,14 @@ class SessionResult:
 class HostFailure(Exception):
     """The host could not take the message before any RCPT was answered: try the next one."""
 
-    def __init__(self, reply: Reply, tls_failed: bool = False, tls: str | None = None) -> None:
+    def __init__(
+        self, reply: Reply, tls_failed: bool = False, tls: str | None = None, reused: bool = False
+    ) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.tls_failed = tls_failed
         self.tls = tls
+        self.reused = reused  # on a connection kept from an earlier message: not the host's fault
 
 
 @implementer(interfaces.IPullProducer)
@@ -393,6 +409,89 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._results: dict[str, Reply] = {}
         self._accepted: list[str] = []
         self._pending_rcpts: list[str] = []
+        # Fires when this transaction no longer needs the connection: it is
+        # idle, waiting for the next, or gone.
+        self.released: defer.Deferred = defer.Deferred()
+        self.transactions = 1  # on this connection, this one included
+        self.reused = False  # this transaction rides a connection that carried others
+        self.idle = False
+        self.cache_key: Any = None  # set by whoever keeps idle sessions
+        self._idle_timer: Any = None
+
+    # -- reuse (RFC 5321 4.1.1.5: RSET between transactions) ---------------
+
+    def reuse(self, transaction: Transaction) -> defer.Deferred:
+        """Send ``transaction`` on this idle session; returns its ``done``.
+
+        RSET first: it clears whatever the last transaction left (a MAIL
+        with every RCPT refused) and proves the connection still alive; a
+        failure before any RCPT is answered is a `HostFailure` with
+        ``reused`` set, so the caller can try a new connection instead.
+        """
+        assert self.idle
+        self.idle = False
+        self._cancel_idle_timer()
+        self.transaction = transaction
+        self.done = defer.Deferred()
+        self.released = defer.Deferred()
+        self.transactions += 1
+        self.reused = True
+        self._finished = False
+        self._results = {}
+        self._accepted = []
+        self._pending_rcpts = []
+        self._send(b"RSET")
+        self._expect("rset", self._on_rset, self.settings.timeouts.mail)
+        return self.done
+
+    def _on_rset(self, reply: Reply) -> None:
+        if reply.code // 100 != 2:
+            self._give_up(reply)  # 421: the server is closing; try a new connection
+            return
+        self._mail()
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+    def _release(self) -> None:
+        if not self.released.called:
+            self.released.callback(None)
+
+    def _end(self, result: SessionResult) -> None:
+        """The transaction is over and the session sound: keep it for the next, or QUIT."""
+        done = self.done
+        if self._finished:
+            return
+        self._finished = True
+        keep = self.settings.idle
+        if (
+            keep is not None
+            and self.transactions < MAX_TRANSACTIONS
+            # RFC 5321 3.8: a 421 means the server is closing the channel.
+            and all(r.code != 421 for r in result.replies.values())
+            and self.transport is not None
+            and getattr(self.transport, "connected", True)
+            and not getattr(self.transport, "disconnecting", False)
+        ):
+            self.idle = True
+            self._stage = "idle"
+            self._handler = None
+            if keep(self):
+                self._idle_timer = self.settings.clock.callLater(IDLE_TIME, self._idle_over)
+                self._release()
+                done.callback(result)
+                return
+            self.idle = False
+        done.callback(result)
+        self._quit()
+
+    def _idle_over(self) -> None:
+        self._idle_timer = None
+        if self.idle:
+            self.idle = False
+            self._quit()
 
     # -- plumbing -----------------------------------------------------------
 
@@ -458,6 +557,9 @@ class SMTPClientProtocol(LineOnlyReceiver):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._cancel_timer()
+        self._cancel_idle_timer()
+        self.idle = False
+        self._release()
         self.closed.callback(None)
         if self._finished:
             return
@@ -483,7 +585,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
                     self._results[address] = reply
             self._finish(SessionResult(dict(self._results), self.tls))
         else:
-            self._finish_failure(HostFailure(reply, tls=self.tls))
+            self._finish_failure(HostFailure(reply, tls=self.tls, reused=self.reused))
 
     def _finish(self, result: SessionResult) -> None:
         if not self._finished:
@@ -503,7 +605,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
 
     def _give_up(self, reply: Reply) -> None:
         """A reply before RCPT that ends this host's chance."""
-        self._finish_failure(HostFailure(reply, tls=self.tls))
+        self._finish_failure(HostFailure(reply, tls=self.tls, reused=self.reused))
         self._quit()
 
     # -- the dialogue ------------------------------------------------------
@@ -638,8 +740,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
             reply = Reply(
                 552, "5.3.4", f"message size {t.size} exceeds the limit {limit} of {self.peer}"
             )
-            self._finish(SessionResult({a: reply for a in t.recipients}, self.tls))
-            self._quit()
+            self._end(SessionResult({a: reply for a in t.recipients}, self.tls))
             return
         line = b"MAIL FROM:<" + _wire_address(reverse_path(t.mail_from)) + b">"
         if "SIZE" in self.extensions:
@@ -656,16 +757,14 @@ class SMTPClientProtocol(LineOnlyReceiver):
             self._next_rcpt()
         elif reply.permanent:
             # The sender is refused: another MX of the same domain would say the same.
-            self._finish(SessionResult({a: reply for a in self.transaction.recipients}, self.tls))
-            self._quit()
+            self._end(SessionResult({a: reply for a in self.transaction.recipients}, self.tls))
         else:
             self._give_up(reply)
 
     def _next_rcpt(self) -> None:
         if not self._pending_rcpts:
             if not self._accepted:
-                self._finish(SessionResult(dict(self._results), self.tls))
-                self._quit()
+                self._end(SessionResult(dict(self._results), self.tls))
                 return
             self._send(b"DATA")
             self._expect("data", self._on_data, self.settings.timeouts.data_init)
@@ -685,8 +784,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
         if reply.code != 354:
             for address in self._accepted:
                 self._results[address] = reply
-            self._finish(SessionResult(dict(self._results), self.tls))
-            self._quit()
+            self._end(SessionResult(dict(self._results), self.tls))
             return
         self._stage = "data-block"
         self._arm(self.settings.timeouts.data_block)
@@ -702,8 +800,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
     def _on_data_end(self, reply: Reply) -> None:
         for address in self._accepted:
             self._results[address] = reply
-        self._finish(SessionResult(dict(self._results), self.tls))
-        self._quit()
+        self._end(SessionResult(dict(self._results), self.tls))
 
 
 def _extensions(lines: Sequence[bytes]) -> dict[str, str]:
@@ -905,6 +1002,9 @@ class Outbound(service.Service):
         self._slots = _Slots(self.settings.connections, self.settings.connections_per_domain)
         self._failed_hosts: dict[str, float] = {}
         self._sessions: set[SMTPClientProtocol] = set()
+        # Idle sessions by (peer, TLS options, TLS required, credentials), newest last.
+        self._idle: dict[tuple[Any, ...], list[SMTPClientProtocol]] = {}
+        self._idle_count = 0
         self._work: set[defer.Deferred] = set()
         self._poll: LoopingCall | None = None
         self._stopping = False
@@ -974,7 +1074,12 @@ class Outbound(service.Service):
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.abortConnection()
-        return defer.DeferredList(list(self._work), consumeErrors=True)
+        idle = [p for sessions in self._idle.values() for p in sessions]
+        for session in idle:
+            if session.transport is not None:
+                session.transport.abortConnection()
+        closed = [p.closed for p in idle]
+        return defer.DeferredList(list(self._work) + closed, consumeErrors=True)
 
     # -- entering the queue --------------------------------------------------
 
@@ -1765,18 +1870,88 @@ class Outbound(service.Service):
             credentials=credentials,
             require_tls=require_tls,
         )
+        # Verified TLS options are made per session: what they check is the name.
+        verified = options is not None and options is not self.tls
+        key = (peer, options is None, verified, require_tls, credentials)
+        while True:
+            idle = self._take_idle(key)
+            if idle is None:
+                break
+            self._sessions.add(idle)
+            done = idle.reuse(transaction)
+            closing.append(idle.released)
+            try:
+                result = yield done
+            except HostFailure as e:
+                if not e.reused:
+                    raise
+                # The server closed the kept connection (its idle timeout, a
+                # 421): no fault of the host, nothing sent; a new connection.
+                log.info(
+                    "{peer}: kept connection unusable ({reply}); opening a new one",
+                    peer=peer,
+                    reply=str(e.reply),
+                )
+                continue
+            finally:
+                self._sessions.discard(idle)
+            return result
+        settings = replace(settings, idle=self._keep_idle)
         protocol = SMTPClientProtocol(transaction, settings, peer)
+        protocol.cache_key = key
         try:
             yield endpoint.connect(_OneSession(protocol))
         except Exception as e:
             raise HostFailure(Reply(451, "4.4.1", f"connect to {peer} failed: {e}")) from None
         self._sessions.add(protocol)
-        closing.append(protocol.closed)
+        closing.append(protocol.released)
         try:
             result = yield protocol.done
         finally:
             self._sessions.discard(protocol)
         return result
+
+    # -- idle sessions (connection reuse) ---------------------------------------
+
+    def _keep_idle(self, protocol: SMTPClientProtocol) -> bool:
+        """Keep a session whose transaction is over, for the next message to its host."""
+        key = protocol.cache_key
+        sessions = self._idle.setdefault(key, [])
+        per_host = sum(len(v) for k, v in self._idle.items() if k[0] == key[0])
+        if (
+            self._stopping
+            or not self.running
+            or self._idle_count >= MAX_IDLE
+            or per_host >= MAX_IDLE_PER_HOST
+        ):
+            if not sessions:
+                del self._idle[key]
+            return False
+        sessions.append(protocol)
+        self._idle_count += 1
+        protocol.closed.addCallback(lambda _: self._drop_idle(protocol))
+        return True
+
+    def _drop_idle(self, protocol: SMTPClientProtocol) -> None:
+        sessions = self._idle.get(protocol.cache_key)
+        if sessions and protocol in sessions:
+            sessions.remove(protocol)
+            self._idle_count -= 1
+            if not sessions:
+                del self._idle[protocol.cache_key]
+
+    def _take_idle(self, key: tuple[Any, ...]) -> SMTPClientProtocol | None:
+        """The newest idle session for ``key`` (same host, same TLS demands), if any."""
+        sessions = self._idle.get(key)
+        while sessions:
+            protocol = sessions.pop()
+            self._idle_count -= 1
+            if not sessions:
+                del self._idle[key]
+            if protocol.idle:
+                return protocol
+            sessions = self._idle.get(key)
+        return None
 
 
 def _verified_tls_for(reactor: Any, smarthost: str) -> Any:

@@ -50,6 +50,7 @@ class ReceivedMessage:
     tls: bool
     auth: str | None
     accepted: bool  # False when the end of data was answered with an error
+    connection: int = 0  # which connection carried it: 1 for the sink's first
 
 
 @dataclass
@@ -69,7 +70,10 @@ DEFAULTS = {
     "rcpt": "250 2.1.5 Recipient ok",
     "data": "354 Go ahead",
     "end": "250 2.0.0 Ok: queued",
+    "rset": "250 2.0.0 Ok",
 }
+# A scripted reply of this value makes the sink hang up instead of answering.
+CLOSE = "<close>"
 
 
 class _SinkProtocol(LineOnlyReceiver):
@@ -82,9 +86,11 @@ class _SinkProtocol(LineOnlyReceiver):
         self.in_data = False
         self.lines: list[bytes] = []
         self.auth_state: tuple[str, ...] | None = None
+        self.number = 0
 
     def connectionMade(self) -> None:
         self.sink.connections += 1
+        self.number = self.sink.connections
         self.sink.open.add(self)
         self.sink.max_open = max(self.sink.max_open, len(self.sink.open))
         if not self.sink.silent:
@@ -94,6 +100,9 @@ class _SinkProtocol(LineOnlyReceiver):
         self.sink.open.discard(self)
 
     def say(self, reply: str) -> None:
+        if reply == CLOSE:
+            self.transport.abortConnection()
+            return
         self.transport.write(reply.encode() + b"\r\n")
 
     def lineReceived(self, line: bytes) -> None:
@@ -244,6 +253,7 @@ class _SinkProtocol(LineOnlyReceiver):
                 tls=s.tls,
                 auth=s.auth,
                 accepted=reply.startswith("250"),
+                connection=self.number,
             )
         )
         s.mail_from, s.recipients = None, []
@@ -251,7 +261,7 @@ class _SinkProtocol(LineOnlyReceiver):
 
     def do_RSET(self, arg: str) -> None:
         self.session.mail_from, self.session.recipients = None, []
-        self.say("250 2.0.0 Ok")
+        self.say(self.sink.next_reply("rset"))
 
     def do_NOOP(self, arg: str) -> None:
         self.say("250 2.0.0 Ok")
@@ -302,7 +312,8 @@ class Sink(protocol.ServerFactory):
         return _SinkProtocol(self)
 
     def script(self, stage: str, *replies: str, address: str | None = None) -> None:
-        """Queue replies for a stage: greeting, ehlo, starttls, mail, rcpt, data (to DATA), end (to ".")."""
+        """Queue replies for a stage: greeting, ehlo, starttls, mail, rcpt, data (to DATA), end (to "."), rset;
+        `CLOSE` hangs up instead."""
         key = f"{stage}:{address}" if address else stage
         self._script.setdefault(key, deque()).extend(replies)
 
