@@ -24,9 +24,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+import mailx.outbound as outbound_module
 from mailx.config import load_config_text
 from mailx.dns import Resolver
 from mailx.outbound import (
+    IDLE_TIME,
     ClientSettings,
     DotStuffer,
     HostFailure,
@@ -45,7 +47,7 @@ from mailx.queue import DELIVERED, FAILED, PENDING, Queue
 from mailx.replies import Reply
 from mailx.testing import SRS_SECRET
 from mailx.testing.dnsserver import start_dns_server
-from mailx.testing.sink import self_signed_certificate, start_sink
+from mailx.testing.sink import CLOSE, self_signed_certificate, start_sink
 
 NOW = 1_750_000_000.0
 MESSAGE = (
@@ -882,6 +884,169 @@ class ConcurrencyTests(OutboundCase):
             self.submit(queue_id=f"65F0000000000{n}")
         yield self.sink.wait_for(5)
         self.assertEqual(self.sink.max_open, 1)
+
+
+class ReuseTests(OutboundCase):
+    """Issue 12: several messages to one host share a connection (RSET between them)."""
+
+    settings_overrides = {"connections_per_domain": 2}
+
+    def submit_n(self, n: int, start: int = 0) -> list[Any]:
+        return [self.submit(queue_id=f"65F00000000{start + i:03d}") for i in range(n)]
+
+    def idle(self, count: int) -> defer.Deferred:
+        return wait_until(lambda: self.outbound._idle_count == count)
+
+    @defer.inlineCallbacks
+    def test_a_backlog_to_one_host_shares_connections(self) -> None:
+        envelopes = self.submit_n(12)
+        messages = yield self.sink.wait_for(12)
+        for envelope in envelopes:
+            yield self.gone(envelope)
+        self.assertEqual(len(self.sink.accepted), 12)  # each once
+        self.assertLessEqual(self.sink.connections, 2)
+        self.assertEqual(self.sink.commands.count(b"RSET"), 10)
+        per_connection = sorted({m.connection for m in messages})
+        self.assertEqual(len(per_connection), self.sink.connections)
+        self.assertTrue(all(r.attempts == 1 for e in envelopes for r in e.recipients))
+
+    @defer.inlineCallbacks
+    def test_kept_connection_closed_by_the_peer_is_no_failed_attempt(self) -> None:
+        [first] = self.submit_n(1)
+        yield self.sink.wait_for(1)
+        yield self.gone(first)
+        yield self.idle(1)
+        # The peer hangs up just as the kept connection is used again.
+        self.sink.script("rset", CLOSE)
+        [second] = self.submit_n(1, start=1)
+        yield self.sink.wait_for(2)
+        yield self.gone(second)
+        self.assertEqual(self.sink.connections, 2)
+        self.assertEqual([m.connection for m in self.sink.accepted], [1, 2])
+        self.assertEqual(second.recipients[0].attempts, 1)
+        self.assertEqual(second.recipients[0].state, DELIVERED)
+        self.assertEqual(len(self.sink.messages), 2)  # no notice to anyone
+
+    @defer.inlineCallbacks
+    def test_kept_connection_closed_while_idle_is_forgotten(self) -> None:
+        [first] = self.submit_n(1)
+        yield self.sink.wait_for(1)
+        yield self.idle(1)
+        for proto in list(self.sink.open):
+            proto.transport.loseConnection()
+        yield self.idle(0)
+        [second] = self.submit_n(1, start=1)
+        yield self.sink.wait_for(2)
+        yield self.gone(second)
+        self.assertEqual(second.recipients[0].attempts, 1)
+        self.assertEqual(self.sink.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_421_to_rset_opens_a_new_connection(self) -> None:
+        [first] = self.submit_n(1)
+        yield self.sink.wait_for(1)
+        yield self.idle(1)
+        self.sink.script("rset", "421 4.3.2 closing")
+        [second] = self.submit_n(1, start=1)
+        yield self.sink.wait_for(2)
+        yield self.gone(second)
+        self.assertEqual(self.sink.connections, 2)
+        self.assertEqual(second.recipients[0].attempts, 1)
+
+    @defer.inlineCallbacks
+    def test_421_to_mail_on_a_kept_connection_opens_a_new_one(self) -> None:
+        self.sink.script("mail", "250 2.1.0 ok", "421 4.3.2 closing")
+        [first] = self.submit_n(1)
+        yield self.sink.wait_for(1)
+        yield self.idle(1)
+        [second] = self.submit_n(1, start=1)
+        yield self.sink.wait_for(2)
+        yield self.gone(second)
+        self.assertEqual(self.sink.connections, 2)
+        self.assertEqual(second.recipients[0].attempts, 1)
+
+    @defer.inlineCallbacks
+    def test_a_refused_recipient_leaves_the_connection_usable(self) -> None:
+        self.sink.script("rcpt", "550 5.1.1 no such user")
+        first = self.submit(sender="")  # a bounce: no notice of its own to deliver
+        yield self.gone(first)
+        yield self.idle(1)
+        [second] = self.submit_n(1, start=1)
+        yield self.sink.wait_for(1)
+        yield self.gone(second)
+        self.assertEqual(self.sink.connections, 1)
+        self.assertEqual(self.sink.accepted[0].connection, 1)
+
+    @defer.inlineCallbacks
+    def test_idle_connection_is_quit_after_the_idle_time(self) -> None:
+        [first] = self.submit_n(1)
+        yield self.sink.wait_for(1)
+        yield self.idle(1)
+        self.assertEqual(len(self.sink.open), 1)
+        self.clock.advance(IDLE_TIME - 1)
+        self.assertEqual(len(self.sink.open), 1)
+        self.clock.advance(2)
+        yield wait_until(lambda: not self.sink.open)
+        self.assertEqual(self.sink.commands[-1], b"QUIT")
+        self.assertEqual(self.outbound._idle_count, 0)
+
+    @defer.inlineCallbacks
+    def test_stop_closes_idle_connections(self) -> None:
+        self.submit_n(1)
+        yield self.sink.wait_for(1)
+        yield self.idle(1)
+        yield self.outbound.stopService()
+        yield wait_until(lambda: not self.sink.open)
+
+    @defer.inlineCallbacks
+    def test_at_most_max_transactions_per_connection(self) -> None:
+        self.patch(outbound_module, "MAX_TRANSACTIONS", 3)
+        self.outbound._slots.per_key = 1
+        envelopes = self.submit_n(7)
+        messages = yield self.sink.wait_for(7)
+        for envelope in envelopes:
+            yield self.gone(envelope)
+        counts: dict[int, int] = {}
+        for m in messages:
+            counts[m.connection] = counts.get(m.connection, 0) + 1
+        self.assertEqual(sorted(counts.values()), [1, 3, 3])
+
+
+class ReuseTLSTests(OutboundCase):
+    """A session is kept for messages with the same TLS demands only."""
+
+    sink_options = {"tls": True}
+
+    @defer.inlineCallbacks
+    def test_no_message_requiring_tls_on_a_clear_text_connection(self) -> None:
+        # A clear-text session to the host (opportunistic TLS that failed over).
+        plain = self.outbound._session
+        calls: list[Any] = []
+
+        def session(*args: Any, **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            if len(calls) == 1:
+                kwargs["tls"] = None
+            return plain(*args, **kwargs)
+
+        self.outbound._session = session
+        self.submit()
+        [m1] = yield self.sink.wait_for(1)
+        self.assertFalse(m1.tls)
+        yield wait_until(lambda: self.outbound._idle_count == 1)
+        # The next needs TLS (as MTA-STS enforce makes it): a new, TLS, connection.
+
+        def session_tls(*args: Any, **kwargs: Any) -> Any:
+            kwargs["require_tls"] = True
+            return plain(*args, **kwargs)
+
+        self.outbound._session = session_tls
+        second = self.submit(queue_id="65F00000000002")
+        messages = yield self.sink.wait_for(2)
+        yield self.gone(second)
+        self.assertTrue(messages[1].tls)
+        self.assertEqual(self.sink.connections, 2)
+        self.assertEqual(self.sink.commands.count(b"RSET"), 0)
 
 
 class ResumeTests(OutboundCase):
