@@ -115,8 +115,8 @@ IDLE_TIME = 5.0
 # bounded so that one connection does not live for ever.
 MAX_TRANSACTIONS = 100
 # Idle sessions kept, in all and per host (Postfix keeps them in scache).
-MAX_IDLE = 50
-MAX_IDLE_PER_HOST = 10
+MAX_IDLE = MAX_CONNECTIONS
+MAX_IDLE_PER_HOST = MAX_CONNECTIONS_PER_DOMAIN
 
 
 @dataclass(frozen=True)
