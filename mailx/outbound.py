@@ -416,17 +416,21 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self.reused = False  # this transaction rides a connection that carried others
         self.idle = False
         self.cache_key: Any = None  # set by whoever keeps idle sessions
+        # No transaction open at the server: none begun, or the last one ended
+        # with the reply to its data (RFC 5321 4.1.1.4) or a refused MAIL.
+        self._clean = True
         self._idle_timer: Any = None
 
-    # -- reuse (RFC 5321 4.1.1.5: RSET between transactions) ---------------
+    # -- reuse (RFC 5321 4.1.1.5: RSET after an unfinished transaction) ------
 
     def reuse(self, transaction: Transaction) -> defer.Deferred:
         """Send ``transaction`` on this idle session; returns its ``done``.
 
-        RSET first: it clears whatever the last transaction left (a MAIL
-        with every RCPT refused) and proves the connection still alive; a
-        failure before any RCPT is answered is a `HostFailure` with
-        ``reused`` set, so the caller can try a new connection instead.
+        MAIL at once when the last transaction was finished, else RSET
+        first, to clear what it left (a MAIL with every RCPT refused).  A
+        failure before any RCPT is answered (the server closed the idle
+        connection, a 421) is a `HostFailure` with ``reused`` set, so the
+        caller can try a new connection instead.
         """
         assert self.idle
         self.idle = False
@@ -440,14 +444,18 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._results = {}
         self._accepted = []
         self._pending_rcpts = []
-        self._send(b"RSET")
-        self._expect("rset", self._on_rset, self.settings.timeouts.mail)
+        if self._clean:
+            self._mail()
+        else:
+            self._send(b"RSET")
+            self._expect("rset", self._on_rset, self.settings.timeouts.mail)
         return self.done
 
     def _on_rset(self, reply: Reply) -> None:
         if reply.code // 100 != 2:
             self._give_up(reply)  # 421: the server is closing; try a new connection
             return
+        self._clean = True
         self._mail()
 
     def _cancel_idle_timer(self) -> None:
@@ -752,6 +760,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
 
     def _on_mail(self, reply: Reply) -> None:
         if reply.code // 100 == 2:
+            self._clean = False
             self._pending_rcpts = list(self.transaction.recipients)
             self._stage = "rcpt"
             self._next_rcpt()
@@ -798,6 +807,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._expect("data-end", self._on_data_end, self.settings.timeouts.data_end)
 
     def _on_data_end(self, reply: Reply) -> None:
+        self._clean = True
         for address in self._accepted:
             self._results[address] = reply
         self._end(SessionResult(dict(self._results), self.tls))

@@ -905,7 +905,8 @@ class ReuseTests(OutboundCase):
             yield self.gone(envelope)
         self.assertEqual(len(self.sink.accepted), 12)  # each once
         self.assertLessEqual(self.sink.connections, 2)
-        self.assertEqual(self.sink.commands.count(b"RSET"), 10)
+        # RFC 5321 4.1.1.4: each transaction ended with the data; no RSET needed.
+        self.assertEqual(self.sink.commands.count(b"RSET"), 0)
         per_connection = sorted({m.connection for m in messages})
         self.assertEqual(len(per_connection), self.sink.connections)
         self.assertTrue(all(r.attempts == 1 for e in envelopes for r in e.recipients))
@@ -917,7 +918,7 @@ class ReuseTests(OutboundCase):
         yield self.gone(first)
         yield self.idle(1)
         # The peer hangs up just as the kept connection is used again.
-        self.sink.script("rset", CLOSE)
+        self.sink.script("mail", CLOSE)
         [second] = self.submit_n(1, start=1)
         yield self.sink.wait_for(2)
         yield self.gone(second)
@@ -943,13 +944,16 @@ class ReuseTests(OutboundCase):
 
     @defer.inlineCallbacks
     def test_421_to_rset_opens_a_new_connection(self) -> None:
-        [first] = self.submit_n(1)
-        yield self.sink.wait_for(1)
+        # Every RCPT refused leaves a transaction open: RSET before the next.
+        self.sink.script("rcpt", "550 5.1.1 no such user")
+        first = self.submit(sender="")
+        yield self.gone(first)
         yield self.idle(1)
         self.sink.script("rset", "421 4.3.2 closing")
         [second] = self.submit_n(1, start=1)
-        yield self.sink.wait_for(2)
+        yield self.sink.wait_for(1)
         yield self.gone(second)
+        self.assertEqual(self.sink.commands.count(b"RSET"), 1)
         self.assertEqual(self.sink.connections, 2)
         self.assertEqual(second.recipients[0].attempts, 1)
 
@@ -976,6 +980,7 @@ class ReuseTests(OutboundCase):
         yield self.gone(second)
         self.assertEqual(self.sink.connections, 1)
         self.assertEqual(self.sink.accepted[0].connection, 1)
+        self.assertEqual(self.sink.commands.count(b"RSET"), 1)
 
     @defer.inlineCallbacks
     def test_idle_connection_is_quit_after_the_idle_time(self) -> None:
