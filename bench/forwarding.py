@@ -15,8 +15,8 @@ generator, server start-up and CPU/RSS readings.  For each repeat:
   SMTP sink (``mailx.testing.sink``, envelopes only) that plays the outside
   MX.  msg/s = messages / (the sink's last accepted message - first connect):
   a message counts once the next hop has it, which includes mailx's queue
-  write, the outbound session (SRS, one connection per message, as mailx
-  does not reuse connections) and the fsyncs of the envelope update and the
+  write, the outbound session (SRS; connections to the sink are reused
+  for the next message, as Postfix does) and the fsyncs of the envelope update and the
   queue entry's removal.
 - ``postfix-relay`` (``--kinds maildir,forward,postfix-relay``): Postfix
   (bench/peer_postfix.py, relay mode) in mailx's place, rewriting
