@@ -36,7 +36,7 @@ from mailx.mtasts import (
 from mailx.queue import DELIVERED, PENDING
 from mailx.testing.mtasts import start_policy_server
 from mailx.testing.tls import TestCA, certificate_pem
-from tests.test_outbound import NOW, OutboundCase
+from tests.test_outbound import NOW, OutboundCase, wait_until
 
 CA = TestCA()
 
@@ -50,6 +50,8 @@ REMOTE_ZONES = {
     "mx.remote.test": {"A": ["127.0.0.1"]},
     "_mta-sts.remote.test": {"TXT": [RECORD]},
     "mta-sts.remote.test": {"A": ["127.0.0.1"]},
+    # Same MX, no MTA-STS policy: its mail may go in clear text.
+    "plain.test": {"MX": [(10, "mx.remote.test")]},
 }
 
 
@@ -376,6 +378,35 @@ class EnforceTests(MTASTSCase):
             ["someone@outside.test", "someone@remote.test"],
         )
         yield self.gone(envelope)
+
+
+class EnforceReuseTests(MTASTSCase):
+    @defer.inlineCallbacks
+    def test_enforce_never_rides_a_kept_clear_text_connection(self) -> None:
+        # A domain without policy, same MX, while it offers no STARTTLS.
+        tls_options, self.sink.tls_options = self.sink.tls_options, None
+        first = self.submit(recipients=("someone@plain.test",))
+        [plain] = yield self.sink.wait_for(1)
+        self.assertFalse(plain.tls)
+        yield self.gone(first)
+        yield wait_until(lambda: self.outbound._idle_count == 1)
+        self.sink.tls_options = tls_options
+        second = self.submit(recipients=("someone@remote.test",), queue_id="65F00000000002")
+        messages = yield self.sink.wait_for(2)
+        yield self.gone(second)
+        self.assertTrue(messages[1].tls)
+        self.assertEqual([m.connection for m in messages], [1, 2])
+
+    @defer.inlineCallbacks
+    def test_enforce_messages_share_a_verified_connection(self) -> None:
+        for n in range(1, 4):
+            envelope = self.submit(recipients=("someone@remote.test",), queue_id=f"65F0000000000{n}")
+            yield self.gone(envelope)
+            yield wait_until(lambda: self.outbound._idle_count == 1)
+        messages = self.sink.accepted
+        self.assertEqual(len(messages), 3)
+        self.assertTrue(all(m.tls for m in messages))
+        self.assertEqual(self.sink.connections, 1)
 
 
 class EnforceUnlistedMXTests(MTASTSCase):
