@@ -1592,7 +1592,13 @@ class Outbound(service.Service):
             for n, (tls, require_tls) in enumerate(ways):
                 try:
                     result = yield self._session(
-                        name, ip, transaction, closing, tls=tls, require_tls=require_tls
+                        name,
+                        ip,
+                        transaction,
+                        closing,
+                        tls=tls,
+                        require_tls=require_tls,
+                        qid=envelope.id,
                     )
                 except HostFailure as e:
                     failure = e
@@ -1861,8 +1867,10 @@ class Outbound(service.Service):
         closing: list[defer.Deferred],
         tls: Any = "default",
         require_tls: bool = False,
+        qid: str = "",
     ) -> Any:
-        """One session; ``tls`` the options for STARTTLS ("default": ours, None: none)."""
+        """One session, on a kept connection to the host if there is one; ``tls`` the
+        options for STARTTLS ("default": ours, None: none)."""
         peer = self._peer(name, ip)
         if ip is not None and not destination_allowed(ip, self.settings.allowed_networks):
             # `_reachable` filtered them out already; never connect whatever the path.
@@ -1898,7 +1906,8 @@ class Outbound(service.Service):
                 # The server closed the kept connection (its idle timeout, a
                 # 421): no fault of the host, nothing sent; a new connection.
                 log.info(
-                    "{peer}: kept connection unusable ({reply}); opening a new one",
+                    "{qid}: {peer}: kept connection unusable ({reply}); opening a new one",
+                    qid=qid,
                     peer=peer,
                     reply=str(e.reply),
                 )

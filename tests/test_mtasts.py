@@ -400,7 +400,9 @@ class EnforceReuseTests(MTASTSCase):
     @defer.inlineCallbacks
     def test_enforce_messages_share_a_verified_connection(self) -> None:
         for n in range(1, 4):
-            envelope = self.submit(recipients=("someone@remote.test",), queue_id=f"65F0000000000{n}")
+            envelope = self.submit(
+                recipients=("someone@remote.test",), queue_id=f"65F0000000000{n}"
+            )
             yield self.gone(envelope)
             yield wait_until(lambda: self.outbound._idle_count == 1)
         messages = self.sink.accepted

@@ -34,7 +34,14 @@ from typing import Any
 from twisted.internet import defer, protocol
 from twisted.protocols.basic import LineOnlyReceiver
 
-__all__ = ["CLOSE", "ReceivedMessage", "Sink", "self_signed_certificate", "self_signed_tls", "start_sink"]
+__all__ = [
+    "CLOSE",
+    "ReceivedMessage",
+    "Sink",
+    "self_signed_certificate",
+    "self_signed_tls",
+    "start_sink",
+]
 
 
 @dataclass
