@@ -66,7 +66,7 @@ def serve_sink(expected: int) -> None:
     sink = start_sink(keep_data=False)
 
     def done(messages: list) -> None:
-        print(f"done {time.monotonic()} {len(messages)}", flush=True)
+        print(f"done {time.monotonic()} {len(messages)} {sink.connections}", flush=True)
 
     sink.wait_for(expected).addCallback(done)
     print(f"ready {dns.port} {sink.port}", flush=True)
@@ -145,6 +145,7 @@ def measure_forward(base: Scenario, messages: int, run_dir: Path, args: argparse
         if not line.startswith(b"done"):
             raise RunError(f"the sink did not get {messages} messages\n{run.log_tail(log)}")
         last = float(line.split()[1])
+        connections = int(line.split()[3])
         cpu = run.cpu_seconds(proc.pid) - cpu_before
         peak_rss = run.tree_peak_rss(proc.pid)
     finally:
@@ -160,6 +161,7 @@ def measure_forward(base: Scenario, messages: int, run_dir: Path, args: argparse
         "msgs_per_s": messages / elapsed if load.ok == messages else None,
         "cpu_per_msg": cpu / messages,
         "peak_rss": peak_rss,
+        "sink_connections": connections,
     }
 
 
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"  {kind:<8} #{rep + 1}: "
                     + (f"{rate:7.0f} msg/s" if rate else "  FAILED   ")
                     + f"  CPU {result['cpu_per_msg'] * 1000:.2f} ms/msg,"
-                    f" RSS {run.human_bytes(result['peak_rss'])}",
+                    f" RSS {run.human_bytes(result['peak_rss'])},"
+                    f" {result['sink_connections']} connections to the sink",
                     flush=True,
                 )
     finally:
