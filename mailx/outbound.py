@@ -1273,7 +1273,8 @@ class Outbound(service.Service):
             log.failure("{qid}: delivery attempt failed", qid=envelope.id)
             outcomes = {}
         finally:
-            # The slot is the connection: free once it is closed (after QUIT).
+            # The slot is the connection's use: free once it is closed (after
+            # QUIT) or kept idle for the next message.
             done = defer.DeferredList(closing, consumeErrors=True)
             done.addBoth(lambda _: self._slots.release(key))
         now = self.clock.seconds()
