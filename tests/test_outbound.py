@@ -837,6 +837,18 @@ class SmarthostTests(OutboundCase):
         self.assertEqual(message.recipients, ["someone@nowhere-in-dns.test"])
 
     @defer.inlineCallbacks
+    def test_messages_to_any_domain_share_the_smarthost_connection(self) -> None:
+        first = self.submit(recipients=("someone@nowhere-in-dns.test",))
+        yield self.gone(first)
+        yield wait_until(lambda: self.outbound._idle_count == 1)
+        second = self.submit(recipients=("other@elsewhere.test",), queue_id="65F00000000002")
+        messages = yield self.sink.wait_for(2)
+        yield self.gone(second)
+        self.assertEqual(self.sink.connections, 1)
+        self.assertEqual([m.auth for m in messages], ["relayuser (PLAIN)"] * 2)
+        self.assertEqual(len([c for c in self.sink.commands if c.startswith(b"AUTH")]), 1)
+
+    @defer.inlineCallbacks
     def test_auth_login_when_plain_is_not_offered(self) -> None:
         self.sink.auth_mechanisms = "LOGIN"
         self.submit()
