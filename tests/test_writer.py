@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from hypothesis import given
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from mailx import maildir
+from mailx import maildir, writer_child
 from mailx.spool import SPILL_AT, SpoolBuffer
 from mailx.writer import WriterClient, WriterGone, commit, decode_all, encode
 
@@ -68,6 +70,21 @@ class CommitTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.box / "tmp"), [])
 
 
+class ChildImportTests(unittest.TestCase):
+    def test_the_child_imports_only_the_standard_library(self) -> None:
+        # The child's start-up, as WriterClient runs it (-I -S, found by its path).
+        root = str(Path(writer_child.__file__).resolve().parents[1])
+        code = (
+            f"import sys; sys.path.append({root!r}); import mailx.writer_child; "
+            "print(' '.join(sorted(m for m in sys.modules"
+            " if m.partition('.')[0] not in sys.stdlib_module_names)))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+        self.assertEqual(out, ["__main__", "mailx", "mailx.maildir", "mailx.writer_child"])
+
+
 class WriterProcessTests(unittest.TestCase):
     """The real child process, driven by the server's client."""
 
@@ -111,3 +128,19 @@ class WriterProcessTests(unittest.TestCase):
         self.flushLoggedErrors()
         [path] = yield self.writer.file([self.spec("again")], [b""], body)
         self.assertTrue(path.exists())
+
+    @defer.inlineCallbacks
+    def test_the_child_runs_this_code_whatever_pythonpath_says(self) -> None:
+        # A mailx elsewhere on PYTHONPATH must not be what files the mail.
+        decoy = Path(self.mktemp()) / "mailx"
+        decoy.mkdir(parents=True)
+        (decoy / "__init__.py").write_text("raise SystemExit('the decoy mailx was imported')\n")
+        yield self.writer.stop()
+        self.patch(os, "environ", dict(os.environ, PYTHONPATH=str(decoy.parent)))
+        self.writer.start()
+        body = SpoolBuffer(self.root, "m")
+        body.write(b"Subject: m\r\n\r\nbody\r\n")
+        [path] = yield self.writer.file([self.spec("here")], [b""], body)
+        self.assertEqual(path.read_bytes(), b"Subject: m\n\nbody\n")
+        cmdline = Path(f"/proc/{self.writer._child.transport.pid}/cmdline").read_bytes().split(b"\0")
+        self.assertEqual(cmdline[1:3], [b"-I", b"-S"])
