@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import loadgen
 import peer_postfix
@@ -325,6 +326,23 @@ def tree_pss(pid: int) -> int:
     return total
 
 
+def tree_members(pid: int) -> list[dict[str, Any]]:
+    """Each live member of the tree: its command line, VmHWM and Pss now, so the
+    sum can be told apart (mailx: the server and its Maildir writer)."""
+    members = []
+    for member in sorted(process_tree(pid)):
+        try:
+            with open(f"/proc/{member}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            with open(f"/proc/{member}/smaps_rollup") as f:
+                pss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+            members.append({"command": " ".join(argv)[:200],
+                            "peak_rss": proc_status(member, "VmHWM"), "pss": pss})
+        except (OSError, RunError, StopIteration, ValueError):
+            continue
+    return members
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system time of the process tree, all threads, reaped children too (proc(5): 14-17)."""
     total = 0.0
@@ -555,6 +573,7 @@ def measure(server: str, scenario: Scenario, messages: int, run_dir: Path, args)
         # The whole tree: mailx's Maildir writer is a child process.
         peak_rss = tree_peak_rss(proc.pid)
         pss = tree_pss(proc.pid)
+        members = tree_members(proc.pid)
     finally:
         status = stop(proc)
     elapsed = last_file - load.start
@@ -575,6 +594,7 @@ def measure(server: str, scenario: Scenario, messages: int, run_dir: Path, args)
         "msgs_per_s": delivered / elapsed if elapsed > 0 and not problems else None,
         "peak_rss": peak_rss,
         "pss_at_end": pss,
+        "processes": members,
         "cpu_per_msg": cpu / delivered if delivered else None,
         "loadgen_cpu": load.cpu,
         "other_load": other,
