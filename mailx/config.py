@@ -37,7 +37,6 @@ knowing:
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -705,6 +704,8 @@ class _Loader:
             given = node.value
         for name, child in given.items():
             if name not in defaults:
+                import difflib  # only a wrong configuration needs a suggestion
+
                 close = difflib.get_close_matches(name, list(defaults), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 self.problem(child.line, child.key, f"unknown key{hint}")
@@ -1332,6 +1333,8 @@ class _Loader:
             if domain.alias_of == name:
                 self.at(where, "a domain cannot be an alias of itself")
             elif domain.alias_of not in nodes:
+                import difflib  # only a wrong configuration needs a suggestion
+
                 close = difflib.get_close_matches(domain.alias_of, list(nodes), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 self.at(where, f"'{domain.alias_of}' is not a configured domain{hint}")

@@ -17,26 +17,31 @@ sees is what DNS says now, not a cached answer from the previous round.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.internet.task import LoopingCall
 
-from mailx import dnssetup
 from mailx.config import Config
-from mailx.dnssetup import Finding
 from mailx.text import Logger
+
+if TYPE_CHECKING:
+    from mailx.dnssetup import Finding
 
 __all__ = ["DNSWatchService", "add_dns_watch", "check_in_thread"]
 
 log = Logger(namespace="mailx.dnswatch")
 
-Results = dict[str, list[Finding]]
+Results = dict[str, list["Finding"]]
 
 
 def check_in_thread(config: Config) -> defer.Deferred[Results]:
     """`dnssetup.check_config` in the reactor's thread pool."""
+    # Imported here: the DNS assistant (dnspython's reversename, dkimkeys'
+    # record checks) is only needed by a server with dns.watch set.
+    from mailx import dnssetup
+
     return threads.deferToThread(dnssetup.check_config, config)
 
 

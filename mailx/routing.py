@@ -17,7 +17,6 @@ alias is a load-time error instead of mail silently going to the catch-all.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 import weakref
@@ -433,6 +432,8 @@ class _Expander:
     ) -> None:
         config = self._domains[target_domain]
         names = sorted(config.mailboxes | (config.aliases.keys() - {"*"}))
+        import difflib  # only a wrong configuration needs a suggestion
+
         close = difflib.get_close_matches(local, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         self.findings.append(
