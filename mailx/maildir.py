@@ -5,7 +5,9 @@ Twisted's maildir code never fsyncs (research notes section 6), so this is
 the whole sequence by hand: create in ``tmp/`` with O_EXCL, write, fsync the
 file, rename into ``new/``, fsync ``new/``.  After the last fsync the message
 survives a power cut; before the rename it is invisible to readers.  All of
-it blocks, so callers run it in a worker thread.
+it blocks, so callers run it in a worker thread or the writer child.
+
+Standard library only: `mailx.writer_child` runs it without site-packages.
 """
 
 from __future__ import annotations
