@@ -4,7 +4,7 @@
 `mailx.writer` explains why filing happens in a child process and starts
 this file as ``python3 -I -S .../writer_child.py``.  The child imports no
 third-party package (no Twisted, no cryptography): it starts in a few tens
-of milliseconds and stays at about 10 MiB resident where a second copy of
+of milliseconds and stays at about 12 MiB resident where a second copy of
 the server's imports cost about 30 MiB.  ``-I`` keeps ``PYTHONPATH`` and the
 user's site out, ``-S`` the site-packages; ``mailx.maildir`` is found by
 this file's own location, so the child runs the very code of the server
