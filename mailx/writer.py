@@ -35,8 +35,6 @@ __all__ = ["WriterClient", "WriterGone", "commit", "decode_all", "encode", "file
 
 log = Logger(namespace="mailx.writer")
 
-# --- the parent ------------------------------------------------------------
-
 
 class WriterGone(Exception):
     """The writer process ended while requests were in flight."""
