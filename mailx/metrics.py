@@ -19,14 +19,16 @@ outbound queue) are read at scrape time by a custom collector.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.web.server import Site
 
 # The _created series double the text format for nothing a dashboard uses
 # (prometheus_client's switch is process-wide; mailx is the process).
@@ -268,7 +270,10 @@ class Metrics:
 
     def site(self) -> Site:
         """``GET /metrics`` on twisted.web; prometheus_client renders in a thread."""
+        # Imported here: twisted.web's server (~3 MiB) only with listen.metrics set.
         from prometheus_client.twisted import MetricsResource
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
 
         root = Resource()
         root.putChild(b"metrics", MetricsResource(registry=self.registry))
