@@ -51,7 +51,7 @@ from mailx import headers as header_syntax
 from mailx.auth.bodyhash import BodyHashes, BodyHashKey, body_hashes
 from mailx.dns import DNSTemporaryError, DNSVoidError, Resolver
 
-__all__ = ["DKIM_RESULTS", "DKIMResult", "MAX_SIGNATURES", "verify_dkim"]
+__all__ = ["DKIM_RESULTS", "DKIMResult", "MAX_REPORTED", "MAX_SIGNATURES", "verify_dkim"]
 
 # RFC 8601 2.7.1.
 DKIM_RESULTS = ("none", "pass", "fail", "policy", "neutral", "temperror", "permerror")
@@ -60,6 +60,15 @@ DKIM_RESULTS = ("none", "pass", "fail", "policy", "neutral", "temperror", "perme
 # OpenDKIM verifies 3 by default (MaximumSignaturesToVerify); real mail
 # carries one to three (author, ESP, mailing list): 5 leaves room for that.
 MAX_SIGNATURES = 5
+# Signatures reported at all, one Authentication-Results entry each: a 1 MiB
+# header holds 20 000 tiny ones, and their header.b prefixes are compared
+# with each other.  The last one reported says how many more there were.
+MAX_REPORTED = 2 * MAX_SIGNATURES
+# Characters kept of b= (header.b shows a prefix, RFC 6008; a 16384-bit RSA
+# signature is 2731) and of a reason quoting a library's error, which may
+# quote a tag value of any size.
+MAX_B = 4096
+MAX_REASON = 200
 # RFC 8301 3.2: RSA keys shorter than 1024 bits MUST NOT be considered valid.
 MIN_RSA_BITS = 1024
 
@@ -360,7 +369,7 @@ def _describe(value: bytes) -> dict[str, object]:
         "domain": _text(tags[b"d"]).strip().rstrip(".").lower() if b"d" in tags else None,
         "selector": _text(tags[b"s"]).strip() if b"s" in tags else None,
         "algorithm": _text(tags[b"a"]).strip().lower() if b"a" in tags else None,
-        "b": _text(re.sub(rb"\s+", b"", tags[b"b"])) if b"b" in tags else None,
+        "b": _text(re.sub(rb"\s+", b"", tags[b"b"])[:MAX_B]) if b"b" in tags else None,
         "identity": _text(tags[b"i"]).strip() if b"i" in tags else None,
         "body_length": int(length) if length is not None and length.isdigit() else None,
     }
@@ -446,14 +455,13 @@ def verify_dkim(
             keys.add(key)
     verifier.body_hashes = body_hashes(body(), keys, max_body)
     results = []
-    for index, value in enumerate(fields):
+    for index, value in enumerate(fields[:MAX_REPORTED]):
         about = _describe(value)
         if index >= MAX_SIGNATURES:
-            results.append(
-                DKIMResult(
-                    "policy", reason=f"not verified: over {MAX_SIGNATURES} signatures", **about
-                )
-            )
+            reason = f"not verified: over {MAX_SIGNATURES} signatures"
+            if index == MAX_REPORTED - 1 and len(fields) > MAX_REPORTED:
+                reason += f"; {len(fields) - MAX_REPORTED} more not reported"
+            results.append(DKIMResult("policy", reason=reason, **about))
             continue
         results.append(_verify_one(verifier, index, about))
     return tuple(results)
@@ -491,4 +499,6 @@ def _verify_one(verifier: _Verifier, index: int, about: dict) -> DKIMResult:
     if result == "pass" and (about.get("algorithm") or "") == "rsa-sha1":
         # RFC 8301 3.1: verifiers MUST NOT consider rsa-sha1 signatures valid.
         result, reason = "policy", "rsa-sha1 is not accepted (RFC 8301)"
+    if len(reason) > MAX_REASON:
+        reason = reason[: MAX_REASON - 3] + "..."
     return DKIMResult(result=result, reason=reason, unsigned_octets=unsigned, **about)
