@@ -223,6 +223,53 @@ class PolicyThroughServerTests(unittest.TestCase):
         self.assertIn("dkim=pass", header)
         self.assertIn("dmarc=pass", header)
 
+    FOLDED = b"X-Fold: x\r\n" + b" x\r\n" * ((996 * 1024 - 200) // 4)
+
+    def start_for_bystanders(self) -> Any:
+        """A server whose rate limit lets `hostile_message`'s bystanders come
+        back to back (each NOOP is a new connection from one address)."""
+        config = auth_config(self.dns.port)
+        config["limits"] = {"connection_rate_per_ip": 0}
+        return start_server(self, config)
+
+    @defer.inlineCallbacks
+    def test_unsigned_996_kib_folded_field_does_not_stall_other_clients(self) -> None:
+        """Issue 9: dkimpy parsed the header of unsigned mail too, quadratically
+        in a folded field's lines (17 s in a thread holding the GIL)."""
+        server = self.start_for_bystanders()
+        message = self.FOLDED + self.message("news@good.test", "folded")
+        reply, waited = yield in_thread(
+            hostile_message, server.port, message,
+            mail_from="news@good.test", proxy_from="203.0.113.5",
+        )
+        self.assertEqual(reply[0], 250, reply)
+        self.assertLess(waited, 5.0)
+        [stored] = server.messages("alice")
+        header = results_header(stored)
+        self.assertIn("dkim=none", header)
+        self.assertIn("dmarc=pass", header)
+
+    @defer.inlineCallbacks
+    def test_signed_996_kib_folded_field_does_not_stall_other_clients(self) -> None:
+        """The same field below a valid signature (not signed itself): SPF fails,
+        so only the DKIM pass can carry DMARC."""
+        server = self.start_for_bystanders()
+        message = self.message("news@good.test", "signed-folded")
+        signature = dkim.sign(
+            message, b"sel", b"good.test", self.private_key, include_headers=[b"from", b"subject"]
+        )
+        reply, waited = yield in_thread(
+            hostile_message, server.port, signature + self.FOLDED + message,
+            mail_from="news@good.test", proxy_from="192.0.2.99",
+        )
+        self.assertEqual(reply[0], 250, reply)
+        self.assertLess(waited, 5.0)
+        [stored] = server.messages("alice")
+        header = results_header(stored)
+        self.assertIn("spf=fail", header)
+        self.assertIn("dkim=pass", header)
+        self.assertIn("dmarc=pass", header)
+
     @defer.inlineCallbacks
     def test_forged_results_are_replaced_by_ours(self) -> None:
         server = self.start()

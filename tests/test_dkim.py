@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import re
 import time
 from types import SimpleNamespace
 
@@ -21,10 +22,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import parse_pem_private_key
+from dkim.util import parse_tag_value
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx.auth.dkim import MAX_SIGNATURES, verify_dkim
+from mailx.auth.dkim import (
+    _B_TAG,
+    MAX_REPORTED,
+    MAX_SIGNATURES,
+    _base64_ok,
+    _header_fields,
+    _Verifier,
+    verify_dkim,
+)
+from mailx.auth.results import build_header
 from mailx.dns import Resolver
 from mailx.testing.dnsserver import serve_for_test
 
@@ -417,6 +430,162 @@ class StreamedBodyTests(DKIMTestCase):
         self.assertLess(peak, 16 * len(piece))  # chunks, not the 8 MiB body
         self.assertLess(cpu, 10)  # generous: about 0.2 s here
         self.assertFalse([q for q in self.server.queries if "_domainkey" in q[0]])
+
+
+
+def folded_field(size: int = 996 * 1024) -> bytes:
+    """One header field of ``size`` octets, folded into 2-octet continuation lines."""
+    return b"X-Fold: x\r\n" + b" x\r\n" * ((size - 11) // 4)
+
+
+def with_field(signed: bytes, field: bytes) -> bytes:
+    """``signed`` with ``field`` below its DKIM-Signature: not in h=, so still valid."""
+    at = signed.index(b"\r\nFrom:") + 2
+    return signed[:at] + field + signed[at:]
+
+
+def retag(signed: bytes, name: bytes, value: bytes) -> bytes:
+    """``signed`` with tag ``name`` of its (first) DKIM-Signature set to ``value``."""
+    end = signed.index(b"\r\nFrom:") + 2
+    field = signed[:end].rstrip(b"\r\n")
+    tag = re.compile(rb"(?<=[;\s])" + name + rb"=[^;]*")
+    if tag.search(field):
+        field = tag.sub(lambda _: name + b"=" + value, field, count=1)
+    else:
+        field += b"; " + name + b"=" + value
+    return field + b"\r\n" + signed[end:]
+
+
+class HostileHeaderTests(DKIMTestCase):
+    """Header sections on which dkimpy's own parsing is quadratic (issue 9).
+
+    Each took seconds to hours in a worker thread holding the GIL (the
+    regular-expression engine never lets it go), stalling every session.
+    The bounds are generous: each case takes milliseconds now.
+    """
+
+    def timed(self, message: bytes):
+        def run():
+            started = time.monotonic()
+            return verify_dkim(self.resolver, message), time.monotonic() - started
+
+        return self.resolver.call(run)
+
+    @defer.inlineCallbacks
+    def test_unsigned_996_kib_folded_field_is_not_parsed(self):
+        # dkimpy's rfc822_parse: 17 s, though there is no signature to verify.
+        results, took = yield self.timed(folded_field() + MESSAGE)
+        self.assertEqual(results, ())
+        self.assertLess(took, 2.0)
+
+    @defer.inlineCallbacks
+    def test_signed_message_with_996_kib_folded_field_passes(self):
+        signed = with_field(sign(MESSAGE, "rsa", "example.test", self.rsa_pem), folded_field())
+        self.assertGreater(len(signed), 990 * 1024)
+        [r], took = yield self.timed(signed)
+        self.assertEqual(r.result, "pass", r.reason)
+        self.assertLess(took, 2.0)
+
+    @defer.inlineCallbacks
+    def test_white_space_runs_in_the_signature_cost_linear_time(self):
+        # Each is a quadratic backtrack in dkimpy (at 40 KB: 5 s, 18 s, 8 s).
+        # Tags changed after signing (dkimpy's signer backtracks as well), so
+        # the signatures that get as far as the header hash fail.
+        spaces = b"\r\n " * 30_000
+        signed = sign(MESSAGE, "rsa", "example.test", self.rsa_pem)
+        for name, value, result in (
+            (b"h", b"from" + spaces + b"x", "fail"),  # the h= split
+            (b"b", b"AAAA" + spaces + b"!", "permerror"),  # the b= base64 check
+            (b"z", b"y b" + spaces + b"!", "fail"),  # RE_BTAG, in an unknown tag
+        ):
+            hostile = retag(signed, name, value)
+            [r], took = yield self.timed(hostile)
+            self.assertEqual(r.result, result, (name, r.reason))
+            self.assertLess(took, 2.0, name)
+            self.assertLess(len(r.reason), 200)
+
+    @defer.inlineCallbacks
+    def test_twenty_thousand_signatures_are_reported_as_ten(self):
+        # Each was an Authentication-Results entry, its header.b compared
+        # with all the others' (2000 of them: 3.4 s on the reactor thread).
+        signatures = b"".join(
+            b"DKIM-Signature: v=1; d=x.test; b=AAAAAAAAAAAAAAAAAAAA%06d\r\n" % i
+            for i in range(20_000)
+        )
+        results, took = yield self.timed(signatures + MESSAGE)
+        self.assertEqual(len(results), MAX_REPORTED)
+        self.assertEqual([r.result for r in results[MAX_SIGNATURES:]], ["policy"] * 5)
+        self.assertIn("19990 more not reported", results[-1].reason)
+        self.assertLess(took, 5.0)
+        started = time.monotonic()
+        build_header("mx.example.org", None, results, None)
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    @defer.inlineCallbacks
+    def test_many_names_in_h_over_many_fields_cost_linear_time(self):
+        # dkimpy's select_headers scans every field for each name: 40 000
+        # names over 40 000 fields is 1.6e9 steps.
+        names = b":".join(b"n%d" % i for i in range(40_000))
+        fields = b"".join(b"f%d: x\r\n" % i for i in range(40_000))
+        signed = with_field(
+            sign(MESSAGE, "rsa", "example.test", self.rsa_pem, extra=((b"z", b"1"),)), fields
+        )
+        signed = signed.replace(b" h=", b" h=" + names + b":", 1)
+        [r], took = yield self.timed(signed)
+        self.assertEqual(r.result, "fail", r.reason)  # h= was changed after signing
+        self.assertLess(took, 5.0)
+
+
+class DkimpyEquivalenceTests(unittest.TestCase):
+    """The linear replacements give dkimpy's own answers."""
+
+    PIECES = [
+        b"A: x\r\n", b" c\r\n", b"\tt\n", b"From x\r\n", b"junk\r\n", b"B : y\r\n", b"\r\n",
+        b"a:b\n", b"X:\r", b"\n", b"From: z\r\n", b"DKIM-Signature: v=1;\r\n", b"\r",
+    ]
+
+    @given(st.lists(st.sampled_from(PIECES), max_size=12), st.booleans())
+    def test_header_fields_are_rfc822_parse(self, pieces, unterminated):
+        header = b"".join(pieces)
+        if unterminated:
+            header = header.rstrip(b"\r\n")
+        try:
+            expected = [tuple(f) for f in dkim.rfc822_parse(header)[0]]
+        except (dkim.MessageFormatError, IndexError):
+            expected = None
+        try:
+            got = _header_fields(header)
+        except dkim.MessageFormatError:
+            got = None
+        self.assertEqual(got, expected, header)
+
+    @given(st.text(alphabet=";b= \r\n\tA+/!h", max_size=40))
+    def test_b_tag_removal_is_dkimpy_re_btag(self, text):
+        value = text.encode()
+        self.assertEqual(_B_TAG.sub(rb"\1", value), dkim.RE_BTAG.sub(rb"\1", value), value)
+
+    @given(st.text(alphabet="A+/= \r\n\t!", max_size=30))
+    def test_base64_check_is_dkimpy_regex(self, text):
+        value = text.encode()
+        expected = re.match(rb"[\s0-9A-Za-z+/]+[\s=]*$", value) is not None
+        self.assertEqual(_base64_ok(value), expected, value)
+
+    @given(st.text(alphabet="ab: \t\r\n", max_size=30))
+    def test_h_split_is_dkimpy_split(self, text):
+        sig = parse_tag_value(b"v=1; h=" + text.encode())  # strips the value, as always
+        verifier = _Verifier(b"DKIM-Signature: x\r\n\r\n", None)
+        verifier.headers = [(b"DKIM-Signature", b"v=1; a=rsa-sha256; d=x; s=y; bh=AA==; b=AA==; h=" + sig[b"h"])]
+        _, include, _ = verifier.verify_headerprep()
+        self.assertEqual(include, [x.lower() for x in re.split(rb"\s*:\s*", sig[b"h"])])
+
+    @given(
+        st.lists(st.sampled_from([b"From", b"from", b"To", b"Subject", b"X"]), max_size=10),
+        st.lists(st.sampled_from([b"from", b"to", b"subject", b"y"]), max_size=10),
+    )
+    def test_selection_is_dkimpy_select_headers(self, names, include):
+        verifier = _Verifier(b"", None)
+        verifier.headers = [(n, b" %d\r\n" % i) for i, n in enumerate(names)]
+        self.assertEqual(verifier._select(include), dkim.select_headers(verifier.headers, include))
 
 
 # RFC 8463 Appendix A: keys (A.1), DNS records (A.2), signed message (A.3).
