@@ -30,7 +30,7 @@ from zope.interface import Interface, implementer
 from mailx import headers, maildir, replies
 from mailx.auth.results import is_forged_results
 from mailx.replies import SMTPReplyError
-from mailx.routing import ForwardDestination, MailboxDestination, Route, quote_local, route
+from mailx.routing import ForwardDestination, MailboxDestination, Route, quote_path, route
 from mailx.spool import SpoolBuffer
 from mailx.srs import srs_route
 from mailx.text import Logger
@@ -543,7 +543,7 @@ class IncomingMessage:
             f"\tby {config.hostname} (mailx) with {protocol} id {self.queue_id}{tls}\r\n"
             f"\tfor <{dest.address}>; {formatdate(localtime=True)}\r\n"
         )
-        trace = [f"Return-Path: <{_quoted_path(self.sender)}>\r\n".encode()]
+        trace = [f"Return-Path: <{quote_path(self.sender)}>\r\n".encode()]
         if original is not None:
             # SPEC 4: the RCPT address as given, before alias expansion and
             # subaddress stripping, so filters can sort on me+news@.
@@ -561,14 +561,6 @@ def _after_blank_line(chunks: Iterator[bytes]) -> Iterator[bytes]:
             chunk, skip = chunk[dropped:], skip - dropped
         if chunk:
             yield chunk
-
-
-def _quoted_path(sender: str) -> str:
-    """The reverse-path as it is written in a header (RFC 5321 4.1.2 quoting)."""
-    if not sender:
-        return ""
-    local, _, domain = sender.rpartition("@")
-    return f"{quote_local(local)}@{domain}"
 
 
 def split_header(header: bytes) -> list[bytes]:
