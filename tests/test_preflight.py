@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from twisted.trial import unittest
@@ -26,10 +28,12 @@ class AccessTests(unittest.TestCase):
     def setUp(self) -> None:
         if os.geteuid() != 0:
             raise unittest.SkipTest("needs root to make files another user cannot read")
-        self.directory = Path(self.mktemp()).absolute()
-        self.directory.mkdir(parents=True)
+        # Outside the checkout: trial's temp dirs and the checkout itself
+        # (CI clones into a 0700 mktemp directory) may be unsearchable for
+        # nobody, which would be a problem in every test here.
+        self.directory = Path(tempfile.mkdtemp(prefix="mailx-preflight-"))
+        self.addCleanup(shutil.rmtree, self.directory, True)
         os.chmod(self.directory, 0o755)
-        os.chmod(self.directory.parent, 0o755)  # trial's mkdtemp is 0700
         self.cert, self.key = make_certificate(self.directory, "mx.example.test")
         os.chmod(self.key, 0o600)
         self.dkim = self.directory / "example.test.key"
