@@ -2,7 +2,7 @@
 
 Security review, issue 9: each signature's ``bh=`` is wrong, so nothing can
 pass, but a verifier that hashes the body once per signature (or holds it
-in memory) pays for every one.  Runs ``mailx.auth.dkim.verify_dkim`` of
+in memory) pays for every one.  Runs ``mailx.checks.dkim.verify_dkim`` of
 whatever mailx is first on the path, so the same command measures two
 checkouts::
 
@@ -29,7 +29,7 @@ import time
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mailx.auth.dkim import verify_dkim
+from mailx.checks.dkim import verify_dkim
 from mailx.dns import Resolver
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mailx import headers  # noqa: E402
-from mailx.auth.dmarc import author_domains  # noqa: E402
-from mailx.delivery import IncomingMessage  # noqa: E402
+from mailx.checks.dmarc import author_domains  # noqa: E402
+from mailx.inbound.delivery import IncomingMessage  # noqa: E402
 
 
 def best(func, repeat: int = 3) -> float:

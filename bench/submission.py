@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import forwarding  # noqa: E402
 import run  # noqa: E402
 
-from mailx import dkimkeys  # noqa: E402
-from mailx.accounts import hash_password  # noqa: E402
+from mailx.outbound import dkimkeys  # noqa: E402
+from mailx.smtp.accounts import hash_password  # noqa: E402
 from mailx.testing.tls import make_certificate  # noqa: E402
 
 PASSWORD = "bench password"

@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 
 from mailx import yamlerrors
-from mailx.routing import (
+from mailx.inbound.routing import (
     AddressError,
     Finding,
     audit_domains,
@@ -60,7 +60,7 @@ from mailx.routing import (
     parse_address,
 )
 
-# Aliases may forward to outside addresses (SPEC section 8: mailx.outbound);
+# Aliases may forward to outside addresses (SPEC section 8: mailx.outbound.relay);
 # outbound.srs_secret is then required.
 FORWARDING_SUPPORTED = True
 
@@ -1520,7 +1520,7 @@ def _submission_listeners(loader: _Loader, listen: dict[str, _Node], config: Con
         if config.accounts.passwords is None and config.accounts.dovecot is None:
             loader.at(node, "needs accounts.passwords or accounts.dovecot to check logins against")
     config = replace(config, submission=found["submission"], submissions=found["submissions"])
-    from mailx.submission import unsigned_domains
+    from mailx.smtp.submission import unsigned_domains
 
     unsigned = [
         Problem(

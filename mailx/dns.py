@@ -264,7 +264,7 @@ class Resolver:
         self._threadpool = threadpool
         self._local = threading.local()
         # observe(rdtype, seconds, error or None): each lookup that went to
-        # the network (mailx.metrics), called in the worker thread.
+        # the network (mailx.observe.metrics), called in the worker thread.
         self._observe = observe
 
     # -- blocking lookups (worker threads only) ---------------------------

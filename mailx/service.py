@@ -19,24 +19,26 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mailx import dnswatch, maildir, preflight, ptr, spool
-from mailx.accounts import accounts_from_config
-from mailx.auth import Authenticator
-from mailx.auth.dmarc import default_psl
-from mailx.committer import GroupCommitter
+from mailx.admin import dnswatch, preflight
+from mailx.checks import Authenticator, ptr
+from mailx.checks.dmarc import default_psl
+from mailx.checks.dnsbl import Blocklists
+from mailx.checks.ptr import NameLookups
 from mailx.config import Config, ConfigError, load_config
-from mailx.delivery import DeliveryContext, SessionDelivery
 from mailx.dns import Resolver
-from mailx.dnsbl import Blocklists
 from mailx.headers import HeaderPool
-from mailx.metrics import Metrics
-from mailx.outbound import Outbound
-from mailx.ptr import NameLookups
-from mailx.queue import Queue
-from mailx.smtp import SMTP, SUBMISSION, SUBMISSIONS, MailxSMTPFactory, server_endpoint
-from mailx.submission import SubmissionDelivery, SubmissionState
+from mailx.inbound import spool
+from mailx.inbound.delivery import DeliveryContext, SessionDelivery
+from mailx.observe.metrics import Metrics
+from mailx.outbound.relay import Outbound
+from mailx.smtp.accounts import accounts_from_config
+from mailx.smtp.server import SMTP, SUBMISSION, SUBMISSIONS, MailxSMTPFactory, server_endpoint
+from mailx.smtp.submission import SubmissionDelivery, SubmissionState
+from mailx.storage import maildir
+from mailx.storage.committer import GroupCommitter
+from mailx.storage.queue import Queue
+from mailx.storage.writer import WriterClient
 from mailx.text import Logger
-from mailx.writer import WriterClient
 
 log = Logger(namespace="mailx.service")
 
@@ -169,7 +171,7 @@ class MailxService(service.MultiService):
         # served on listen.metrics.
         self.metrics = Metrics()
         self.committer.observe_batch = self.metrics.filing_batch
-        # Mailbox-only messages are filed by a child process (see mailx.writer).
+        # Mailbox-only messages are filed by a child process (see mailx.storage.writer).
         self.writer = WriterClient(reactor)
         # DNS lookups block in dnspython; their own pool keeps a slow DNS
         # server from starving the disk writers.
@@ -571,7 +573,7 @@ def _json_observer(options: Options) -> Any:
     as twistd rotates its own."""
     from twisted.python import logfile
 
-    from mailx.jsonlog import json_observer
+    from mailx.observe.jsonlog import json_observer
 
     parent = getattr(options, "parent", None) or {}
     name = parent.get("logfile") or ""

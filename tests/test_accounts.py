@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_accounts -*-
-"""Accounts for submission (SPEC section 11): mailx.accounts, ``mailxctl passwd``,
+"""Accounts for submission (SPEC section 11): mailx.smtp.accounts, ``mailxctl passwd``,
 the send-as rules, and a real Dovecot sharing the passwd-file."""
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from mailx import accounts
-from mailx.accounts import (
+from mailx.config import ConfigError, load_config_text
+from mailx.inbound.routing import RouteRefused, route
+from mailx.smtp import accounts
+from mailx.smtp.accounts import (
     Account,
     AccountsUnavailable,
     DovecotAuthAccounts,
@@ -43,8 +45,6 @@ from mailx.accounts import (
     set_password_text,
     verify_password,
 )
-from mailx.config import ConfigError, load_config_text
-from mailx.routing import RouteRefused, route
 from mailx.testing.server import free_port
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -107,7 +107,7 @@ def mailxctl(
 ) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPOSITORY))
     return subprocess.run(
-        [sys.executable, "-m", "mailx.cli", *args],
+        [sys.executable, "-m", "mailx.admin.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -411,7 +411,7 @@ class AccountsConfigTests(unittest.TestCase):
         self.assertIn("limits.send_per_hour: expected a whole number", problems[1])
 
     def test_server_user_must_read_the_passwords_file(self) -> None:
-        from mailx import preflight
+        from mailx.admin import preflight
 
         config = make_config(self.directory)
         self.assertNotIn("accounts.passwords", [n.what for n in preflight.needs(config)])
@@ -597,7 +597,7 @@ class PasswdCommandTests(unittest.TestCase):
         users = ["alice", "bob", "carol"]
         processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "mailx.cli", "passwd", f"{user}@example.test"]
+                [sys.executable, "-m", "mailx.admin.cli", "passwd", f"{user}@example.test"]
                 + ["-c", self.config_file],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
@@ -642,7 +642,7 @@ class PasswdCommandTests(unittest.TestCase):
     def on_terminal(self, answers: list[str]) -> tuple[bytes, int]:
         """Run mailxctl passwd on a pseudo-terminal, answering each prompt."""
         env = dict(os.environ, PYTHONPATH=str(REPOSITORY))
-        argv = [sys.executable, "-m", "mailx.cli", "passwd", "alice@example.test"]
+        argv = [sys.executable, "-m", "mailx.admin.cli", "passwd", "alice@example.test"]
         argv += ["-c", self.config_file]
         pid, fd = pty.fork()
         if pid == 0:  # the child: its controlling terminal is the pty

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from mailx.auth.dkim import DKIMResult
-from mailx.auth.dmarc import DMARCRecord, DMARCResult
-from mailx.auth.results import (
+from mailx.checks.dkim import DKIMResult
+from mailx.checks.dmarc import DMARCRecord, DMARCResult
+from mailx.checks.results import (
     authserv_id_of,
     build_header,
     fold,
@@ -22,7 +22,7 @@ from mailx.auth.results import (
     is_forged_results,
     strip_forged_results,
 )
-from mailx.auth.spf import SPFResult
+from mailx.checks.spf import SPFResult
 
 HOST = "mx.example.test"
 SPF_PASS = SPFResult(

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_bodyhash -*-
-"""The streamed DKIM body hash (mailx.auth.bodyhash) against dkimpy's own.
+"""The streamed DKIM body hash (mailx.checks.bodyhash) against dkimpy's own.
 
 dkimpy's ``canonicalize_body`` over the whole body is the reference; ours
 must give the same octets however the body is cut into chunks: a CRLF or a
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from mailx.auth.bodyhash import BodyHashKey, body_hashes
+from mailx.checks.bodyhash import BodyHashKey, body_hashes
 
 # Pieces that make the canonicalizations' corner cases likely.
 PIECES = [b"a", b"b c", b" ", b"\t", b"  \t ", b"\r\n", b"\r\n\r\n", b"\r", b"\n", b".", b"\xff"]

@@ -18,9 +18,9 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mailx import replies
-from mailx.auth import Authenticator, CheckLimiter, client_key
+from mailx.checks import Authenticator, CheckLimiter, client_key
 from mailx.dns import Resolver
+from mailx.smtp import replies
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.server import LineClient, in_thread, start_server
 

@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailx.cli import main
+from mailx.admin.cli import main
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.server import write_config
 

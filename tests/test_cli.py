@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_cli -*-
-"""``mailxctl check`` and ``mailxctl route`` (SPEC section 9): mailx.cli."""
+"""``mailxctl check`` and ``mailxctl route`` (SPEC section 9): mailx.admin.cli."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from mailx import cli
 from mailx import config as config_module
+from mailx.admin import cli
 from mailx.testing import SRS_SECRET
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -232,7 +232,7 @@ class HostnameTests(CLITestCase):
         import dataclasses
 
         from mailx import config as config_module
-        from mailx import dnssetup
+        from mailx.admin import dnssetup
 
         config = config_module.load_config(self.write(GOOD))
         bare = dataclasses.replace(config, hostname="localhost")
@@ -399,7 +399,7 @@ class RouteSRSTests(CLITestCase):
         )
 
     def test_valid_srs_address_goes_to_the_original_sender(self) -> None:
-        from mailx.srs import SRS
+        from mailx.outbound.srs import SRS
 
         address = SRS([self.SECRET]).forward("carol@sender.test", "example.test")
         status, out, _ = self.run_cli("route", "-c", self.config, address)
@@ -455,7 +455,7 @@ class EntryPointTests(unittest.TestCase):
         env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
         env.pop(cli.CONFIG_ENVIRONMENT, None)
         return subprocess.run(
-            [sys.executable, "-m", "mailx.cli", *argv],
+            [sys.executable, "-m", "mailx.admin.cli", *argv],
             capture_output=True,
             text=True,
             env=env,

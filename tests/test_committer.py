@@ -9,7 +9,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from mailx.committer import GroupCommitter
+from mailx.storage.committer import GroupCommitter
 
 
 class GroupCommitterTests(unittest.TestCase):

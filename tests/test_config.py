@@ -29,7 +29,7 @@ from mailx.config import (
     parse_duration,
     parse_size,
 )
-from mailx.routing import route
+from mailx.inbound.routing import route
 from mailx.testing import SRS_SECRET, SRS_SECRET_2
 from mailx.testing.tls import certificate_pem
 

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_dkim -*-
-"""DKIM verification (RFC 6376, RFC 8463) through mailx.auth.dkim.
+"""DKIM verification (RFC 6376, RFC 8463) through mailx.checks.dkim.
 
 Keys are generated here, messages signed with dkimpy's own signing code,
 public keys published in the loopback DNS zone.  Ed25519 signing goes
@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx.auth.dkim import (
+from mailx.checks.dkim import (
     _B_TAG,
     MAX_REPORTED,
     MAX_SIGNATURES,
@@ -37,7 +37,7 @@ from mailx.auth.dkim import (
     _Verifier,
     verify_dkim,
 )
-from mailx.auth.results import build_header
+from mailx.checks.results import build_header
 from mailx.dns import Resolver
 from mailx.testing.dnsserver import serve_for_test
 

@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.test_dkimkeys -*-
-"""DKIM keys (mailx.dkimkeys) and ``mailxctl dkim keygen``.
+"""DKIM keys (mailx.outbound.dkimkeys) and ``mailxctl dkim keygen``.
 
 A key is only right if a verifier accepts what we sign with it: each
 algorithm's record is published in the loopback DNS server and the
 signed message verified through it, by dkimpy itself for RSA and by
-`mailx.auth.dkim` (dkimpy plus ``cryptography``) for Ed25519, which
+`mailx.checks.dkim` (dkimpy plus ``cryptography``) for Ed25519, which
 dkimpy alone verifies only with PyNaCl installed.
 """
 
@@ -24,14 +24,14 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from mailx import dkimkeys
-from mailx.auth.dkim import verify_dkim
+from mailx.checks.dkim import verify_dkim
 from mailx.config import load_config
 from mailx.dns import Resolver
+from mailx.outbound import dkimkeys
 from mailx.testing.dnsserver import serve_for_test
 from tests.test_dnssetup import CLITestCase, write_config
 
-# A DSN as mailx.dsn writes them: CRLF, From MAILER-DAEMON at our hostname.
+# A DSN as mailx.outbound.dsn writes them: CRLF, From MAILER-DAEMON at our hostname.
 MESSAGE = (
     b"From: Mail Delivery System <MAILER-DAEMON@mx.example.test>\r\n"
     b"To: <alice@sender.test>\r\n"

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx.auth.dkim import DKIMResult
-from mailx.auth.dmarc import (
+from mailx.checks.dkim import DKIMResult
+from mailx.checks.dmarc import (
     POLICIES,
     DMARCRecord,
     DMARCRecordError,
@@ -24,7 +24,7 @@ from mailx.auth.dmarc import (
     organizational_domain,
     parse_record,
 )
-from mailx.auth.spf import SPFResult
+from mailx.checks.spf import SPFResult
 from mailx.dns import Resolver
 from mailx.testing.dnsserver import serve_for_test
 

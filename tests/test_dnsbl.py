@@ -6,7 +6,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx.dnsbl import classify, listed, query_name
+from mailx.checks.dnsbl import classify, listed, query_name
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.server import capture_log, dialogue, in_thread, start_server
 

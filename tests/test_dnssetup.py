@@ -27,8 +27,9 @@ from defusedxml import ElementTree
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from mailx import cli, dkimkeys, dnssetup
+from mailx.admin import cli, dnssetup
 from mailx.config import ConfigError, load_config, load_config_text
+from mailx.outbound import dkimkeys
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.tls import make_certificate
 

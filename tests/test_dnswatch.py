@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_dnswatch -*-
-"""The DNS watch (mailx.dnswatch): the ``--check`` of every domain each ``dns.watch``.
+"""The DNS watch (mailx.admin.dnswatch): the ``--check`` of every domain each ``dns.watch``.
 
 Time is a `Clock` and the check a stub for the scheduling and logging
 tests; one test runs the real check in a thread against the loopback
@@ -18,9 +18,9 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from mailx import dnswatch
+from mailx.admin import dnswatch
+from mailx.admin.dnssetup import Finding
 from mailx.config import load_config
-from mailx.dnssetup import Finding
 from mailx.testing.dnsserver import serve_for_test
 from tests.test_dnssetup import CLITestCase, write_config, zone_from_json
 

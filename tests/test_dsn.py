@@ -10,8 +10,8 @@ import time
 
 from twisted.trial import unittest
 
-from mailx.delivery import split_header
-from mailx.dsn import (
+from mailx.inbound.delivery import split_header
+from mailx.outbound.dsn import (
     MAX_RETURNED_HEADER,
     bounce_message,
     delay_message,
@@ -20,7 +20,7 @@ from mailx.dsn import (
     returned_header,
     wants_notice,
 )
-from mailx.queue import FAILED, PENDING, Envelope, Recipient
+from mailx.storage.queue import FAILED, PENDING, Envelope, Recipient
 
 HEADER = (
     b"Received: from mail.sender.test\r\n\tby mx.example.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n"

@@ -25,11 +25,12 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from mailx import cli, dkimkeys
-from mailx.auth.dkim import verify_dkim
+from mailx.admin import cli
+from mailx.checks.dkim import verify_dkim
 from mailx.dns import Resolver
-from mailx.outbound import Timeouts
-from mailx.srs import SRS
+from mailx.outbound import dkimkeys
+from mailx.outbound.relay import Timeouts
+from mailx.outbound.srs import SRS
 from mailx.testing import SRS_SECRET, SRS_SECRET_2
 from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.server import (

@@ -22,7 +22,7 @@ when each run ends:
 
 The suite runs 40 examples of 30 steps against a server without TLS and 40
 against one with it (10-20 s in all).  For a long run, as before a release or
-after touching mailx/smtp.py or mailx/delivery.py (about 12 minutes):
+after touching mailx/smtp/server.py or mailx/inbound/delivery.py (about 12 minutes):
 
     MAILX_FUZZ_EXAMPLES=2000 python3 -m twisted.trial tests.test_fuzz
 
@@ -77,7 +77,7 @@ MESSAGE_SIZE = 512 * 1024  # small enough that "too big" costs little to send
 RECIPIENTS = 3  # low, so that 452 comes up often
 MAX_DATA_LINE = 64 * 1024  # SPEC 5: longer DATA lines refuse the message
 MAX_COMMAND_LINE = 510  # RFC 5321 4.5.3.1.4, without the CRLF
-MAX_PARTIAL_COMMAND = 4096  # mailx/smtp.py: a longer line without CRLF ends the session
+MAX_PARTIAL_COMMAND = 4096  # mailx/smtp/server.py: a longer line without CRLF ends the session
 MAX_PIECES = 12  # writes per message when it is sent in pieces
 PIECE_PAUSE = 0.003  # between them, so that the server reads them apart
 REPLY_TIMEOUT = 15.0  # a missing reply fails the run instead of hanging it
@@ -129,7 +129,7 @@ def stored_form(wire: bytes) -> bytes:
 
     RFC 5321 4.5.2: a line (between CRLFs) that starts with "." loses it.
     SPEC 5: a bare CR or LF is a line break, never kept as-is.  Maildir files
-    have LF line ends.  Written independently of mailx/smtp.py on purpose.
+    have LF line ends.  Written independently of mailx/smtp/server.py on purpose.
     """
     lines = wire.split(b"\r\n")
     if lines and lines[-1] == b"":
@@ -525,7 +525,7 @@ class WireClient:
 
 # --- the server ---------------------------------------------------------------
 
-# mailx/smtp.py logs these two lines for every admitted session.
+# mailx/smtp/server.py logs these two lines for every admitted session.
 _SESSION_LINE = re.compile(
     rb"^\S+ \[mailx\.smtp#info\] (S[0-9A-F]+): (connect from|disconnect)\b", re.MULTILINE
 )
@@ -1190,7 +1190,7 @@ class _FindingsCase(unittest.TestCase):
 class RegressionTests(_FindingsCase):
     """Bugs the fuzzer found that are fixed: they stay fixed."""
 
-    # Was: mailx/delivery.py IncomingMessage.dataReceived gave up on a header
+    # Was: mailx/inbound/delivery.py IncomingMessage.dataReceived gave up on a header
     # section longer than MAX_HEADER_SECTION (1 MiB) and passed it on as body,
     # unfiltered, right under our trace headers, so a forged
     # Authentication-Results (and a From that DMARC never saw) placed in front
@@ -1211,7 +1211,7 @@ class RegressionTests(_FindingsCase):
         self.assertEqual(self.server.messages("alice"), [])
 
 
-    # Was: mailx/smtp.py _parse_path returned f"{address.local}@{address.domain}",
+    # Was: mailx/smtp/server.py _parse_path returned f"{address.local}@{address.domain}",
     # which drops the quotes a local part needs (str(address) keeps them).
     # Input:    RCPT TO:<"odd local"@catchall.test>   (catch-all domain)
     # Expected: 250 2.1.5 (quoted local parts are valid, RFC 5321 4.1.2)
@@ -1261,7 +1261,7 @@ class RegressionTests(_FindingsCase):
         self.assertTrue(texts)
         self.assertEqual([t for t in texts if "\n" in t or "\r" in t], [])
 
-    # Was: mailx/smtp.py _process_data measured the partial last line together
+    # Was: mailx/smtp/server.py _process_data measured the partial last line together
     # with a trailing CR: a line of exactly 65536 octets (the largest SPEC 5
     # accepts, and accepted when it arrives in one read) was refused when its
     # CR and LF arrived in different reads.

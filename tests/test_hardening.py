@@ -20,9 +20,11 @@ from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from mailx import cli, maildir, spool, writer
 from mailx import service as service_module
-from mailx.queue import Queue
+from mailx.admin import cli
+from mailx.inbound import spool
+from mailx.storage import maildir, writer
+from mailx.storage.queue import Queue
 from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.server import (
     TWISTD,
@@ -64,7 +66,7 @@ class ConfigBombTests(unittest.TestCase):
         config = write_config(Path(self.mktemp()).absolute())
         bombed(config)
         result = subprocess.run(
-            [sys.executable, "-m", "mailx.cli", "check", "-c", str(config)],
+            [sys.executable, "-m", "mailx.admin.cli", "check", "-c", str(config)],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         self.assertEqual(result.returncode, 1)

@@ -183,7 +183,7 @@ class AccumulationTests(unittest.TestCase):
     """`delivery.IncomingMessage` gathering a header section in small pieces."""
 
     def feed(self, total: int, piece: int = 99) -> float:
-        from mailx.delivery import IncomingMessage
+        from mailx.inbound.delivery import IncomingMessage
 
         directory = self.mktemp()
         import os
@@ -212,7 +212,7 @@ class AccumulationTests(unittest.TestCase):
         self.assertLess(large, max(small * 24, 0.5), (small, large))
 
     def test_the_pool_is_drawn_and_given_back(self):
-        from mailx.delivery import IncomingMessage
+        from mailx.inbound.delivery import IncomingMessage
 
         directory = self.mktemp()
         import os

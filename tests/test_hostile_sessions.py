@@ -23,7 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from mailx.smtp import CLOSE_GRACE, HOLD_BACKLOG, MAX_EARLY_INPUT
+from mailx.smtp.server import CLOSE_GRACE, HOLD_BACKLOG, MAX_EARLY_INPUT
 from mailx.testing.server import (
     LineClient,
     RunningServer,

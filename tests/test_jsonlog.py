@@ -13,7 +13,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mailx.jsonlog import event_as_line
+from mailx.observe.jsonlog import event_as_line
 from mailx.testing.server import TWISTD, ServerProcess, free_port, message, write_config
 
 

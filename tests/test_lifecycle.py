@@ -120,7 +120,7 @@ class SignalTests(unittest.TestCase):
         server, directory = self.start()
         rewrite(server.config_path, {"mailboxes": ["alice", "bob", "dave"]})
         result = subprocess.run(
-            [sys.executable, "-m", "mailx.cli", "-c", str(server.config_path), "reload"],
+            [sys.executable, "-m", "mailx.admin.cli", "-c", str(server.config_path), "reload"],
             capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -145,7 +145,7 @@ class SignalTests(unittest.TestCase):
         (directory / "mail" / "example.test" / "carol").write_text("not a directory\n")
         rewrite(server.config_path, {"mailboxes": ["alice", "bob", "carol"]})
         result = subprocess.run(
-            [sys.executable, "-m", "mailx.cli", "-c", str(server.config_path), "reload"],
+            [sys.executable, "-m", "mailx.admin.cli", "-c", str(server.config_path), "reload"],
             capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
@@ -168,7 +168,7 @@ class SignalTests(unittest.TestCase):
         data["tls"] = {"certificate": str(cert), "key": str(other_key)}
         server.config_path.write_text(yaml.safe_dump(data))
         result = subprocess.run(
-            [sys.executable, "-m", "mailx.cli", "-c", str(server.config_path), "reload"],
+            [sys.executable, "-m", "mailx.admin.cli", "-c", str(server.config_path), "reload"],
             capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
@@ -181,7 +181,7 @@ class SignalTests(unittest.TestCase):
         directory = Path(self.mktemp()).absolute()
         config = write_config(directory)
         result = subprocess.run(
-            [sys.executable, "-m", "mailx.cli", "-c", str(config), "reload"],
+            [sys.executable, "-m", "mailx.admin.cli", "-c", str(config), "reload"],
             capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(result.returncode, 1)

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx import metrics
+from mailx.observe import metrics
 from mailx.testing import SRS_SECRET
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.server import LineClient, dialogue, in_thread, merge, message, start_server

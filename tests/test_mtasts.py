@@ -21,10 +21,10 @@ from twisted.internet import defer, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from mailx import mtasts
 from mailx.config import load_config_text
 from mailx.dns import NXDomainError
-from mailx.mtasts import (
+from mailx.outbound import mtasts
+from mailx.outbound.mtasts import (
     MTASTS,
     Policy,
     PolicyCache,
@@ -33,7 +33,7 @@ from mailx.mtasts import (
     parse_policy,
     parse_record,
 )
-from mailx.queue import DELIVERED, PENDING
+from mailx.storage.queue import DELIVERED, PENDING
 from mailx.testing.mtasts import start_policy_server
 from mailx.testing.tls import TestCA, certificate_pem
 from tests.test_outbound import NOW, OutboundCase, wait_until

@@ -24,10 +24,10 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-import mailx.outbound as outbound_module
+import mailx.outbound.relay as outbound_module
 from mailx.config import load_config_text
 from mailx.dns import Resolver
-from mailx.outbound import (
+from mailx.outbound.relay import (
     IDLE_TIME,
     ClientSettings,
     DotStuffer,
@@ -43,8 +43,8 @@ from mailx.outbound import (
     parse_reply,
     reverse_path,
 )
-from mailx.queue import DELIVERED, FAILED, PENDING, Queue
-from mailx.replies import Reply
+from mailx.smtp.replies import Reply
+from mailx.storage.queue import DELIVERED, FAILED, PENDING, Queue
 from mailx.testing import SRS_SECRET
 from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.sink import CLOSE, self_signed_certificate, start_sink

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_policy -*-
-"""What the verdict does to the message: mailx.auth.policy.decide (pure),
+"""What the verdict does to the message: mailx.checks.policy.decide (pure),
 then the whole `Authenticator` against the loopback DNS server."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import time
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx import replies
-from mailx.auth import Authenticator, Verdict
-from mailx.auth.dmarc import DMARCResult
-from mailx.auth.policy import ACCEPT, JUNK, REJECT, TEMPFAIL, decide
-from mailx.auth.results import is_forged_results
+from mailx.checks import Authenticator, Verdict
+from mailx.checks.dmarc import DMARCResult
+from mailx.checks.policy import ACCEPT, JUNK, REJECT, TEMPFAIL, decide
+from mailx.checks.results import is_forged_results
 from mailx.config import AuthenticationConfig
 from mailx.dns import Resolver
+from mailx.smtp import replies
 from mailx.testing.dnsserver import serve_for_test
 from tests.test_dkim import ed25519_key, sign
 
@@ -271,7 +271,7 @@ class InlineChecksTests(unittest.TestCase):
     def test_a_large_header_section_is_checked_in_a_worker_thread(self):
         import threading
 
-        from mailx.auth import INLINE_CHECKS
+        from mailx.checks import INLINE_CHECKS
 
         auth = self.authenticator()
         yield auth.check(GOOD_IP, "client.example.net", "alice@example.test", message())

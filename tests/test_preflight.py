@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_preflight -*-
-"""Start-up checks for the user mailx runs as (mailx.preflight), and ``mailxctl check --user``.
+"""Start-up checks for the user mailx runs as (mailx.admin.preflight), and ``mailxctl check --user``.
 
 The tests run as root; they check for ``nobody``, which cannot read a
 0600 root file, as the server's user cannot after twistd's --uid/--gid.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from mailx import cli, preflight
+from mailx.admin import cli, preflight
 from mailx.config import load_config
 from mailx.testing.server import write_config
 from mailx.testing.tls import make_certificate
@@ -37,7 +37,7 @@ class AccessTests(unittest.TestCase):
         self.cert, self.key = make_certificate(self.directory, "mx.example.test")
         os.chmod(self.key, 0o600)
         self.dkim = self.directory / "example.test.key"
-        from mailx import dkimkeys
+        from mailx.outbound import dkimkeys
 
         dkimkeys.write_key(dkimkeys.generate_key("ed25519"), self.dkim)
         self.path = write_config(

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_ptr -*-
-"""The client's forward-confirmed name in Received and the log (mailx.ptr).
+"""The client's forward-confirmed name in Received and the log (mailx.checks.ptr).
 
 Clients claim their address through PROXY; the loopback DNS server serves
 the in-addr.arpa and ip6.arpa zones.
@@ -12,8 +12,8 @@ import time
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
+from mailx.checks.ptr import NameLookups, confirmed_name
 from mailx.dns import Resolver
-from mailx.ptr import NameLookups, confirmed_name
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.server import LineClient, capture_log, in_thread, start_server
 

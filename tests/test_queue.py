@@ -10,7 +10,7 @@ from unittest import mock
 
 from twisted.trial import unittest
 
-from mailx.queue import (
+from mailx.storage.queue import (
     DELIVERED,
     PENDING,
     Envelope,

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_reports -*-
-"""``mailxctl reports`` (SPEC section 15): mailx.reports on files, messages and Maildirs.
+"""``mailxctl reports`` (SPEC section 15): mailx.admin.reports on files, messages and Maildirs.
 
 The fixture reports are built here in the shapes the big receivers send,
 from RFC 7489 Appendix C's schema and the receivers' published samples;
@@ -39,8 +39,8 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailx import reports
-from mailx.cli import main
+from mailx.admin import reports
+from mailx.admin.cli import main
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.server import send_mail, start_server, write_config
 

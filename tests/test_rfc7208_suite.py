@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_rfc7208_suite -*-
 """The openspf RFC 7208 suite (198 cases), each served by the loopback DNS
-server and checked with mailx.auth.spf.
+server and checked with mailx.checks.spf.
 
 The case enumeration lives in `mailx.testing.rfc7208`; this module only
 says how one case is checked here (directly, result and explanation).  A
@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 from twisted.trial.reporter import TestResult
 
-from mailx.auth.spf import check_spf
+from mailx.checks.spf import check_spf
 from mailx.dns import Resolver
 from mailx.testing import rfc7208
 

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_routing -*-
-"""Where an address goes (SPEC section 4): mailx.routing."""
+"""Where an address goes (SPEC section 4): mailx.inbound.routing."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from mailx import config as config_module
-from mailx import replies
 from mailx.config import load_config_text
-from mailx.replies import SMTPReplyError
-from mailx.routing import (
+from mailx.inbound.routing import (
     Address,
     AddressError,
     ForwardDestination,
@@ -28,6 +26,8 @@ from mailx.routing import (
     route,
     split_subaddress,
 )
+from mailx.smtp import replies
+from mailx.smtp.replies import SMTPReplyError
 from mailx.testing import SRS_SECRET
 
 CONFIG = """\
@@ -369,7 +369,7 @@ class ForwardTests(unittest.TestCase):
 
 class RouterTests(RoutingTestCase):
     def test_route_reuses_one_router_per_config(self) -> None:
-        from mailx.routing import _router
+        from mailx.inbound.routing import _router
 
         self.assertIs(_router(self.config), _router(self.config))
 

@@ -2,7 +2,7 @@
 """Sieve: the parser, the interpreter's bounds, mailxctl sieve, and Pigeonhole.
 
 The differential tests run every script in tests/data/sieve over every
-message there through both Pigeonhole's ``sieve-test`` and `mailx.sieve`,
+message there through both Pigeonhole's ``sieve-test`` and `mailx.filters`,
 and compare the canonical action lists (`mailx.testing.sievetest`).
 """
 
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from mailx.sieve import (
+from mailx.filters import (
     MAX_NESTING,
     MAX_SCRIPT_SIZE,
     Envelope,
@@ -389,7 +389,7 @@ class GeneratedDifferentialTests(unittest.TestCase):
 
 class CommandLineTests(unittest.TestCase):
     def mailxctl(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mailx.cli", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "mailx.admin.cli", *args], capture_output=True, text=True,
                               timeout=60)
 
     def test_check_ok(self) -> None:

@@ -19,10 +19,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from mailx import replies
-from mailx.replies import SMTPReplyError
-from mailx.smtp import CLOSE_GRACE, MAX_DATA_LINE, MailxSMTPFactory
-from mailx.spool import SPILL_AT, SpoolBuffer
+from mailx.inbound.spool import SPILL_AT, SpoolBuffer
+from mailx.smtp import replies
+from mailx.smtp.replies import SMTPReplyError
+from mailx.smtp.server import CLOSE_GRACE, MAX_DATA_LINE, MailxSMTPFactory
 
 
 def make_config(**limits: object) -> SimpleNamespace:
@@ -773,7 +773,7 @@ class DialoguePropertyTests(unittest.TestCase):
 
 
 class _SpoolContext:
-    """What `mailx.delivery.IncomingMessage` needs of a DeliveryContext."""
+    """What `mailx.inbound.delivery.IncomingMessage` needs of a DeliveryContext."""
 
     def __init__(self, incoming: Path) -> None:
         from mailx import headers
@@ -790,7 +790,7 @@ class SpoolingDelivery(FakeDelivery):
         self.context = _SpoolContext(incoming)
 
     def data(self, qid: str, sender: str, routes: list) -> Any:
-        from mailx.delivery import IncomingMessage
+        from mailx.inbound.delivery import IncomingMessage
 
         message = IncomingMessage(self, qid, sender, routes)
         self.messages.append(message)
@@ -909,7 +909,7 @@ class HangUpDuringHeaderSplitTests(unittest.TestCase):
     """(f) A hang-up while a header section over 64 KiB is split off the reactor."""
 
     def test_no_checks_and_no_filing_after_the_split(self) -> None:
-        from mailx.delivery import INLINE_HEADER, IncomingMessage
+        from mailx.inbound.delivery import INLINE_HEADER, IncomingMessage
 
         incoming = Path(self.mktemp())
         incoming.mkdir(parents=True)

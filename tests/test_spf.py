@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_spf -*-
-"""SPF (RFC 7208) through mailx.auth.spf, against the loopback DNS server."""
+"""SPF (RFC 7208) through mailx.checks.spf, against the loopback DNS server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import spf
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx.auth.spf import check_spf
+from mailx.checks.spf import check_spf
 from mailx.dns import Resolver
 from mailx.testing.dnsserver import serve_for_test
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx.auth import SPF_MEMORY, Authenticator
+from mailx.checks import SPF_MEMORY, Authenticator
 from mailx.config import AuthenticationConfig
 from mailx.dns import NotCached, Resolver
 from mailx.testing.dnsserver import serve_for_test

@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from mailx import replies
 from mailx.config import load_config_text
-from mailx.replies import SMTPReplyError
-from mailx.routing import ForwardDestination
-from mailx.srs import HASH_LENGTH, SRS, SRSError, is_srs, srs_route
+from mailx.inbound.routing import ForwardDestination
+from mailx.outbound.srs import HASH_LENGTH, SRS, SRSError, is_srs, srs_route
+from mailx.smtp import replies
+from mailx.smtp.replies import SMTPReplyError
 
 DAY = 86400.0
 NOW = 1_750_000_000.0

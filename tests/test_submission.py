@@ -22,12 +22,19 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailx import dkimkeys, dnssetup
-from mailx.accounts import hash_password
-from mailx.auth.spf import check_spf
+from mailx.admin import dnssetup
+from mailx.checks.spf import check_spf
 from mailx.config import ConfigError, load_config
 from mailx.dns import Resolver
-from mailx.submission import AuthFailures, SendRate, decode_plain, header_refusal, unsigned_domains
+from mailx.outbound import dkimkeys
+from mailx.smtp.accounts import hash_password
+from mailx.smtp.submission import (
+    AuthFailures,
+    SendRate,
+    decode_plain,
+    header_refusal,
+    unsigned_domains,
+)
 from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.server import (
     LineClient,
@@ -678,7 +685,7 @@ class UnsignedDomainTests(unittest.TestCase):
     def test_mailxctl_check_prints_it(self) -> None:
         config = self.config(dkim=False)
         result = subprocess.run(
-            [sys.executable, "-m", "mailx.cli", "--config", str(config.source), "check"],
+            [sys.executable, "-m", "mailx.admin.cli", "--config", str(config.source), "check"],
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},

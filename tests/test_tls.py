@@ -176,7 +176,7 @@ def mailxctl_check(config: Path) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from mailx import cli
+    from mailx.admin import cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from mailx import maildir, writer_child
-from mailx.spool import SPILL_AT, SpoolBuffer
-from mailx.writer import WriterClient, WriterGone, commit, decode_all, encode
+from mailx.inbound.spool import SPILL_AT, SpoolBuffer
+from mailx.storage import maildir, writer_child
+from mailx.storage.writer import WriterClient, WriterGone, commit, decode_all, encode
 
 
 class FramingTests(unittest.TestCase):
@@ -73,16 +73,16 @@ class CommitTests(unittest.TestCase):
 class ChildImportTests(unittest.TestCase):
     def test_the_child_imports_only_the_standard_library(self) -> None:
         # The child's start-up, as WriterClient runs it (-I -S, found by its path).
-        root = str(Path(writer_child.__file__).resolve().parents[1])
+        root = str(Path(writer_child.__file__).resolve().parents[2])
         code = (
-            f"import sys; sys.path.append({root!r}); import mailx.writer_child; "
+            f"import sys; sys.path.append({root!r}); import mailx.storage.writer_child; "
             "print(' '.join(sorted(m for m in sys.modules"
             " if m.partition('.')[0] not in sys.stdlib_module_names)))"
         )
         out = subprocess.run(
             [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
         ).stdout.split()
-        self.assertEqual(out, ["__main__", "mailx", "mailx.maildir", "mailx.writer_child"])
+        self.assertEqual(out, ["__main__", "mailx", "mailx.storage", "mailx.storage.maildir", "mailx.storage.writer_child"])
 
 
 class WriterProcessTests(unittest.TestCase):

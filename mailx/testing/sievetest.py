@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from mailx.sieve import Envelope, Message, Result, SieveError, compile_script, run
+from mailx.filters import Envelope, Message, Result, SieveError, compile_script, run
 
 SIEVE_TEST = shutil.which("sieve-test")
 

@@ -1,0 +1,576 @@
+# -*- test-case-name: tests.test_routing -*-
+"""Where an address goes (SPEC section 4), as pure functions over a Config.
+
+Routing runs on every RCPT, so `Router` expands every mailbox and alias of a
+configuration once, up front; routing an address is then a parse and a few
+dictionary lookups.  The same expansion code audits a configuration while it
+is loaded (`audit_domains`), so the loader and the router can never disagree
+about what an alias means.
+
+Lookup order for ``local+tag@domain``, as Postfix does it: the full local
+part (so a mailbox literally named ``alice+news`` wins), then the local part
+with the subaddress stripped, each as a mailbox and then an alias; then the
+domain's catch-all ``*``.  Alias targets must name a mailbox or alias
+explicitly: the catch-all never swallows an alias target, so a typo in an
+alias is a load-time error instead of mail silently going to the catch-all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mailx.smtp import replies
+from mailx.smtp.replies import SMTPReplyError
+
+if TYPE_CHECKING:
+    from mailx.config import Config, DomainConfig
+
+try:
+    # IDNA2008 with UTS #46 mapping; twisted[tls] depends on it.
+    import idna as _idna
+except ImportError:  # pragma: no cover - exercised only without the idna package
+    _idna = None
+
+
+class AddressError(ValueError):
+    """Text that is not a mailbox address (RFC 5321 section 4.1.2)."""
+
+
+# RFC 5322 3.2.3: atext; RFC 5321 4.1.2: Dot-string = Atom *("." Atom).
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+_DOT_ATOM = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
+# RFC 5321 4.1.2: sub-domain = Let-dig [Ldh-str]; RFC 1035 2.3.4: 63 octets.
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+# RFC 5321 4.5.3.1.1 and 4.5.3.1.2.
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+
+
+def is_dot_atom(text: str) -> bool:
+    """True for an unquoted RFC 5321 local part (``first.last``, ``a+b``)."""
+    return bool(_DOT_ATOM.match(text))
+
+
+def normalize_domain(text: str) -> str:
+    """A domain name as mailx keeps it: IDNA A-labels, lower-case.
+
+    Unicode is converted with the ``idna`` package (IDNA2008 plus the UTS #46
+    mapping, as browsers and MTAs do); without it, Python's built-in codec
+    (IDNA2003) is the fallback.  Punycode input is checked, not trusted.
+    """
+    if not text:
+        raise AddressError("empty domain")
+    if text.isascii():
+        name = text.lower()
+    else:
+        try:
+            if _idna is not None:
+                name = _idna.encode(text, uts46=True).decode("ascii")
+            else:  # pragma: no cover
+                name = text.encode("idna").decode("ascii").lower()
+        except UnicodeError as e:
+            raise AddressError(f"invalid internationalized domain {text!r}: {e}") from None
+    if len(name) > MAX_DOMAIN:
+        raise AddressError(f"domain longer than {MAX_DOMAIN} octets")
+    for label in name.split("."):
+        if not _LABEL.match(label):
+            why = "empty label" if not label else f"bad label {label!r}"
+            raise AddressError(f"invalid domain {text!r}: {why}")
+        if label.startswith("xn--"):
+            try:
+                domain_to_unicode(label)
+            except UnicodeError:
+                raise AddressError(f"invalid domain {text!r}: bad A-label {label!r}") from None
+    return name
+
+
+def domain_to_unicode(name: str) -> str:
+    """The U-label form of a normalized domain, for people to read."""
+    if "xn--" not in name:
+        return name
+    if _idna is not None:
+        return _idna.decode(name)
+    return name.encode("ascii").decode("idna")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed mailbox address: local part case-folded, domain normalized."""
+
+    local: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{quote_local(self.local)}@{self.domain}"
+
+
+def quote_local(local: str) -> str:
+    """The local part as it must be written on the wire (RFC 5321 4.1.2)."""
+    if is_dot_atom(local):
+        return local
+    escaped = local.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def quote_path(address: str) -> str:
+    """``local@domain`` with its local part unquoted (as senders are kept) as the wire writes it.
+
+    The local part is everything before the last "@" (``a@b@x`` is the
+    local part ``a@b``); RFC 5321 4.1.2 quotes it unless it is a Dot-string.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    return f"{quote_local(local)}@{domain}"
+
+
+def _parse_quoted(text: str) -> tuple[str, int]:
+    """Decode the Quoted-string at the start of text; return it and its length."""
+    out = []
+    i = 1
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            return "".join(out), i + 1
+        if c == "\\":
+            # RFC 5321 4.1.2: quoted-pairSMTP = %d92 %d32-126
+            if i + 1 >= len(text) or not 32 <= ord(text[i + 1]) <= 126:
+                raise AddressError("bad quoted pair in local part")
+            out.append(text[i + 1])
+            i += 2
+            continue
+        if not 32 <= ord(c) <= 126:
+            raise AddressError("local part must be ASCII (SMTPUTF8 is not supported)")
+        out.append(c)
+        i += 1
+    raise AddressError("unterminated quoted local part")
+
+
+def _parse_literal(text: str) -> str:
+    """RFC 5321 4.1.3 address literal, normalized (``[192.0.2.1]``, ``[IPv6:…]``)."""
+    inner = text[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+        return f"[{ipaddress.IPv4Address(inner)}]"
+    except ValueError:
+        raise AddressError(f"bad address literal {text!r}") from None
+
+
+def parse_address(text: str, fold_case: bool = True) -> Address:
+    """Parse ``local@domain`` (no angle brackets) into an `Address`.
+
+    The local part may be quoted; ``"alice"@x`` and ``alice@x`` are the same
+    mailbox (RFC 5321 4.1.2 asks for the unquoted form where possible).
+    Local parts are case-folded (SPEC section 3: they match
+    case-insensitively); domains become IDNA A-labels.  Address literals are
+    parsed but are never one of our domains.  ``fold_case=False`` keeps the
+    local part as written: a sender's local part belongs to its own domain
+    (RFC 5321 2.4), and SPF macros and bounces must see it unchanged.
+    """
+    if not isinstance(text, str):
+        raise AddressError(f"expected text, got {type(text).__name__}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise AddressError("control character (CR, LF, NUL, ...) in address")
+    if not text:
+        raise AddressError("empty address")
+    if text.startswith('"'):
+        local, end = _parse_quoted(text)
+        wire_local, rest = text[:end], text[end:]
+        if not rest.startswith("@"):
+            raise AddressError("expected '@' after the quoted local part")
+        domain_text = rest[1:]
+    else:
+        wire_local, at, domain_text = text.rpartition("@")
+        if not at:
+            raise AddressError(f"no '@' in {text!r}")
+        if not wire_local:
+            raise AddressError("empty local part")
+        if not wire_local.isascii():
+            raise AddressError("local part must be ASCII (SMTPUTF8 is not supported)")
+        if not is_dot_atom(wire_local):
+            raise AddressError(f"bad local part {wire_local!r}")
+        local = wire_local
+    if not local:
+        raise AddressError("empty local part")
+    if len(wire_local.encode("utf-8")) > MAX_LOCAL_PART:
+        raise AddressError(f"local part longer than {MAX_LOCAL_PART} octets")
+    if not domain_text:
+        raise AddressError("empty domain")
+    if domain_text.startswith("[") and domain_text.endswith("]"):
+        domain = _parse_literal(domain_text)
+    else:
+        domain = normalize_domain(domain_text)
+    return Address(local.lower() if fold_case else local, domain)
+
+
+def split_subaddress(local: str, delimiters: str | None) -> tuple[str, str]:
+    """Split ``alice+news`` into (``alice``, ``+news``).
+
+    Each character of delimiters is a delimiter and the first one found
+    splits, as Postfix's recipient_delimiter does.  A delimiter in first
+    position does not split: the base would be empty.
+    """
+    if delimiters:
+        for i, c in enumerate(local):
+            if c in delimiters and i > 0:
+                return local[:i], local[i:]
+    return local, ""
+
+
+@dataclass(frozen=True)
+class MailboxDestination:
+    """One of our Maildir mailboxes."""
+
+    domain: str
+    mailbox: str
+
+    @property
+    def address(self) -> str:
+        """The final address, for Delivered-To."""
+        return f"{self.mailbox}@{self.domain}"
+
+    def maildir_path(self, config: Config) -> Path:
+        """``<paths.mail>/<domain>/<mailbox>`` (SPEC section 7)."""
+        return config.paths.mail / self.domain / self.mailbox
+
+
+@dataclass(frozen=True)
+class ForwardDestination:
+    """An outside address an alias forwards to (SPEC section 8)."""
+
+    address: str
+
+
+Destination = MailboxDestination | ForwardDestination
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where mail for ``address`` goes, and the steps that decided it."""
+
+    address: Address
+    destinations: tuple[Destination, ...]
+    trace: tuple[str, ...]
+
+
+class RouteRefused(SMTPReplyError):
+    """An `SMTPReplyError` that also carries the routing steps taken, for ``mailxctl route``."""
+
+    def __init__(self, reply: replies.Reply, trace: Iterable[str]) -> None:
+        super().__init__(reply)
+        self.trace = tuple(trace)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something `audit_domains` found; the config loader decides what is an error.
+
+    kind is ``loop``, ``unknown`` (dangling target), ``forward`` (a target
+    outside our domains) or ``postmaster`` (the domain has none).  alias and
+    index locate the alias target concerned (None for ``postmaster``).
+    """
+
+    kind: str
+    domain: str
+    alias: str | None
+    index: int | None
+    message: str
+
+
+@dataclass(frozen=True)
+class _Expansion:
+    destinations: tuple[Destination, ...]
+    trace: tuple[str, ...]
+
+
+def _unique(items: Iterable) -> tuple:
+    return tuple(dict.fromkeys(items))
+
+
+class _Expander:
+    """Expands mailboxes and aliases recursively, memoized, recording findings."""
+
+    def __init__(self, domains: Mapping[str, DomainConfig], mail_root: Path | None) -> None:
+        self._domains = domains
+        self._mail_root = mail_root
+        self._memo: dict[tuple[str, str], _Expansion] = {}
+        self._stack: list[tuple[str, str]] = []
+        self._loops: set[frozenset[tuple[str, str]]] = set()
+        self.findings: list[Finding] = []
+        self.first_domain = next(iter(domains), None)
+
+    def own_postmaster(self, domain: str) -> str | None:
+        """The name postmaster@``domain`` reaches without the fallback: its own or the catch-all."""
+        found = self.lookup(domain, "postmaster")
+        if found is not None:
+            return found[0]
+        return "*" if "*" in self._domains[domain].aliases else None
+
+    def postmaster_fallback(self, domain: str, local: str) -> tuple[str, str, str] | None:
+        """SPEC 4: postmaster@``domain`` without its own goes to the first domain's postmaster.
+
+        RFC 5321 4.5.1 wants postmaster at every domain we accept mail for;
+        the first domain's is the one a bare <postmaster> reaches, so it is
+        the administrator's.  Returns (canonical domain, name, trace line), or
+        None if ``local`` is not postmaster or the domain has its own.
+        """
+        base, _ = split_subaddress(local, self._domains[domain].subaddress_delimiter)
+        if "postmaster" not in (local, base) or self.own_postmaster(domain) is not None:
+            return None
+        first = self.canonical(self.first_domain) if self.first_domain else None
+        if first is None or first == domain:
+            return None
+        name = self.own_postmaster(first)
+        if name is None:
+            return None
+        return (
+            first,
+            name,
+            f"{domain} has no postmaster: postmaster@{domain} goes to the first domain's,"
+            f" postmaster@{self.first_domain} (SPEC section 4, RFC 5321 section 4.5.1)",
+        )
+
+    def canonical(self, domain: str) -> str | None:
+        """The domain whose mailboxes serve ``domain``, or None if it is not ours."""
+        config = self._domains.get(domain)
+        if config is None:
+            return None
+        if config.alias_of is None:
+            return domain
+        target = self._domains.get(config.alias_of)
+        if target is None or target.alias_of is not None:
+            return None
+        return config.alias_of
+
+    def _names(self, domain: str, name: str) -> bool:
+        config = self._domains[domain]
+        return name in config.mailboxes or (name != "*" and name in config.aliases)
+
+    def lookup(self, domain: str, local: str) -> tuple[str, tuple[str, ...]] | None:
+        """The mailbox or alias name ``local`` means in canonical ``domain``, without the catch-all."""
+        if self._names(domain, local):
+            return local, ()
+        base, tag = split_subaddress(local, self._domains[domain].subaddress_delimiter)
+        if tag and self._names(domain, base):
+            return base, (f"'{local}' → '{base}' (subaddress '{tag}' stripped)",)
+        return None
+
+    def expand(self, domain: str, name: str) -> _Expansion:
+        """Everything mailbox or alias ``name`` of canonical ``domain`` delivers to."""
+        key = (domain, name)
+        if key in self._memo:
+            return self._memo[key]
+        config = self._domains[domain]
+        if name in config.mailboxes:
+            where = self._mail_root / domain / name if self._mail_root else f"{domain}/{name}"
+            expansion = _Expansion(
+                (MailboxDestination(domain, name),), (f"{name}@{domain} is a mailbox → {where}",)
+            )
+        else:
+            targets = config.aliases[name]
+            what = f"catch-all *@{domain}" if name == "*" else f"{name}@{domain} is an alias"
+            trace = [f"{what} → {', '.join(targets)}"]
+            found: list[Destination] = []
+            self._stack.append(key)
+            for index, target in enumerate(targets):
+                sub = self._target(domain, name, index, target)
+                if sub is not None:
+                    found.extend(sub.destinations)
+                    trace.extend(sub.trace)
+            self._stack.pop()
+            destinations = _unique(found)
+            for twice in _unique(d for d in found if found.count(d) > 1):
+                trace.append(f"{twice.address} reached more than once → one copy")
+            expansion = _Expansion(destinations, _unique(trace))
+        self._memo[key] = expansion
+        return expansion
+
+    def _target(self, domain: str, alias: str, index: int, target: str) -> _Expansion | None:
+        steps: tuple[str, ...] = ()
+        if "@" in target:
+            address = parse_address(target)
+            target_domain = self.canonical(address.domain)
+            if target_domain is None:
+                self.findings.append(
+                    Finding(
+                        "forward", domain, alias, index, f"forwards to outside address {target}"
+                    )
+                )
+                return _Expansion(
+                    (ForwardDestination(target),), (f"{target} is an outside address → forwarded",)
+                )
+            if target_domain != address.domain:
+                steps = (f"{address.domain} is an alias of {target_domain}",)
+            local = address.local
+        else:
+            target_domain, local = domain, target
+        found = self.lookup(target_domain, local)
+        if found is None:
+            fallback = self.postmaster_fallback(target_domain, local)
+            if fallback is None:
+                self._unknown(domain, alias, index, target, target_domain, local)
+                return None
+            target_domain, fallback_name, step = fallback
+            found = (fallback_name, (step,))
+        name, more = found
+        key = (target_domain, name)
+        if key in self._stack:
+            self._loop(domain, alias, index, key)
+            return None
+        sub = self.expand(target_domain, name)
+        return _Expansion(sub.destinations, steps + more + sub.trace)
+
+    def _unknown(
+        self, domain: str, alias: str, index: int, target: str, target_domain: str, local: str
+    ) -> None:
+        config = self._domains[target_domain]
+        names = sorted(config.mailboxes | (config.aliases.keys() - {"*"}))
+        import difflib  # only a wrong configuration needs a suggestion
+
+        close = difflib.get_close_matches(local, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        self.findings.append(
+            Finding("unknown", domain, alias, index, f"unknown mailbox '{target}'{hint}")
+        )
+
+    def _loop(self, domain: str, alias: str, index: int, key: tuple[str, str]) -> None:
+        cycle = [*self._stack[self._stack.index(key) :], key]
+        if frozenset(cycle) in self._loops:
+            return
+        self._loops.add(frozenset(cycle))
+        shown = " → ".join(n if d == domain else f"{n}@{d}" for d, n in cycle)
+        self.findings.append(Finding("loop", domain, alias, index, f"alias loop: {shown}"))
+
+
+def audit_domains(domains: Mapping[str, DomainConfig]) -> tuple[Finding, ...]:
+    """Expand every alias of ``domains`` and report loops, dangling and outside targets.
+
+    Also reports a first domain whose postmaster does not resolve (mailbox,
+    alias or catch-all): it receives a bare <postmaster> and the postmaster
+    mail of every domain without its own (SPEC section 4), so RFC 5321 4.5.1
+    is met for all domains at once.  Another domain without a postmaster is
+    fine.  The config loader runs this on domains that passed their own
+    checks; `Router` relies on it having found nothing (forwards aside).
+    """
+    expander = _Expander(domains, None)
+    for name, config in domains.items():
+        if expander.canonical(name) == name:
+            for alias in config.aliases:
+                expander.expand(name, alias)
+    first = expander.first_domain
+    canonical = expander.canonical(first) if first is not None else None
+    if canonical is not None and expander.own_postmaster(canonical) is None:
+        expander.findings.append(
+            Finding(
+                "postmaster",
+                first,
+                None,
+                None,
+                f"postmaster@{first} goes nowhere: add a mailbox or an alias 'postmaster'"
+                " (RFC 5321 section 4.5.1; the first domain's postmaster also receives"
+                " bare <postmaster> and that of domains without their own)",
+            )
+        )
+    return tuple(expander.findings)
+
+
+class Router:
+    """A configuration's routing, precomputed: `route` costs a parse and a few lookups.
+
+    Immutable once built, so one Router can serve every session and thread.
+    """
+
+    def __init__(self, config: Config) -> None:
+        # No reference to config itself: the route() cache is keyed on its life.
+        self._domains = config.domains
+        self._expander = _Expander(config.domains, config.paths.mail)
+        for name, domain in config.domains.items():
+            if self._expander.canonical(name) == name:
+                for mailbox in domain.mailboxes:
+                    self._expander.expand(name, mailbox)
+                for alias in domain.aliases:
+                    self._expander.expand(name, alias)
+        self.postmaster_domain = next(iter(config.domains))
+
+    def postmaster_falls_back(self, domain: str) -> bool:
+        """Does postmaster@``domain`` go to the first domain's postmaster (SPEC section 4)?"""
+        canonical = self._expander.canonical(domain)
+        return (
+            canonical is not None
+            and self._expander.postmaster_fallback(canonical, "postmaster") is not None
+        )
+
+    def expansion(self, domain: str, name: str) -> tuple[Destination, ...]:
+        """Where mailbox or alias ``name`` of (canonical) ``domain`` delivers; for summaries."""
+        return self._expander.expand(domain, name).destinations
+
+    def route(self, address: str | Address) -> Route:
+        """Route one recipient; raises `RouteRefused` (an `SMTPReplyError`) or `AddressError`."""
+        trace: list[str] = []
+        if isinstance(address, str) and address.lower() == "postmaster":
+            # RFC 5321 4.1.1.3 and 4.5.1: <Postmaster> without a domain, any case.
+            address = Address("postmaster", self.postmaster_domain)
+            trace.append(
+                f"bare 'postmaster' is the first domain's: {address} (RFC 5321 section 4.5.1)"
+            )
+        elif isinstance(address, str):
+            address = parse_address(address)
+        domain = self._expander.canonical(address.domain)
+        if domain is None:
+            trace.append(f"{address.domain} is not one of our domains")
+            raise RouteRefused(replies.RELAY_DENIED, trace)
+        if domain == address.domain:
+            trace.append(f"{domain} is a local domain")
+        else:
+            trace.append(f"{address.domain} is an alias of {domain}")
+        found = self._expander.lookup(domain, address.local)
+        fallback = self._expander.postmaster_fallback(domain, address.local)
+        if found is not None:
+            name, steps = found
+            trace.extend(steps)
+        elif fallback is not None:
+            domain, name, step = fallback
+            trace.append(step)
+        elif "*" in self._domains[domain].aliases:
+            name = "*"
+            trace.append(
+                f"'{address.local}' is not a mailbox or alias of {domain}: the catch-all applies"
+            )
+        else:
+            trace.append(
+                f"'{address.local}' is not a mailbox or alias of {domain}, and there is no catch-all"
+            )
+            raise RouteRefused(replies.UNKNOWN_RECIPIENT, trace)
+        expansion = self._expander.expand(domain, name)
+        return Route(address, expansion.destinations, (*trace, *expansion.trace))
+
+
+_routers: dict[int, Router] = {}
+
+
+def _router(config: Config) -> Router:
+    """The cached Router of ``config``, dropped when the config is garbage-collected."""
+    router = _routers.get(id(config))
+    if router is None:
+        router = Router(config)
+        _routers[id(config)] = router
+        weakref.finalize(config, _routers.pop, id(config), None)
+    return router
+
+
+def route(config: Config, address: str | Address) -> Route:
+    """Where mail for ``address`` goes under ``config`` (SPEC section 4).
+
+    Raises `SMTPReplyError` (a `RouteRefused`) with RELAY_DENIED for a domain
+    that is not ours and UNKNOWN_RECIPIENT for a local part that matches
+    nothing, and `AddressError` for bad syntax.  The bare address
+    ``postmaster`` is the first configured domain's postmaster.
+    """
+    return _router(config).route(address)

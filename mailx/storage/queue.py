@@ -1,0 +1,373 @@
+# -*- test-case-name: tests.test_queue -*-
+"""The outbound queue on disk: what is forwarded survives crashes and restarts.
+
+One directory per message under ``<paths.spool>/queue/``, named by its queue
+ID, holding two files:
+
+- ``message``: the message as received (header section and body, CRLF line
+  ends, not dot-stuffed), byte for byte, so a DKIM signature still verifies
+  where it arrives (issue 4.6).  Our trace header fields are not in it: they
+  differ per recipient and live in the envelope.
+- ``envelope.json``: the original sender, its SPF and DMARC results (whether
+  it may get a bounce), and per recipient the address,
+  the envelope sender to use (SRS-rewritten), the trace fields to prepend,
+  and its state: ``pending``, ``delivered`` or ``failed``, attempts, next
+  attempt, last reply.
+
+Durability (SPEC section 5: ``250`` means fsynced): a new entry is written
+in ``.tmp/<id>/``, both files and the directory fsynced, then renamed into
+place and the queue directory fsynced; a crash at any point leaves either no
+entry or a whole one, and ``.tmp/`` is emptied at start-up (nothing in it was
+ever acknowledged).  A state change rewrites ``envelope.json`` the same way
+(write aside, fsync, rename, fsync the directory), so a reader (``mailxctl
+queue``) never sees half a file.  The data file is never rewritten.
+
+Delivery is at least once: a recipient is marked delivered only after the
+remote ``250``, so a crash in between sends it again after the restart.
+
+``mailxctl queue remove`` renames an entry to ``.removed-<id>`` before
+deleting it, so the running server, which re-reads nothing but checks that
+the directory still exists before each attempt and fails to write the
+envelope of a moved one, simply forgets it.
+
+Every function here blocks: callers run them in the disk thread pool.  The
+`Envelope` objects are mutated by the scheduler on the reactor thread only;
+`Envelope.to_json` snapshots one for a write in a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailx.storage.maildir import fsync_directory, make_directories
+from mailx.text import Logger
+
+log = Logger(namespace="mailx.queue")
+
+__all__ = [
+    "DELIVERED",
+    "FAILED",
+    "PENDING",
+    "Envelope",
+    "Queue",
+    "QueueError",
+    "Recipient",
+    "valid_id",
+]
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+STATES = (PENDING, DELIVERED, FAILED)
+
+KINDS = ("forward", "bounce", "delay")
+
+DATA_FILE = "message"
+ENVELOPE_FILE = "envelope.json"
+FORMAT_VERSION = 1
+
+_ID = re.compile(r"\A[0-9A-Za-z]{1,40}\Z")
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
+READ_CHUNK = 1024 * 1024
+
+
+def valid_id(queue_id: str) -> bool:
+    """A queue ID as we make them: letters and digits only (never a path)."""
+    return bool(_ID.match(queue_id))
+
+
+class QueueError(Exception):
+    """An entry that cannot be read (missing, corrupt, not ours)."""
+
+
+@dataclass
+class Recipient:
+    """One outside recipient of a queued message, and how delivery went so far."""
+
+    address: str  # where it goes, local@domain
+    original: str  # the address the client sent it to (RCPT TO), for the DSN and logs
+    mail_from: str  # the envelope sender for this recipient ("" for a bounce)
+    trace: str = ""  # header fields we prepend, CRLF-terminated (Received, Delivered-To)
+    state: str = PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_attempt: float | None = None
+    last_reply: str | None = None  # "451 4.7.1 Try again later", or our own explanation
+    last_host: str | None = None  # "mx.example.net[192.0.2.1]:25"
+    status: str | None = None  # RFC 3463 code for the DSN, e.g. "5.1.1"
+    remote_mta: str | None = None  # the host that gave last_reply, for the DSN
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+
+@dataclass
+class Envelope:
+    """A queued message's envelope: see the module docstring."""
+
+    id: str
+    sender: str  # the original envelope sender: bounces go here ("" never gets one)
+    created: float  # when we accepted it (epoch seconds)
+    size: int = 0  # octets of the data file
+    eight_bit: bool = False  # any octet over 127: BODY=8BITMIME (RFC 6152)
+    kind: str = "forward"  # forward | bounce | delay (our own notices, sent from <>)
+    client: str = ""  # "helo [ip]" of the client we received it from, for the DSN
+    # SPF (on MAIL FROM) and DMARC results at reception, which decide whether
+    # the sender may get a notice (dsn.notice_refusal: backscatter).  None:
+    # not checked; entries written before these fields existed read as None
+    # and keep the rules they were accepted under.
+    spf: str | None = None
+    dmarc: str | None = None
+    delay_notified: bool = False
+    bounce_queued: bool = False
+    recipients: list[Recipient] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        data = {"version": FORMAT_VERSION, **asdict(self)}
+        return json.dumps(data, indent=1, sort_keys=False).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Envelope:
+        try:
+            raw = json.loads(data)
+            if raw.pop("version", None) != FORMAT_VERSION:
+                raise QueueError("unknown envelope format version")
+            recipients = [Recipient(**r) for r in raw.pop("recipients")]
+            envelope = cls(**raw, recipients=recipients)
+        except QueueError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise QueueError(f"corrupt envelope: {e}") from None
+        if envelope.kind not in KINDS or not valid_id(envelope.id):
+            raise QueueError("corrupt envelope: bad kind or id")
+        if any(r.state not in STATES for r in envelope.recipients):
+            raise QueueError("corrupt envelope: bad recipient state")
+        return envelope
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    @property
+    def failed(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == FAILED]
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+class Queue:
+    """The queue directory; every method blocks (disk thread pool)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / ".tmp"
+
+    def prepare(self) -> int:
+        """Create the directories; remove what a crash left half-made. Returns how many."""
+        make_directories(self.tmp)
+        removed = 0
+        for entry in os.scandir(self.tmp):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".removed-"):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        return removed
+
+    def path(self, queue_id: str) -> Path:
+        if not valid_id(queue_id):
+            raise QueueError(f"not a queue ID: {queue_id!r}")
+        return self.root / queue_id
+
+    def data_path(self, queue_id: str) -> Path:
+        return self.path(queue_id) / DATA_FILE
+
+    def exists(self, queue_id: str) -> bool:
+        return (self.path(queue_id) / ENVELOPE_FILE).is_file()
+
+    def enqueue(self, envelope: Envelope, parts: Iterable[bytes]) -> Path:
+        """Write a new entry durably and return its directory.
+
+        Fills in ``envelope.size`` and ``envelope.eight_bit`` from ``parts``.
+        Raises FileExistsError if an entry of that ID exists (bounce and
+        delay notices have IDs derived from their message's, so a notice is
+        never queued twice).
+        """
+        final = self.path(envelope.id)
+        if final.exists():
+            raise FileExistsError(f"queue entry {envelope.id} exists")
+        staging = self.tmp / envelope.id
+        if staging.exists():
+            shutil.rmtree(staging)
+        os.mkdir(staging, 0o700)
+        try:
+            fd = _create(staging / DATA_FILE)
+            size, eight_bit = 0, False
+            try:
+                for part in parts:
+                    size += len(part)
+                    eight_bit = eight_bit or bool(_EIGHT_BIT.search(part))
+                    _write_all(fd, part)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            envelope.size, envelope.eight_bit = size, eight_bit
+            fd = _create(staging / ENVELOPE_FILE)
+            try:
+                _write_all(fd, envelope.to_json())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_directory(staging)
+            # rename(2) onto a non-empty directory fails: never two writers of one ID.
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_directory(self.root)
+        return final
+
+    def save(self, queue_id: str, data: bytes) -> None:
+        """Replace an entry's envelope atomically (``data`` is `Envelope.to_json`).
+
+        FileNotFoundError when the entry is gone (removed with ``mailxctl``).
+        """
+        directory = self.path(queue_id)
+        new = directory / (ENVELOPE_FILE + ".new")
+        fd = os.open(
+            new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(new, directory / ENVELOPE_FILE)
+        fsync_directory(directory)
+
+    def load(self, queue_id: str) -> Envelope:
+        try:
+            data = (self.path(queue_id) / ENVELOPE_FILE).read_bytes()
+        except FileNotFoundError:
+            raise QueueError(f"no queue entry {queue_id}") from None
+        envelope = Envelope.from_json(data)
+        if envelope.id != queue_id:
+            raise QueueError(f"entry {queue_id} holds the envelope of {envelope.id}")
+        return envelope
+
+    def ids(self) -> list[str]:
+        """Every entry's ID, oldest first (IDs start with the time they were made)."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        return sorted(
+            e.name for e in entries if valid_id(e.name) and e.is_dir(follow_symlinks=False)
+        )
+
+    def scan(self) -> list[Envelope]:
+        """Every readable entry; unreadable ones are logged and left alone (never deleted)."""
+        envelopes = []
+        for queue_id in self.ids():
+            try:
+                envelopes.append(self.load(queue_id))
+            except (QueueError, OSError) as e:
+                log.error(
+                    "{qid}: queue entry unreadable, left alone: {error}", qid=queue_id, error=e
+                )
+        return envelopes
+
+    def remove(self, queue_id: str) -> bool:
+        """Delete an entry; False if there was none.  Safe while the server runs (see above)."""
+        directory = self.path(queue_id)
+        aside = self.root / f".removed-{queue_id}"
+        try:
+            os.rename(directory, aside)
+        except FileNotFoundError:
+            return False
+        fsync_directory(self.root)
+        shutil.rmtree(aside, ignore_errors=True)
+        return True
+
+    def read_data(self, queue_id: str) -> Iterator[bytes]:
+        """The data file in chunks."""
+        with open(self.data_path(queue_id), "rb") as f:
+            while chunk := f.read(READ_CHUNK):
+                yield chunk
+
+    def read_header(self, queue_id: str, limit: int = 256 * 1024) -> bytes:
+        """The data file's header section (up to the empty line), at most ``limit`` octets."""
+        with open(self.data_path(queue_id), "rb") as f:
+            head = f.read(limit)
+        if head.startswith(b"\r\n"):
+            return b""
+        end = head.find(b"\r\n\r\n")
+        return head[: end + 2] if end >= 0 else head
+
+    def request_flush(self) -> Path:
+        """Ask the running server to retry everything now (``mailxctl queue flush``)."""
+        flag = self.root / FLUSH_FILE
+        fd = os.open(flag, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        return flag
+
+    def take_flush_request(self) -> bool:
+        """True once per ``request_flush``: the server's side of it."""
+        try:
+            os.unlink(self.root / FLUSH_FILE)
+        except FileNotFoundError:
+            return False
+        return True
+
+
+FLUSH_FILE = ".flush"
+
+
+def envelope_summary(envelope: Envelope, now: float) -> dict[str, Any]:
+    """The fields ``mailxctl queue list`` shows, as JSON-ready values."""
+    pending = envelope.pending
+    next_attempt = min((r.next_attempt for r in pending), default=None)
+    return {
+        "id": envelope.id,
+        "kind": envelope.kind,
+        "age": max(0.0, now - envelope.created),
+        "created": envelope.created,
+        "size": envelope.size,
+        "sender": envelope.sender,
+        # None: not checked (the sender may get a bounce, as before); see dsn.notice_refusal.
+        "spf": envelope.spf,
+        "dmarc": envelope.dmarc,
+        "next_attempt": next_attempt,
+        "recipients": [
+            {
+                "address": r.address,
+                "original": r.original,
+                "state": r.state,
+                "attempts": r.attempts,
+                "next_attempt": r.next_attempt if r.state == PENDING else None,
+                "last_reply": r.last_reply,
+                "last_host": r.last_host,
+            }
+            for r in envelope.recipients
+        ],
+    }
