@@ -38,6 +38,10 @@ _WINDOW = 40
 # libyaml's parser when PyYAML has it (it does in its wheels): ~10x faster.
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
+# The line breaks PyYAML counts marks by (YAML 1.1 5.4): a mark's line is an
+# index into this split, not into str.split("\n").
+_YAML_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
 
 def _mark_line(error: yaml.YAMLError, name: str) -> int | None:
     mark = getattr(error, name, None)
@@ -178,7 +182,7 @@ def explain(error: yaml.YAMLError, text: str) -> tuple[int | None, str]:
     problem_line = _mark_line(error, "problem_mark")
     context_line = _mark_line(error, "context_mark")
     reported = problem_line if problem_line is not None else context_line
-    lines = text.split("\n")
+    lines = _YAML_LINE_BREAK.split(text)
     upto = reported if reported is not None else len(lines) - 1
 
     # A tab in the indentation: PyYAML says "found character '\t' that cannot
