@@ -78,6 +78,9 @@ class DNSError(Exception):
 class DNSVoidError(DNSError):
     """The name has no records of this type: a "void lookup" (RFC 7208 4.6.4)."""
 
+    # How long the answer may be cached (the SOA minimum, RFC 2308 5).
+    ttl: float = 0.0
+
 
 class NXDomainError(DNSVoidError):
     """The name does not exist (RCODE 3), or cannot be a DNS name at all."""
@@ -326,8 +329,8 @@ class Resolver:
                 )
             except dns.resolver.NXDOMAIN as e:
                 responses = list(e.responses().values())
-                error = NXDomainError(f"{qname}: no such domain")
-                error.ttl = _negative_ttl(responses[0] if responses else None)  # type: ignore[attr-defined]
+                error: DNSVoidError = NXDomainError(f"{qname}: no such domain")
+                error.ttl = _negative_ttl(responses[0] if responses else None)
                 raise error from None
             except dns.resolver.NoNameservers as e:
                 # Every server answered SERVFAIL, REFUSED or garbage.
@@ -346,7 +349,7 @@ class Resolver:
                 return Answer(qname, rdtype, canonical, tuple(result.rrset), min(ttl, MAX_TTL))
             if canonical == target:
                 error = NoDataError(f"{qname}: no {rdtype} records")
-                error.ttl = min(ttl, _negative_ttl(result.response))  # type: ignore[attr-defined]
+                error.ttl = min(ttl, _negative_ttl(result.response))
                 raise error
             target = canonical  # a CNAME whose target's data was not included
         raise DNSTemporaryError(f"{qname}: CNAME chain longer than {MAX_CNAME_RESTARTS}")

@@ -119,7 +119,7 @@ def field_values(header: bytes, name: bytes, limit: int | None = None) -> tuple[
     """
     lowered = b"\n" + header.lower()
     start = re.compile(rb"\n" + re.escape(name) + rb"[ \t]*:")
-    values = []
+    values: list[bytes] = []
     count = 0
     for m in start.finditer(lowered):
         count += 1

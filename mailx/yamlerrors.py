@@ -136,7 +136,7 @@ def _indentation_culprit(lines: list[str], upto: int) -> int | None:
     columns: dict[int, int] = {}
     for i in significant:
         columns[_indent(lines[i])] = columns.get(_indent(lines[i]), 0) + 1
-    found: list[tuple[int, int, int]] = []
+    found: list[tuple[int, int, int, int]] = []
     # Nearest the error first: if time runs out, the likeliest were tried.
     window = [(pos, i) for pos, i in enumerate(significant) if upto - _WINDOW <= i <= upto]
     for position, i in reversed(window):

@@ -1497,7 +1497,9 @@ def check_plan(
     by the code that judges incoming mail.
     """
     if spf_check is None:
-        from mailx.checks.spf import check_spf as spf_check
+        from mailx.checks.spf import check_spf
+
+        spf_check = check_spf
     return _Checker(p, resolver, spf_check).run()
 
 

@@ -54,7 +54,7 @@ class DNSWatchService(service.Service):
     and a function returning a Deferred of ``{domain: [Finding]}``.
     """
 
-    name = "dns-watch"
+    name = "dns-watch"  # type: ignore[assignment]  # Service's stub types it None
 
     def __init__(
         self,
@@ -93,7 +93,7 @@ class DNSWatchService(service.Service):
         self._loop = None
         return super().stopService()
 
-    def check_once(self) -> defer.Deferred[None]:
+    def check_once(self) -> defer.Deferred[Any]:
         """One round; never fails, so the loop keeps going after a bad round."""
         config = self._config()
         d = defer.maybeDeferred(self._check, config)

@@ -513,8 +513,8 @@ def parse_tls(data: bytes, source: str = "") -> TLSReport:
     for entry in document["policies"][:MAX_RECORDS]:
         if not isinstance(entry, dict):
             raise ReportError("TLS report with a policy that is not an object")
-        policy = entry.get("policy") if isinstance(entry.get("policy"), dict) else {}
-        summary = entry.get("summary") if isinstance(entry.get("summary"), dict) else {}
+        policy: dict[str, Any] = entry["policy"] if isinstance(entry.get("policy"), dict) else {}
+        summary: dict[str, Any] = entry["summary"] if isinstance(entry.get("summary"), dict) else {}
         details = entry.get("failure-details")
         failures = []
         for detail in details[:MAX_RECORDS] if isinstance(details, list) else ():

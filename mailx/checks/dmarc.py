@@ -346,11 +346,11 @@ def _evaluate(
     author), under this domain's policy, and no less than quarantine."""
     org = organizational_domain(domain, psl)
     base = DMARCResult("none", domain, "", org_domain=org)
-    spf_domain = spf.domain if spf is not None and spf.passed else None
+    spf_domain = spf.domain if spf is not None and spf.passed and spf.domain else None
     dkim_domains = [r.domain for r in dkim if r.passed and r.domain]
 
     def aligned_pass(aspf: str, adkim: str) -> tuple[bool, bool]:
-        s = bool(spf_domain) and aligned(spf_domain, domain, aspf, psl)
+        s = spf_domain is not None and aligned(spf_domain, domain, aspf, psl)
         d = any(aligned(d, domain, adkim, psl) for d in dkim_domains)
         return s, d
 

@@ -188,7 +188,9 @@ def build_header(
 def _tokens(text: str) -> list[str]:
     """Split at spaces that are not inside a quoted string (where folding
     would change the value); spaces inside comments may fold."""
-    tokens, current, quoted, escaped = [], [], False, False
+    tokens: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
     for c in text:
         if escaped:
             escaped = False

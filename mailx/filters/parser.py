@@ -287,7 +287,7 @@ def parse(script: str | bytes) -> list[Command]:
         try:
             script = script.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = script.count(b"\n", 0, e.start) + 1
+            line = e.object.count(b"\n", 0, e.start) + 1
             raise SieveError(line, "script is not valid UTF-8") from None
     parser = _Parser(tokenize(script))
     commands = parser.commands("eof")

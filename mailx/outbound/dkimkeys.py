@@ -205,7 +205,10 @@ def _load_pem(data: bytes) -> PrivateKey:
     """Parse a PEM key once per content: cryptography checks an RSA key on
     load (~100 ms for 2048 bits), which every submitted message would pay.
     Keyed by the file's bytes, so a rotated key is parsed afresh."""
-    return serialization.load_pem_private_key(data, password=None)
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        raise ValueError(f"a {type(key).__name__} cannot sign DKIM (RSA or Ed25519 only)")
+    return key
 
 
 def public_key_data(key: PrivateKey) -> str:

@@ -471,8 +471,8 @@ class PolicyFetcher:
             if len(body) > MAX_POLICY_SIZE:
                 raise FetchError(f"{url}: policy larger than {MAX_POLICY_SIZE} octets")
 
-        timer = self.reactor.callLater(self.timeout, lambda: reading.cancel())
-        reading = treq.collect(response, collect)
+        reading: defer.Deferred = treq.collect(response, collect)
+        timer = self.reactor.callLater(self.timeout, reading.cancel)
         try:
             yield reading
         except defer.CancelledError:

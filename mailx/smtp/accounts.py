@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import ITransport
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -453,7 +454,7 @@ class PasswdFileAccounts:
         table, decoy = self._current()
         name = normalize_username(username)
         stored = table.get(name) if name is not None else None
-        if stored is None or scheme_problem(stored) is not None:
+        if name is None or stored is None or scheme_problem(stored) is not None:
             verify_password(decoy, password)
             return None
         return Account(name) if verify_password(stored, password) else None
@@ -538,6 +539,8 @@ class DovecotAuthProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     # The protocol document expects lines to fit 16384 octets.
     MAX_LENGTH = 16384
+    # Set by makeConnection before any callback that uses it.
+    transport: ITransport
 
     def __init__(self) -> None:
         self.ready: defer.Deferred = defer.Deferred(lambda _: self.transport.loseConnection())
@@ -592,7 +595,7 @@ class DovecotAuthProtocol(LineOnlyReceiver):
             fields.append(f"rip={tab_escape(remote_ip)}")
         fields.append(f"resp={response}")
         # Cancelled (timed out): forget it, so a late reply finds nothing.
-        d: defer.Deferred = defer.Deferred(lambda _: self.requests.pop(request_id, None))
+        d: defer.Deferred = defer.Deferred(lambda _: self.requests.pop(request_id, None) and None)
         self.requests[request_id] = (d, username)
         self.sendLine("\t".join(fields).encode("ascii", "replace"))
         return d

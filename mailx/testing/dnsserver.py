@@ -86,10 +86,10 @@ def _record(rtype: str, value: Any, ttl: int) -> Any:
         preference, exchange = value
         return dns.Record_MX(int(preference), _wire(exchange), ttl=ttl)
     if rtype in ("PTR", "NS", "CNAME"):
-        cls = {"PTR": dns.Record_PTR, "NS": dns.Record_NS, "CNAME": dns.Record_CNAME}[rtype]
-        return cls(_wire(value), ttl=ttl)
+        named: Any = {"PTR": dns.Record_PTR, "NS": dns.Record_NS, "CNAME": dns.Record_CNAME}[rtype]
+        return named(_wire(value), ttl=ttl)
     if rtype in ("TXT", "SPF"):
-        cls = dns.Record_TXT if rtype == "TXT" else dns.Record_SPF
+        cls: Any = dns.Record_TXT if rtype == "TXT" else dns.Record_SPF
         return cls(*_strings(value), ttl=ttl)
     if rtype == "SRV":
         priority, weight, port, target = value
@@ -107,6 +107,10 @@ class _ServerFailure(Exception):
 
 class _Authority(FileAuthority):
     """Records from a mapping, plus per-name timeouts and failures."""
+
+    # FileAuthority's stubs type both None: loadFile fills them.
+    soa: tuple[bytes, dns.Record_SOA]  # type: ignore[assignment]
+    records: dict[bytes, list[Any]]  # type: ignore[assignment]
 
     def __init__(self, ttl: int, negative_ttl: int) -> None:
         self.ttl = ttl

@@ -81,7 +81,7 @@ def start_policy_server(
     site = server.Site(_Policy(policy))
     site.noisy = False
     site.displayTracebacks = False
-    site.log = lambda request: None  # no access log lines in the test output
+    site.log = lambda request: None  # type: ignore[method-assign]  # no access log lines in the test output
     policy._listening = reactor.listenSSL(
         0, site, server_options(*certificate), interface="127.0.0.1"
     )

@@ -202,7 +202,7 @@ def capture_log(testcase: Any) -> list[str]:
             text += "\n" + event["log_failure"].getTraceback()
         lines.append(text)
 
-    globalLogPublisher.addObserver(observe)
+    globalLogPublisher.addObserver(observe)  # type: ignore[arg-type]  # a plain callable is an observer
     testcase.addCleanup(globalLogPublisher.removeObserver, observe)
     return lines
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from mailx.filters import Envelope, Message, Result, SieveError, compile_script, run
 
@@ -58,6 +59,8 @@ class Pigeonhole:
         m.write_bytes(message)
         os.chmod(s, 0o666)
         os.chmod(m, 0o666)
+        if SIEVE_TEST is None:
+            raise RuntimeError("sieve-test is not installed (Debian: dovecot-sieve)")
         argv = [
             SIEVE_TEST, "-c", str(self.home / "dovecot.conf"),
             # sieve-test cannot express the null sender (-f "<>" is refused).
@@ -123,7 +126,8 @@ def canonical_ours(script: bytes, message: bytes, envelope: Envelope) -> Canonic
 def canonical_result(result: Result) -> Canonical:
     if result.error:
         return ("runtime-error",)
-    explicit, implicit = [], []
+    explicit: list[tuple[Any, ...]] = []
+    implicit: list[tuple[Any, ...]] = []
     for a in result.actions:
         into = implicit if a.implicit else explicit
         if a.kind in ("keep", "fileinto"):

@@ -86,6 +86,8 @@ CLOSE = "<close>"
 class _SinkProtocol(LineOnlyReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 1024 * 1024
+    # A TCP transport (abortConnection, startTLS), set by makeConnection.
+    transport: Any
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
@@ -200,7 +202,7 @@ class _SinkProtocol(LineOnlyReceiver):
         self.login(user, password, "PLAIN")
 
     def login(self, user: str, password: str, mechanism: str) -> None:
-        if self.sink.auth.get(user) == password:
+        if self.sink.auth is not None and self.sink.auth.get(user) == password:
             self.session.auth = f"{user} ({mechanism})"
             self.say("235 2.7.0 Authentication successful")
         else:
