@@ -1274,5 +1274,141 @@ def sieve_command(context: Context) -> int:
     return EXIT_WRONG if result.error else EXIT_OK
 
 
+# ---------------------------------------------------------------------------
+# vacation (SPEC section 12; mailx.filters.autoreply)
+
+
+def _vacation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", metavar="ADDRESS", help="the mailbox, e.g. alice@example.test")
+    parser.add_argument("action", choices=["on", "off", "status"])
+    parser.add_argument("--subject", help="the replies' subject (on)")
+    parser.add_argument("--body-file", metavar="F", help="the replies' text, UTF-8 (on)")
+    parser.add_argument("--days", type=int, default=7, help="one reply per sender per N days (on; default 7)")
+
+
+@command("vacation", "turn a mailbox's vacation reply on or off, or show it", _vacation_arguments)
+def vacation_command(context: Context) -> int:
+    """Writes the rule into the active Sieve script (keeping the user's rules) or makes one."""
+    import time
+
+    from mailx.filters import SieveError, autoreply
+    from mailx.filters.mailbox import ACTIVE_LINK, SCRIPT_DIRECTORY
+    from mailx.filters.vacation import VacationMemory
+    from mailx.smtp.accounts import account_mailbox
+
+    args = context.args
+    config = context.load_config()
+    mailbox = account_mailbox(config, args.address)
+    if mailbox is None:
+        print(f"mailxctl: {args.address} is not a mailbox of this server", file=sys.stderr)
+        return EXIT_WRONG
+    home = mailbox.maildir_path(config)
+    link = home / ACTIVE_LINK
+    scripts = home / SCRIPT_DIRECTORY
+    active: Path | None = None
+    if os.path.islink(link):
+        target = (home / os.readlink(link)).resolve()
+        if target.parent == scripts.resolve() and target.name.endswith(".sieve"):
+            active = target
+    elif link.exists():
+        print(f"mailxctl: {link} is not a link into {scripts}: move it there first", file=sys.stderr)
+        return EXIT_WRONG
+    text = active.read_text("utf-8") if active is not None and active.exists() else ""
+    if args.action == "status":
+        rule = autoreply.current_rule(text)
+        replied = [
+            {"sender": e.sender, "until": e.until}
+            for e in VacationMemory(home).entries(time.time())
+        ]
+        data = {
+            "address": mailbox.address,
+            "on": rule is not None,
+            "subject": rule.subject if rule else None,
+            "days": rule.days if rule else None,
+            "script": str(active) if active else None,
+            "replied": replied,
+        }
+        lines = [f"vacation for {mailbox.address}: {'on' if rule else 'off'}"]
+        if rule:
+            lines += [f"  subject: {rule.subject}", f"  days: {rule.days}", f"  script: {active}"]
+        lines.append(f"  replied to (not again before the date): {len(replied)}")
+        lines += [
+            f"    {e['sender']} until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(e['until']))} UTC"
+            for e in replied[-20:]
+        ]
+        context.emit(data, "\n".join(lines))
+        return EXIT_OK
+    try:
+        if args.action == "on":
+            if not args.subject or not args.body_file:
+                print("mailxctl: vacation on needs --subject and --body-file", file=sys.stderr)
+                return EXIT_USAGE
+            if args.days < 1:
+                print("mailxctl: --days must be at least 1", file=sys.stderr)
+                return EXIT_USAGE
+            body = Path(args.body_file).read_text("utf-8")
+            new = autoreply.with_rule(text, autoreply.VacationRule(args.subject, body, args.days))
+        else:
+            new = autoreply.without_rule(text)
+    except OSError as e:
+        print(f"mailxctl: cannot read {args.body_file}: {e.strerror}", file=sys.stderr)
+        return EXIT_WRONG
+    except (ValueError, SieveError) as e:
+        print(f"mailxctl: {active}: {e}", file=sys.stderr)
+        return EXIT_WRONG
+    if args.action == "off":
+        if active is None or new == text:
+            context.emit({"address": mailbox.address, "on": False}, f"vacation for {mailbox.address}: already off")
+            return EXIT_OK
+        if active.stem == autoreply.OWN_SCRIPT and not new.strip():
+            link.unlink()  # our own script and nothing else in it: deactivate
+            active.unlink()
+        else:
+            _write_home_file(home, active, new)
+        context.emit({"address": mailbox.address, "on": False}, f"vacation for {mailbox.address}: off")
+        return EXIT_OK
+    if active is None:
+        active = scripts / f"{autoreply.OWN_SCRIPT}.sieve"
+        _write_home_file(home, active, new)
+        temporary = home / f"{ACTIVE_LINK}.mailxctl"
+        temporary.unlink(missing_ok=True)
+        # Relative, as Pigeonhole makes it: the home may be mounted elsewhere.
+        os.symlink(f"{SCRIPT_DIRECTORY}/{active.name}", temporary)
+        os.replace(temporary, link)
+        _give_to_owner(home, link)
+    else:
+        _write_home_file(home, active, new)
+    context.emit(
+        {"address": mailbox.address, "on": True, "script": str(active)},
+        f"vacation for {mailbox.address}: on ({active})",
+    )
+    return EXIT_OK
+
+
+def _write_home_file(home: Path, path: Path, text: str) -> None:
+    """Write a file of a mailbox's home atomically, owned as the home is.
+
+    mailxctl often runs as root; the server (and Dovecot) as the home's
+    owner, who must be able to read and replace the script.
+    """
+    missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    for directory in reversed(missing):
+        if not directory.exists():
+            directory.mkdir(mode=0o700)
+            _give_to_owner(directory.parent, directory)
+    temporary = path.with_name(f".{path.name}.mailxctl")
+    temporary.write_text(text, "utf-8")
+    os.chmod(temporary, 0o600)
+    _give_to_owner(home, temporary)
+    os.replace(temporary, path)
+
+
+def _give_to_owner(owner_of: Path, path: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    st = os.stat(owner_of)
+    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+
+
 if __name__ == "__main__":
     sys.exit(main())

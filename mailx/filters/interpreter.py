@@ -141,6 +141,8 @@ class Action:
 class Result:
     actions: tuple[Action, ...]
     error: str = ""  # a run-time error: then actions is just the implicit keep
+    # `stop` ran: with domains.<d>.sieve_before, no later script runs (SPEC 12).
+    stopped: bool = False
 
     @property
     def implicit_keep(self) -> bool:
@@ -1082,7 +1084,7 @@ def run(
         c.name == "require" and "variables" in c.extra["pos"][0] for c in commands
     )
     try:
-        state.block(commands)
+        stopped = not state.block(commands)
     except SieveError as e:
         return Result(keep_only, error=str(e))
     except Exception as e:  # noqa: BLE001 - a bug of ours must not lose the message
@@ -1090,4 +1092,4 @@ def run(
     actions = list(state.actions)
     if state.implicit_keep:
         actions.append(Action("keep", "INBOX", flags=tuple(state.flags), implicit=True))
-    return Result(tuple(actions))
+    return Result(tuple(actions), stopped=stopped)

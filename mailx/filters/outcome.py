@@ -39,6 +39,8 @@ class VacationReply:
     message: bytes
     memory_key: str
     seconds: int
+    # The mailbox that replies (local@domain): whose memory records it.
+    mailbox: str = ""
 
 
 @dataclass(frozen=True)

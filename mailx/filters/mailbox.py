@@ -1,0 +1,356 @@
+# -*- test-case-name: tests.test_filters_mailbox -*-
+"""A mailbox's Sieve scripts, run on its copy of a message (SPEC 12).
+
+The pipeline asks `MailboxFilters.outcome` what one mailbox's filters make
+of a message and gets a `FilterOutcome` value; it files, forwards and
+replies.  The scripts are where Pigeonhole keeps them (the home
+``<mail>/<domain>/<mailbox>/``: ``sieve/*.sieve``, the active one the
+relative symlink ``.dovecot.sieve``), so that Dovecot's ManageSieve manages
+them.  ``domains.<d>.sieve_before`` runs first.
+
+Everything here is blocking (stat, reading scripts, the vacation memory's
+fsync): the pipeline calls it off the reactor thread.  Nothing here raises
+into the pipeline: any failure is `KEEP`, logged, and written to
+``.dovecot.sieve.log`` in the home, as Pigeonhole does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mailx.text import Logger
+
+from .folders import FolderError, maildir_flags, maildir_folder
+from .interpreter import MAX_BODY, MAX_REDIRECTS, Action, Envelope, Message, compile_script, run
+from .outcome import KEEP, Copy, FilterOutcome, VacationReply
+from .parser import MAX_SCRIPT_SIZE, Command, SieveError
+from .vacation import VacationMemory, memory_key, reply_message
+
+if TYPE_CHECKING:
+    from mailx.config import Config
+    from mailx.inbound.routing import MailboxDestination
+
+log = Logger(namespace="mailx.filters")
+
+ACTIVE_LINK = ".dovecot.sieve"
+SCRIPT_DIRECTORY = "sieve"
+USER_LOG = ".dovecot.sieve.log"
+# Pigeonhole rotates the user's log to .dovecot.sieve.log.0 past 10 kB.
+MAX_USER_LOG = 10 * 1024
+# Compiled scripts kept: each is a small tree; a server with more active
+# mailboxes than this recompiles the least recently used.
+MAX_CACHED_SCRIPTS = 4096
+
+
+@dataclass(frozen=True)
+class _Script:
+    path: Path
+    # Where errors go: the home's log for the user's script, None for the admin's.
+    user_log: Path | None
+
+
+@dataclass
+class _Compiled:
+    stamp: tuple[int, int, int, int]
+    commands: list[Command] | None
+    error: str
+
+
+class MailboxFilters:
+    """Runs each mailbox's scripts; one instance for the server, thread-safe.
+
+    ``clock`` gives the time in seconds since the epoch: `time.time`, or
+    anything with Twisted's ``seconds()`` (a `twisted.internet.task.Clock`
+    in tests).
+    """
+
+    def __init__(self, config: Config, clock: Any = time.time) -> None:
+        self.config = config
+        self._now: Callable[[], float] = clock.seconds if hasattr(clock, "seconds") else clock
+        self._cache: OrderedDict[str, _Compiled] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    # ------------------------------------------------------------ the seam
+
+    def home(self, destination: MailboxDestination) -> Path:
+        """The mailbox's home: its Maildir (SPEC 7), as Dovecot's mail_home."""
+        return destination.maildir_path(self.config)
+
+    def outcome(
+        self,
+        destination: MailboxDestination,
+        sender: str,
+        recipient_as_given: str,
+        header: bytes,
+        read_body: Callable[[int], bytes],
+        *,
+        size: int | None = None,
+        queue_id: str = "",
+    ) -> FilterOutcome:
+        """What this mailbox's filters make of the message; blocking, never raises.
+
+        ``read_body(n)`` gives at most n octets of the body and is called
+        only when a script looks at the body; ``size`` (the whole message's)
+        is for the ``size`` test, else the octets seen are counted.
+        """
+        try:
+            return self._outcome(destination, sender, recipient_as_given, header, read_body, size, queue_id)
+        except Exception as e:  # noqa: BLE001 - no filter outcome loses a message (SPEC 12)
+            log.failure(
+                "{queue_id} filters of {mailbox} failed; keeping in INBOX",
+                queue_id=queue_id, mailbox=destination.address,
+            )
+            return FilterOutcome(notes=(f"filters failed: {type(e).__name__}: {e}",))
+
+    def record_vacation(self, reply: VacationReply) -> None:
+        """Remember a queued reply, so the sender gets no other this period; blocking."""
+        local, _, domain = reply.mailbox.rpartition("@")
+        home = self.config.paths.mail / domain / local
+        VacationMemory(home).record(reply.memory_key, reply.recipient, reply.seconds, self._now())
+
+    # ------------------------------------------------------------ running
+
+    def _outcome(
+        self,
+        destination: MailboxDestination,
+        sender: str,
+        recipient_as_given: str,
+        header: bytes,
+        read_body: Callable[[int], bytes],
+        size: int | None,
+        queue_id: str,
+    ) -> FilterOutcome:
+        home = self.home(destination)
+        scripts = self._scripts(destination, home)
+        if not scripts:
+            return KEEP
+        compiled: list[tuple[_Script, list[Command]]] = []
+        for script in scripts:
+            commands, error = self._compiled(script.path)
+            if commands is None:
+                return self._failed(script, error, destination, queue_id)
+            compiled.append((script, commands))
+        body = b""
+        if any(_needs_body(commands) for _, commands in compiled):
+            body = read_body(MAX_BODY)
+        if not header.endswith((b"\r\n\r\n", b"\n\n")):
+            header += b"\r\n"
+        message = Message.from_bytes(header + body)
+        if size is not None:
+            message = Message(message.headers, message.body, size)
+        envelope = Envelope(sender.strip("<>"), recipient_as_given.strip("<>"), destination.address)
+
+        def mailbox_exists(name: str) -> bool:
+            try:
+                folder = maildir_folder(name)
+            except FolderError:
+                return False
+            return folder == "" or (home / ("." + folder)).is_dir()
+
+        actions: list[Action] = []
+        for i, (script, commands) in enumerate(compiled):
+            result = run(commands, message, envelope, mailbox_exists)
+            if result.error:
+                return self._failed(script, result.error, destination, queue_id)
+            # SPEC 12: a stop in sieve_before ends the sequence; as in
+            # Pigeonhole, so does a script that cancelled the implicit keep.
+            # Otherwise only the last script's implicit keep counts.
+            last = i == len(compiled) - 1
+            ends = not last and (result.stopped or not result.implicit_keep)
+            actions += [a for a in result.actions if last or ends or not a.implicit]
+            if ends:
+                break
+        redirects = {a.target.lower() for a in actions if a.kind == "redirect"}
+        if len(redirects) > MAX_REDIRECTS:
+            error = f"number of redirect actions exceeds policy limit (> {MAX_REDIRECTS})"
+            return self._failed(compiled[-1][0], error, destination, queue_id)
+        return self._convert(actions, destination, home, sender, message, queue_id)
+
+    def _scripts(self, destination: MailboxDestination, home: Path) -> list[_Script]:
+        scripts = []
+        domain = self.config.domains.get(destination.domain)
+        before = getattr(domain, "sieve_before", None)
+        if before is not None:
+            scripts.append(_Script(Path(before), None))
+        active = self._active_script(home)
+        if active is not None:
+            scripts.append(_Script(active, home / USER_LOG))
+        return scripts
+
+    def _active_script(self, home: Path) -> Path | None:
+        """``.dovecot.sieve``: a link into ``sieve/`` (Pigeonhole's layout) or a file.
+
+        A link that leads out of ``sieve/`` is ignored, as Pigeonhole does: a
+        user who can write the home must not make mailx read other files
+        (their text would reach the error log).
+        """
+        link = home / ACTIVE_LINK
+        try:
+            target = os.readlink(link)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return link if link.is_file() else None
+        resolved = (home / target).resolve()
+        scripts = (home / SCRIPT_DIRECTORY).resolve()
+        if resolved.parent != scripts or not resolved.name.endswith(".sieve"):
+            log.warn("active Sieve script {link} points outside {scripts}; ignored", link=str(link), scripts=str(scripts))
+            return None
+        return resolved if resolved.is_file() else None
+
+    def _compiled(self, path: Path) -> tuple[list[Command] | None, str]:
+        """The compiled script, from the cache while the file is unchanged on disk."""
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            return None, f"cannot read the script: {e.strerror}"
+        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        key = str(path)
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            if cached is not None and cached.stamp == stamp:
+                self._cache.move_to_end(key)
+                return cached.commands, cached.error
+        commands: list[Command] | None = None
+        error = ""
+        if st.st_size > MAX_SCRIPT_SIZE:
+            error = f"the script is larger than {MAX_SCRIPT_SIZE} octets"
+        else:
+            try:
+                with open(path, "rb") as f:
+                    source = f.read(MAX_SCRIPT_SIZE + 1)
+                commands = compile_script(source)
+            except OSError as e:
+                error = f"cannot read the script: {e.strerror}"
+            except SieveError as e:
+                error = f"line {e.line}: error: {e.message}"
+            except RecursionError:
+                error = "the script is nested too deeply"
+        with self._cache_lock:
+            self._cache[key] = _Compiled(stamp, commands, error)
+            self._cache.move_to_end(key)
+            while len(self._cache) > MAX_CACHED_SCRIPTS:
+                self._cache.popitem(last=False)
+        return commands, error
+
+    def _failed(self, script: _Script, error: str, destination: MailboxDestination, queue_id: str) -> FilterOutcome:
+        log.warn(
+            "{queue_id} Sieve script {script} of {mailbox} failed: {error}; keeping in INBOX",
+            queue_id=queue_id, script=str(script.path), mailbox=destination.address, error=error,
+        )
+        if script.user_log is not None:
+            _append_user_log(script.user_log, script.path, error, self._now())
+        return FilterOutcome(notes=(f"Sieve script {script.path.name} failed: {error}",))
+
+    # ------------------------------------------------------------ converting
+
+    def _convert(
+        self,
+        actions: list[Action],
+        destination: MailboxDestination,
+        home: Path,
+        sender: str,
+        message: Message,
+        queue_id: str,
+    ) -> FilterOutcome:
+        """The interpreter's actions as the pipeline's value."""
+        copies: dict[str, Copy] = {}
+        redirects: list[str] = []
+        notes: list[str] = []
+        reject: str | None = None
+        vacation: VacationReply | None = None
+        for a in actions:
+            if a.kind in ("keep", "fileinto"):
+                try:
+                    folder = maildir_folder(a.target)
+                except FolderError as e:
+                    notes.append(f"{e}: kept in INBOX")
+                    folder = ""
+                copies[folder] = Copy(folder, maildir_flags(a.flags))
+            elif a.kind == "redirect":
+                if a.target.lower() not in (r.lower() for r in redirects):
+                    redirects.append(a.target)
+            elif a.kind == "reject":
+                reject = a.target
+            elif a.kind == "discard":
+                notes.append("discarded by a Sieve script")
+            elif a.kind == "vacation":
+                vacation = self._vacation(a, destination, home, sender, message, notes)
+        for note in notes:
+            log.info("{queue_id} {mailbox}: {note}", queue_id=queue_id, mailbox=destination.address, note=note)
+        if reject is not None:
+            copies.clear()
+        return FilterOutcome(
+            copies=tuple(copies.values()),
+            redirects=tuple(redirects),
+            reject=reject,
+            vacation=vacation,
+            notes=tuple(notes),
+        )
+
+    def _vacation(
+        self, a: Action, destination: MailboxDestination, home: Path, sender: str, message: Message, notes: list[str]
+    ) -> VacationReply | None:
+        if not a.reply_to:
+            notes.append(f"no vacation reply: {a.skip_reason}")
+            return None
+        mine = {destination.address.lower(), *(x.lower() for x in a.addresses)}
+        if a.reply_to.lower() in mine:
+            # RFC 3834 2: never to oneself (it would answer its own reply).
+            notes.append("no vacation reply: the sender is this mailbox")
+            return None
+        key = memory_key(a.reply_to, a)
+        now = self._now()
+        if VacationMemory(home).replied(key, now):
+            notes.append(f"no vacation reply: {a.reply_to} already got one this period")
+            return None
+        return VacationReply(
+            recipient=a.reply_to,
+            message=reply_message(a, destination.address, message, now),
+            memory_key=key,
+            seconds=a.seconds,
+            mailbox=destination.address,
+        )
+
+
+def _needs_body(commands: list[Command]) -> bool:
+    """Does a script look at the body (``body``) or the size (``size``)?"""
+    for c in commands:
+        if any(_test_needs_body(t) for t in c.tests) or (c.block and _needs_body(c.block)):
+            return True
+    return False
+
+
+def _test_needs_body(test: Any) -> bool:
+    return test.name in ("body", "size") or any(_test_needs_body(t) for t in test.tests)
+
+
+def _append_user_log(path: Path, script: Path, error: str, now: float) -> None:
+    """Pigeonhole's user log: one line per error, rotated to ``.0`` past `MAX_USER_LOG`."""
+    try:
+        if path.stat().st_size > MAX_USER_LOG:
+            os.replace(path, path.with_name(path.name + ".0"))
+    except FileNotFoundError:
+        pass
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%b %d %H:%M:%S")
+    line = f"{stamp} {script.stem}: {error}"
+    line = "".join(c if c.isprintable() else "?" for c in line)[:1000] + "\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warn("cannot write {path}: {error}", path=str(path), error=e.strerror)
+
+
+__all__ = ["MailboxFilters"]
