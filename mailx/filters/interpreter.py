@@ -19,6 +19,7 @@ import email
 import email.header
 import email.policy
 import email.utils
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
@@ -108,8 +109,15 @@ class Message:
 
     def values(self, name: str) -> list[str]:
         """The raw values of every field called *name*, trimmed (as Pigeonhole)."""
-        name = name.lower()
-        return [v.strip(" \t")[:MAX_HEADER_VALUE] for n, v in self.headers if n.lower() == name]
+        return self._by_name.get(name.lower(), [])
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, list[str]]:
+        # Built once per message: a script's tests ask for the same few fields again and again.
+        index: dict[str, list[str]] = {}
+        for n, v in self.headers:
+            index.setdefault(n.lower(), []).append(v.strip(" \t")[:MAX_HEADER_VALUE])
+        return index
 
 
 @dataclass(frozen=True)
@@ -478,6 +486,10 @@ def _relation(cmp: int, op: str) -> bool:
     return {"gt": cmp > 0, "ge": cmp >= 0, "lt": cmp < 0, "le": cmp <= 0, "eq": cmp == 0, "ne": cmp != 0}[op]
 
 
+# Compiled patterns and translated globs are shared by every run: the same
+# script's keys come back with every message (a realistic script spent most
+# of its time compiling them again).  RE2's matching is thread-safe.
+@functools.lru_cache(maxsize=1024)
 def _posix_brackets(pattern: str) -> str:
     """POSIX ERE bracket expressions in RE2's syntax.
 
@@ -523,6 +535,7 @@ def _posix_brackets(pattern: str) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=1024)
 def _re2(pattern: str, casefold: bool, longest: bool):
     options = re2.Options()
     options.max_mem = _RE2_MAX_MEM
@@ -533,6 +546,7 @@ def _re2(pattern: str, casefold: bool, longest: bool):
     return re2.compile(pattern, options)
 
 
+@functools.lru_cache(maxsize=1024)
 def _glob(key: str) -> str:
     """RFC 5228 2.7.1 :matches: '*' any run, '?' one character, '\\' escapes.
 
@@ -573,6 +587,9 @@ class _Run:
         self.bodies: dict[object, str] = {}
         self.uses_variables = False
         self.regex_cache: dict[tuple[str, bool, bool], object] = {}
+        # Per field name; a run sees at most the message's fields plus the script's names.
+        self.decoded_fields: dict[str, list[str]] = {}
+        self.address_fields: dict[str, list[str]] = {}
 
     # -- strings
 
@@ -829,13 +846,12 @@ class _Run:
         if name == "header":
             values = []
             for h in self.expand_all(x["pos"][0]):
-                values.extend(_decode_2047(v) for v in self.message.values(h))
+                values.extend(self.decoded(h))
             return self.match(t, x, values, x["pos"][1])
         if name == "address":
             values = []
             for h in self.expand_all(x["pos"][0]):
-                for v in self.message.values(h):
-                    values.extend(_addresses([v]))
+                values.extend(self.addresses(h))
             return self.match(t, x, self.parts(values, x), x["pos"][1])
         if name == "envelope":
             values = []
@@ -860,6 +876,22 @@ class _Run:
         if name == "mailboxexists":
             return all(self.mailboxes(m) for m in self.expand_all(x["pos"][0]))
         raise SieveError(t.line, f"unknown test '{name}'")  # pragma: no cover (validated)
+
+    def decoded(self, name: str) -> list[str]:
+        """A field's values, RFC 2047-decoded, once per run."""
+        key = name.lower()
+        found = self.decoded_fields.get(key)
+        if found is None:
+            found = self.decoded_fields[key] = [_decode_2047(v) for v in self.message.values(key)]
+        return found
+
+    def addresses(self, name: str) -> list[str]:
+        """A field's addresses, once per run."""
+        key = name.lower()
+        found = self.address_fields.get(key)
+        if found is None:
+            found = self.address_fields[key] = [a for v in self.message.values(key) for a in _addresses([v])]
+        return found
 
     def parts(self, addresses: list[str], x: dict, envelope: bool = False) -> list[str]:
         """RFC 5228 2.7.4 and RFC 5233 4: the chosen part of each address."""

@@ -62,6 +62,7 @@ class _Compiled:
     stamp: tuple[int, int, int, int]
     commands: list[Command] | None
     error: str
+    needs_body: bool = False
 
 
 class MailboxFilters:
@@ -133,14 +134,14 @@ class MailboxFilters:
         if not scripts:
             return KEEP
         compiled: list[tuple[_Script, list[Command]]] = []
+        needs_body = False
         for script in scripts:
-            commands, error = self._compiled(script.path)
-            if commands is None:
-                return self._failed(script, error, destination, queue_id)
-            compiled.append((script, commands))
-        body = b""
-        if any(_needs_body(commands) for _, commands in compiled):
-            body = read_body(MAX_BODY)
+            entry = self._compiled(script.path)
+            if entry.commands is None:
+                return self._failed(script, entry.error, destination, queue_id)
+            compiled.append((script, entry.commands))
+            needs_body |= entry.needs_body
+        body = read_body(MAX_BODY) if needs_body else b""
         if not header.endswith((b"\r\n\r\n", b"\n\n")):
             header += b"\r\n"
         message = Message.from_bytes(header + body)
@@ -199,26 +200,28 @@ class MailboxFilters:
             return None
         except OSError:
             return link if link.is_file() else None
-        resolved = (home / target).resolve()
-        scripts = (home / SCRIPT_DIRECTORY).resolve()
-        if resolved.parent != scripts or not resolved.name.endswith(".sieve"):
+        # Lexically, as Pigeonhole: "sieve/x.sieve" (or the same path made
+        # absolute), no "..", and the script itself no further link.
+        resolved = Path(os.path.normpath(home / target))
+        scripts = home / SCRIPT_DIRECTORY
+        if resolved.parent != scripts or not resolved.name.endswith(".sieve") or resolved.is_symlink():
             log.warn("active Sieve script {link} points outside {scripts}; ignored", link=str(link), scripts=str(scripts))
             return None
         return resolved if resolved.is_file() else None
 
-    def _compiled(self, path: Path) -> tuple[list[Command] | None, str]:
+    def _compiled(self, path: Path) -> _Compiled:
         """The compiled script, from the cache while the file is unchanged on disk."""
         try:
             st = os.stat(path)
         except OSError as e:
-            return None, f"cannot read the script: {e.strerror}"
+            return _Compiled((0, 0, 0, 0), None, f"cannot read the script: {e.strerror}")
         stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         key = str(path)
         with self._cache_lock:
             cached = self._cache.get(key)
             if cached is not None and cached.stamp == stamp:
                 self._cache.move_to_end(key)
-                return cached.commands, cached.error
+                return cached
         commands: list[Command] | None = None
         error = ""
         if st.st_size > MAX_SCRIPT_SIZE:
@@ -234,12 +237,13 @@ class MailboxFilters:
                 error = f"line {e.line}: error: {e.message}"
             except RecursionError:
                 error = "the script is nested too deeply"
+        entry = _Compiled(stamp, commands, error, commands is not None and _needs_body(commands))
         with self._cache_lock:
-            self._cache[key] = _Compiled(stamp, commands, error)
+            self._cache[key] = entry
             self._cache.move_to_end(key)
             while len(self._cache) > MAX_CACHED_SCRIPTS:
                 self._cache.popitem(last=False)
-        return commands, error
+        return entry
 
     def _failed(self, script: _Script, error: str, destination: MailboxDestination, queue_id: str) -> FilterOutcome:
         log.warn(
