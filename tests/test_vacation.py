@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from mailx.admin import cli
@@ -306,3 +308,45 @@ class AutoreplyTextTests(unittest.TestCase):
         with self.assertRaises(ValueError):
             autoreply.with_rule('require "fileinto"; fileinto "A";', autoreply.VacationRule("S", "B", 1))
 
+
+
+_FIELDS = [
+    "Auto-Submitted: no", "Auto-Submitted: auto-generated", "Auto-Submitted: auto-replied",
+    "Precedence: bulk", "Precedence: list", "Precedence: junk", "Precedence: normal",
+    "List-Id: <dev.lists.test>", "List-Help: <mailto:help@lists.test>", "X-Mailer: mutt",
+    "Cc: alice@example.test", "Cc: other@else.test",
+]
+_SENDERS = ["friend@sender.test", "", "MAILER-DAEMON@x.test", "owner-list@x.test", "x-request@x.test", "alice@example.test"]
+_TO = ["alice@example.test", "Alice <ALICE@example.test>", "team@example.test", "alice+x@example.test"]
+
+
+class VacationDecisionPropertyTests(FiltersTestCase):
+    """Any mix of the fields: a reply exactly when no rule forbids one."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.activate(SCRIPT)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        fields=st.lists(st.sampled_from(_FIELDS), max_size=4, unique=True),
+        sender=st.sampled_from(_SENDERS),
+        to=st.sampled_from(_TO),
+    )
+    def test_reply_exactly_when_allowed(self, fields: list[str], sender: str, to: str) -> None:
+        local = sender.partition("@")[0].lower()
+        forbidden = (
+            not sender
+            or local in ("mailer-daemon",) or local.startswith("owner-") or local.endswith("-request")
+            or any(f.startswith("Auto-Submitted:") and not f.endswith(": no") for f in fields)
+            or any(f.startswith("Precedence:") and f.split()[-1] in ("bulk", "list", "junk") for f in fields)
+            or any(f.startswith("List-") for f in fields)
+            # To the mailbox, or to the address the sender used (the envelope's alice+x).
+            or not ("alice@example.test" in to.lower() or "+x" in to or "Cc: alice@example.test" in fields)
+            or sender == "alice@example.test"
+        )
+        # The address the sender used is the envelope recipient here.
+        rcpt = "alice+x@example.test" if "+x" in to else "alice@example.test"
+        outcome = self.outcome(header=header(*fields, to=to), sender=sender, to=rcpt)
+        self.assertEqual(outcome.vacation is None, forbidden, (fields, sender, to, outcome.notes))
+        self.assertEqual(outcome.copies, (Copy(),))
