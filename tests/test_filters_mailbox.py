@@ -202,6 +202,15 @@ class FailureTests(FiltersTestCase):
         self.assertKeptFast(time.monotonic())
         self.assertIn("too much work", (self.home / ".dovecot.sieve.log").read_text())
 
+    def test_user_log_link_is_not_followed(self) -> None:
+        # The home is the user's; a link there must not make the server write elsewhere.
+        victim = self.base / "server-file"
+        victim.write_text("untouched\n")
+        os.symlink(victim, self.home / ".dovecot.sieve.log")
+        self.activate("this is not sieve;\n")
+        self.assertKeptFast(time.monotonic())
+        self.assertEqual(victim.read_text(), "untouched\n")
+
     def test_user_log_stays_small(self) -> None:
         self.activate("this is not sieve;\n")
         for _ in range(400):

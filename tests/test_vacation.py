@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -153,6 +154,16 @@ class MemoryTests(FiltersTestCase):
         # Expired entries go at the next write.
         memory.record("late", "late@x.test", DAY, now + 2 * DAY)
         self.assertEqual([e.key for e in memory.entries()], ["late"])
+
+    def test_memory_does_not_write_through_links(self) -> None:
+        victim = self.base / "server-file"
+        victim.write_text("untouched\n")
+        memory = VacationMemory(self.home)
+        for name in (vacation_module.MEMORY_FILE, vacation_module.MEMORY_FILE + f".{os.getpid()}.{threading.get_ident()}.tmp"):
+            os.symlink(victim, self.home / name)
+        memory.record("k", "s@x.test", DAY, 1_800_000_000)
+        self.assertEqual(victim.read_text(), "untouched\n")
+        self.assertFalse((self.home / vacation_module.MEMORY_FILE).is_symlink())
 
     def test_memory_survives_kill_9(self) -> None:
         """A process recording replies is killed mid-stream: all it confirmed is there."""

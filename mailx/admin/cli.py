@@ -1306,10 +1306,17 @@ def vacation_command(context: Context) -> int:
     link = home / ACTIVE_LINK
     scripts = home / SCRIPT_DIRECTORY
     active: Path | None = None
+    if scripts.is_symlink():
+        print(f"mailxctl: {scripts} is a link: refusing to write through it", file=sys.stderr)
+        return EXIT_WRONG
     if os.path.islink(link):
-        target = (home / os.readlink(link)).resolve()
-        if target.parent == scripts.resolve() and target.name.endswith(".sieve"):
+        # Lexically, as MailboxFilters reads it: a script of sieve/, itself no link.
+        target = Path(os.path.normpath(home / os.readlink(link)))
+        if target.parent == scripts and target.name.endswith(".sieve") and not target.is_symlink():
             active = target
+        else:
+            print(f"mailxctl: {link} does not point to a script in {scripts}", file=sys.stderr)
+            return EXIT_WRONG
     elif link.exists():
         print(f"mailxctl: {link} is not a link into {scripts}: move it there first", file=sys.stderr)
         return EXIT_WRONG
@@ -1397,8 +1404,11 @@ def _write_home_file(home: Path, path: Path, text: str) -> None:
             directory.mkdir(mode=0o700)
             _give_to_owner(directory.parent, directory)
     temporary = path.with_name(f".{path.name}.mailxctl")
-    temporary.write_text(text, "utf-8")
-    os.chmod(temporary, 0o600)
+    # Often as root in a directory its user can write: no link is followed.
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
     _give_to_owner(home, temporary)
     os.replace(temporary, path)
 

@@ -114,6 +114,8 @@ class MailboxFilters:
     def record_vacation(self, reply: VacationReply) -> None:
         """Remember a queued reply, so the sender gets no other this period; blocking."""
         local, _, domain = reply.mailbox.rpartition("@")
+        if not local or not domain:
+            raise ValueError(f"VacationReply without its mailbox: {reply.mailbox!r}")
         home = self.config.paths.mail / domain / local
         VacationMemory(home).record(reply.memory_key, reply.recipient, reply.seconds, self._now())
 
@@ -348,7 +350,9 @@ def _append_user_log(path: Path, script: Path, error: str, now: float) -> None:
     line = f"{stamp} {script.stem}: {error}"
     line = "".join(c if c.isprintable() else "?" for c in line)[:1000] + "\n"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # O_NOFOLLOW: the home is the user's, and a link there must not make
+        # the server append to one of its own files.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, line.encode("utf-8", "replace"))
         finally:

@@ -94,14 +94,21 @@ class VacationMemory:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Threads of this process, then other processes (mailxctl vacation off)."""
-        with _lock(self.path), open(self.path.with_name(self.path.name + ".lock"), "a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            yield
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with _lock(self.path):
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
 
     def _write(self, entries: list[Replied]) -> None:
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         data = "".join(f"{e.until} {e.key} {e.sender}\n" for e in entries).encode()
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # The home is the user's: never write through a link planted at our name.
+        temporary.unlink(missing_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, data)
             os.fsync(fd)
