@@ -1323,10 +1323,8 @@ def vacation_command(context: Context) -> int:
     text = active.read_text("utf-8") if active is not None and active.exists() else ""
     if args.action == "status":
         rule = autoreply.current_rule(text)
-        replied = [
-            {"sender": e.sender, "until": e.until}
-            for e in VacationMemory(home).entries(time.time())
-        ]
+        entries = VacationMemory(home).entries(time.time())
+        replied = [{"sender": e.sender, "until": e.until} for e in entries]
         data = {
             "address": mailbox.address,
             "on": rule is not None,
@@ -1340,8 +1338,8 @@ def vacation_command(context: Context) -> int:
             lines += [f"  subject: {rule.subject}", f"  days: {rule.days}", f"  script: {active}"]
         lines.append(f"  replied to (not again before the date): {len(replied)}")
         lines += [
-            f"    {e['sender']} until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(e['until']))} UTC"
-            for e in replied[-20:]
+            f"    {e.sender} until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(e.until))} UTC"
+            for e in entries[-20:]
         ]
         context.emit(data, "\n".join(lines))
         return EXIT_OK
