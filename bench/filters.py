@@ -2,6 +2,7 @@
 
     python3 bench/filters.py                        # 1 KiB, 10 sessions, 3 repeats each
     python3 bench/filters.py --messages 2000 --repeat 5
+    python3 bench/filters.py --in-process --messages 5000   # the filters alone, no server
 
 Same run, same machine, interleaved: ``none`` is run.py's mailx on an
 empty Maildir; ``sieve`` is the same with the script below active in
@@ -66,6 +67,49 @@ def sieve_server(run_dir: Path, port: int, scenario: Scenario, args) -> list[str
 
 
 run.SERVERS["mailx-sieve"] = sieve_server
+# This checkout's mailx, as run.py gives its servers, for --in-process too.
+sys.path.insert(0, str(run.REPO))
+
+
+def in_process(messages: int) -> None:
+    """CPU per message of MailboxFilters.outcome alone, on the benchmark's message.
+
+    Runs before the pipeline calls the filters, and says what a server's run
+    will add per message: compare with run.py's mailx CPU ms/msg.
+    """
+    import time
+
+    from loadgen import SENDER, make_message
+
+    from mailx.config import load_config
+    from mailx.filters.mailbox import MailboxFilters
+    from mailx.inbound.routing import MailboxDestination
+    from mailx.testing.server import write_config
+
+    with tempfile.TemporaryDirectory(prefix="mailx-bench-sieve-") as directory:
+        base = Path(directory)
+        overrides = {
+            "paths": {"mail": str(base / "mail"), "spool": str(base / "spool")},
+            "domains": {run.DOMAIN: {"mailboxes": [run.MAILBOX]}},
+        }
+        config = load_config(write_config(base / "etc", overrides))
+        home = base / "mail" / run.DOMAIN / run.MAILBOX
+        (home / "sieve").mkdir(parents=True)
+        (home / "sieve" / "bench.sieve").write_text(RULES)
+        os.symlink("sieve/bench.sieve", home / ".dovecot.sieve")
+        filters = MailboxFilters(config)
+        data = make_message(1024)
+        cut = data.index(b"\r\n\r\n") + 4
+        header, body = data[:cut], data[cut:]
+        mailbox = MailboxDestination(run.DOMAIN, run.MAILBOX)
+        sender = SENDER
+        outcome = filters.outcome(mailbox, sender, f"{run.MAILBOX}@{run.DOMAIN}", header, lambda n: body[:n])
+        print(f"outcome: {outcome}")
+        started = time.process_time()
+        for _ in range(messages):
+            filters.outcome(mailbox, sender, f"{run.MAILBOX}@{run.DOMAIN}", header, lambda n: body[:n])
+        print(f"MailboxFilters.outcome: {(time.process_time() - started) / messages * 1000:.3f} CPU ms/msg"
+              f" over {messages} messages")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mailx-command", default=run.TWISTD + " -n --pidfile= mailx")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--start-timeout", type=float, default=30.0)
+    parser.add_argument("--in-process", action="store_true",
+                        help="only time MailboxFilters.outcome in this process (no server)")
     args = parser.parse_args(argv)
+    if args.in_process:
+        in_process(args.messages)
+        return 0
     args.loadgen = "python"
     from mailx.filters import compile_script
 

@@ -388,3 +388,30 @@ class PigeonholeDifferentialTests(FiltersTestCase):
         # The oracle's reader itself, on a fixed listing (a test that cannot pass vacuously).
         listing = " * store message in folder: A\n        + add IMAP flags: \\seen\n"
         self.assertEqual(canonical_pigeonhole("Performed actions:\n" + listing), ("ok", (("store", "A", ("\\seen",)),), ()))
+
+
+class BodyFastPathTests(unittest.TestCase):
+    """The one-part shortcut of the body test gives what parsing the message gives."""
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        content_type=st.sampled_from([None, "text/plain", "text/plain; charset=utf-8", "text/html; charset=\"latin-1\"",
+                                      "TEXT/PLAIN; charset=bogus-charset", "application/octet-stream", "text/plain; charset"]),
+        encoding=st.sampled_from([None, "7bit", "8bit", "binary"]),
+        body=st.binary(max_size=200),
+        content=st.sampled_from([None, ("text",), ("text/plain",), ("",), ("application",)]),
+    )
+    def test_same_text_as_the_full_parse(self, content_type, encoding, body, content) -> None:
+        from mailx.filters import interpreter
+
+        head = b"Subject: x\r\n"
+        if content_type:
+            head += f"Content-Type: {content_type}\r\n".encode()
+        if encoding:
+            head += f"Content-Transfer-Encoding: {encoding}\r\n".encode()
+        message = interpreter.Message.from_bytes(head + b"\r\n" + body)
+        tags = {"content": content} if content else {}
+        fast = interpreter._Run(message, interpreter.Envelope("a@b.test", "c@d.test"), lambda n: False)
+        slow = interpreter._Run(message, interpreter.Envelope("a@b.test", "c@d.test"), lambda n: False)
+        slow._single_part = lambda: None
+        self.assertEqual(fast._body(tags), slow._body(tags))

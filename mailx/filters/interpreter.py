@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email
 import email.header
+import email.message
 import email.policy
 import email.utils
 import functools
@@ -932,9 +933,19 @@ class _Run:
         raw = self.message.body
         if "raw" in tags:
             return raw.decode("utf-8", "replace")
+        types = [t.lower() for t in tags.get("content", ("text",))]
+        single = self._single_part()
+        if single is not None:
+            # Most mail is one part with no transfer encoding: the body is the
+            # text, without the cost of parsing the message again.
+            if not any(t == "" or single.get_content_type() == t or single.get_content_maintype() == t for t in types):
+                return ""
+            try:
+                return raw.decode(single.get_content_charset() or "us-ascii", "replace")
+            except LookupError:
+                return raw.decode("utf-8", "replace")
         head = "".join(f"{n}:{v}\r\n" for n, v in self.message.headers)
         msg = email.message_from_bytes(head.encode("utf-8", "replace") + b"\r\n" + raw, policy=email.policy.compat32)
-        types = [t.lower() for t in tags.get("content", ("text",))]
         texts = []
         for part in msg.walk():
             if part.is_multipart():
@@ -949,6 +960,19 @@ class _Run:
             except LookupError:
                 texts.append(payload.decode("utf-8", "replace"))
         return "\r\n".join(texts)
+
+    def _single_part(self) -> email.message.Message | None:
+        """The Content-Type of a one-part message the body is taken as is from, else None."""
+        types = self.message.values("content-type")
+        encodings = self.message.values("content-transfer-encoding")
+        if len(types) > 1 or any(e.lower() not in ("7bit", "8bit", "binary") for e in encodings):
+            return None
+        part = email.message.Message()
+        if types:
+            part["Content-Type"] = types[0]
+        if part.get_content_maintype() in ("multipart", "message"):
+            return None
+        return part
 
     def match(self, t: Test, x: dict, values: list[str], keys: Iterable[str], strings: bool = False) -> bool:
         mtype = x.get("match", "is")
