@@ -114,7 +114,13 @@ DEFAULTS: Mapping[str, Any] = _frozen(
             "metrics": [],
         },
         # text: twistd's lines; json: one JSON object per line (Loki, ELK).
-        "logging": {"format": "text"},
+        "logging": {
+            "format": "text",
+            # SPEC 13: every message's events, one JSON line each, for
+            # `mailxctl trace`: one file a day in path (null: <spool>/trace),
+            # files older than keep_days removed; keep_days 0: no record.
+            "trace": {"path": None, "keep_days": 7},
+        },
         "tls": None,  # {certificate, key}; STARTTLS is offered only when set
         "limits": {
             "message_size": "25MiB",  # Gmail's 25 MB; Postfix's default is 10240000
@@ -277,6 +283,17 @@ class Paths:
 
 
 @dataclass(frozen=True)
+class TraceConfig:
+    """logging.trace: where `mailx.observe.trace` writes, and for how many days."""
+
+    path: Path | None  # None: <paths.spool>/trace
+    keep_days: int = 7  # 0: no trace record
+
+    def directory(self, spool: Path) -> Path:
+        return self.path if self.path is not None else spool / "trace"
+
+
+@dataclass(frozen=True)
 class DNSConfig:
     nameservers: tuple[tuple[str, int], ...]
     timeout: float
@@ -372,6 +389,7 @@ class Config:
     # listen.metrics: where GET /metrics is served (SPEC section 13).
     metrics_listen: tuple[str, ...] = ()
     log_format: str = "text"  # logging.format: "text" | "json"
+    trace: TraceConfig = field(default_factory=lambda: TraceConfig(None))  # logging.trace
     # Worth saying, not stopping for (a certificate about to expire): printed
     # by `mailxctl check`, logged at start-up.
     warnings: tuple[Problem, ...] = ()
@@ -1519,11 +1537,24 @@ def _parse_yaml(text: str, loader: _Loader) -> _Node | None:
         yaml_loader.dispose()
 
 
-def _log_format(loader: _Loader, node: _Node) -> str:
-    fields = loader.block(node, DEFAULTS["logging"])
+# A year of trace files at most: the record is for "where did that message go?".
+MAX_TRACE_DAYS = 366
+
+
+def _logging(loader: _Loader, node: _Node) -> tuple[str, TraceConfig]:
+    """logging.format and logging.trace."""
+    defaults = DEFAULTS["logging"]
+    trace = TraceConfig(None, defaults["trace"]["keep_days"])
+    fields = loader.block(node, defaults)
     if fields is None:
-        return DEFAULTS["logging"]["format"]
-    return loader.value(fields["format"], loader.choice, LOG_FORMATS) or "text"
+        return defaults["format"], trace
+    log_format = loader.value(fields["format"], loader.choice, LOG_FORMATS) or "text"
+    given = loader.block(fields["trace"], defaults["trace"])
+    if given is not None:
+        path = None if given["path"].null else loader.value(given["path"], loader.path)
+        keep = loader.value(given["keep_days"], loader.count, 0, MAX_TRACE_DAYS)
+        trace = TraceConfig(path, trace.keep_days if keep is None else keep)
+    return log_format, trace
 
 
 def _submission_listeners(loader: _Loader, listen: dict[str, _Node], config: Config) -> Config:
@@ -1576,6 +1607,7 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
     hostname = loader.hostname(fields["hostname"])
     tls = loader.tls(fields["tls"])
     loader.tls_pair(fields["tls"], tls, hostname)
+    log_format, trace = _logging(loader, fields["logging"])
     config = Config(
         source=source,
         hostname=hostname,
@@ -1593,7 +1625,8 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
         imap=loader.value(fields["imap"], loader.imap_server),
         haproxy_trusted_networks=trusted_proxies,
         metrics_listen=metrics,
-        log_format=_log_format(loader, fields["logging"]),
+        log_format=log_format,
+        trace=trace,
         warnings=tuple(loader.warnings),
     )
     accounts = loader.accounts(fields["accounts"], config.domains)

@@ -30,6 +30,7 @@ from mailx.headers import HeaderPool
 from mailx.inbound import spool
 from mailx.inbound.delivery import DeliveryContext, SessionDelivery
 from mailx.observe.metrics import Metrics
+from mailx.observe.trace import TraceRecord
 from mailx.outbound.relay import Outbound
 from mailx.smtp.accounts import accounts_from_config
 from mailx.smtp.server import SMTP, SUBMISSION, SUBMISSIONS, MailxSMTPFactory, server_endpoint
@@ -171,6 +172,13 @@ class MailxService(service.MultiService):
         # served on listen.metrics.
         self.metrics = Metrics()
         self.committer.observe_batch = self.metrics.filing_batch
+        # SPEC 13: every message's events on disk, for mailxctl trace (the
+        # path and keep_days of the start-up configuration; a reload keeps them).
+        self.trace: TraceRecord | None = None
+        if config.trace.keep_days:
+            self.trace = TraceRecord(
+                config.trace.directory(config.paths.spool), config.trace.keep_days
+            )
         # Mailbox-only messages are filed by a child process (see mailx.storage.writer).
         self.writer = WriterClient(reactor)
         # DNS lookups block in dnspython; their own pool keeps a slow DNS
@@ -365,6 +373,14 @@ class MailxService(service.MultiService):
                 f"cannot prepare {e.filename or 'the spool and Maildirs'}: {e.strerror};"
                 f" check that the user mailx runs as owns paths.spool and paths.mail"
             ) from None
+        if self.trace is not None:
+            try:
+                self.trace.start()
+            except OSError as e:
+                raise StorageError(
+                    f"cannot write the trace record in {self.trace.directory}: {e.strerror};"
+                    " check that the user mailx runs as owns logging.trace.path"
+                ) from None
         self.disk_pool.start()
         self.dns_pool.start()
         self.committer.start()
@@ -546,6 +562,8 @@ class MailxService(service.MultiService):
                 pass
         log.info("mailx stopped")
         self.metrics.stop()
+        if self.trace is not None:
+            self.trace.stop()  # what is left, written and fsynced
 
 
 class ListenError(Exception):

@@ -1002,6 +1002,39 @@ def queue_command(context: Context) -> int:
 
 
 # ---------------------------------------------------------------------------
+# trace (SPEC section 13; mailx.observe.trace)
+
+
+def _trace_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "id", metavar="ID", help="queue ID (of the 250 reply), or Message-ID with its <>"
+    )
+
+
+@command("trace", "show the whole story of one message, from the trace record", _trace_arguments)
+def trace_command(context: Context) -> int:
+    """Exit 0, or 1 when the record has no such message (or no record is kept)."""
+    from mailx.observe import trace
+
+    config = context.load_config()
+    if not config.trace.keep_days:
+        print("mailxctl trace: logging.trace.keep_days is 0: no trace record is kept",
+              file=sys.stderr)
+        return EXIT_WRONG
+    directory = config.trace.directory(config.paths.spool)
+    messages = trace.story(directory, context.args.id)
+    if not messages:
+        context.emit(
+            {"messages": [], "id": context.args.id},
+            f"no message {context.args.id} in the trace record ({directory};"
+            f" it keeps {config.trace.keep_days} day(s))",
+        )
+        return EXIT_WRONG
+    context.emit(trace.as_json(messages), trace.render(messages))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
 # reports (SPEC section 15; mailx.admin.reports)
 
 

@@ -134,6 +134,11 @@ def needs(config: Any) -> list[Need]:
         # sample, since ownership is all or none in practice (one chown -R).
         sample = itertools.islice((p for p in queue.iterdir() if p.is_dir()), QUEUE_SAMPLE)
         found.extend(Need("paths.spool", p, "write") for p in sorted(sample))
+    trace = getattr(config, "trace", None)
+    if trace is not None and trace.keep_days and trace.path is not None:
+        # Outside the spool: its own directory (made at start, as the server's user).
+        target = trace.path if trace.path.exists() else trace.path.parent
+        found.append(Need("logging.trace.path", target, "write"))
     mail = config.paths.mail
     found.append(Need("paths.mail", mail, "write"))
     for name, domain in config.domains.items():

@@ -138,6 +138,7 @@ class SessionDelivery:
             name=self.session.reverse_name or "unknown",
             ip=self.session.client_ip,
             helo=self.session.helo,
+            event="mail",  # the session <-> message link mailx.observe.trace follows
         )
 
     def rcpt(self, queue_id: str, recipient: str) -> Route:
@@ -352,6 +353,8 @@ class IncomingMessage:
                 "results": " ".join(f"{k}={v}" for k, v in results.items()),
                 # Each method's A-R result alone, for mailx.observe.metrics.
                 "checks": verdict.results() if verdict is not None else {},
+                # For mailxctl trace MESSAGE-ID (mailx.observe.trace).
+                "message_id": _message_id(fields, names),
             }
             if action in ("reject", "tempfail"):
                 log.info(VERDICT_LINE, event="verdict", **verdict_line)
@@ -368,12 +371,12 @@ class IncomingMessage:
             if outgoing is not None:
                 enqueue = lambda data: ctx.outbound.queue.enqueue(outgoing, data)  # noqa: E731
             if enqueue is None and ctx.writer is not None and copies:
-                yield ctx.writer.file(
+                filed = yield ctx.writer.file(
                     *_writer_request(config, self.queue_id, copies, header), self.body
                 )
             else:
                 # Mailbox copies and the queue entry in one all-or-none step.
-                yield ctx.deliver_in_thread(
+                filed = yield ctx.deliver_in_thread(
                     file_copies, config, self.queue_id, copies, header, self.body, enqueue
                 )
             # Logged once durable: "accepted" is what the 250 reply says.
@@ -385,10 +388,11 @@ class IncomingMessage:
             )
             if outgoing is not None:
                 ctx.outbound.submitted(outgoing)
-            for dest, _, junk in copies:
+            for n, (dest, _, junk) in enumerate(copies):
                 log.info(
                     "{qid}: delivered to=<{address}> mailbox={mailbox}{junk}",
                     qid=self.queue_id,
+                    path=str(filed[n]) if n < len(filed or ()) else None,
                     address=dest.address,
                     mailbox=f"{dest.domain}/{dest.mailbox}",
                     junk=" folder=Junk" if junk else "",
@@ -552,6 +556,16 @@ class IncomingMessage:
             trace.append(f"X-Original-To: {_UNSAFE_ADDRESS.sub('?', original)}\r\n".encode())
         trace += [f"Delivered-To: {dest.address}\r\n".encode(), received.encode("utf-8")]
         return trace
+
+
+def _message_id(fields: list[bytes], names: list[bytes | None]) -> str | None:
+    """The Message-ID field's value on one line (RFC 5322 3.6.4), or None without one."""
+    try:
+        found = fields[names.index(b"message-id")][:4096]
+    except ValueError:
+        return None
+    value = " ".join(headers.field_value(found).decode("utf-8", "replace").split())
+    return value[:998] or None  # RFC 5322 2.1.1: no longer than a line
 
 
 def _after_blank_line(chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -793,7 +793,13 @@ class MailxESMTP(smtp.ESMTP):
             reply = failure.value.reply if failure.check(SMTPReplyError) else replies.LOCAL_ERROR
             if not failure.check(SMTPReplyError):
                 log.failure("{qid}: sender check failed", failure, qid=qid)
-            log.info("{qid}: sender <{sender}> refused: {reply}", qid=qid, sender=sender, reply=str(reply))
+            log.info(
+                "{qid}: sender <{sender}> refused: {reply}",
+                qid=qid,
+                sender=sender,
+                reply=str(reply),
+                session=self.session.session_id,  # mailx.observe.trace links them
+            )
             self.reply(reply)
 
         self._await(defer.maybeDeferred(self.delivery.mail, qid, sender, size), accepted, refused)
