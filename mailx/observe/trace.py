@@ -51,7 +51,7 @@ from typing import Any
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from mailx.observe.jsonlog import _LEGACY, _value
+from mailx.observe.jsonlog import _value
 from mailx.storage import maildir
 from mailx.text import Logger
 
@@ -116,8 +116,10 @@ def as_record(event: LogEvent) -> dict[str, Any]:
             record["log_error"] = failure.getErrorMessage()
         except Exception:
             record["log_error"] = repr(failure)
+    # Every field, even those jsonlog leaves to its core record ("why" is one):
+    # the reader formats the line from them.
     for key, value in event.items():
-        if not key.startswith("log_") and key not in _LEGACY:
+        if not key.startswith("log_"):
             record[key] = _value(value)
     return record
 
@@ -245,7 +247,7 @@ class TraceRecord:
         self._close()
         path = self.directory / file_name(day)
         created = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             if created:
                 maildir.fsync_directory(self.directory)
@@ -372,7 +374,7 @@ _SHOWN_TOO = ("message_id", "path")
 
 def text_of(record: dict[str, Any]) -> str:
     """The record's log line, without the ``ID: `` it starts with."""
-    text = formatEvent(record)
+    text = formatEvent(record).rstrip()
     for key in ("qid", "session"):
         prefix = f"{record.get(key)}: "
         if text.startswith(prefix):

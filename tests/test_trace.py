@@ -1,0 +1,370 @@
+# -*- test-case-name: tests.test_trace -*-
+"""``mailxctl trace ID`` against a running server (SPEC section 13).
+
+The server runs as a twistd subprocess where the story spans attempts or a
+restart (the record is then read from its files, as mailxctl does), in this
+process otherwise; the loopback DNS server gives the sender an SPF record
+and outside.test an MX, and an SMTP sink plays that MX, answering 451 as
+scripted.  The writer's own promises (rotation, pruning by age, a torn
+last line) are checked on `TraceRecord` with a clock the test sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from mailx.admin import cli
+from mailx.observe import trace
+from mailx.testing.dnsserver import start_dns_server
+from mailx.testing.server import (
+    LineClient,
+    ServerProcess,
+    free_port,
+    start_server,
+    write_config,
+)
+from mailx.testing.sink import start_sink
+from tests.test_forwarding import ZONES, config_overrides, wait_until
+
+CHECKS = {"spf": True, "dkim": True, "dmarc": "enforce"}
+
+
+def message(subject: str) -> bytes:
+    return (
+        "From: Alice <alice@good.test>\r\n"
+        "To: boss@example.test\r\n"
+        f"Subject: {subject}\r\n"
+        f"Message-ID: <{subject}@good.test>\r\n"
+        "\r\n"
+        "Hello.\r\n"
+    ).encode()
+
+
+def send(port: int, sender: str, recipients: list[str], data: bytes) -> tuple[str, list[int]]:
+    """One transaction (blocking): the queue ID of the 250 and each RCPT's code."""
+    client = LineClient(port)
+    try:
+        client.reply()
+        client.command(b"EHLO client.good.test")
+        code, _ = client.command(f"MAIL FROM:<{sender}>".encode())
+        assert code == 250, code
+        codes = [client.command(f"RCPT TO:<{r}>".encode())[0] for r in recipients]
+        client.command(b"DATA")
+        code, text = client.command(data.rstrip(b"\r\n") + b"\r\n.")
+        assert code == 250, (code, text)
+        return re.search(rb"queued as (\S+)", text)[1].decode(), codes
+    finally:
+        client.close()
+
+
+class TraceCase(unittest.TestCase):
+    timeout = 120
+
+    def mailxctl(self, config: Path, *argv: str) -> tuple[int, str, str]:
+        """mailxctl in-process: (exit status, stdout, stderr)."""
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = cli.main(["-c", str(config), *argv])
+        return status, stdout.getvalue(), stderr.getvalue()
+
+    def steps(self, config: Path, ident: str) -> list[dict[str, Any]]:
+        status, out, _ = self.mailxctl(config, "trace", ident, "--json")
+        if status != 0:
+            return []
+        [found] = json.loads(out)["messages"]
+        return found["steps"]
+
+    def story_until(self, config: Path, ident: str, done: Any) -> defer.Deferred:
+        """The steps once ``done(steps)`` holds (the record is written about once a second)."""
+        seen: list[list[dict[str, Any]]] = [[]]
+
+        def check() -> bool:
+            seen[0] = self.steps(config, ident)
+            return bool(seen[0]) and done(seen[0])
+
+        return wait_until(check, timeout=30).addCallback(lambda _: seen[0])
+
+
+def deliveries(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [s["fields"] for s in steps if s["event"] == "delivery"]
+
+
+def position(steps: list[dict[str, Any]], pattern: str) -> int:
+    """Where the first step whose text matches ``pattern`` is."""
+    for n, step in enumerate(steps):
+        if re.search(pattern, step["text"]):
+            return n
+    raise AssertionError(f"no step matches {pattern!r}: {[s['text'] for s in steps]}")
+
+
+class ForwardedMessageTests(TraceCase):
+    """Forwarded, answered 451 twice, then delivered: every attempt in the story."""
+
+    def setUp(self) -> None:
+        self.dns = start_dns_server(ZONES)
+        self.addCleanup(self.dns.stop)
+        self.sink = start_sink()
+        self.addCleanup(self.sink.stop)
+        self.port = free_port()
+        overrides = config_overrides(self.dns.port, self.sink.port)  # retry: [1s]
+        overrides["listen"] = {"smtp": [f"tcp:{self.port}:interface=127.0.0.1"]}
+        overrides["authentication"] = CHECKS
+        self.config = write_config(Path(self.mktemp()).absolute(), overrides)
+        self.process = ServerProcess(self.config, self.port)
+        self.addCleanup(self.process.kill)
+
+    @defer.inlineCallbacks
+    def test_deferred_twice_then_delivered(self) -> None:
+        self.sink.script("rcpt", "451 4.7.1 Greylisted", "451 4.7.1 Greylisted")
+        yield deferToThread(self.process.start)
+        qid, codes = yield deferToThread(
+            send, self.port, "alice@good.test", ["boss@example.test"], message("greylisted")
+        )
+        self.assertEqual(codes, [250])
+        yield self.sink.wait_for(1)
+        steps = yield self.story_until(
+            self.config, qid, lambda s: "removed from the queue" in s[-1]["text"]
+        )
+        attempts = deliveries(steps)
+        self.assertEqual([d["status"] for d in attempts], ["deferred", "deferred", "sent"])
+        self.assertEqual([d["attempts"] for d in attempts], [1, 2, 3])
+        for attempt in attempts:
+            self.assertEqual(attempt["rcpt"], "someone@outside.test")
+            self.assertIn("mx.outside.test", attempt["relay"])
+            self.assertIn("tls", attempt)
+        self.assertEqual(attempts[0]["reply"], "451 4.7.1 Greylisted")
+        self.assertRegex(attempts[2]["reply"], r"^250 ")
+        order = [
+            position(steps, r"^connect from 127\.0\.0\.1"),
+            position(steps, r"from=<alice@good\.test>.* helo=client\.good\.test"),
+            position(steps, r"^to=<boss@example\.test> accepted: forward someone@outside\.test"),
+            position(steps, r"^accepted .*spf=pass"),
+            position(steps, r"^queued for forwarding"),
+            position(steps, r"status=deferred"),
+            position(steps, r"status=sent"),
+            position(steps, r"^done: 1 delivered, 0 failed"),
+        ]
+        self.assertEqual(order, sorted(order))
+        for step in steps:
+            self.assertNotIn("Unable to format", step["text"])
+        [verdict] = [s for s in steps if s["event"] == "message"]
+        self.assertEqual(verdict["fields"]["checks"]["spf"], "pass")
+        self.assertEqual(verdict["fields"]["message_id"], "<greylisted@good.test>")
+
+    @defer.inlineCallbacks
+    def test_by_message_id_the_same_story_and_the_text_aligned(self) -> None:
+        yield deferToThread(self.process.start)
+        qid, _ = yield deferToThread(
+            send, self.port, "alice@good.test", ["boss@example.test"], message("aligned")
+        )
+        yield self.sink.wait_for(1)
+        by_qid = yield self.story_until(
+            self.config, qid, lambda s: any(d["status"] == "sent" for d in deliveries(s))
+        )
+        self.assertEqual(self.steps(self.config, "<aligned@good.test>"), by_qid)
+        status, out, _ = self.mailxctl(self.config, "trace", qid)
+        self.assertEqual(status, 0)
+        heading, *lines = out.rstrip("\n").split("\n")
+        self.assertIn(f"message {qid}, Message-ID <aligned@good.test>", heading)
+        self.assertEqual(len(lines), len(by_qid))
+        stamp = re.compile(r"^  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}  \S+ +\S")
+        for line in lines:
+            self.assertRegex(line, stamp)
+        # The text column starts at the same place on every line.
+        starts = {stamp.match(line).end() - 1 for line in lines}
+        self.assertEqual(len(starts), 1)
+
+
+class RefusedRecipientTests(TraceCase):
+    @defer.inlineCallbacks
+    def test_one_recipient_refused_at_rcpt_the_other_filed(self) -> None:
+        server = start_server(self)
+        config = server.config.source
+        qid, codes = yield deferToThread(
+            send,
+            server.port,
+            "someone@sender.test",
+            ["alice@example.test", "nobody@example.test"],
+            message("half"),
+        )
+        self.assertEqual(codes, [250, 550])
+        steps = yield self.story_until(
+            config, qid, lambda s: any(x["event"] == "delivery" for x in s)
+        )
+        decisions = [s["fields"] for s in steps if s["event"] == "rcpt"]
+        self.assertEqual(
+            [(d["rcpt"], d["result"]) for d in decisions],
+            [("alice@example.test", "accepted"), ("nobody@example.test", "refused")],
+        )
+        self.assertEqual(decisions[1]["code"], "5.1.1")
+        self.assertRegex(decisions[1]["reply"], r"^550 5\.1\.1 ")
+        [filed] = deliveries(steps)
+        self.assertEqual(filed["kind"], "maildir")
+        self.assertTrue(Path(filed["path"]).is_file())
+        self.assertEqual(Path(filed["path"]).parent, server.maildir("alice") / "new")
+
+    @defer.inlineCallbacks
+    def test_an_unknown_id_exits_1(self) -> None:
+        server = start_server(self)
+        status, out, _ = yield deferToThread(
+            lambda: self.mailxctl(server.config.source, "trace", "<nothing@nowhere.test>")
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("no message <nothing@nowhere.test> in the trace record", out)
+
+    def test_keep_days_0_writes_no_record(self) -> None:
+        server = start_server(self, {"logging": {"trace": {"keep_days": 0}}})
+        self.assertIsNone(server.service.trace)
+        self.assertFalse((server.config.paths.spool / "trace").exists())
+
+
+class RestartTests(TraceCase):
+    """A message deferred, the server killed (-9) and started again, then delivered."""
+
+    def setUp(self) -> None:
+        self.dns = start_dns_server(ZONES)
+        self.addCleanup(self.dns.stop)
+        self.sink = start_sink()
+        self.addCleanup(self.sink.stop)
+        self.port = free_port()
+        overrides = config_overrides(self.dns.port, self.sink.port, retry=["1h"])
+        overrides["listen"] = {"smtp": [f"tcp:{self.port}:interface=127.0.0.1"]}
+        self.directory = Path(self.mktemp()).absolute()
+        self.config = write_config(self.directory, overrides)
+        self.process = ServerProcess(self.config, self.port)
+        self.addCleanup(self.process.kill)
+
+    @defer.inlineCallbacks
+    def test_the_story_goes_on_across_a_restart(self) -> None:
+        self.sink.script("rcpt", "451 4.3.0 try later")
+        yield deferToThread(self.process.start)
+        first_pid = self.process.proc.pid
+        qid, _ = yield deferToThread(
+            send, self.port, "alice@sender.test", ["boss@example.test"], message("restart")
+        )
+        before = yield self.story_until(
+            self.config, qid, lambda s: any(d["status"] == "deferred" for d in deliveries(s))
+        )
+        self.process.kill()
+        yield deferToThread(self.process.start)
+        self.assertNotEqual(self.process.proc.pid, first_pid)
+        (self.directory / "spool" / "queue" / ".flush").touch()  # the 1h retry, now
+        yield self.sink.wait_for(1)
+        after = yield self.story_until(
+            self.config, qid, lambda s: any(d["status"] == "sent" for d in deliveries(s))
+        )
+        # What was recorded before the kill is all there, first, unchanged.
+        self.assertEqual(after[: len(before)], before)
+        self.assertEqual([d["status"] for d in deliveries(after)], ["deferred", "sent"])
+        self.assertLess(position(after, r"^connect from"), position(after, "status=deferred"))
+
+
+def event(when: float, qid: str = "Q1") -> dict[str, Any]:
+    return {"log_time": when, "log_format": "{qid}: step", "log_namespace": "test", "qid": qid}
+
+
+def noon(day: date) -> float:
+    return datetime(day.year, day.month, day.day, 12, tzinfo=UTC).timestamp()
+
+
+class RecordFileTests(unittest.TestCase):
+    """The files themselves: one a day, pruned by age, never a torn record read."""
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp())
+        self.today = date(2026, 12, 2)
+        self.now = noon(self.today)
+        self.record = trace.TraceRecord(
+            self.directory, keep_days=7, clock=lambda: self.now, flush_seconds=0.05
+        )
+
+    def day_file(self, days_ago: int) -> Path:
+        return self.directory / trace.file_name(self.today - timedelta(days=days_ago))
+
+    def test_files_older_than_keep_days_are_removed_at_start(self) -> None:
+        self.directory.mkdir()
+        for days_ago in (10, 8, 7, 0):
+            self.day_file(days_ago).write_text("")
+        (self.directory / "notes.txt").write_text("not ours")
+        self.record.start()
+        self.addCleanup(self.record.stop)
+        self.assertEqual(
+            sorted(os.listdir(self.directory)),
+            sorted(["notes.txt", self.day_file(7).name, self.day_file(0).name]),
+        )
+
+    def test_a_new_day_gets_a_new_file_and_prunes_the_oldest(self) -> None:
+        self.directory.mkdir()
+        self.day_file(7).write_text("")
+        self.record.start()
+        self.record(event(self.now))
+        tomorrow = self.now + 86400
+        self.now = tomorrow
+        self.record(event(tomorrow))
+        self.record.stop()
+        self.assertEqual(
+            sorted(os.listdir(self.directory)), [self.day_file(0).name, self.day_file(-1).name]
+        )
+        for days_ago in (0, -1):
+            [line] = self.day_file(days_ago).read_text().splitlines()
+            self.assertEqual(json.loads(line)["qid"], "Q1")
+
+    def test_a_torn_last_line_is_skipped_and_the_next_record_starts_a_line(self) -> None:
+        self.directory.mkdir()
+        self.day_file(0).write_text(json.dumps(event(self.now, "Q0")) + "\n" + '{"qid": "Q0", "log_t')
+        self.record.start()
+        self.record(event(self.now, "Q2"))
+        self.record.stop()
+        self.assertEqual(
+            [r["qid"] for r in trace.read_records(self.directory)], ["Q0", "Q2"]
+        )
+        self.assertEqual(len(self.day_file(0).read_text().splitlines()), 3)
+
+    def test_events_without_a_queue_or_session_id_are_not_kept(self) -> None:
+        self.record.start()
+        self.record({"log_time": self.now, "log_format": "mailx ready", "log_namespace": "x"})
+        self.record({**event(self.now), "qid": None, "session": "S1"})
+        self.record.stop()
+        self.assertEqual([r["session"] for r in trace.read_records(self.directory)], ["S1"])
+
+    def test_the_directory_is_private(self) -> None:
+        self.record.start()
+        self.record.stop()
+        self.assertEqual(self.directory.stat().st_mode & 0o777, 0o700)
+
+
+class PruneProperties(unittest.TestCase):
+    @settings(max_examples=50, deadline=None)
+    @given(
+        ages=st.sets(st.integers(min_value=-3, max_value=40), max_size=12),
+        keep_days=st.integers(min_value=0, max_value=30),
+    )
+    def test_exactly_the_days_older_than_keep_days_go(self, ages: set[int], keep_days: int) -> None:
+        directory = Path(tempfile.mkdtemp())
+        try:
+            today = date(2026, 3, 1)
+            for age in ages:
+                (directory / trace.file_name(today - timedelta(days=age))).write_text("")
+            trace.prune(directory, keep_days, noon(today) + 3600 * 11.9)
+            left = {
+                (today - date.fromisoformat(name[6:16])).days for name in os.listdir(directory)
+            }
+            self.assertEqual(left, {a for a in ages if a <= keep_days})
+        finally:
+            shutil.rmtree(directory)
+
