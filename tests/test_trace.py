@@ -167,6 +167,26 @@ class ForwardedMessageTests(TraceCase):
         self.assertEqual(verdict["fields"]["message_id"], "<greylisted@good.test>")
 
     @defer.inlineCallbacks
+    def test_a_bounce_and_its_delivery_are_in_the_story(self) -> None:
+        self.sink.script("rcpt", "550 5.1.1 No such user", address="someone@outside.test")
+        yield deferToThread(self.process.start)
+        qid, _ = yield deferToThread(
+            send, self.port, "alice@good.test", ["boss@example.test"], message("bounced")
+        )
+        steps = yield self.story_until(
+            self.config,
+            qid,
+            lambda s: any(x["id"] == qid + "B" and x["event"] == "delivery" for x in s),
+        )
+        [failed] = [d for d in deliveries(steps) if d["qid"] == qid]
+        self.assertEqual((failed["status"], failed["reply"]), ("bounced", "550 5.1.1 No such user"))
+        [notice] = [d for d in deliveries(steps) if d["qid"] == qid + "B"]
+        self.assertEqual((notice["status"], notice["rcpt"]), ("sent", "alice@good.test"))
+        self.assertLess(
+            position(steps, r"status=bounced"), position(steps, rf"bounce notice {qid}B queued")
+        )
+
+    @defer.inlineCallbacks
     def test_by_message_id_the_same_story_and_the_text_aligned(self) -> None:
         yield deferToThread(self.process.start)
         qid, _ = yield deferToThread(
