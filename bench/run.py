@@ -58,6 +58,8 @@ MiB = 1024 * KiB
 # ends. SPEC section 5: a 250 means the file is already there, so this only
 # bounds how long a broken server is waited for.
 DELIVERY_GRACE = 30.0
+# --observe: what the trace record and metrics may cost in msg/s (issue 14).
+OBSERVE_BUDGET = 0.05
 # Cores taken by other processes during a run above which the table is suspect.
 NOISE_WARNING = 0.2
 
@@ -155,6 +157,24 @@ def mailx_observed_command(run_dir: Path, port: int, scenario: Scenario, args,
     return mailx_command(run_dir, port, observed, args)
 
 
+# --observe: the trace record (mailx.observe.trace) and the metrics listener
+# both off, against both on; log observers count either way (metrics has no off).
+UNOBSERVED = MappingProxyType({"logging": {"trace": {"keep_days": 0}}})
+
+
+def mailx_unobserved_command(run_dir: Path, port: int, scenario: Scenario, args) -> list[str]:
+    """mailx with no trace record and no metrics listener."""
+    bare = replace(scenario, config=deep_merge(scenario.config, UNOBSERVED))
+    return mailx_command(run_dir, port, bare, args)
+
+
+def mailx_traced_command(run_dir: Path, port: int, scenario: Scenario, args) -> list[str]:
+    """mailx with listen.metrics and the trace record (7 days, its default) on."""
+    traced = replace(scenario, config=deep_merge(
+        scenario.config, {"logging": {"trace": {"keep_days": 7}}}))
+    return mailx_observed_command(run_dir, port, traced, args)
+
+
 _dns_server: subprocess.Popen | None = None
 _dns_port: int | None = None
 
@@ -208,6 +228,9 @@ SERVERS: dict[str, Callable[..., list[str]]] = {
     # logs too: --servers mailx,mailx-metrics,mailx-json gives the ratios.
     "mailx-metrics": mailx_observed_command,
     "mailx-json": lambda *a: mailx_observed_command(*a, json_logs=True),
+    # --observe: trace record and metrics listener off, then both on.
+    "mailx-unobserved": mailx_unobserved_command,
+    "mailx-observed": mailx_traced_command,
     "peer": peer_command,
     # Not in the default set: the peer with its fsyncs in a thread pool.
     "peer-threads": lambda *a: peer_command(*a, extra=("--fsync-in-thread",)),
@@ -714,7 +737,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
                         help="before each run, wait up to this long for other processes "
                              f"to use less than {NOISE_WARNING} cores")
+    parser.add_argument("--observe", action="store_true",
+                        help="the cost of being watched: mailx with the trace record and "
+                             "metrics off against both on, 1KiB-c10 unless --scenarios; "
+                             f"fails if on loses more than {OBSERVE_BUDGET:.0%} of msg/s")
     args = parser.parse_args(argv)
+    if args.observe:
+        args.servers = "mailx-unobserved,mailx-observed"
+        if args.scenarios == ",".join(names):
+            args.scenarios = "1KiB-c10"
     wanted = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in names]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -727,6 +758,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif args.loadgen == "smtp-source" and not loadgen.find_smtp_source():
         parser.error("smtp-source not found (Debian: apt-get install postfix, 'No configuration')")
     return args
+
+
+def observe_verdict(runs: list[dict]) -> bool:
+    """Print the on/off ratio of median msg/s per scenario; True when over budget."""
+    over = False
+    for name in sorted({r["scenario"] for r in runs}):
+        rates = {}
+        for server in ("mailx-unobserved", "mailx-observed"):
+            found = [r["msgs_per_s"] for r in runs
+                     if r["scenario"] == name and r["server"] == server and r["msgs_per_s"]]
+            rates[server] = statistics.median(found) if found else 0.0
+        if not all(rates.values()):
+            print(f"--observe {name}: a server failed every run; no ratio")
+            over = True
+            continue
+        ratio = rates["mailx-observed"] / rates["mailx-unobserved"]
+        verdict = "within" if ratio >= 1 - OBSERVE_BUDGET else "OVER"
+        over = over or verdict == "OVER"
+        print(f"--observe {name}: off {rates['mailx-unobserved']:.0f} msg/s, on (trace + metrics)"
+              f" {rates['mailx-observed']:.0f} msg/s, on/off {ratio:.3f}:"
+              f" {verdict} the {OBSERVE_BUDGET:.0%} budget")
+    return over
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -795,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"messages per second: median of {args.repeat} (range); "
           f"load generator: {lg}; {machine['cpus']} CPUs")
     print(table(summary, args.servers))
+    if args.observe:
+        failed = observe_verdict(runs) or failed
     noisy = max((row["other_load"] for row in summary), default=0.0)
     if noisy > NOISE_WARNING:
         print(f"warning: other processes took up to {noisy:.2f} cores during the runs; "

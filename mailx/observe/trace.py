@@ -105,6 +105,11 @@ def prune(directory: Path, keep_days: int, now: float) -> list[Path]:
     return removed
 
 
+_PLAIN = frozenset((str, int, float, type(None)))
+# ASCII: every other character as JSON escapes it, whatever a stranger sent.
+_ENCODE = json.JSONEncoder(default=str, check_circular=False).encode
+
+
 def as_record(event: LogEvent) -> dict[str, Any]:
     """The event as it is stored: Twisted's keys that format it, then its own fields."""
     record: dict[str, Any] = {key: event.get(key) for key in _KEPT}
@@ -117,10 +122,10 @@ def as_record(event: LogEvent) -> dict[str, Any]:
         except Exception:
             record["log_error"] = repr(failure)
     # Every field, even those jsonlog leaves to its core record ("why" is one):
-    # the reader formats the line from them.
+    # the reader formats the line from them.  Plain values as they are (most).
     for key, value in event.items():
         if not key.startswith("log_"):
-            record[key] = _value(value)
+            record[key] = value if type(value) in _PLAIN else _value(value)
     return record
 
 
@@ -206,8 +211,7 @@ class TraceRecord:
             event = pending.popleft()
             try:
                 record = as_record(event)
-                # ASCII: every character as JSON escapes it, whatever a stranger sent.
-                line = json.dumps(record, default=str)
+                line = _ENCODE(record)
             except Exception:  # a malformed event must not stop the record
                 continue
             when = record.get("log_time")
