@@ -63,7 +63,7 @@ log = Logger(namespace="mailx.trace")
 FLUSH_SECONDS = 1.0
 # Waiting events that wake the thread early (a burst), and the most kept.
 WAKE_AT = 2000
-MAX_PENDING = 200_000
+MAX_PENDING = 50_000  # about 50 MiB of events: a disk stalled for minutes
 # Notices about a message are queued as <qid> plus one letter (outbound.relay).
 NOTICE_SUFFIXES = ("B", "D")
 _FILE = re.compile(r"trace-(\d{4}-\d{2}-\d{2})\.jsonl")
