@@ -34,6 +34,7 @@ from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.server import (
     LineClient,
     ServerProcess,
+    capture_log,
     free_port,
     start_server,
     write_config,
@@ -237,6 +238,21 @@ class RefusedRecipientTests(TraceCase):
         self.assertEqual(filed["kind"], "maildir")
         self.assertTrue(Path(filed["path"]).is_file())
         self.assertEqual(Path(filed["path"]).parent, server.maildir("alice") / "new")
+
+    @defer.inlineCallbacks
+    def test_the_text_log_links_the_session_and_the_queue_id(self) -> None:
+        lines = capture_log(self)
+        server = start_server(self)
+        qid, _ = yield deferToThread(
+            send, server.port, "someone@sender.test", ["alice@example.test"], message("link")
+        )
+        steps = yield self.story_until(
+            server.config.source, qid, lambda s: any(x["event"] == "delivery" for x in s)
+        )
+        [session] = {s["fields"]["session"] for s in steps if "session" in s["fields"]}
+        links = [line for line in lines if line.startswith(f"{qid}: session={session} ")]
+        self.assertEqual(len(links), 1)
+        self.assertIn(f"{session}: connect from 127.0.0.1:", "\n".join(lines))
 
     @defer.inlineCallbacks
     def test_an_unknown_id_exits_1(self) -> None:
