@@ -378,6 +378,15 @@ class RecordFileTests(unittest.TestCase):
         self.record.stop()
         self.assertEqual([r["session"] for r in trace.read_records(self.directory)], ["S1"])
 
+    def test_a_filter_event_by_queue_id_is_the_message_s(self) -> None:
+        self.record.start()
+        self.record(
+            {"log_time": self.now, "log_format": "{queue_id} {note}", "queue_id": "Q3", "note": "x"}
+        )
+        self.record.stop()
+        [kept] = trace.read_records(self.directory)
+        self.assertEqual((kept["qid"], trace.text_of(kept)), ("Q3", "Q3 x"))
+
     def test_the_directory_is_private(self) -> None:
         self.record.start()
         self.record.stop()

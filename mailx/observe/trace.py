@@ -4,7 +4,8 @@
 The same seam as `mailx.observe.metrics`: mailx already logs one
 structured event per step of a message, each with its queue ID (``qid``)
 or its session's ID (``session``); the line that links the two is the
-sender's (``{qid}: session=... from=<...>``).  `TraceRecord` is a
+sender's (``{qid}: session=... from=<...>``); the filters' ``queue_id`` counts
+as ``qid``.  `TraceRecord` is a
 `twisted.logger` observer that keeps those events, and only those, as
 one JSON line each in ``trace-YYYY-MM-DD.jsonl`` (UTC) under
 ``logging.trace.path``.  A record is the event itself minus Twisted's
@@ -132,6 +133,8 @@ def as_record(event: LogEvent) -> dict[str, Any]:
                     record["log_error"] = repr(value)
         else:
             record[key] = value if type(value) in plain else _value(value)
+    if "qid" not in record and "queue_id" in record:
+        record["qid"] = record["queue_id"]  # mailx.filters names it so
     return record
 
 
@@ -162,7 +165,7 @@ class TraceRecord:
     # -- the observer (reactor thread, or whichever thread logs) ---------------
 
     def __call__(self, event: LogEvent) -> None:
-        if "qid" not in event and "session" not in event:
+        if "qid" not in event and "session" not in event and "queue_id" not in event:
             return
         pending = self._pending
         if len(pending) >= MAX_PENDING:
