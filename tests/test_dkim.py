@@ -25,9 +25,10 @@ from dkim.crypto import parse_pem_private_key
 from dkim.util import parse_tag_value
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from mailx.checks import Authenticator
 from mailx.checks.dkim import (
     _B_TAG,
     MAX_REPORTED,
@@ -39,6 +40,7 @@ from mailx.checks.dkim import (
 )
 from mailx.checks.results import build_header
 from mailx.dns import Resolver
+from mailx.smtp import replies
 from mailx.testing.dnsserver import serve_for_test
 
 MESSAGE = (
@@ -431,6 +433,59 @@ class StreamedBodyTests(DKIMTestCase):
         self.assertLess(cpu, 10)  # generous: about 0.2 s here
         self.assertFalse([q for q in self.server.queries if "_domainkey" in q[0]])
 
+
+class BodyHashDeadlineTests(DKIMTestCase):
+    """A check that is out of time or abandoned stops hashing the body.
+
+    Before, the 451 went out at ``authentication.timeout`` while the DNS
+    thread hashed on to the end of the body, holding its check slot.
+    """
+
+    PIECE = 64 * 1024
+
+    def setUp(self) -> None:
+        super().setUp()
+        config = SimpleNamespace(
+            spf=False, dkim=True, dmarc="off", timeout=0.5, concurrency_per_ip=2
+        )
+        self.auth = Authenticator(self.resolver, config, "mx.example.test")
+        self.header, _ = split(sign(MESSAGE, "rsa", "example.test", self.rsa_pem))
+        self.reads = 0
+
+    def slow_body(self):
+        """A 128 MiB body read at 3 MiB/s: 40 s to hash in full."""
+        for _ in range(2048):
+            self.reads += 1
+            time.sleep(0.02)
+            yield b"x" * self.PIECE
+
+    @defer.inlineCallbacks
+    def wait_for_the_slot(self, seconds: float):
+        deadline = time.monotonic() + seconds
+        while self.auth.limiter.in_use and time.monotonic() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.auth.limiter.in_use, 0, f"still hashing, {self.reads} reads")
+
+    @defer.inlineCallbacks
+    def test_out_of_time_stops_the_body_hash(self):
+        started = time.monotonic()
+        verdict = yield self.auth.check("192.0.2.1", "c.test", "x@example.test",
+                                        self.header, self.slow_body)
+        self.assertEqual((verdict.action, verdict.reply), ("tempfail", replies.DNS_TEMPFAIL))
+        self.assertLess(time.monotonic() - started, 5)
+        yield self.wait_for_the_slot(5)
+        self.assertLess(self.reads, 500)  # about 25 in 0.5 s
+
+    @defer.inlineCallbacks
+    def test_hang_up_stops_the_body_hash(self):
+        checking = self.auth.check("192.0.2.1", "c.test", "x@example.test",
+                                   self.header, self.slow_body)
+        checking.addErrback(lambda f: f.trap(defer.CancelledError) and "cancelled")
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        checking.cancel()
+        self.assertEqual((yield checking), "cancelled")
+        yield self.wait_for_the_slot(5)
+        self.assertLess(self.reads, 500)
 
 
 def folded_field(size: int = 996 * 1024) -> bytes:

@@ -416,6 +416,7 @@ def verify_dkim(
     body: Callable[[], Iterable[bytes]] | None = None,
     *,
     max_body: int | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[DKIMResult, ...]:
     """Verify each DKIM-Signature of ``message``, topmost first.
 
@@ -423,7 +424,8 @@ def verify_dkim(
     the body in chunks (a `mailx.inbound.spool.SpoolBuffer`'s ``chunks``).  Without
     ``body``, ``message`` is the whole message.  At most ``max_body`` octets
     of body are hashed.  An empty tuple means the message is unsigned
-    (dkim=none).  Blocks on DNS: call from a worker thread.
+    (dkim=none).  Blocks on DNS: call from a worker thread.  Once ``stop()``
+    is true the body hash ends with `mailx.checks.bodyhash.BodyHashStopped`.
     """
     if body is None:
         message, rest = _split(message)
@@ -453,7 +455,7 @@ def verify_dkim(
             key = None
         if key is not None:
             keys.add(key)
-    verifier.body_hashes = body_hashes(body(), keys, max_body)
+    verifier.body_hashes = body_hashes(body(), keys, max_body, stop)
     results = []
     for index, value in enumerate(fields[:MAX_REPORTED]):
         about = _describe(value)
