@@ -210,7 +210,9 @@ BLOCK_DEFAULTS: Mapping[str, Mapping[str, Any]] = _frozen(
             "dkim": None,
             "alias_of": None,
             "sieve_before": None,
+            "delivery": None,  # {lmtp: ENDPOINT}; null: our Maildirs (SPEC 14)
         },
+        "delivery": {"lmtp": REQUIRED},
     }
 )
 
@@ -340,6 +342,9 @@ class DomainConfig:
     alias_of: str | None
     # An administrator's Sieve script run before each mailbox's own (SPEC 12).
     sieve_before: Path | None = None
+    # SPEC 14: the LMTP server (a Twisted client endpoint) that files this
+    # domain's mail; None: our Maildirs.
+    lmtp: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1220,7 +1225,7 @@ class _Loader:
             return None
         alias_of = None if fields["alias_of"].null else self.value(fields["alias_of"], self.domain)
         if not fields["alias_of"].null:
-            for key in ("mailboxes", "aliases", "subaddress_delimiter", "sieve_before"):
+            for key in ("mailboxes", "aliases", "subaddress_delimiter", "sieve_before", "delivery"):
                 if node.kind == "map" and key in node.value:
                     self.at(
                         node.value[key],
@@ -1241,6 +1246,7 @@ class _Loader:
             dkim=dkim,
             alias_of=alias_of,
             sieve_before=sieve_before,
+            lmtp=self.delivery(fields["delivery"]),
         )
 
     def sieve_script(self, node: _Node) -> Path:
@@ -1255,6 +1261,25 @@ class _Loader:
         except OSError as e:
             raise _Invalid(f"cannot read {path}: {e.strerror}") from None
         return path
+
+    def delivery(self, node: _Node) -> str | None:
+        """``{lmtp: ENDPOINT}`` (SPEC 14), or None for our Maildirs."""
+        if node.null:
+            return None
+        fields = self.block(node, BLOCK_DEFAULTS["delivery"])
+        if fields is None or "lmtp" not in fields:
+            return None
+        return self.value(fields["lmtp"], self.lmtp_endpoint)
+
+    def lmtp_endpoint(self, node: _Node) -> str:
+        """A ``unix:`` or ``tcp:`` client endpoint string, checked by building it."""
+        if node.kind != "scalar" or node.null:
+            raise _Invalid(f"expected an endpoint such as unix:/run/dovecot/lmtp, got {node.describe()}")
+        text = self.text(node)
+        problem = lmtp_endpoint_problem(text)
+        if problem is not None:
+            raise _Invalid(problem)
+        return text
 
     def mailboxes(self, node: _Node) -> dict[str, _Node]:
         found: dict[str, _Node] = {}
@@ -1422,6 +1447,24 @@ class _NoReactor:
 
 
 _NO_REACTOR = _NoReactor()
+
+# RFC 2033: LMTP is for a client and server of one administration, a local
+# (unix:) or nearby (tcp:) mailbox store; TLS and the rest are not offered.
+LMTP_ENDPOINT_KINDS = ("unix", "tcp")
+
+
+def lmtp_endpoint_problem(text: str) -> str | None:
+    """Why ``text`` is no LMTP endpoint (``unix:PATH``, ``tcp:HOST:PORT``), None if it is one."""
+    from twisted.internet.endpoints import clientFromString
+
+    kind = text.partition(":")[0]
+    if kind not in LMTP_ENDPOINT_KINDS:
+        return f"'{text}': an LMTP endpoint is unix:/run/dovecot/lmtp or tcp:HOST:PORT"
+    try:
+        clientFromString(_NO_REACTOR, text)
+    except Exception as e:  # the parsers raise ValueError, TypeError, KeyError...
+        return f"'{text}' is not a Twisted client endpoint: {e}"
+    return None
 
 
 # ---------------------------------------------------------------------------

@@ -194,6 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _destination_json(config: Config, destination: Any) -> dict[str, Any]:
+    if isinstance(destination, MailboxDestination) and destination.lmtp is not None:
+        return {
+            "type": "mailbox",
+            "address": destination.address,
+            "domain": destination.domain,
+            "mailbox": destination.mailbox,
+            "lmtp": destination.lmtp,
+        }
     if isinstance(destination, MailboxDestination):
         return {
             "type": "mailbox",
@@ -204,6 +212,23 @@ def _destination_json(config: Config, destination: Any) -> dict[str, Any]:
         }
     assert isinstance(destination, ForwardDestination)
     return {"type": "forward", "address": destination.address}
+
+
+def _delivery_json(lmtp: str | None) -> dict[str, Any]:
+    """How a domain's mail is filed (SPEC 14); for a ``unix:`` LMTP socket, whether
+    it is there now (Dovecot not running yet is worth a word, not an error)."""
+    if lmtp is None:
+        return {"type": "maildir"}
+    found: dict[str, Any] = {"type": "lmtp", "endpoint": lmtp}
+    if lmtp.startswith("unix:"):
+        import stat
+
+        path = lmtp[len("unix:") :].split(":", 1)[0].removeprefix("path=")
+        try:
+            found["socket"] = "present" if stat.S_ISSOCK(os.stat(path).st_mode) else "not a socket"
+        except OSError as e:
+            found["socket"] = f"missing ({e.strerror})"
+    return found
 
 
 def summarize(config: Config) -> dict[str, Any]:
@@ -240,6 +265,7 @@ def summarize(config: Config) -> dict[str, Any]:
                 ),
                 "postmaster": [d.address for d in router.route(f"postmaster@{name}").destinations],
                 "postmaster_fallback": router.postmaster_falls_back(name),
+                "delivery": _delivery_json(domain.lmtp),
             }
         )
     limits = config.limits
@@ -336,6 +362,10 @@ def render_summary(summary: dict[str, Any]) -> str:
             )
         fallback = "  (the first domain's: none of its own)" if domain.get("postmaster_fallback") else ""
         lines.append(f"  postmaster → {', '.join(domain['postmaster'])}{fallback}")
+        delivery = domain.get("delivery") or {"type": "maildir"}
+        if delivery["type"] == "lmtp":
+            socket = f" (socket {delivery['socket']})" if "socket" in delivery else ""
+            lines.append(f"  delivery: LMTP {delivery['endpoint']}{socket}")
         if domain["dkim"]:
             lines.append(
                 f"  dkim: selector {domain['dkim']['selector']}, key {domain['dkim']['key']}"
@@ -435,7 +465,9 @@ def route(context: Context) -> int:
     }
     lines = [str(result.address), *(f"  {step}" for step in result.trace), "delivers to:"]
     for destination in data["destinations"]:
-        if destination["type"] == "mailbox":
+        if destination["type"] == "mailbox" and "lmtp" in destination:
+            lines.append(f"  mailbox {destination['address']}: LMTP {destination['lmtp']}")
+        elif destination["type"] == "mailbox":
             lines.append(f"  mailbox {destination['address']}: {destination['maildir']}")
         else:
             lines.append(f"  forward to {destination['address']}")

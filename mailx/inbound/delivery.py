@@ -200,6 +200,8 @@ VERDICT_LINE = "{qid}: {action} size={size} nrcpt={nrcpt} {results}"
 
 
 def _describe(destination: Any) -> str:
+    if isinstance(destination, MailboxDestination) and destination.lmtp is not None:
+        return f"mailbox {destination.domain}/{destination.mailbox} via LMTP {destination.lmtp}"
     if isinstance(destination, MailboxDestination):
         return f"mailbox {destination.domain}/{destination.mailbox}"
     return f"forward {destination.address}"
@@ -360,13 +362,14 @@ class IncomingMessage:
                 log.info(VERDICT_LINE, event="verdict", **verdict_line)
                 raise SMTPReplyError(verdict.reply)
             extra = [verdict.header.encode("utf-8") + b"\r\n"] if verdict is not None else []
-            mailboxes = _unique_mailboxes(self.routes)
+            # Mailboxes of LMTP domains (SPEC 14) go into the queue entry (_outgoing).
+            mailboxes = [m for m in _unique_mailboxes(self.routes) if m[0].lmtp is None]
             copies = [
                 (dest, self._trace_headers(dest, given) + extra, action == "junk")
                 for dest, given in mailboxes
             ]
             header = b"".join(fields)
-            outgoing = self._outgoing(verdict)
+            outgoing = self._outgoing(verdict, extra)
             enqueue = None
             if outgoing is not None:
                 enqueue = lambda data: ctx.outbound.queue.enqueue(outgoing, data)  # noqa: E731
@@ -487,8 +490,9 @@ class IncomingMessage:
                 return kept
         raise SMTPReplyError(replies.MAIL_LOOP.with_text(f"{replies.MAIL_LOOP.text}: {reason}"))
 
-    def _outgoing(self, verdict: Any = None) -> Any:
-        """The queue entry for the outside recipients (SPEC 8), or None without any.
+    def _outgoing(self, verdict: Any = None, results: Sequence[bytes] = ()) -> Any:
+        """The queue entry for the outside recipients (SPEC 8) and the mailboxes of
+        LMTP domains (SPEC 14), or None without any.
 
         The entry keeps the SPF and DMARC results: a bounce goes only to a
         sender they authenticate (dsn.notice_refusal: no backscatter).
@@ -505,7 +509,24 @@ class IncomingMessage:
             for d in r.destinations:
                 if isinstance(d, ForwardDestination):
                     forwards.append((str(r.address), d.address, trace))
-        if not forwards:
+        # The LMTP server writes Return-Path and Delivered-To itself (RFC 2033
+        # hands it the envelope); ours would be there twice.  ``results`` is
+        # our Authentication-Results, for its filters.
+        lmtp = [
+            (
+                given,
+                dest.address,
+                b"".join(
+                    f for f in self._trace_headers(dest, given)
+                    if not f.startswith((b"Return-Path:", b"Delivered-To:"))
+                )
+                + b"".join(results),
+                dest.lmtp,
+            )
+            for dest, given in _unique_mailboxes(self.routes)
+            if dest.lmtp is not None
+        ]
+        if not forwards and not lmtp:
             return None
         outbound = self.delivery.context.outbound
         if outbound is None:
@@ -519,6 +540,7 @@ class IncomingMessage:
             forwards,
             spf=spf.result if spf is not None else None,
             dmarc=dmarc.result if dmarc is not None else None,
+            lmtp=lmtp,
         )
 
     def _message_for_checks(

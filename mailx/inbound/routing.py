@@ -21,7 +21,7 @@ import ipaddress
 import re
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -226,10 +226,15 @@ def split_subaddress(local: str, delimiters: str | None) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class MailboxDestination:
-    """One of our Maildir mailboxes."""
+    """One of our mailboxes: a Maildir, or handed to the domain's LMTP server (SPEC 14).
+
+    ``lmtp`` is the domain's LMTP endpoint when it has one; it does not take
+    part in equality, so a mailbox is the same mailbox however it is filed.
+    """
 
     domain: str
     mailbox: str
+    lmtp: str | None = field(default=None, compare=False)
 
     @property
     def address(self) -> str:
@@ -369,9 +374,16 @@ class _Expander:
             return self._memo[key]
         config = self._domains[domain]
         if name in config.mailboxes:
-            where = self._mail_root / domain / name if self._mail_root else f"{domain}/{name}"
+            lmtp = config.lmtp
+            if lmtp is not None:
+                where = (
+                    f"LMTP {lmtp} (the LMTP server files it and runs the mailbox's filters)"
+                )
+            else:
+                where = self._mail_root / domain / name if self._mail_root else f"{domain}/{name}"
             expansion = _Expansion(
-                (MailboxDestination(domain, name),), (f"{name}@{domain} is a mailbox → {where}",)
+                (MailboxDestination(domain, name, lmtp),),
+                (f"{name}@{domain} is a mailbox → {where}",),
             )
         else:
             targets = config.aliases[name]

@@ -1103,8 +1103,13 @@ class Outbound(service.Service):
         *,
         spf: str | None = None,
         dmarc: str | None = None,
+        lmtp: Sequence[tuple[str, str, bytes, str]] = (),
     ) -> Envelope:
         """A new entry's envelope: ``forwards`` is (original recipient, outside address, trace).
+
+        ``lmtp`` is (original recipient, mailbox address, trace, endpoint) for
+        the mailboxes of LMTP domains (SPEC 14): they keep the sender as it
+        is (the message stays with us: no SRS) and go to that endpoint.
 
         The envelope sender becomes an SRS address at the domain the message
         was sent to (SPEC 8: so SPF passes at the destination), unless it is
@@ -1126,6 +1131,19 @@ class Outbound(service.Service):
                     mail_from=self._rewrite(sender, original),
                     trace=trace.decode("utf-8", "surrogateescape"),
                     next_attempt=now,
+                )
+            )
+        from mailx.outbound.lmtp import transport_for  # lmtp imports this module
+
+        for original, address, trace, endpoint in lmtp:
+            recipients.append(
+                Recipient(
+                    address=address,
+                    original=original,
+                    mail_from=sender,
+                    trace=trace.decode("utf-8", "surrogateescape"),
+                    next_attempt=now,
+                    transport=transport_for(endpoint),
                 )
             )
         return Envelope(
@@ -1156,7 +1174,10 @@ class Outbound(service.Service):
         log.info(
             "{qid}: queued for forwarding: {rcpts}",
             qid=envelope.id,
-            rcpts=", ".join(f"<{r.address}> from=<{r.mail_from}>" for r in envelope.recipients),
+            rcpts=", ".join(
+                f"<{r.address}> from=<{r.mail_from}>" + (f" via {r.transport}" if r.transport else "")
+                for r in envelope.recipients
+            ),
         )
         self._add(envelope)
 
@@ -1233,7 +1254,7 @@ class Outbound(service.Service):
         groups: dict[tuple[str, str, str], list[Recipient]] = {}
         for r in entry.envelope.pending:
             if id(r) not in entry.in_flight and r.next_attempt <= now:
-                groups.setdefault((r.domain, r.mail_from, r.trace), []).append(r)
+                groups.setdefault((r.destination, r.mail_from, r.trace), []).append(r)
         for (domain, mail_from, trace), recipients in groups.items():
             entry.in_flight.update(id(r) for r in recipients)
             self._track(self._deliver(entry, domain, mail_from, trace, recipients))
@@ -1262,7 +1283,8 @@ class Outbound(service.Service):
     ) -> Any:
         """One attempt, its outcome applied and saved; the recipients stay in flight until then."""
         envelope = entry.envelope
-        key = "smarthost" if self.settings.smarthost else domain
+        lmtp = recipients[0].transport is not None  # grouped by destination: all or none
+        key = "smarthost" if self.settings.smarthost and not lmtp else domain
         try:
             yield self._slots.acquire(key)
         except defer.CancelledError:
@@ -1444,6 +1466,9 @@ class Outbound(service.Service):
         notice_id = envelope.id + suffix
         now = self.clock.seconds()
         mailboxes, forwards = self._notice_route(envelope.sender)
+        # Mailboxes of an LMTP domain (SPEC 14) get the notice through the queue too.
+        handed = [m for m in mailboxes if m.lmtp is not None]
+        mailboxes = [m for m in mailboxes if m.lmtp is None]
         if forwards:
             # Signed with our domain's key so the notice passes DMARC at the
             # sender's provider (a no-op without domains.<d>.dkim).
@@ -1459,7 +1484,9 @@ class Outbound(service.Service):
                 event="delivery",
                 status="sent",
             )
-        if forwards:
+        if forwards or handed:
+            from mailx.outbound.lmtp import transport_for  # lmtp imports this module
+
             notice = Envelope(
                 id=notice_id,
                 sender="",
@@ -1468,6 +1495,17 @@ class Outbound(service.Service):
                 recipients=[
                     Recipient(address=a, original=envelope.sender, mail_from="", next_attempt=now)
                     for a in forwards
+                ]
+                + [
+                    Recipient(
+                        address=m.address,
+                        original=envelope.sender,
+                        mail_from="",
+                        next_attempt=now,
+                        transport=transport_for(m.lmtp),
+                    )
+                    for m in handed
+                    if m.lmtp is not None
                 ],
             )
             try:
@@ -1479,7 +1517,7 @@ class Outbound(service.Service):
                 qid=envelope.id,
                 kind=kind,
                 nid=notice_id,
-                to=", ".join(forwards),
+                to=", ".join(r.address for r in notice.recipients),
             )
             self._add(notice)
 
@@ -1525,7 +1563,11 @@ class Outbound(service.Service):
         recipients: list[Recipient],
         closing: list[defer.Deferred],
     ) -> Any:
-        """Try the destination's hosts in order; each recipient's outcome."""
+        """Try the destination's hosts in order; each recipient's outcome.
+
+        ``domain`` is the group's destination: a recipient domain, or an LMTP
+        transport (`mailx.outbound.lmtp`), which has one host and no MX.
+        """
         addresses = tuple(r.address for r in recipients)
 
         def every(outcome: _Outcome) -> dict[str, _Outcome]:
@@ -1539,6 +1581,29 @@ class Outbound(service.Service):
             size=envelope.size + len(trace.encode("utf-8", "surrogateescape")),
             eight_bit=envelope.eight_bit,
         )
+        from mailx.outbound.lmtp import endpoint_of  # lmtp imports this module
+
+        lmtp = endpoint_of(recipients[0].transport)
+        if lmtp is not None:
+            try:
+                result = yield self._session(
+                    lmtp, None, transaction, closing, tls=None, qid=envelope.id, lmtp=True
+                )
+            except HostFailure as e:
+                log.info(
+                    "{qid}: LMTP {peer} failed: {reply}",
+                    qid=envelope.id,
+                    peer=lmtp,
+                    reply=_reply_text(e.reply),
+                )
+                reply = e.reply
+                if not reply.temporary:
+                    # A 5xx greeting or LHLO is the server's state, not the recipient's.
+                    reply = Reply(
+                        451, "4.4.0", f"LMTP {lmtp} refused the session: {_reply_text(reply)}"
+                    )
+                return every(_Outcome(reply, lmtp, lmtp, None))
+            return self._outcomes(result, lmtp, lmtp)
         policy = None
         if self.settings.smarthost:
             refusal = yield self._smarthost_refusal()
@@ -1870,15 +1935,17 @@ class Outbound(service.Service):
         tls: Any = "default",
         require_tls: bool = False,
         qid: str = "",
+        lmtp: bool = False,
     ) -> Any:
         """One session, on a kept connection to the host if there is one; ``tls`` the
-        options for STARTTLS ("default": ours, None: none)."""
+        options for STARTTLS ("default": ours, None: none).  With ``lmtp``, ``name``
+        is an LMTP endpoint string, spoken to by `mailx.outbound.lmtp`."""
         peer = self._peer(name, ip)
         if ip is not None and not destination_allowed(ip, self.settings.allowed_networks):
             # `_reachable` filtered them out already; never connect whatever the path.
             raise HostFailure(Reply(451, "4.4.4", f"{peer}: private or reserved address"))
         endpoint = self._endpoint_factory(name, ip)
-        credentials = self.settings.smarthost_auth if ip is None else None
+        credentials = self.settings.smarthost_auth if ip is None and not lmtp else None
         options = self.tls if tls == "default" else tls
         if credentials is not None and options is not None:
             options = self._verified_smarthost_tls()
@@ -1892,7 +1959,7 @@ class Outbound(service.Service):
         )
         # Verified TLS options are made per session: what they check is the name.
         verified = options is not None and options is not self.tls
-        key = (peer, options is None, verified, require_tls, credentials)
+        key = (peer, options is None, verified, require_tls, credentials, lmtp)
         while True:
             idle = self._take_idle(key)
             if idle is None:
@@ -1918,7 +1985,12 @@ class Outbound(service.Service):
                 self._sessions.discard(idle)
             return result
         settings = replace(settings, idle=self._keep_idle)
-        protocol = SMTPClientProtocol(transaction, settings, peer)
+        if lmtp:
+            from mailx.outbound.lmtp import LMTPClientProtocol
+
+            protocol: SMTPClientProtocol = LMTPClientProtocol(transaction, settings, peer)
+        else:
+            protocol = SMTPClientProtocol(transaction, settings, peer)
         protocol.cache_key = key
         try:
             yield endpoint.connect(_OneSession(protocol))

@@ -12,7 +12,10 @@ ID, holding two files:
   it may get a bounce), and per recipient the address,
   the envelope sender to use (SRS-rewritten), the trace fields to prepend,
   and its state: ``pending``, ``delivered`` or ``failed``, attempts, next
-  attempt, last reply.
+  attempt, last reply, and its transport: none for MX delivery (or the
+  smarthost), ``lmtp:<endpoint>`` for a mailbox of an LMTP domain (SPEC 14,
+  `mailx.outbound.lmtp`).  Entries written before the field existed read
+  as MX delivery, which is what they were.
 
 Durability (SPEC section 5: ``250`` means fsynced): a new entry is written
 in ``.tmp/<id>/``, both files and the directory fsynced, then renamed into
@@ -103,10 +106,18 @@ class Recipient:
     last_host: str | None = None  # "mx.example.net[192.0.2.1]:25"
     status: str | None = None  # RFC 3463 code for the DSN, e.g. "5.1.1"
     remote_mta: str | None = None  # the host that gave last_reply, for the DSN
+    # None: the domain's MX (or the smarthost); "lmtp:unix:/run/dovecot/lmtp": that
+    # LMTP server, as the domain's configuration said when the message came in.
+    transport: str | None = None
 
     @property
     def domain(self) -> str:
         return self.address.rpartition("@")[2]
+
+    @property
+    def destination(self) -> str:
+        """What one delivery attempt goes to: the transport, else the recipient's domain."""
+        return self.transport or self.domain
 
 
 @dataclass
@@ -367,6 +378,7 @@ def envelope_summary(envelope: Envelope, now: float) -> dict[str, Any]:
                 "next_attempt": r.next_attempt if r.state == PENDING else None,
                 "last_reply": r.last_reply,
                 "last_host": r.last_host,
+                "transport": r.transport,
             }
             for r in envelope.recipients
         ],
