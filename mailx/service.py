@@ -309,6 +309,8 @@ class MailxService(service.MultiService):
                 )
         cleaned = 0
         for domain in config.domains.values():
+            if domain.lmtp is not None:
+                continue  # filed by the LMTP server (SPEC 14); made by a reload back to Maildir
             for mailbox in sorted(domain.mailboxes):
                 path = config.paths.mail / domain.name / mailbox
                 maildir.ensure_maildir(path)

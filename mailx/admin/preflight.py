@@ -142,6 +142,8 @@ def needs(config: Any) -> list[Need]:
     mail = config.paths.mail
     found.append(Need("paths.mail", mail, "write"))
     for name, domain in config.domains.items():
+        if domain.lmtp is not None:
+            continue  # filed by the LMTP server (SPEC 14): no Maildir of ours
         for mailbox in sorted(domain.mailboxes):
             box = mail / name / mailbox
             found.append(Need("paths.mail", box, "write"))
