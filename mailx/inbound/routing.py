@@ -376,11 +376,9 @@ class _Expander:
         if name in config.mailboxes:
             lmtp = config.lmtp
             if lmtp is not None:
-                where = (
-                    f"LMTP {lmtp} (the LMTP server files it and runs the mailbox's filters)"
-                )
+                where = f"LMTP {lmtp} (the LMTP server files it and runs the mailbox's filters)"
             else:
-                where = self._mail_root / domain / name if self._mail_root else f"{domain}/{name}"
+                where = str(self._mail_root / domain / name if self._mail_root else f"{domain}/{name}")
             expansion = _Expansion(
                 (MailboxDestination(domain, name, lmtp),),
                 (f"{name}@{domain} is a mailbox → {where}",),

@@ -140,7 +140,8 @@ class PrivateDovecot:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"dovecot exited: {self.process.stderr.read().decode()}")
+                why = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"dovecot exited: {why}")
             try:
                 socket.create_connection(("127.0.0.1", self.imap_port), timeout=1).close()
                 socket.create_connection(("127.0.0.1", self.lmtp_port), timeout=1).close()
@@ -180,8 +181,10 @@ class PrivateDovecot:
             imap.login(user, PASSWORD)
             imap.select(mailbox, readonly=True)
             _, data = imap.search(None, "ALL")
-            found = []
+            found: list[bytes] = []
             for number in data[0].split():
                 _, parts = imap.fetch(number, "(RFC822)")
-                found.append(parts[0][1])
+                item = parts[0]
+                assert isinstance(item, tuple)
+                found.append(item[1])
         return found
