@@ -18,8 +18,10 @@ master.cf lines (``MODES``); today:
 - ``relay``: mail for ``bench.test`` rewritten to ``someone@sink.test``
   (virtual_alias_maps) and relayed by smtp(8) to ``relayhost`` (a sink on
   loopback). Postfix has no SRS of its own; the envelope sender is kept.
+- ``lmtp``: mail for ``alice@bench.test`` handed by lmtp(8) to an LMTP
+  server (``virtual_transport = lmtp:unix:PATH``), Dovecot in bench/lmtp.py.
 
-Later modes (relaying with SASL, lmtp(8) into Dovecot) are one more entry.
+Later modes (relaying with SASL) are one more entry.
 
 Durability, for the comparison: cleanup(8) fsyncs the queue file before
 smtpd says 250, and virtual(8) fsyncs each Maildir file before renaming it
@@ -77,6 +79,7 @@ class Instance:
     mode: str = "maildir"
     mail: Path | None = None  # Maildir root (maildir mode); default <directory>/mail
     relay: tuple[str, int] | None = None  # next hop (relay mode)
+    lmtp: str | None = None  # the LMTP server in Postfix's form, unix:PATH (lmtp mode)
     extra: Mapping[str, str] = field(default_factory=dict)  # more main.cf parameters
 
     @property
@@ -123,9 +126,21 @@ def _relay_mode(inst: Instance) -> tuple[dict[str, str], list[str]]:
     }, [service("smtp", "unix", "-", "-", "n", "-", "-", "smtp")]
 
 
+def _lmtp_mode(inst: Instance) -> tuple[dict[str, str], list[str]]:
+    if inst.lmtp is None:
+        raise ValueError("lmtp mode needs an LMTP server")
+    (inst.config / "vmailbox").write_text(f"{MAILBOX}@{DOMAIN} OK\n")
+    return {
+        "virtual_mailbox_domains": DOMAIN,
+        "virtual_mailbox_maps": f"texthash:{inst.config / 'vmailbox'}",
+        "virtual_transport": f"lmtp:{inst.lmtp}",
+    }, [service("lmtp", "unix", "-", "-", "n", "-", "-", "lmtp")]
+
+
 MODES: dict[str, Callable[[Instance], tuple[dict[str, str], list[str]]]] = {
     "maildir": _maildir_mode,
     "relay": _relay_mode,
+    "lmtp": _lmtp_mode,
 }
 
 

@@ -377,6 +377,14 @@ class IncomingMessage:
                 filed = yield ctx.writer.file(
                     *_writer_request(config, self.queue_id, copies, header), self.body
                 )
+            elif not copies:
+                # Only a queue entry (forwards, LMTP mailboxes): nothing to keep
+                # all-or-none with it, so the disk pool, whose concurrent fsyncs
+                # share the journal's commits, not the committer's one thread.
+                yield deferToThreadPool(
+                    ctx.reactor, ctx.disk_pool, file_copies,
+                    config, self.queue_id, copies, header, self.body, enqueue,
+                )
             else:
                 # Mailbox copies and the queue entry in one all-or-none step.
                 filed = yield ctx.deliver_in_thread(
