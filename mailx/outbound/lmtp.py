@@ -16,10 +16,12 @@ Delivery guarantee: **at least once**.  A recipient is marked delivered
 only once the LMTP server's 250 for it has arrived, and the mark is a
 durable rewrite of the envelope; a crash (of mailx or its host) after the
 server's 250 and before that rewrite sends the message again after the
-restart, and that window is the only way to a duplicate.  Nothing
-acknowledged is lost: the queue entry exists, fsynced, before our 250.
-Dovecot's own duplicate suppression (``lmtp_save_to_detail_mailbox`` aside,
-the Sieve ``duplicate`` extension) can absorb the redelivery if wanted.
+restart, and that window is the only way to a duplicate (on the sending
+side, RFC 1047's: a 250 of ours fsynced but never received, so the client
+sends again).  Nothing acknowledged is lost: the queue entry exists,
+fsynced, before our 250.  A Sieve ``duplicate`` test (RFC 7352) in the
+LMTP server can drop the second copy by Message-ID if that matters.
+``tests.test_lmtp.DeliveryGuaranteeTests`` and ``TwoHostsTests`` test it.
 
 The LMTP server files the message and runs the mailbox's filters (Sieve in
 Dovecot's Pigeonhole): mailx runs none for these mailboxes.  The server

@@ -1332,7 +1332,8 @@ class Outbound(service.Service):
             "attempts": r.attempts,
             "reply": r.last_reply,
             "event": "delivery",  # for mailx.observe.metrics, with kind and status
-            "kind": envelope.kind,
+            # LMTP hand-overs (SPEC 14) count apart from forwards and notices.
+            "kind": "lmtp" if r.transport is not None and envelope.kind == "forward" else envelope.kind,
         }
         fmt = (
             "{qid}: to=<{rcpt}> orig_to=<{orig}> relay={relay} tls={tls} delay={delay}s"
