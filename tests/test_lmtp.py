@@ -377,6 +377,42 @@ class DovecotLMTPTests(DovecotCase):
         self.assertEqual(found, ["lmtp1"])
 
 
+class SubmissionToLMTPTests(DovecotCase):
+    @defer.inlineCallbacks
+    def test_a_submitted_message_to_an_lmtp_mailbox_reaches_dovecot(self) -> None:
+        import smtplib
+        import ssl
+
+        from mailx.smtp.accounts import hash_password
+        from mailx.testing.server import start_server
+        from mailx.testing.tls import make_certificate
+
+        self.dovecot.start()
+        cert, key = make_certificate(self.directory / "tls")
+        passwd = self.directory / "passwd"
+        passwd.write_text(f"{SENDER}:{hash_password('bobs')}\n")
+        overrides = merge(lmtp_domains(self.dovecot.unix_endpoint), {
+            "listen": {"submission": ["tcp:0:interface=127.0.0.1"]},
+            "tls": {"certificate": str(cert), "key": str(key)},
+            "accounts": {"passwords": str(passwd)},
+        })
+        server = start_server(self, overrides)
+
+        def submit() -> None:
+            context = ssl.create_default_context(cafile=str(cert))
+            context.check_hostname = False
+            with smtplib.SMTP("127.0.0.1", server.ports[1], timeout=20) as client:
+                client.starttls(context=context)
+                client.login(SENDER, "bobs")
+                client.sendmail(SENDER, ["alice@example.test"], message("submitted"))
+
+        yield in_thread(submit)
+        found = yield self.eventually(lambda: self.dovecot.messages("alice@example.test"))
+        self.assertEqual(message_ids(found), ["submitted"])
+        self.assertEqual(found[0].count(b"Return-Path:"), 1)
+        self.assertEqual(server.all_messages(), [])
+
+
 class UnknownToDovecotTests(DovecotCase):
     USERS = ("alice@example.test",)  # carol is ours, but Dovecot does not know her
 

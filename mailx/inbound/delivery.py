@@ -372,18 +372,10 @@ class IncomingMessage:
             outgoing = self._outgoing(verdict, extra)
             enqueue = None
             if outgoing is not None:
-                enqueue = lambda data: ctx.outbound.queue.enqueue(outgoing, data)  # noqa: E731
+                enqueue = lambda data, sync=None: ctx.outbound.queue.enqueue(outgoing, data, sync)  # noqa: E731
             if enqueue is None and ctx.writer is not None and copies:
                 filed = yield ctx.writer.file(
                     *_writer_request(config, self.queue_id, copies, header), self.body
-                )
-            elif not copies:
-                # Only a queue entry (forwards, LMTP mailboxes): nothing to keep
-                # all-or-none with it, so the disk pool, whose concurrent fsyncs
-                # share the journal's commits, not the committer's one thread.
-                yield deferToThreadPool(
-                    ctx.reactor, ctx.disk_pool, file_copies,
-                    config, self.queue_id, copies, header, self.body, enqueue,
                 )
             else:
                 # Mailbox copies and the queue entry in one all-or-none step.
@@ -696,7 +688,8 @@ def file_copies(
                 )
             )
         if enqueue is not None:
-            enqueue(_chain(header, body.chunks()))
+            # The queue directory's fsync is the batch's, as the Maildirs' are.
+            enqueue(_chain(header, body.chunks()), sync_directory)
     except BaseException:
         for path in written:
             maildir.remove_message(path)

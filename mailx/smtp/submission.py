@@ -323,11 +323,12 @@ class SubmittedMessage(IncomingMessage):
             copies = [
                 (dest, self._trace_headers(dest, given)[:-1], False)  # Received is in `header`
                 for dest, given in _unique_mailboxes(self.routes)
+                if dest.lmtp is None  # LMTP domains' mailboxes are queued (SPEC 14)
             ]
             outgoing = self._submitted_envelope()
             enqueue = None
             if outgoing is not None:
-                enqueue = lambda data: ctx.outbound.queue.enqueue(outgoing, data)  # noqa: E731
+                enqueue = lambda data, sync=None: ctx.outbound.queue.enqueue(outgoing, data, sync)  # noqa: E731
             # Mailbox copies and the queue entry in one all-or-none step, fsynced before the 250.
             yield ctx.deliver_in_thread(
                 file_copies, config, self.queue_id, copies, header, self.body, enqueue
@@ -392,10 +393,26 @@ class SubmittedMessage(IncomingMessage):
             for d in r.destinations
             if isinstance(d, ForwardDestination)
         ]
-        if not forwards:
+        # Our mailboxes of LMTP domains (SPEC 14): handed over from the queue too,
+        # with the trace the Maildir copy would have had but Return-Path and
+        # Delivered-To, which the LMTP server writes.
+        lmtp = [
+            (
+                given,
+                dest.address,
+                b"".join(
+                    f for f in self._trace_headers(dest, given)[:-1]
+                    if not f.startswith((b"Return-Path:", b"Delivered-To:"))
+                ),
+                dest.lmtp,
+            )
+            for dest, given in _unique_mailboxes(self.routes)
+            if dest.lmtp is not None
+        ]
+        if not forwards and not lmtp:
             return None
         return self.delivery.context.outbound.envelope_for(
-            self.queue_id, self.sender, self.delivery.session.helo or "", forwards
+            self.queue_id, self.sender, self.delivery.session.helo or "", forwards, lmtp=lmtp
         )
 
 

@@ -44,7 +44,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,8 +216,17 @@ class Queue:
     def exists(self, queue_id: str) -> bool:
         return (self.path(queue_id) / ENVELOPE_FILE).is_file()
 
-    def enqueue(self, envelope: Envelope, parts: Iterable[bytes]) -> Path:
+    def enqueue(
+        self,
+        envelope: Envelope,
+        parts: Iterable[bytes],
+        sync_directory: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Write a new entry durably and return its directory.
+
+        ``sync_directory``: a group committer's (`mailx.storage.committer`),
+        which fsyncs the queue directory once for a whole batch of entries
+        before any of them is acknowledged; without it, fsynced here.
 
         Fills in ``envelope.size`` and ``envelope.eight_bit`` from ``parts``.
         Raises FileExistsError if an entry of that ID exists (bounce and
@@ -255,7 +264,10 @@ class Queue:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        fsync_directory(self.root)
+        if sync_directory is not None:
+            sync_directory(self.root)
+        else:
+            fsync_directory(self.root)
         return final
 
     def save(self, queue_id: str, data: bytes) -> None:
