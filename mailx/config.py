@@ -1238,6 +1238,13 @@ class _Loader:
         sieve_before = None
         if not fields["sieve_before"].null:
             sieve_before = self.value(fields["sieve_before"], self.sieve_script)
+        lmtp = self.delivery(fields["delivery"])
+        if lmtp is not None and not fields["sieve_before"].null:
+            self.at(
+                fields["sieve_before"],
+                f"{name} is delivered over LMTP: its filters are the LMTP server's"
+                " (Dovecot's sieve_before), mailx runs none for it (SPEC 14)",
+            )
         return DomainConfig(
             name=name,
             mailboxes=frozenset(mailboxes),
@@ -1246,7 +1253,7 @@ class _Loader:
             dkim=dkim,
             alias_of=alias_of,
             sieve_before=sieve_before,
-            lmtp=self.delivery(fields["delivery"]),
+            lmtp=lmtp,
         )
 
     def sieve_script(self, node: _Node) -> Path:

@@ -197,6 +197,16 @@ class LMTPConfigurationTests(unittest.TestCase):
         with self.assertRaises(ConfigError):
             load_config(write_config(Path(self.mktemp()), overrides))
 
+    def test_sieve_before_is_refused_for_an_lmtp_domain(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        (directory / "before.sieve").write_text('require "fileinto"; fileinto "Junk";\n')
+        overrides = lmtp_domains("unix:/run/dovecot/lmtp")
+        overrides["domains"]["example.test"]["sieve_before"] = "before.sieve"
+        with self.assertRaises(ConfigError) as caught:
+            load_config(write_config(directory, overrides))
+        self.assertIn("its filters are the LMTP server's", str(caught.exception.problems[0]))
+
     def test_routing_names_the_lmtp_step_after_alias_expansion(self) -> None:
         config = self.load("unix:/run/dovecot/lmtp")
         decision = route(config, "team+news@example.test")
