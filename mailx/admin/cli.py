@@ -938,6 +938,8 @@ def _queue_lines(entry: dict[str, Any], now: float) -> list[str]:
     lines = [f"{entry['id']}  {_ago(entry['age']):>6}  {entry['size']:>8}  {sender}{kind}"]
     for r in entry["recipients"]:
         line = f"    {r['address']}  {r['state']}  attempts={r['attempts']}"
+        if r.get("transport"):
+            line += f"  {r['transport']}"  # SPEC 14: handed to that LMTP server
         if r["next_attempt"] is not None:
             wait = r["next_attempt"] - now
             line += f"  next {'in ' + _ago(wait) if wait > 0 else 'now'}"
