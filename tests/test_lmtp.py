@@ -337,6 +337,29 @@ class DovecotLMTPTests(DovecotCase):
         self.assertTrue(done)
 
     @defer.inlineCallbacks
+    def test_mailxctl_trace_shows_the_lmtp_step(self) -> None:
+        self.dovecot.start()
+        server = self.start_mailx(self.dovecot.unix_endpoint)
+        yield send_mail(server.port, SENDER, ["alice@example.test"], message("traced"))
+        yield self.eventually(lambda: self.dovecot.messages("alice@example.test"))
+        endpoint = self.dovecot.unix_endpoint
+
+        def story() -> str:
+            import contextlib
+            import io
+
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+                cli.main(["-c", str(server.config.source), "trace", "<traced@example.org>"])
+            text = out.getvalue()
+            return text if f"relay={endpoint}" in text else ""
+
+        text = yield self.eventually(story)
+        self.assertIn(f"via LMTP {endpoint}", text)
+        self.assertIn(f"via lmtp:{endpoint}", text)
+        self.assertRegex(text, rf"relay={re.escape(endpoint)} .* status=sent \(250 ")
+
+    @defer.inlineCallbacks
     def test_an_alias_delivers_one_copy_to_each_final_mailbox_over_tcp(self) -> None:
         self.dovecot.start()
         server = self.start_mailx(self.dovecot.tcp_endpoint)
