@@ -337,6 +337,20 @@ class DovecotLMTPTests(DovecotCase):
         self.assertTrue(done)
 
     @defer.inlineCallbacks
+    def test_one_lmtp_connection_carries_message_after_message(self) -> None:
+        self.dovecot.start()
+        server = self.start_mailx(self.dovecot.unix_endpoint)
+        for n in range(5):
+            yield send_mail(server.port, SENDER, ["alice@example.test"], message(f"r{n}"))
+            yield self.eventually(lambda: self.queue_empty(server))
+        found = yield self.imap()
+        self.assertEqual(sorted(message_ids(found)), [f"r{n}" for n in range(5)])
+        # Dovecot logs each connection; mailx keeps one idle between messages
+        # (up to relay.IDLE_TIME: a second one only if the machine stalls that long).
+        connects = self.dovecot.log().count("Connect from local")
+        self.assertLessEqual(connects, 2, self.dovecot.log())
+
+    @defer.inlineCallbacks
     def test_mailxctl_trace_shows_the_lmtp_step(self) -> None:
         self.dovecot.start()
         server = self.start_mailx(self.dovecot.unix_endpoint)
