@@ -2,6 +2,8 @@
 
     python3 bench/peer_postfix.py --dir /var/tmp/pf --port 2526            # virtual(8) into Maildir
     python3 bench/peer_postfix.py --dir /var/tmp/pf --port 2526 --relay 127.0.0.1:2600
+    python3 bench/peer_postfix.py --dir /var/tmp/pf --port 2526 --relay 127.0.0.1:2600 \
+        --sasl PASSWD-FILE --tls CERT KEY          # submission: STARTTLS, AUTH via Dovecot
 
 Debian's ``postfix`` package, never its system instance: everything lives in
 one directory of its own (``main.cf``, ``master.cf`` and maps in ``conf/``,
@@ -20,8 +22,12 @@ master.cf lines (``MODES``); today:
   loopback). Postfix has no SRS of its own; the envelope sender is kept.
 - ``lmtp``: mail for ``alice@bench.test`` handed by lmtp(8) to an LMTP
   server (``virtual_transport = lmtp:unix:PATH``), Dovecot in bench/lmtp.py.
-
-Later modes (relaying with SASL) are one more entry.
+- ``sasl-relay``: submission. smtpd offers STARTTLS (``tls``: certificate
+  and key) and, only after it, AUTH (``smtpd_sasl_type = dovecot``) checked
+  by a private Dovecot auth service (`start_dovecot_auth`) that reads the
+  same passwd-file as mailx; authenticated clients may send as
+  ``alice@bench.test`` only (``reject_sender_login_mismatch``) and relay
+  anywhere, through ``relayhost``. No DKIM signing (no milter).
 
 Durability, for the comparison: cleanup(8) fsyncs the queue file before
 smtpd says 250, and virtual(8) fsyncs each Maildir file before renaming it
@@ -58,6 +64,8 @@ MAIL_OWNER = "postfix"
 SETGID_GROUP = "postdrop"
 # virtual(8) writes the Maildir as this user (any unprivileged uid >= virtual_minimum_uid).
 MAILDIR_USER = "nobody"
+# Deliveries at once to one next hop (Postfix's default; the benches give mailx the same).
+DESTINATION_CONCURRENCY = 20
 
 
 def postconf(name: str) -> str:
@@ -78,8 +86,10 @@ class Instance:
     port: int
     mode: str = "maildir"
     mail: Path | None = None  # Maildir root (maildir mode); default <directory>/mail
-    relay: tuple[str, int] | None = None  # next hop (relay mode)
+    relay: tuple[str, int] | None = None  # next hop (relay and sasl-relay modes)
     lmtp: str | None = None  # the LMTP server in Postfix's form, unix:PATH (lmtp mode)
+    tls: tuple[Path, Path] | None = None  # smtpd's certificate and key (sasl-relay mode)
+    sasl_path: str | None = None  # Dovecot's auth service, "inet:127.0.0.1:PORT" (sasl-relay)
     extra: Mapping[str, str] = field(default_factory=dict)  # more main.cf parameters
 
     @property
@@ -137,11 +147,106 @@ def _lmtp_mode(inst: Instance) -> tuple[dict[str, str], list[str]]:
     }, [service("lmtp", "unix", "-", "-", "n", "-", "-", "lmtp")]
 
 
+def _sasl_relay_mode(inst: Instance) -> tuple[dict[str, str], list[str]]:
+    if inst.relay is None or inst.tls is None or inst.sasl_path is None:
+        raise ValueError("sasl-relay mode needs a next hop, a certificate and key, and a sasl_path")
+    host, port = inst.relay
+    certificate, key = inst.tls
+    login = f"{MAILBOX}@{DOMAIN}"
+    (inst.config / "senders").write_text(f"{login} {login}\n")
+    return {
+        "relayhost": f"[{host}]:{port}",
+        # The submission service as Debian's master.cf comments it: TLS
+        # before AUTH, AUTH before relaying, the login's own sender only.
+        "smtpd_tls_security_level": "may",
+        "smtpd_tls_cert_file": str(certificate),
+        "smtpd_tls_key_file": str(key),
+        "smtpd_tls_auth_only": "yes",
+        "smtpd_sasl_auth_enable": "yes",
+        "smtpd_sasl_type": "dovecot",
+        "smtpd_sasl_path": inst.sasl_path,
+        "smtpd_sender_login_maps": f"texthash:{inst.config / 'senders'}",
+        "smtpd_sender_restrictions": "reject_sender_login_mismatch",
+        "smtpd_relay_restrictions": "permit_sasl_authenticated, reject",
+    }, [service("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
+        service("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr")]
+
+
 MODES: dict[str, Callable[[Instance], tuple[dict[str, str], list[str]]]] = {
     "maildir": _maildir_mode,
     "relay": _relay_mode,
     "lmtp": _lmtp_mode,
+    "sasl-relay": _sasl_relay_mode,
 }
+
+
+# Dovecot's auth service alone (no IMAP, no LMTP), for smtpd_sasl_type = dovecot:
+# its own base_dir, state and log under the directory, an inet listener on loopback.
+DOVECOT_AUTH_CONF = """\
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+protocols = none
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+default_internal_user = dovecot
+default_login_user = dovenull
+passdb {{
+  driver = passwd-file
+  args = {passwd}
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home=/nonexistent
+}}
+service auth {{
+  inet_listener {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+"""
+
+
+def start_dovecot_auth(directory: Path, passwd: Path, port: int,
+                       timeout: float = 30.0) -> subprocess.Popen:
+    """A private Dovecot (``dovecot -F``, its own process group) whose auth service
+    checks logins against ``passwd`` on 127.0.0.1:``port``; wait until it listens."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for sub in ("run", "state"):
+        (directory / sub).mkdir(exist_ok=True)
+    _traversable(directory)
+    # The auth service runs as the dovecot user: it must reach ``passwd``
+    # (its directories searchable, the file readable by others or its group).
+    conf = directory / "dovecot.conf"
+    conf.write_text(DOVECOT_AUTH_CONF.format(d=directory, passwd=passwd, port=port))
+    with open(directory / "dovecot.out", "wb") as out:
+        proc = subprocess.Popen([shutil.which("dovecot") or "/usr/sbin/dovecot", "-F", "-c", str(conf)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log = directory / "dovecot.log"
+            raise RuntimeError(f"Dovecot exited with status {proc.returncode}: "
+                               f"{(directory / 'dovecot.out').read_text(errors='replace')}"
+                               f"{log.read_text(errors='replace')[-2000:] if log.exists() else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    stop(proc)
+    raise RuntimeError(f"Dovecot's auth service not listening on port {port} after {timeout:.0f} s")
+
+
+def dovecot_installed() -> bool:
+    return shutil.which("dovecot") is not None or os.path.exists("/usr/sbin/dovecot")
 
 
 def service(*columns: str) -> str:
@@ -191,6 +296,7 @@ def main_cf(inst: Instance, mode_params: Mapping[str, str]) -> dict[str, str]:
         "maximal_queue_lifetime": "0",
         "bounce_queue_lifetime": "0",
         "notify_classes": "",
+        "default_destination_concurrency_limit": str(DESTINATION_CONCURRENCY),
     }
     params.update(mode_params)
     params.update(inst.extra)
@@ -343,22 +449,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, required=True, help="the instance's own directory")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--relay", metavar="HOST:PORT", help="relay mode: the next hop")
+    parser.add_argument("--sasl", metavar="PASSWD-FILE", type=Path,
+                        help="sasl-relay mode (with --relay, --tls): logins checked by a private Dovecot")
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), type=Path)
     parser.add_argument("--seconds", type=float, default=600.0, help="stop after this long")
     args = parser.parse_args(argv)
     relay = None
     if args.relay:
         host, _, port = args.relay.rpartition(":")
         relay = (host, int(port))
-    inst = Instance(args.dir.resolve(), args.port, "relay" if relay else "maildir", relay=relay)
-    proc = start(inst)
-    print(f"Postfix on 127.0.0.1:{args.port}, log {inst.log}; Ctrl-C stops it", flush=True)
+    dovecot = None
+    if args.sasl:
+        if relay is None or args.tls is None:
+            parser.error("--sasl needs --relay and --tls")
+        auth_port = _free_port()
+        dovecot = start_dovecot_auth(args.dir.resolve() / "dovecot", args.sasl.resolve(), auth_port)
+        inst = Instance(args.dir.resolve(), args.port, "sasl-relay", relay=relay,
+                        tls=(args.tls[0].resolve(), args.tls[1].resolve()),
+                        sasl_path=f"inet:127.0.0.1:{auth_port}")
+    else:
+        inst = Instance(args.dir.resolve(), args.port, "relay" if relay else "maildir", relay=relay)
     try:
-        proc.wait(args.seconds)
-    except (KeyboardInterrupt, subprocess.TimeoutExpired):
-        pass
+        proc = start(inst)
+        print(f"Postfix on 127.0.0.1:{args.port}, log {inst.log}; Ctrl-C stops it", flush=True)
+        try:
+            proc.wait(args.seconds)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            pass
+        finally:
+            stop(proc)
     finally:
-        stop(proc)
+        if dovecot is not None:
+            stop(dovecot)
     return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
