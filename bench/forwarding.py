@@ -23,8 +23,8 @@ generator, server start-up and CPU/RSS readings.  For each repeat:
   alice@bench.test to someone@sink.test (virtual_alias_maps) and relaying
   to the same sink (``relayhost = [127.0.0.1]:port``: no DNS), measured the
   same way over its whole process tree. Postfix does no SRS, may reuse
-  connections (its connection cache) and keeps its own default of 20
-  connections per destination.
+  connections (its connection cache); both use 20 connections per
+  destination (``peer_postfix.DESTINATION_CONCURRENCY``).
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def forward_scenario(base: Scenario, dns_port: int, sink_port: int, concurrency:
             "srs_secret": SRS_SECRET,
             "port": sink_port,
             "connections": 100,
-            "connections_per_domain": concurrency,
+            # As many as Postfix's default_destination_concurrency_limit (20,
+            # mailx's default too): with 10, the queue grew behind the sink.
+            "connections_per_domain": peer_postfix.DESTINATION_CONCURRENCY,
         },
     }
     return Scenario("forward", base.size, base.concurrency, base.messages, MappingProxyType(config))
