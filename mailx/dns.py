@@ -36,7 +36,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 
 __all__ = [
@@ -494,26 +494,41 @@ class Resolver:
         finally:
             self._local.deadline = None
 
+    def cached_or_call(self, func: Callable[..., T], *args: Any) -> Deferred[T]:
+        """``func``'s result at once when the cache holds every answer it needs, else `call`.
+
+        Outbound asks the same few names for each message (MX, AAAA, A,
+        the ``_mta-sts`` TXT): a thread round trip each, with its GIL
+        hand-offs, cost more than the answers already in memory (and held
+        the connection slot meanwhile).  Reactor thread only.
+        """
+        try:
+            return succeed(self.from_cache(func, *args))
+        except NotCached:
+            return self.call(func, *args)
+        except DNSError as e:  # a cached negative answer is an answer
+            return fail(e)
+
     def lookup(self, name: str, rdtype: str) -> Deferred[Answer]:
-        return self.call(self.query, name, rdtype)
+        return self.cached_or_call(self.query, name, rdtype)
 
     def lookup_txt(self, name: str) -> Deferred[list[str]]:
-        return self.call(self.txt, name)
+        return self.cached_or_call(self.txt, name)
 
     def lookup_a(self, name: str) -> Deferred[list[str]]:
-        return self.call(self.a, name)
+        return self.cached_or_call(self.a, name)
 
     def lookup_aaaa(self, name: str) -> Deferred[list[str]]:
-        return self.call(self.aaaa, name)
+        return self.cached_or_call(self.aaaa, name)
 
     def lookup_mx(self, name: str) -> Deferred[list[MX]]:
-        return self.call(self.mx, name)
+        return self.cached_or_call(self.mx, name)
 
     def lookup_ptr(self, address: str) -> Deferred[list[str]]:
-        return self.call(self.ptr, address)
+        return self.cached_or_call(self.ptr, address)
 
     def lookup_mail_exchangers(self, domain: str) -> Deferred[list[MX]]:
-        return self.call(self.mail_exchangers, domain)
+        return self.cached_or_call(self.mail_exchangers, domain)
 
     def clear_cache(self) -> None:
         self._cache.clear()

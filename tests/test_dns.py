@@ -242,6 +242,22 @@ class CacheTests(ResolverTestCase):
         self.server.set("flaky.test", "A", ["192.0.2.5"])
         self.assertEqual((yield self.resolver.lookup_a("flaky.test")), ["192.0.2.5"])
 
+    def test_cached_answers_come_at_once_without_a_thread(self):
+        first = self.resolver.lookup_a("example.test")
+        self.assertNoResult(first)  # asked in a thread
+        self.resolver.call = lambda *a: self.fail("a cached answer went to a thread")
+        d = first.addCallback(lambda _: self.resolver.lookup_a("example.test"))
+        d.addCallback(lambda _: self.assertEqual(
+            self.successResultOf(self.resolver.lookup_a("example.test")), ["192.0.2.10"]))
+        return d
+
+    @defer.inlineCallbacks
+    def test_cached_negative_answer_fails_at_once(self):
+        yield self.assertFailure(self.resolver.lookup_aaaa("mx2.example.test"), NoDataError)
+        d = self.resolver.lookup_aaaa("mx2.example.test")
+        self.failureResultOf(d, NoDataError)
+        self.assertEqual(self.server.queries.count(("mx2.example.test", "AAAA")), 1)
+
     @defer.inlineCallbacks
     def test_cache_is_per_resolver(self):
         yield self.resolver.lookup_a("example.test")
