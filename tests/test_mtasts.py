@@ -289,6 +289,30 @@ class PolicyInForceTests(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(self.directory)), ["b.test.json", "c.test.json"])
         self.assertIsNone(PolicyCache(self.directory).get("a.test"))
 
+    def test_cache_in_memory_is_read_without_a_thread(self) -> None:
+        calls: list[Any] = []
+        sts = MTASTS(
+            self.resolver,
+            PolicyCache(self.directory),
+            self.fetcher,
+            clock=self.clock,
+            run_blocking=lambda f, *a: (calls.append(f), defer.maybeDeferred(f, *a))[1],
+        )
+        self.assertEqual(self.policy(sts).mode, "enforce")  # the first read loads the directory
+        self.assertEqual(len(calls), 2)  # cache.get, then cache.put after the fetch
+        self.assertEqual(self.policy(sts).mode, "enforce")
+        self.assertEqual(len(calls), 2)
+
+    def test_peek_never_waits(self) -> None:
+        cache = PolicyCache(self.directory)
+        self.assertEqual(cache.peek("remote.test"), (False, None))  # not loaded: a file read
+        entry = mtasts.CachedPolicy("remote.test", "1", parse_policy(ENFORCE), NOW)
+        cache.put(entry)
+        self.assertEqual(cache.peek("remote.test"), (True, entry))
+        self.assertEqual(cache.peek("other.test"), (True, None))
+        with cache._lock:  # a put in a disk thread, fsyncing
+            self.assertEqual(cache.peek("remote.test"), (False, None))
+
     def test_unsafe_domain_has_no_policy(self) -> None:
         self.assertIsNone(self.successResultOf(self.sts.policy("../../etc")))
         self.assertEqual(self.fetcher.calls, 0)

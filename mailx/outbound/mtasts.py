@@ -266,6 +266,16 @@ class PolicyCache:
         with self._lock:
             return self._load().get(domain)
 
+    def peek(self, domain: str) -> tuple[bool, CachedPolicy | None]:
+        """(True, `get`'s answer) when it needs no file and no wait for the lock,
+        else (False, None): the reactor thread's way, without a thread hop per message."""
+        if self._entries is None or not self._lock.acquire(blocking=False):
+            return False, None
+        try:
+            return True, self._entries.get(domain)
+        finally:
+            self._lock.release()
+
     def put(self, entry: CachedPolicy) -> None:
         """Keep ``entry``, durably; the oldest entries go past ``max_entries``."""
         with self._lock:
@@ -536,7 +546,9 @@ class MTASTS:
         domain = domain.lower().rstrip(".")
         if not safe_domain(domain):
             return None
-        cached = yield self.run_blocking(self.cache.get, domain)
+        known, cached = self.cache.peek(domain)
+        if not known:
+            cached = yield self.run_blocking(self.cache.get, domain)
         now = self.clock.seconds()
         if cached is not None and cached.expired(now):
             cached = None
