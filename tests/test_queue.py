@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -86,6 +87,71 @@ class QueueTests(unittest.TestCase):
             synced,
             [f"{staging}/message", f"{staging}/envelope.json", staging, str(self.root)],
         )
+
+    def test_enqueue_can_leave_the_queue_directory_to_the_batch(self) -> None:
+        later: list[Path] = []
+        synced: list[str] = []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
+
+        with mock.patch("os.fsync", fsync):
+            self.queue.enqueue(envelope(), [MESSAGE], later.append)
+        self.assertEqual(later, [self.root])
+        self.assertNotIn(str(self.root), synced)
+        self.assertEqual(len(synced), 3)  # both files and the entry's own directory
+
+    def test_concurrent_removals_share_fsyncs_and_each_waits_for_one(self) -> None:
+        ids = [f"65F0000000010{n}" for n in range(8)]
+        for queue_id in ids:
+            self.queue.enqueue(envelope(queue_id), [MESSAGE])
+        events: list[tuple[str, float, float]] = []  # (what, start, end)
+        lock = threading.Lock()
+        real_rename = os.rename
+
+        def rename(a, b):
+            real_rename(a, b)
+            with lock:
+                events.append((f"rename {Path(a).name}", time.monotonic(), time.monotonic()))
+
+        def slow_fsync(path: Path) -> None:
+            start = time.monotonic()
+            time.sleep(0.05)  # a busy disk: the others pile up meanwhile
+            with lock:
+                events.append(("fsync", start, time.monotonic()))
+
+        returned: dict[str, float] = {}
+
+        def remove(queue_id: str) -> None:
+            self.assertTrue(self.queue.remove(queue_id))
+            returned[queue_id] = time.monotonic()
+
+        with mock.patch("os.rename", rename), \
+                mock.patch("mailx.storage.queue.fsync_directory", slow_fsync):
+            threads = [threading.Thread(target=remove, args=(i,)) for i in ids]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        self.assertEqual(sorted(returned), ids)
+        self.assertEqual(os.listdir(self.root), [".tmp"])
+        fsyncs = [(start, end) for what, start, end in events if what == "fsync"]
+        self.assertLess(len(fsyncs), len(ids))
+        for queue_id in ids:
+            [renamed] = [end for what, _, end in events if what == f"rename {queue_id}"]
+            # An fsync that began after this rename ended before remove returned.
+            self.assertTrue(
+                any(start >= renamed and end <= returned[queue_id] for start, end in fsyncs),
+                f"{queue_id} returned before its rename was durable",
+            )
+
+    def test_remove_clears_leftovers_too(self) -> None:
+        self.queue.enqueue(envelope(), [MESSAGE])
+        (self.root / "65F00000000001" / "envelope.json.new").write_bytes(b"{")
+        self.assertTrue(self.queue.remove("65F00000000001"))
+        self.assertEqual(os.listdir(self.root), [".tmp"])
 
     def test_same_id_twice_is_refused(self) -> None:
         self.queue.enqueue(envelope(), [MESSAGE])
