@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_committer -*-
-"""The group committer: jobs in one thread, each directory fsynced once per batch."""
+"""The group committer: a batch's jobs at once, each directory fsynced once per batch."""
 
 from __future__ import annotations
 
@@ -42,6 +42,28 @@ class GroupCommitterTests(unittest.TestCase):
         results = yield defer.gatherResults([first, *rest])
         self.assertEqual(results, ["first", 0, 1, 2, 3, 4])
         self.assertEqual(self.synced, [Path("/maildir/new")])
+
+    @defer.inlineCallbacks
+    def test_jobs_of_a_batch_run_at_once(self) -> None:
+        # Their fsyncs must wait together to share the journal's commits;
+        # one after another, the barrier would never fill.
+        gate = threading.Event()
+        hold = self.committer.submit(lambda batch: gate.wait(5))
+        barrier = threading.Barrier(4, timeout=5)
+
+        def job(n: int):
+            def run(batch):
+                barrier.wait()
+                batch.sync_later(Path(f"/maildir/{n % 2}/new"))
+                return n
+
+            return run
+
+        together = [self.committer.submit(job(n)) for n in range(4)]
+        gate.set()
+        yield hold
+        self.assertEqual((yield defer.gatherResults(together)), [0, 1, 2, 3])
+        self.assertEqual(sorted(self.synced), [Path("/maildir/0/new"), Path("/maildir/1/new")])
 
     @defer.inlineCallbacks
     def test_a_failing_job_fails_alone(self) -> None:
