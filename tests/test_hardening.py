@@ -29,6 +29,8 @@ from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.server import (
     TWISTD,
     LineClient,
+    bystander_seconds,
+    capture_log,
     in_thread,
     message,
     send_mail,
@@ -207,6 +209,85 @@ class SpoolFullTests(unittest.TestCase):
     def test_enospc_when_closing_the_spool_file_is_451_and_the_session_goes_on(self) -> None:
         # 600 KiB: spilled to a file, but its buffer meets the kernel only at close.
         return self.check(600 * 1024)
+
+
+class SpoolStalledDiskTests(unittest.TestCase):
+    """A spool disk that stalls holds up the message being spooled, not the server.
+
+    The stall is a blocking call at the OS boundary (the spool file's open
+    waits for an event): the test cannot make a real disk stall.  On the
+    reactor thread it would freeze every session; in the disk pool only the
+    one message waits.
+    """
+
+    BYSTANDER_SECONDS = 5.0  # generous: a frozen reactor waits out the whole stall
+
+    def setUp(self) -> None:
+        self.server = start_server(self)
+        self.stalled = threading.Event()  # a spool file operation is waiting for the disk
+        self.disk_back = threading.Event()
+        self.sent = threading.Event()  # the whole message is with the server
+        self.addCleanup(self.disk_back.set)
+        real = spool._open_spool_file
+
+        def open_spool_file(path: Path) -> Any:
+            self.stalled.set()
+            self.disk_back.wait(30)
+            return real(path)
+
+        self.patch(spool, "_open_spool_file", open_spool_file)
+
+    def big_message(self, size: int) -> tuple[int, bytes]:
+        """Send a message of about ``size`` octets to bob; the reply to its end of data."""
+        client = LineClient(self.server.port)
+        try:
+            client.reply()
+            for command in (b"EHLO big.test", b"MAIL FROM:<s@sender.test>", b"RCPT TO:<bob@example.test>", b"DATA"):
+                client.command(command)
+            client.send(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (size // 1000))
+            client.send(b".\r\n")
+            self.sent.set()
+            return client.reply()
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_other_sessions_are_served_while_the_spool_disk_stalls(self) -> None:
+        reply = in_thread(self.big_message, 2 * spool.SPILL_AT)
+        yield in_thread(self.stalled.wait, 10)
+        self.assertTrue(self.stalled.is_set())
+        waited = yield in_thread(bystander_seconds, self.server.port)
+        self.assertLess(waited, self.BYSTANDER_SECONDS)
+        refused = yield send_mail(self.server.port, "s@sender.test", ["alice@example.test"], message())
+        self.assertEqual(refused, {})
+        self.assertFalse(reply.called)  # the big one still waits for its disk
+        self.disk_back.set()
+        code, _ = yield reply
+        self.assertEqual(code, 250)
+        [stored] = self.server.messages("bob")
+        self.assertEqual(stored.count(b"x" * 998), 2 * spool.SPILL_AT // 1000)
+        self.assertEqual(list((self.server.config.paths.spool / "incoming").iterdir()), [])
+
+    @defer.inlineCallbacks
+    def test_a_body_too_far_ahead_of_the_disk_is_refused_with_451(self) -> None:
+        lines = capture_log(self)
+        reply = in_thread(self.big_message, spool.MAX_BACKLOG + 2 * spool.SPILL_AT)
+        yield in_thread(self.stalled.wait, 10)
+
+        def refused_while_stalled() -> bool:
+            sessions = self.server.service.factory.sessions
+            bodies = [getattr(m, "body", None) for s in sessions for m in (s._message, s._finishing)]
+            return any(body is not None and body.error is not None for body in bodies)
+
+        # Decided while the disk is still stalled: memory is what bounds it.
+        yield wait_until(refused_while_stalled, timeout=30)
+        self.assertTrue(self.stalled.is_set() and not self.disk_back.is_set())
+        self.disk_back.set()
+        code, text = yield reply
+        self.assertEqual((code, text[:5]), (451, b"4.3.0"))
+        self.assertTrue(any("behind the client" in line for line in lines))
+        self.assertEqual(self.server.messages("bob"), [])
+        self.assertEqual(list((self.server.config.paths.spool / "incoming").iterdir()), [])
 
 
 class FsyncRecorder:

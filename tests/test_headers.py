@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from mailx import headers
+from mailx.inbound.spool import run_inline
 
 # Generous: the quadratic split took 9 s on 996 KiB of continuation lines,
 # the stdlib From parser 33 s on one 60 KB field; linear code takes tens of ms.
@@ -172,6 +173,7 @@ class _Context:
 
         self.incoming = Path(directory)
         self.header_pool = headers.HeaderPool()
+        self.in_disk_pool = run_inline  # headers only: no spool file to write
 
 
 class _Delivery:

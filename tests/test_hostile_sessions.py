@@ -535,9 +535,10 @@ class HangUpMidDataTests(unittest.TestCase):
             hanging = in_thread(hang_up, size, cut, n % 4 == 3)
             yield assert_served_promptly(self, server)
             yield hanging
-            # The session ends when the server reaches the hang-up; by then
-            # (not merely once the file is absent) its spool file is gone.
+            # The session ends when the server reaches the hang-up, which
+            # hands its spool file's removal to the disk pool: gone moments later.
             yield wait_until(lambda: not factory.sessions)
+            yield wait_until(lambda: not list(incoming.iterdir()), timeout=5)
             self.assertEqual(list(incoming.iterdir()), [], (n, size, cut))
             self.assertEqual(len(server.messages("bob")), before + 1)  # only the bystander's
 
@@ -577,5 +578,6 @@ class HangUpMidDataTests(unittest.TestCase):
         yield wait_until(lambda: list(incoming.iterdir()), timeout=5)
         # The idle timeout closes the session; the client never reads again.
         yield wait_until(lambda: not factory.sessions, timeout=CLOSE_GRACE + 10)
+        yield wait_until(lambda: not list(incoming.iterdir()), timeout=5)  # removed in the disk pool
         self.assertEqual(list(incoming.iterdir()), [])
         yield assert_served_promptly(self, server)

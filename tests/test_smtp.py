@@ -777,9 +777,11 @@ class _SpoolContext:
 
     def __init__(self, incoming: Path) -> None:
         from mailx import headers
+        from mailx.inbound.spool import run_inline
 
         self.incoming = incoming
         self.header_pool = headers.HeaderPool()
+        self.in_disk_pool = run_inline  # the spool files appear as the test sends
 
 
 class SpoolingDelivery(FakeDelivery):
@@ -879,6 +881,74 @@ class SpoolLifetimeTests(unittest.TestCase):
         buffer.write(b"x" * (SPILL_AT + 1))
         self.assertEqual(self.files(), [])
         self.assertEqual(buffer.size, 2 * (SPILL_AT + 1))
+
+
+class _HeldDisk:
+    """A ``run_blocking`` that runs nothing until told: each file operation is
+    "in a worker thread" for as long as the test likes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], defer.Deferred]] = []
+
+    def __call__(self, func: Any, *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append((func, args, d))
+        return d
+
+    def run_all(self) -> None:
+        while self.calls:
+            func, args, d = self.calls.pop(0)
+            try:
+                result = func(*args)
+            except Exception as e:
+                d.errback(e)
+            else:
+                d.callback(result)
+
+
+class SpoolOffTheReactorTests(unittest.TestCase):
+    """A spilled body's file is only touched by ``run_blocking``, one operation at a time."""
+
+    def setUp(self) -> None:
+        self.incoming = Path(self.mktemp())
+        self.incoming.mkdir(parents=True)
+        self.disk = _HeldDisk()
+        self.buffer = SpoolBuffer(self.incoming, "Q1", self.disk)
+
+    def test_writes_past_the_spill_touch_no_file_until_the_disk_runs_them(self) -> None:
+        data = [b"a" * (SPILL_AT + 1), b"b" * 1000, b"c" * 1000]
+        for chunk in data:
+            self.buffer.write(chunk)
+        self.assertEqual(os.listdir(self.incoming), [])
+        done = self.buffer.finish()
+        self.assertFalse(done.called)
+        self.disk.run_all()
+        self.assertTrue(done.called)
+        self.assertEqual((self.incoming / "Q1").read_bytes(), b"".join(data))
+        self.assertEqual(self.buffer.contents(), b"".join(data))
+
+    def test_discard_while_an_operation_runs_removes_the_file_after_it(self) -> None:
+        self.buffer.write(b"a" * (SPILL_AT + 1))
+        func, args, d = self.disk.calls.pop(0)
+        func(*args)  # the open is under way in its thread: the file exists
+        self.buffer.write(b"b" * 1000)
+        self.buffer.discard()
+        self.assertEqual(os.listdir(self.incoming), ["Q1"])
+        d.callback(None)  # the open returns
+        self.disk.run_all()
+        self.assertEqual(os.listdir(self.incoming), [])
+        self.assertTrue(self.buffer.finish().called)
+
+    def test_a_failed_write_is_an_error_and_finish_waits_for_the_removal(self) -> None:
+        self.buffer.write(b"a" * (SPILL_AT + 1))
+        self.disk.run_all()
+        self.buffer._file.close()  # the next write fails as a broken disk would
+        self.buffer.write(b"b" * 1000)
+        done = self.buffer.finish()
+        self.disk.run_all()
+        self.assertTrue(done.called)
+        self.assertIsNotNone(self.buffer.error)
+        self.assertEqual(os.listdir(self.incoming), [])
 
 
 class _HeldPool:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_delivery -*-
+# -*- test-case-name: tests.test_smtp -*-
 """The delivery layer: what happens at MAIL, RCPT and DATA of one session.
 
 The hooks follow the dialogue (``mail``, ``rcpt``, ``data``), in the shape of
@@ -87,6 +87,10 @@ class DeliveryContext:
 
     def __post_init__(self) -> None:
         self.incoming = self.config.paths.spool / "incoming"
+
+    def in_disk_pool(self, func: Any, *args: Any) -> defer.Deferred:
+        """Run blocking file work (a spilled body's writes) off the reactor thread."""
+        return deferToThreadPool(self.reactor, self.disk_pool, func, *args)
 
     def deliver_in_thread(self, func: Any, *args: Any) -> defer.Deferred:
         """Run a filing function in the group committer (``sync_directory`` is its)."""
@@ -223,7 +227,9 @@ class IncomingMessage:
         self._head = bytearray()  # the header section so far
         self._pool = delivery.context.header_pool
         self._held = 0  # octets of self._head counted in the pool
-        self.body = SpoolBuffer(delivery.context.incoming, queue_id)
+        self.body = SpoolBuffer(
+            delivery.context.incoming, queue_id, delivery.context.in_disk_pool
+        )
         self._checks: defer.Deferred | None = None
         self._abandoned = False
 
@@ -308,7 +314,7 @@ class IncomingMessage:
         config = ctx.config
         end_of_data = ctx.reactor.seconds()
         try:
-            self.body.finish()
+            yield self.body.finish()
             if self.body.error is not None:
                 # SPEC section 5: a disk error is 451 4.3.0, and the sender retries.
                 log.error(

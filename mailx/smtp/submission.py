@@ -296,7 +296,7 @@ class SubmittedMessage(IncomingMessage):
         config = ctx.config
         account = self.delivery.session.account
         try:
-            self.body.finish()
+            yield self.body.finish()
             if self.body.error is not None:
                 log.error(
                     "{qid}: spool write failed: {error}",
