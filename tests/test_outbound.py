@@ -12,6 +12,7 @@ import email
 import email.policy
 import ipaddress
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -221,6 +223,20 @@ class ClientDialogueTests(unittest.TestCase):
                 "b@outside.test": Reply(550, "5.1.1", "no"),
             },
         )
+
+    def test_an_unreadable_queued_message_is_451_and_the_data_is_cut_without_the_dot(self) -> None:
+        self.server(b"220 hi")
+        self.server(b"250 hi")
+        self.server(b"250 ok")
+        self.server(b"250 ok")
+        self.assertEqual(self.server(b"250 ok"), b"DATA\r\n")
+        self.transaction.data_path.unlink()
+        sent = self.server(b"354 go")
+        self.assertNotIn(b"\r\n.\r\n", sent)
+        self.assertTrue(self.transport.disconnecting)
+        [result] = self.results
+        self.assertEqual({r.code for r in result.replies.values()}, {451})
+        self.assertEqual(result.replies["a@outside.test"].enhanced, "4.3.0")
 
     def test_no_size_or_body_without_the_extensions(self) -> None:
         self.server(b"220 hi")
@@ -426,6 +442,15 @@ class DeliveryTests(OutboundCase):
         yield self.gone(envelope)
 
     @defer.inlineCallbacks
+    def test_a_message_many_chunks_long_arrives_whole_and_dot_stuffed(self) -> None:
+        # Far more than the sockets buffer: the transport pauses the reads and resumes them.
+        line = b".dotted line\r\n"
+        body = MESSAGE + line * (4 * 1024 * 1024 // len(line))
+        self.submit(message=body)
+        [message] = yield self.sink.wait_for(1)
+        self.assertEqual(message.data, TRACE + body)
+
+    @defer.inlineCallbacks
     def test_null_sender_is_forwarded_as_null(self) -> None:
         self.submit(sender="")
         [message] = yield self.sink.wait_for(1)
@@ -509,6 +534,70 @@ class DeliveryTests(OutboundCase):
         self.clock.advance(3600)
         hosts = yield self.outbound._hosts("multi.test")
         self.assertEqual(hosts[0], ("a.multi.test", "2001:db8::1"))
+
+
+class StalledDiskTests(OutboundCase):
+    """The scheduler's file work waits in a thread, not on the reactor.
+
+    The stall is a blocking call at the file-system boundary (it waits for an
+    event), as a disk busy with other writers would; on the reactor thread it
+    would hold up every session and timer until released.
+    """
+
+    STALL = 10.0  # how long a stalled call waits if the test never releases it
+    RESPONSIVE = 3.0  # generous: the reactor answers within this during the stall
+
+    def stall(self, func: Any) -> Any:
+        """``func``, made to wait for ``self.release`` (``self.entered`` says it is waiting)."""
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.addCleanup(self.release.set)
+
+        def stalled(*args: Any) -> Any:
+            self.entered.set()
+            self.release.wait(self.STALL)
+            return func(*args)
+
+        return stalled
+
+    @defer.inlineCallbacks
+    def assert_reactor_responsive_while_stalled(self, started: float) -> Any:
+        yield deferToThread(self.entered.wait, self.STALL)
+        self.assertTrue(self.entered.is_set())
+        yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertLess(time.monotonic() - started, self.RESPONSIVE)
+        self.release.set()
+
+    @defer.inlineCallbacks
+    def test_a_stalled_queue_lookup_does_not_stall_the_reactor(self) -> None:
+        self.patch(self.queue, "exists", self.stall(self.queue.exists))
+        started = time.monotonic()
+        self.submit()
+        yield self.assert_reactor_responsive_while_stalled(started)
+        [message] = yield self.sink.wait_for(1)
+        self.assertEqual(message.data, TRACE + MESSAGE)
+
+    @defer.inlineCallbacks
+    def test_a_stalled_read_of_the_queued_message_does_not_stall_the_reactor(self) -> None:
+        self.patch(outbound_module, "_open_data", self.stall(outbound_module._open_data))
+        started = time.monotonic()
+        self.submit()
+        yield self.assert_reactor_responsive_while_stalled(started)
+        [message] = yield self.sink.wait_for(1)
+        self.assertEqual(message.data, TRACE + MESSAGE)
+
+    @defer.inlineCallbacks
+    def test_a_stalled_flush_request_check_does_not_stall_the_reactor(self) -> None:
+        self.sink.script("rcpt", "451 4.7.1 later")
+        envelope = self.submit()
+        yield self.settle(envelope)
+        self.patch(self.queue, "take_flush_request", self.stall(self.queue.take_flush_request))
+        self.queue.request_flush()
+        started = time.monotonic()
+        self.clock.advance(1)  # the flush request poll
+        yield self.assert_reactor_responsive_while_stalled(started)
+        yield self.sink.wait_for(1)
+        yield self.gone(envelope)
 
 
 class RetryTests(OutboundCase):

@@ -323,6 +323,9 @@ class ClientSettings:
     # Offered the session once a transaction is over; True: it keeps it for
     # the next (`SMTPClientProtocol.reuse`), False or None: QUIT.
     idle: Callable[[SMTPClientProtocol], bool] | None = None
+    # Runs the data file's blocking reads: the scheduler's disk pool; by
+    # default at once, for tests over a StringTransport.
+    run_blocking: Callable[..., defer.Deferred] = defer.maybeDeferred
 
 
 @dataclass(frozen=True)
@@ -346,35 +349,120 @@ class HostFailure(Exception):
         self.reused = reused  # on a connection kept from an earlier message: not the host's fault
 
 
-@implementer(interfaces.IPullProducer)
-class _DataProducer:
-    """Streams prefix + data file, dot-stuffed, as fast as the transport drains."""
+def _open_data(path: Path) -> Any:
+    """The queued message, for reading (blocking)."""
+    return open(path, "rb")  # noqa: SIM115 - the producer closes it at EOF or when stopped
 
-    def __init__(self, client: SMTPClientProtocol, prefix: bytes, path: Path) -> None:
+
+@implementer(interfaces.IPushProducer)
+class _DataProducer:
+    """Streams prefix + data file, dot-stuffed, as fast as the transport drains.
+
+    The file is opened and read by ``run_blocking`` (the disk pool): even a
+    file we wrote moments ago may have left the page cache under memory
+    pressure, and a read from a slow disk on the reactor thread would stall
+    every session.  One read is in flight at a time; the transport's
+    ``pauseProducing`` stops the next one until it has drained.
+    """
+
+    def __init__(
+        self,
+        client: SMTPClientProtocol,
+        prefix: bytes,
+        path: Path,
+        run_blocking: Callable[..., defer.Deferred],
+    ) -> None:
         self._client = client
-        self._file = open(path, "rb")  # noqa: SIM115 - closed in stopProducing/at EOF
+        self._path = path
+        self._run_blocking = run_blocking
+        self._file: Any = None  # touched only by the reads, one at a time
         self._stuffer = DotStuffer()
-        self._prefix: bytes | None = prefix
+        self._prefix = prefix
+        self._paused = False
+        self._reading = False
+        self._done = False  # at the end of the file, failed or stopped
+
+    def start(self) -> None:
+        """Registered with the transport: send."""
+        out = self._stuffer.feed(self._prefix)
+        if out:
+            self._transport.write(out)
+        self._pump()
+
+    @property
+    def _transport(self) -> Any:
+        return self._client.transport
+
+    def _pump(self) -> None:
+        """Read and send chunks while the transport takes them."""
+        while not (self._paused or self._reading or self._done):
+            self._reading = True
+            d = self._run_blocking(self._read_chunk)
+            if not d.called:
+                d.addBoth(self._read_later)
+                return
+            # Read at once (no worker thread): loop rather than recurse.
+            result: list[Any] = []
+            d.addBoth(result.append)
+            self._reading = False
+            self._send(result[0])
+
+    def _read_later(self, result: Any) -> None:
+        self._reading = False
+        self._send(result)
+        self._pump()
+
+    def _read_chunk(self) -> bytes:
+        """Blocking: one chunk; the file is closed at its end."""
+        if self._file is None:
+            self._file = _open_data(self._path)
+        chunk = self._file.read(SEND_CHUNK)
+        if not chunk:
+            self._close()
+        return chunk
+
+    def _close(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+
+    def _send(self, result: Any) -> None:
+        client = self._client
+        if self._done:  # stopped while the read ran
+            self._run_blocking(self._close).addErrback(lambda _: None)
+            return
+        if isinstance(result, Failure):
+            self._done = True
+            self._run_blocking(self._close).addErrback(lambda _: None)
+            self._transport.unregisterProducer()
+            # Cut mid-DATA, without the final dot: the server discards what it got.
+            client._fail(Reply(451, "4.3.0", f"cannot read the queued message: {result.value}"))
+            client._abort()
+            return
+        client._data_progress()
+        if not result:
+            self._done = True
+            self._transport.unregisterProducer()
+            self._transport.write(self._stuffer.finish())
+            client._data_sent()
+            return
+        out = self._stuffer.feed(result)
+        if out:
+            self._transport.write(out)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
 
     def resumeProducing(self) -> None:
-        self._client._data_progress()
-        out = b""
-        if self._prefix is not None:
-            out, self._prefix = self._stuffer.feed(self._prefix), None
-        while not out:
-            # Page-cache reads of a file we wrote moments ago: not worth a thread.
-            chunk = self._file.read(SEND_CHUNK)
-            if not chunk:
-                self._file.close()
-                self._client.transport.unregisterProducer()
-                self._client.transport.write(self._stuffer.finish())
-                self._client._data_sent()
-                return
-            out = self._stuffer.feed(chunk)
-        self._client.transport.write(out)
+        self._paused = False
+        self._pump()
 
     def stopProducing(self) -> None:
-        self._file.close()
+        if self._done:
+            return
+        self._done = True
+        if not self._reading:
+            self._run_blocking(self._close).addErrback(lambda _: None)
 
 
 class SMTPClientProtocol(LineOnlyReceiver):
@@ -798,8 +886,11 @@ class SMTPClientProtocol(LineOnlyReceiver):
             return
         self._stage = "data-block"
         self._arm(self.settings.timeouts.data_block)
-        self._producer = _DataProducer(self, self.transaction.prefix, self.transaction.data_path)
-        self.transport.registerProducer(self._producer, False)
+        self._producer = _DataProducer(
+            self, self.transaction.prefix, self.transaction.data_path, self.settings.run_blocking
+        )
+        self.transport.registerProducer(self._producer, True)
+        self._producer.start()
 
     def _data_progress(self) -> None:
         self._arm(self.settings.timeouts.data_block)
@@ -1201,14 +1292,21 @@ class Outbound(service.Service):
         log.info("outbound: flush requested: {n} recipient(s) due now", n=count)
         return count
 
-    def _check_flush_request(self) -> None:
-        try:
-            requested = self.queue.take_flush_request()
-        except OSError as e:
-            log.error("outbound: cannot read the flush request: {e}", e=e)
-            return
-        if requested:
-            self.flush()
+    def _check_flush_request(self) -> defer.Deferred:
+        """Look for the request in the disk pool; the poll waits for the answer
+        (`LoopingCall` does not call again before the Deferred fires)."""
+
+        def taken(requested: bool) -> None:
+            if requested and not self._stopping:
+                self.flush()
+
+        def failed(failure: Failure) -> None:
+            failure.trap(OSError)
+            log.error("outbound: cannot read the flush request: {e}", e=failure.value)
+
+        d = self._in_thread(self.queue.take_flush_request)
+        d.addCallbacks(taken, failed)
+        return d
 
     # -- scheduling -----------------------------------------------------------
 
@@ -1247,7 +1345,15 @@ class Outbound(service.Service):
         entry.timer = None
         if self._stopping or self._entries.get(entry.envelope.id) is not entry:
             return
-        if not self.queue.exists(entry.envelope.id):
+        # Still queued?  Asked in the disk pool (a stat can wait on a busy disk).
+        checked = self._in_thread(self.queue.exists, entry.envelope.id)
+        self._track(checked.addCallback(self._start_due, entry))
+
+    def _start_due(self, queued: bool, entry: _Entry) -> None:
+        """Start an attempt for each group of recipients that is due."""
+        if self._stopping or self._entries.get(entry.envelope.id) is not entry:
+            return
+        if not queued:
             self._forget(entry, "removed from the queue (mailxctl queue remove)")
             return
         now = self.clock.seconds()
@@ -1957,6 +2063,7 @@ class Outbound(service.Service):
             tls=options,
             credentials=credentials,
             require_tls=require_tls,
+            run_blocking=self._in_thread,
         )
         # Verified TLS options are made per session: what they check is the name.
         verified = options is not None and options is not self.tls
