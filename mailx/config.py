@@ -60,10 +60,6 @@ from mailx.inbound.routing import (
     parse_address,
 )
 
-# Aliases may forward to outside addresses (SPEC section 8: mailx.outbound.relay);
-# outbound.srs_secret is then required.
-FORWARDING_SUPPORTED = True
-
 
 class _Required:
     def __repr__(self) -> str:
@@ -237,11 +233,6 @@ def is_fqdn(name: str) -> bool:
     return len(labels) >= 2 and all(labels) and not labels[-1].isdigit()
 
 
-_OUTSIDE_NOT_SUPPORTED = (
-    "forwarding to outside addresses is not supported yet (outbound queue not implemented)"
-)
-
-
 # ---------------------------------------------------------------------------
 # The model
 
@@ -358,17 +349,20 @@ class SmarthostAuth:
 
 @dataclass(frozen=True)
 class OutboundConfig:
+    """``outbound:`` (SPEC section 3), read by `mailx.outbound.relay.Outbound`;
+    the defaults are ``DEFAULTS["outbound"]``."""
+
     srs_secrets: tuple[str, ...]  # the first signs; all are accepted
     smarthost: str | None
     port: int
-    retry: tuple[float, ...]
+    retry: tuple[float, ...]  # seconds; see `mailx.outbound.relay.retry_after`
     queue_lifetime: float
-    smarthost_auth: SmarthostAuth | None = None
-    delay_warning: float | None = 4 * 3600.0  # seconds; None: no delay notice
-    connections: int = 100
-    connections_per_domain: int = 20
-    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    mta_sts: bool = True
+    smarthost_auth: SmarthostAuth | None
+    delay_warning: float | None  # seconds; None: no delay notice
+    connections: int
+    connections_per_domain: int
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    mta_sts: bool
 
 
 @dataclass(frozen=True)
@@ -696,7 +690,7 @@ class _Loader:
         self.base = base
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
-        # Alias targets that forward outside, when FORWARDING_SUPPORTED.
+        # Alias targets that forward outside (SPEC section 8): they need outbound.srs_secret.
         self.forwards: list[_Node] = []
         # Where alias keys and targets were written: (domain, alias[, index]) -> node.
         self.alias_nodes: dict[tuple, _Node] = {}
@@ -1424,21 +1418,19 @@ class _Loader:
         return usable
 
     def report_finding(self, finding: Finding, nodes: dict[str, _Node]) -> None:
-        """Locate what `audit_domains` found; outside targets are errors unless FORWARDING_SUPPORTED."""
+        """Locate what `audit_domains` found; outside targets are kept for `require_srs_secret`."""
         if finding.kind == "postmaster":
             self.at(nodes[finding.domain], finding.message)
             return
         node = self.alias_nodes[(finding.domain, finding.alias, finding.index)]
         if finding.kind != "forward":
             self.at(node, finding.message)
-        elif not FORWARDING_SUPPORTED:
-            self.at(node, _OUTSIDE_NOT_SUPPORTED)
         else:
             self.forwards.append(node)
 
     def require_srs_secret(self, outbound: OutboundConfig | None) -> None:
         """Forwarding rewrites the envelope sender with SRS (SPEC section 8), which needs a secret."""
-        if not FORWARDING_SUPPORTED or not self.forwards or outbound is None:
+        if not self.forwards or outbound is None:
             return
         if not outbound.srs_secrets:
             first = self.forwards[0]

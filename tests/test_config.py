@@ -1344,8 +1344,7 @@ class AliasTests(ConfigTestCase):
         config = self.load(self.aliases("'*': [alice, bob]"))
         self.assertEqual(config.domains["example.test"].aliases["*"], ("alice", "bob"))
 
-    def test_outside_target_needs_srs_secret_once_supported(self) -> None:
-        self.patch(config_module, "FORWARDING_SUPPORTED", True)
+    def test_outside_target_needs_srs_secret(self) -> None:
         self.assertProblem(
             self.aliases("boss: someone@elsewhere.test"),
             7,
@@ -1353,8 +1352,7 @@ class AliasTests(ConfigTestCase):
             "required: domains.example.test.aliases.boss forwards to an outside address",
         )
 
-    def test_outside_target_with_srs_secret_once_supported(self) -> None:
-        self.patch(config_module, "FORWARDING_SUPPORTED", True)
+    def test_outside_target_with_srs_secret(self) -> None:
         config = self.load(
             self.aliases("boss: someone@elsewhere.test")
             + f"outbound: {{srs_secret: {SRS_SECRET}}}\n"

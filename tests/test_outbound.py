@@ -14,6 +14,7 @@ import ipaddress
 import random
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 import mailx.outbound.relay as outbound_module
-from mailx.config import load_config_text
+from mailx.config import SmarthostAuth, load_config_text
 from mailx.dns import Resolver
 from mailx.outbound.relay import (
     IDLE_TIME,
@@ -35,7 +36,6 @@ from mailx.outbound.relay import (
     DotStuffer,
     HostFailure,
     Outbound,
-    OutboundSettings,
     SessionResult,
     SMTPClientProtocol,
     Timeouts,
@@ -43,6 +43,7 @@ from mailx.outbound.relay import (
     destination_allowed,
     forward_path,
     parse_reply,
+    retry_after,
     reverse_path,
 )
 from mailx.smtp.replies import Reply
@@ -368,6 +369,7 @@ class OutboundCase(unittest.TestCase):
     endpoint_factory: Any = None
 
     def make_outbound(self, smarthost_tls: Any = None, **overrides: Any) -> Outbound:
+        """An Outbound over ``self.config`` with these ``outbound:`` values (and hostname)."""
         options = {
             "hostname": "mx.example.test",
             "port": self.sink.port,
@@ -377,14 +379,19 @@ class OutboundCase(unittest.TestCase):
             **self.settings_overrides,
             **overrides,
         }
+        hostname = options.pop("hostname")
+        if options.get("smarthost_auth") is not None:
+            options["smarthost_auth"] = SmarthostAuth(*options["smarthost_auth"])
+        config = replace(
+            self.config, hostname=hostname, outbound=replace(self.config.outbound, **options)
+        )
         return Outbound(
-            self.config,
+            config,
             self.queue,
             Resolver(self.dns.nameservers, timeout=2.0),
             reactor=reactor,
             clock=self.clock,
             timeouts=FAST,
-            settings=OutboundSettings(**options),
             rng=random.Random(1),
             smarthost_tls=smarthost_tls,
             endpoint_factory=self.endpoint_factory,
@@ -1208,14 +1215,27 @@ class DestinationAllowedTests(unittest.TestCase):
         self.assertFalse(destination_allowed("10.0.1.1", nets))
         self.assertFalse(destination_allowed("169.254.1.1", nets))
 
-    def test_configuration_reaches_the_scheduler(self) -> None:
-        config = load_config_text(
-            CONFIG + "  allowed_networks: [10.0.0.0/8, 'fd00::/8']\n", "/nonexistent/mailx.yaml"
+    def test_a_reloaded_configuration_reaches_the_scheduler(self) -> None:
+        outbound = Outbound(
+            load_config_text(CONFIG, "/nonexistent/mailx.yaml"),
+            Queue(Path(self.mktemp())),
+            None,
+            mta_sts=None,
         )
+        reloaded = load_config_text(
+            CONFIG + "  allowed_networks: [10.0.0.0/8, 'fd00::/8']\n  connections: 7\n",
+            "/nonexistent/mailx.yaml",
+        )
+        outbound.reconfigure(reloaded, None)
+        self.assertEqual(outbound._slots.total, 7)
         self.assertEqual(
-            OutboundSettings.from_config(config).allowed_networks,
+            outbound.config.outbound.allowed_networks,
             (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")),
         )
+
+    def test_the_last_retry_interval_repeats(self) -> None:
+        retry = (300.0, 900.0, 3600.0)
+        self.assertEqual([retry_after(retry, n) for n in range(1, 6)], [300.0, 900.0, 3600.0, 3600.0, 3600.0])
 
 
 class PrivateAddressTests(OutboundCase):

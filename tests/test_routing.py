@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from mailx import config as config_module
 from mailx.config import load_config_text
 from mailx.inbound.routing import (
     Address,
@@ -325,10 +324,9 @@ class PostmasterTests(RoutingTestCase):
 
 
 class ForwardTests(unittest.TestCase):
-    """Outside addresses, once FORWARDING_SUPPORTED is flipped."""
+    """Outside addresses: forwarded (SPEC section 8)."""
 
     def setUp(self) -> None:
-        self.patch(config_module, "FORWARDING_SUPPORTED", True)
         self.config = load_config_text(
             dedent("""\
                 hostname: mx.example.test

@@ -80,7 +80,6 @@ __all__ = [
     "DotStuffer",
     "HostFailure",
     "Outbound",
-    "OutboundSettings",
     "SMTPClientProtocol",
     "SessionResult",
     "Timeouts",
@@ -88,20 +87,15 @@ __all__ = [
     "destination_allowed",
     "forward_path",
     "parse_reply",
+    "retry_after",
     "reverse_path",
 ]
 
-# Postfix's default_destination_concurrency_limit is 20 and its process
-# limit 100; an MX for a few people never needs more.
-MAX_CONNECTIONS = 100
-MAX_CONNECTIONS_PER_DOMAIN = 20
 # Postfix smtp_mx_address_limit: addresses tried per delivery attempt.
 MAX_ADDRESSES = 5
 # A host that just failed is tried after the others for this long
 # (Postfix keeps a similar "dead host" memory in qmgr).
 HOST_FAILURE_MEMORY = 600.0
-# Sendmail's timeout.queuewarn is 4h; Postfix's delay_warning_time is off.
-DELAY_WARNING = 4 * 3600.0
 # How often the server looks for ``mailxctl queue flush``'s request file.
 FLUSH_POLL = 1.0
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets; allow slack.
@@ -115,9 +109,6 @@ IDLE_TIME = 5.0
 # Transactions per connection (Postfix smtp_connection_reuse_count_limit: 0, no limit);
 # bounded so that one connection does not live for ever.
 MAX_TRANSACTIONS = 100
-# Idle sessions kept, in all and per host (Postfix keeps them in scache).
-MAX_IDLE = MAX_CONNECTIONS
-MAX_IDLE_PER_HOST = MAX_CONNECTIONS_PER_DOMAIN
 
 
 @dataclass(frozen=True)
@@ -927,45 +918,10 @@ def _tls_description(transport: Any) -> str:
 # The scheduler
 
 
-@dataclass(frozen=True)
-class OutboundSettings:
-    """What the scheduler reads from the configuration (``outbound:``, SPEC 3)."""
-
-    hostname: str
-    port: int = 25
-    smarthost: str | None = None
-    smarthost_auth: tuple[str, str] | None = None
-    retry: tuple[float, ...] = (300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
-    queue_lifetime: float = 5 * 86400.0
-    delay_warning: float | None = DELAY_WARNING
-    connections: int = MAX_CONNECTIONS
-    connections_per_domain: int = MAX_CONNECTIONS_PER_DOMAIN
-    # Private or reserved networks we may connect to all the same (SPEC 8).
-    allowed_networks: tuple[Network, ...] = ()
-    # RFC 8461: honour the recipient domain's MTA-STS policy (outbound.mta_sts).
-    mta_sts: bool = True
-
-    @classmethod
-    def from_config(cls, config: Any) -> OutboundSettings:
-        out = config.outbound
-        auth = out.smarthost_auth
-        return cls(
-            hostname=config.hostname,
-            port=out.port,
-            smarthost=out.smarthost,
-            smarthost_auth=(auth.username, auth.password) if auth is not None else None,
-            retry=tuple(out.retry),
-            queue_lifetime=out.queue_lifetime,
-            delay_warning=out.delay_warning,
-            connections=out.connections,
-            connections_per_domain=out.connections_per_domain,
-            allowed_networks=tuple(out.allowed_networks),
-            mta_sts=out.mta_sts,
-        )
-
-    def backoff(self, attempts: int) -> float:
-        """The wait after the ``attempts``-th failed attempt; the last interval repeats."""
-        return self.retry[min(attempts, len(self.retry)) - 1]
+def retry_after(retry: Sequence[float], attempts: int) -> float:
+    """The wait after the ``attempts``-th failed attempt (``outbound.retry``); the last
+    interval repeats."""
+    return retry[min(attempts, len(retry)) - 1]
 
 
 class _Slots:
@@ -1074,7 +1030,6 @@ class Outbound(service.Service):
         disk_pool: Any = None,
         timeouts: Timeouts = Timeouts(),
         tls: Any = "default",
-        settings: OutboundSettings | None = None,
         rng: random.Random | None = None,
         smarthost_tls: Any = None,
         endpoint_factory: Callable[[str, str | None], Any] | None = None,
@@ -1089,7 +1044,6 @@ class Outbound(service.Service):
         self.clock = clock if clock is not None else reactor
         self.disk_pool = disk_pool
         self.timeouts = timeouts
-        self.settings = settings or OutboundSettings.from_config(config)
         self.tls = _client_tls() if tls == "default" else tls
         # None: check the certificate against the smarthost's name (tests give a trust root).
         self._smarthost_tls_given = smarthost_tls
@@ -1101,7 +1055,7 @@ class Outbound(service.Service):
         # smarthost's endpoint string.  Tests pass one to see every attempt.
         self._endpoint_factory = endpoint_factory or self._endpoint
         self._entries: dict[str, _Entry] = {}
-        self._slots = _Slots(self.settings.connections, self.settings.connections_per_domain)
+        self._slots = _Slots(config.outbound.connections, config.outbound.connections_per_domain)
         self._failed_hosts: dict[str, float] = {}
         self._sessions: set[SMTPClientProtocol] = set()
         # Idle sessions by (peer, TLS options, TLS required, credentials), newest last.
@@ -1117,7 +1071,7 @@ class Outbound(service.Service):
         fetcher = mtasts.PolicyFetcher(
             self.resolver,
             reactor=self.reactor,
-            allowed=lambda ip: destination_allowed(ip, self.settings.allowed_networks),
+            allowed=lambda ip: destination_allowed(ip, self.config.outbound.allowed_networks),
         )
         return mtasts.MTASTS(
             self.resolver,
@@ -1133,11 +1087,10 @@ class Outbound(service.Service):
         """A reloaded configuration: new secrets, limits and schedule apply from now on."""
         self.config = config
         self.resolver = resolver
-        self.settings = OutboundSettings.from_config(config)
         secrets = config.outbound.srs_secrets
         self.srs = SRS(secrets, clock=self.clock.seconds) if secrets else None
-        self._slots.total = self.settings.connections
-        self._slots.per_key = self.settings.connections_per_domain
+        self._slots.total = config.outbound.connections
+        self._slots.per_key = config.outbound.connections_per_domain
         self._smarthost_tls = self._smarthost_tls_given
         if self.mta_sts is not None:
             self.mta_sts.resolver = self.mta_sts.fetcher.resolver = resolver
@@ -1390,7 +1343,7 @@ class Outbound(service.Service):
         """One attempt, its outcome applied and saved; the recipients stay in flight until then."""
         envelope = entry.envelope
         lmtp = recipients[0].transport is not None  # grouped by destination: all or none
-        key = "smarthost" if self.settings.smarthost and not lmtp else domain
+        key = "smarthost" if self.config.outbound.smarthost and not lmtp else domain
         try:
             yield self._slots.acquire(key)
         except defer.CancelledError:
@@ -1453,21 +1406,21 @@ class Outbound(service.Service):
             r.state = FAILED
             r.status = reply.enhanced or "5.0.0"
             log.info(fmt, status="bounced", **fields)
-        elif now >= envelope.created + self.settings.queue_lifetime:
+        elif now >= envelope.created + self.config.outbound.queue_lifetime:
             r.state = FAILED
             # RFC 3463 4.4.7: delivery time expired.
             r.status = reply.enhanced if reply.enhanced.startswith("4.") else "4.4.7"
             log.info(
                 fmt + " gave up after {lifetime:.0f}s",
                 status="expired",
-                lifetime=self.settings.queue_lifetime,
+                lifetime=self.config.outbound.queue_lifetime,
                 **fields,
             )
         else:
             r.status = reply.enhanced or "4.0.0"
             r.next_attempt = min(
-                now + self.settings.backoff(r.attempts),
-                envelope.created + self.settings.queue_lifetime,
+                now + retry_after(self.config.outbound.retry, r.attempts),
+                envelope.created + self.config.outbound.queue_lifetime,
             )
             log.info(
                 fmt + " next attempt in {wait:.0f}s",
@@ -1493,7 +1446,7 @@ class Outbound(service.Service):
     def _after_attempt(self, entry: _Entry) -> Any:
         envelope = entry.envelope
         now = self.clock.seconds()
-        warning = self.settings.delay_warning
+        warning = self.config.outbound.delay_warning
         if (
             not envelope.complete
             and warning is not None
@@ -1514,12 +1467,12 @@ class Outbound(service.Service):
                     )
                 else:
                     message = dsn.delay_message(
-                        self.settings.hostname,
+                        self.config.hostname,
                         envelope,
                         delayed,
                         header,
                         now,
-                        envelope.created + self.settings.queue_lifetime,
+                        envelope.created + self.config.outbound.queue_lifetime,
                     )
                     yield self._send_notice(envelope, "D", "delay", message)
                 envelope.delay_notified = True
@@ -1535,7 +1488,7 @@ class Outbound(service.Service):
             header, refusal = yield self._in_thread(self._notice_decision, envelope, failed[0])
             if refusal is None:
                 message = dsn.bounce_message(
-                    self.settings.hostname, envelope, failed, header, self.clock.seconds()
+                    self.config.hostname, envelope, failed, header, self.clock.seconds()
                 )
                 yield self._send_notice(envelope, "B", "bounce", message)
             else:
@@ -1649,7 +1602,7 @@ class Outbound(service.Service):
         """A notice to one of our own mailboxes goes straight into its Maildir (blocking)."""
         for n, dest in enumerate(mailboxes):
             head = f"Return-Path: <>\r\nDelivered-To: {dest.address}\r\n".encode()
-            name = maildir.unique_name(notice_id, n, self.settings.hostname)
+            name = maildir.unique_name(notice_id, n, self.config.hostname)
             maildir.write_message(
                 dest.maildir_path(self.config), name, [(head + message).replace(b"\r\n", b"\n")]
             )
@@ -1712,12 +1665,12 @@ class Outbound(service.Service):
                 return every(_Outcome(reply, lmtp, lmtp, None))
             return self._outcomes(result, lmtp, lmtp)
         policy = None
-        if self.settings.smarthost:
+        if self.config.outbound.smarthost:
             refusal = yield self._smarthost_refusal()
             if refusal is not None:
                 log.info("{qid}: {reply}", qid=envelope.id, reply=_reply_text(refusal))
                 return every(_Outcome(refusal))
-            targets = [(self.settings.smarthost, None)]
+            targets = [(self.config.outbound.smarthost, None)]
         else:
             try:
                 targets = yield self._hosts(domain)
@@ -1843,7 +1796,7 @@ class Outbound(service.Service):
         self, envelope: Envelope, domain: str, targets: list[tuple[str, str]]
     ) -> list[tuple[str, str]]:
         """The targets we may connect to (`destination_allowed`); the others are logged."""
-        networks = self.settings.allowed_networks
+        networks = self.config.outbound.allowed_networks
         allowed = [t for t in targets if destination_allowed(t[1], networks)]
         refused = [t for t in targets if t not in allowed]
         if refused:
@@ -1859,7 +1812,7 @@ class Outbound(service.Service):
     @defer.inlineCallbacks
     def _mta_sts_policy(self, qid: str, domain: str) -> Any:
         """The domain's MTA-STS policy in enforce or testing mode, else None (never fails)."""
-        if self.mta_sts is None or not self.settings.mta_sts:
+        if self.mta_sts is None or not self.config.outbound.mta_sts:
             return None
         try:
             policy = yield self.mta_sts.policy(domain, qid)
@@ -1934,7 +1887,7 @@ class Outbound(service.Service):
         resolves it again itself, a moment later, under the owner's
         control.  Endpoints without a host (``unix:``) are local.
         """
-        smarthost = self.settings.smarthost
+        smarthost = self.config.outbound.smarthost
         host = _endpoint_host(clientFromString(self.reactor, smarthost))
         if host is None:
             return None
@@ -1951,7 +1904,7 @@ class Outbound(service.Service):
         except OSError as e:
             return Reply(451, "4.4.3", f"cannot resolve the smarthost {host}: {e}")
         addresses = sorted({info[4][0] for info in found})
-        refused = [a for a in addresses if not destination_allowed(a, self.settings.allowed_networks)]
+        refused = [a for a in addresses if not destination_allowed(a, self.config.outbound.allowed_networks)]
         if refused or not addresses:
             return Reply(
                 451,
@@ -1967,7 +1920,7 @@ class Outbound(service.Service):
 
     def _verified_smarthost_tls(self) -> Any:
         if self._smarthost_tls is None:
-            self._smarthost_tls = _verified_tls_for(self.reactor, self.settings.smarthost)
+            self._smarthost_tls = _verified_tls_for(self.reactor, self.config.outbound.smarthost)
         return self._smarthost_tls
 
     def _endpoint(self, name: str, ip: str | None) -> Any:
@@ -1975,12 +1928,12 @@ class Outbound(service.Service):
         if ip is None:
             return clientFromString(self.reactor, name)
         kind = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
-        return kind(self.reactor, ip, self.settings.port, timeout=self.timeouts.connect)
+        return kind(self.reactor, ip, self.config.outbound.port, timeout=self.timeouts.connect)
 
     def _peer(self, name: str, ip: str | None) -> str:
         if ip is None:
             return name
-        return f"{name}[{ip}]:{self.settings.port}"
+        return f"{name}[{ip}]:{self.config.outbound.port}"
 
     @defer.inlineCallbacks
     def _hosts(self, domain: str) -> Any:
@@ -2048,16 +2001,19 @@ class Outbound(service.Service):
         options for STARTTLS ("default": ours, None: none).  With ``lmtp``, ``name``
         is an LMTP endpoint string, spoken to by `mailx.outbound.lmtp`."""
         peer = self._peer(name, ip)
-        if ip is not None and not destination_allowed(ip, self.settings.allowed_networks):
+        if ip is not None and not destination_allowed(ip, self.config.outbound.allowed_networks):
             # `_reachable` filtered them out already; never connect whatever the path.
             raise HostFailure(Reply(451, "4.4.4", f"{peer}: private or reserved address"))
         endpoint = self._endpoint_factory(name, ip)
-        credentials = self.settings.smarthost_auth if ip is None and not lmtp else None
+        auth = self.config.outbound.smarthost_auth
+        credentials = (
+            (auth.username, auth.password) if ip is None and not lmtp and auth is not None else None
+        )
         options = self.tls if tls == "default" else tls
         if credentials is not None and options is not None:
             options = self._verified_smarthost_tls()
         settings = ClientSettings(
-            helo=self.settings.hostname,
+            helo=self.config.hostname,
             timeouts=self.timeouts,
             clock=self.clock,
             tls=options,
@@ -2115,15 +2071,19 @@ class Outbound(service.Service):
     # -- idle sessions (connection reuse) ---------------------------------------
 
     def _keep_idle(self, protocol: SMTPClientProtocol) -> bool:
-        """Keep a session whose transaction is over, for the next message to its host."""
+        """Keep a session whose transaction is over, for the next message to its host.
+
+        At most as many idle sessions as ``outbound.connections`` (and per
+        host ``connections_per_domain``) allow at once (Postfix keeps them in scache).
+        """
         key = protocol.cache_key
         sessions = self._idle.setdefault(key, [])
         per_host = sum(len(v) for k, v in self._idle.items() if k[0] == key[0])
         if (
             self._stopping
             or not self.running
-            or self._idle_count >= MAX_IDLE
-            or per_host >= MAX_IDLE_PER_HOST
+            or self._idle_count >= self.config.outbound.connections
+            or per_host >= self.config.outbound.connections_per_domain
         ):
             if not sessions:
                 del self._idle[key]
