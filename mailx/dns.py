@@ -509,9 +509,6 @@ class Resolver:
         except DNSError as e:  # a cached negative answer is an answer
             return fail(e)
 
-    def lookup(self, name: str, rdtype: str) -> Deferred[Answer]:
-        return self.cached_or_call(self.query, name, rdtype)
-
     def lookup_txt(self, name: str) -> Deferred[list[str]]:
         return self.cached_or_call(self.txt, name)
 
@@ -520,12 +517,6 @@ class Resolver:
 
     def lookup_aaaa(self, name: str) -> Deferred[list[str]]:
         return self.cached_or_call(self.aaaa, name)
-
-    def lookup_mx(self, name: str) -> Deferred[list[MX]]:
-        return self.cached_or_call(self.mx, name)
-
-    def lookup_ptr(self, address: str) -> Deferred[list[str]]:
-        return self.cached_or_call(self.ptr, address)
 
     def lookup_mail_exchangers(self, domain: str) -> Deferred[list[MX]]:
         return self.cached_or_call(self.mail_exchangers, domain)

@@ -93,12 +93,12 @@ class LookupTests(ResolverTestCase):
 
     @defer.inlineCallbacks
     def test_mx_sorted_by_preference(self):
-        records = yield self.resolver.lookup_mx("example.test")
+        records = yield self.resolver.call(self.resolver.mx, "example.test")
         self.assertEqual(records, [MX(10, "mx1.example.test"), MX(20, "mx2.example.test")])
 
     @defer.inlineCallbacks
     def test_ptr_of_an_address(self):
-        self.assertEqual((yield self.resolver.lookup_ptr("192.0.2.10")), ["example.test"])
+        self.assertEqual((yield self.resolver.call(self.resolver.ptr, "192.0.2.10")), ["example.test"])
 
     @defer.inlineCallbacks
     def test_names_are_case_insensitive_and_may_end_in_a_dot(self):
@@ -108,7 +108,7 @@ class LookupTests(ResolverTestCase):
     def test_cname_to_data_the_server_did_not_include(self):
         records = yield self.resolver.lookup_txt("alias.example.test")
         self.assertIn("v=spf1 -all", records)
-        answer = yield self.resolver.lookup("alias.example.test", "TXT")
+        answer = yield self.resolver.call(self.resolver.query, "alias.example.test", "TXT")
         self.assertEqual(answer.canonical_name, "example.test")
 
     def test_nxdomain_is_void(self):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailx.checks.dnsbl import classify, listed, query_name
+from mailx.checks.dnsbl import classify, query_name
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.server import capture_log, dialogue, in_thread, start_server
 
@@ -20,10 +20,10 @@ class QueryNameTests(unittest.TestCase):
         self.assertEqual(name, "1." + "0." * 23 + "8.b.d.0.1.0.0.2.bl.test")
 
     def test_only_127_8_means_listed(self) -> None:
-        self.assertEqual(listed(["127.0.0.2"]), "127.0.0.2")
-        self.assertIsNone(listed(["192.0.2.1"]))
+        self.assertEqual(classify(["127.0.0.2"])[0], "127.0.0.2")
+        self.assertIsNone(classify(["192.0.2.1"])[0])
         # Spamhaus's "query refused" codes are errors, not listings.
-        self.assertIsNone(listed(["127.255.255.254"]))
+        self.assertIsNone(classify(["127.255.255.254"])[0])
 
     def test_error_codes_are_errors_not_listings(self) -> None:
         # Spamhaus's error codes, the "refused" 127.0.0.1, answers outside 127/8.

@@ -83,8 +83,8 @@ COMMENT_WIDTH = 78
 # RFC 8461 3.2: max_age in seconds.  A day while in testing mode, so a
 # change reaches senders quickly; raise it (a week or more) with enforce.
 MTA_STS_MAX_AGE = 86400
-# RFC 6409 (587, STARTTLS); RFC 8314 (465 and 993, TLS from the first byte).
-SUBMISSION_PORT, SUBMISSIONS_PORT, IMAPS_PORT = 587, 465, 993
+# RFC 6409 (587, STARTTLS); RFC 8314 (465, TLS from the first byte).
+SUBMISSION_PORT, SUBMISSIONS_PORT = 587, 465
 
 
 # ---------------------------------------------------------------------------

@@ -56,7 +56,6 @@ __all__ = [
 ]
 
 POLICIES = ("none", "quarantine", "reject")
-DMARC_RESULTS = ("pass", "fail", "none", "temperror", "permerror")
 # RFC 7489 6.6.4: outside the pct sample, the next lower policy applies.
 _LOWER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 # rua/ruf: RFC 7489 6.4 dmarc-uri = URI [ "!" 1*DIGIT [ "k" / "m" / "g" / "t" ] ]
@@ -252,10 +251,6 @@ class DMARCResult:
     @property
     def passed(self) -> bool:
         return self.result == "pass"
-
-
-class _Unavailable(Exception):
-    pass
 
 
 def _records_at(resolver: Resolver, domain: str) -> list[DMARCRecord]:

@@ -82,11 +82,6 @@ def classify(answers: Sequence[str]) -> tuple[str | None, str | None]:
     return code, error
 
 
-def listed(answers: Sequence[str]) -> str | None:
-    """The first answer that means "listed" (see `classify`)."""
-    return classify(answers)[0]
-
-
 def error_meaning(code: str) -> str:
     """What an error answer means, for the log."""
     if code in ERROR_CODES:

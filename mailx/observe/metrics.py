@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 disable_created_metrics()
 
 RESULTS = ("accepted", "refused", "tempfail")
-AUTH_METHODS = ("spf", "dkim", "dmarc")
 DELIVERY_KINDS = ("maildir", "forward", "submission", "lmtp", "dsn")
 DELIVERY_RESULTS = ("delivered", "deferred", "bounced")
 # Envelope kinds (mailx.storage.queue) and notice kinds as a delivery kind.

@@ -45,7 +45,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,6 @@ FORMAT_VERSION = 1
 
 _ID = re.compile(r"\A[0-9A-Za-z]{1,40}\Z")
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
-READ_CHUNK = 1024 * 1024
 
 
 def valid_id(queue_id: str) -> bool:
@@ -364,12 +363,6 @@ class Queue:
                 covered = self._renames
             fsync_directory(self.root)
             self._synced = covered
-
-    def read_data(self, queue_id: str) -> Iterator[bytes]:
-        """The data file in chunks."""
-        with open(self.data_path(queue_id), "rb") as f:
-            while chunk := f.read(READ_CHUNK):
-                yield chunk
 
     def read_header(self, queue_id: str, limit: int = 256 * 1024) -> bytes:
         """The data file's header section (up to the empty line), at most ``limit`` octets."""
