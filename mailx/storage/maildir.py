@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_maildir -*-
+# -*- test-case-name: tests.test_writer,tests.test_hardening -*-
 """Durable Maildir delivery, as Dovecot reads it.
 
 Twisted's maildir code never fsyncs (research notes section 6), so this is
