@@ -391,7 +391,7 @@ class MailxService(service.MultiService):
         self._listen()
         self.pidfile = pid_path(self.config)
         self.pidfile.write_text(f"{os.getpid()}\n")
-        self._record_reload([], start=True)
+        self._write_reload_status(self._reload_status([], start=True))
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         for warning in self.config.warnings:
             # Not warning=...: Twisted's legacy observers (trial's, twistd's)
@@ -419,7 +419,15 @@ class MailxService(service.MultiService):
 
         def read() -> defer.Deferred:
             d = threads.deferToThreadPool(self.reactor, self.disk_pool, self._read, source)
-            return d.addCallback(self._finish_reload)
+            return d.addCallback(applied)
+
+        def applied(read: tuple[Config, Any] | list[str]) -> defer.Deferred:
+            problems = read if isinstance(read, list) else self._apply(*read)
+            status = self._reload_status(problems)
+            d = threads.deferToThreadPool(
+                self.reactor, self.disk_pool, self._write_reload_status, status
+            )
+            return d.addCallback(lambda _: not problems)
 
         return self._reload_lock.run(read)
 
@@ -434,7 +442,7 @@ class MailxService(service.MultiService):
 
     def _finish_reload(self, read: tuple[Config, Any] | list[str]) -> bool:
         problems = read if isinstance(read, list) else self._apply(*read)
-        self._record_reload(problems)
+        self._write_reload_status(self._reload_status(problems))
         return not problems
 
     def _read(self, source: Path) -> tuple[Config, Any] | list[str]:
@@ -493,16 +501,20 @@ class MailxService(service.MultiService):
         )
         return []
 
-    def _record_reload(self, problems: list[str], start: bool = False) -> None:
-        """Write the verdict (no fsync: it only matters while both processes run)."""
+    def _reload_status(self, problems: list[str], start: bool = False) -> dict[str, Any]:
+        """The verdict of this reload (or of the start, generation 0), for `_write_reload_status`."""
         self._reload_generation = 0 if start else getattr(self, "_reload_generation", 0) + 1
-        path = reload_status_path(self.config)
-        status = {
+        return {
             "pid": os.getpid(),
             "generation": self._reload_generation,
             "ok": not problems,
             "problems": problems,
         }
+
+    def _write_reload_status(self, status: dict[str, Any]) -> None:
+        """Write the verdict where `read_reload_status` looks (blocking: the disk
+        pool, but at start-up; no fsync: it only matters while both processes run)."""
+        path = reload_status_path(self.config)
         try:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(status) + "\n")

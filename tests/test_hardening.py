@@ -122,6 +122,31 @@ class ConfigBombTests(unittest.TestCase):
         self.assertTrue(ok)
         self.assertEqual(len(server.messages("alice")), 1)
 
+    @defer.inlineCallbacks
+    def test_reload_writes_its_verdict_off_the_reactor_while_clients_are_served(self) -> None:
+        # The verdict file for `mailxctl reload`: a write on a stalled disk
+        # must not hold up the sessions either.
+        server = start_server(self)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        real = server.service._write_reload_status
+
+        def slow_write(status: dict) -> None:
+            release.wait(30)
+            real(status)
+
+        self.patch(server.service, "_write_reload_status", slow_write)
+        reloading = server.service.reload_in_thread()
+        finished: list[object] = []
+        reloading.addBoth(lambda result: finished.append(result) or result)
+        try:
+            yield send_mail(server.port, "s@sender.test", ["alice@example.test"], message())
+            self.assertEqual(finished, [])  # served while the verdict was being written
+        finally:
+            release.set()
+        self.assertTrue((yield reloading))
+        self.assertEqual(service_module.read_reload_status(server.config)["generation"], 1)
+
 
 
 class _FullDisk(io.RawIOBase):
