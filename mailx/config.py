@@ -298,8 +298,8 @@ class AuthenticationConfig:
     spf: bool
     dkim: bool
     dmarc: str  # "enforce" | "monitor" | "off"
-    timeout: float = 30.0  # seconds for all the checks of one message
-    concurrency_per_ip: int = 2
+    timeout: float  # seconds for all the checks of one message
+    concurrency_per_ip: int
 
 
 @dataclass(frozen=True)
@@ -311,7 +311,7 @@ class DNSBLZone:
 @dataclass(frozen=True)
 class ChecksConfig:
     dnsbl: tuple[DNSBLZone, ...]
-    reverse_dns: bool = True  # look up the client's PTR at connect, for Received and the log
+    reverse_dns: bool  # look up the client's PTR at connect, for Received and the log
 
 
 @dataclass(frozen=True)
@@ -379,15 +379,12 @@ class Config:
     checks: ChecksConfig
     domains: Mapping[str, DomainConfig]
     outbound: OutboundConfig
-    reports: str | None = None  # address for DMARC and TLS-RPT reports
     # Networks allowed to send a PROXY header on haproxy: listeners.
-    haproxy_trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
-        ipaddress.ip_network("127.0.0.0/8"),
-        ipaddress.ip_network("::1"),
-    )
+    haproxy_trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    log_format: str  # logging.format: "text" | "json"
+    reports: str | None = None  # address for DMARC and TLS-RPT reports
     # listen.metrics: where GET /metrics is served (SPEC section 13).
     metrics_listen: tuple[str, ...] = ()
-    log_format: str = "text"  # logging.format: "text" | "json"
     trace: TraceConfig = field(default_factory=lambda: TraceConfig(None))  # logging.trace
     # Worth saying, not stopping for (a certificate about to expire): printed
     # by `mailxctl check`, logged at start-up.

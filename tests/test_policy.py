@@ -111,7 +111,9 @@ class AuthenticatorTests(unittest.TestCase):
         self, spf: bool = True, dkim: bool = True, mode: str = "enforce"
     ) -> Authenticator:
         return Authenticator(
-            self.resolver, AuthenticationConfig(spf=spf, dkim=dkim, dmarc=mode), "mx.test"
+            self.resolver,
+            AuthenticationConfig(spf=spf, dkim=dkim, dmarc=mode, timeout=30.0, concurrency_per_ip=2),
+            "mx.test",
         )
 
     def check(

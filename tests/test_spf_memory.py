@@ -22,7 +22,7 @@ class SPFMemoryTests(unittest.TestCase):
         self.now = [1000.0]
         self.authenticator = Authenticator(
             Resolver(self.dns.nameservers, 0.5),
-            AuthenticationConfig(spf=True, dkim=False, dmarc="off"),
+            AuthenticationConfig(spf=True, dkim=False, dmarc="off", timeout=30.0, concurrency_per_ip=2),
             "mx.test",
             clock=lambda: self.now[0],
         )
