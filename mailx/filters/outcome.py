@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_filters_mailbox -*-
 """What a mailbox's filters decided for its copy of one message: a value.
 
 The seam between the filters (`mailx.filters`, which run the scripts) and
