@@ -1101,6 +1101,8 @@ class ReuseTests(OutboundCase):
         self.clock.advance(2)
         yield wait_until(lambda: not self.sink.open)
         self.assertEqual(self.sink.commands[-1], b"QUIT")
+        # Our side learns of the close a moment after the sink's (a busy machine: later).
+        yield wait_until(lambda: self.outbound._idle_count == 0, timeout=5)
         self.assertEqual(self.outbound._idle_count, 0)
 
     @defer.inlineCallbacks
