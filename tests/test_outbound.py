@@ -577,9 +577,13 @@ class StalledDiskTests(OutboundCase):
 
     @defer.inlineCallbacks
     def test_a_stalled_queue_lookup_does_not_stall_the_reactor(self) -> None:
+        # The lookup before a retry: is the entry still queued (mailxctl queue remove)?
+        self.sink.script("rcpt", "451 4.7.1 later")
+        envelope = self.submit()
+        yield self.settle(envelope)
         self.patch(self.queue, "exists", self.stall(self.queue.exists))
         started = time.monotonic()
-        self.submit()
+        self.clock.advance(60)  # the retry
         yield self.assert_reactor_responsive_while_stalled(started)
         [message] = yield self.sink.wait_for(1)
         self.assertEqual(message.data, TRACE + MESSAGE)

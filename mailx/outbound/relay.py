@@ -403,14 +403,17 @@ class _DataProducer:
         self._send(result)
         self._pump()
 
-    def _read_chunk(self) -> bytes:
-        """Blocking: one chunk; the file is closed at its end."""
+    def _read_chunk(self) -> tuple[bytes, bool]:
+        """Blocking: the next chunk, and whether it is the last (the file is then
+        closed).  A buffered read returns less than asked only at the end, so
+        a message under SEND_CHUNK takes one trip to the thread, not two."""
         if self._file is None:
             self._file = _open_data(self._path)
         chunk = self._file.read(SEND_CHUNK)
-        if not chunk:
+        at_end = len(chunk) < SEND_CHUNK
+        if at_end:
             self._close()
-        return chunk
+        return chunk, at_end
 
     def _close(self) -> None:
         file, self._file = self._file, None
@@ -431,14 +434,14 @@ class _DataProducer:
             client._abort()
             return
         client._data_progress()
-        if not result:
+        chunk, at_end = result
+        out = self._stuffer.feed(chunk)
+        if at_end:
             self._done = True
             self._transport.unregisterProducer()
-            self._transport.write(self._stuffer.finish())
+            self._transport.write(out + self._stuffer.finish())
             client._data_sent()
-            return
-        out = self._stuffer.feed(result)
-        if out:
+        elif out:
             self._transport.write(out)
 
     def pauseProducing(self) -> None:
@@ -1298,7 +1301,12 @@ class Outbound(service.Service):
         entry.timer = None
         if self._stopping or self._entries.get(entry.envelope.id) is not entry:
             return
-        # Still queued?  Asked in the disk pool (a stat can wait on a busy disk).
+        if not any(r.attempts for r in entry.envelope.recipients):
+            # Written or scanned at start-up moments ago: nothing to ask the disk.
+            self._start_due(True, entry)
+            return
+        # Still queued (mailxctl queue remove)?  Asked in the disk pool: a stat
+        # can wait on a busy disk.
         checked = self._in_thread(self.queue.exists, entry.envelope.id)
         self._track(checked.addCallback(self._start_due, entry))
 
