@@ -30,7 +30,7 @@ remote ``250``, so a crash in between sends it again after the restart.
 
 ``mailxctl queue remove`` renames an entry to ``.removed-<id>`` before
 deleting it, so the running server, which re-reads nothing but checks that
-the directory still exists before each attempt and fails to write the
+the directory still exists before each retry and fails to write the
 envelope of a moved one, simply forgets it.
 
 Every function here blocks: callers run them in the disk thread pool.  The
