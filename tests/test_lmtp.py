@@ -614,7 +614,7 @@ class TwoHostsTests(DovecotCase):
         queue = Queue(self.directory / "primary" / "spool" / "queue")
         window = set()
         for queue_id in queue.ids():
-            window.update(message_ids([b"".join(queue.read_data(queue_id))]))
+            window.update(message_ids([queue.data_path(queue_id).read_bytes()]))
         yield in_thread(lambda: [s.join(300) for s in senders])
         yield in_thread(primary.start)
 
