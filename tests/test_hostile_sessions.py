@@ -23,7 +23,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from mailx.smtp.server import CLOSE_GRACE, HOLD_BACKLOG, MAX_EARLY_INPUT
+from mailx.smtp.server import CLOSE_GRACE, MAX_EARLY_INPUT
+from mailx.smtp.session import Hold
 from mailx.testing.server import (
     LineClient,
     RunningServer,
@@ -112,10 +113,10 @@ class UnreadRepliesTests(unittest.TestCase):
         [session] = list(server.service.factory.sessions)
         # Once the kernel's buffers are full, our replies back up and the
         # session stops: it stays so while the client goes on sending.
-        yield wait_until(lambda: HOLD_BACKLOG in session._holds, timeout=20)
+        yield wait_until(lambda: Hold.BACKLOG in session.dialogue.holds, timeout=20)
         yield sleep(1)
-        self.assertIn(HOLD_BACKLOG, session._holds)
-        self.assertLess(len(session._buffer), 256 * 1024)
+        self.assertIn(Hold.BACKLOG, session.dialogue.holds)
+        self.assertLess(session.dialogue.buffered, 256 * 1024)
         written = session.transport.dataBuffer
         self.assertLess(len(written) + session.transport._tempDataLen, 2 * 2**20)
         yield assert_served_promptly(self, server)
@@ -259,7 +260,7 @@ class EarlyTalkerTests(unittest.TestCase):
         talking = in_thread(run)
         yield sleep(0.5)
         [session] = server.service.factory.sessions
-        self.assertLessEqual(len(session._buffer), MAX_EARLY_INPUT)
+        self.assertLessEqual(session.dialogue.buffered, MAX_EARLY_INPUT)
         yield assert_served_promptly(self, server)  # (its 1 s greeting pause included)
         sent, reply = yield talking
         self.assertEqual(reply, (554, b"5.5.0 Protocol error: you spoke before the greeting"))
@@ -569,7 +570,7 @@ class HangUpMidDataTests(unittest.TestCase):
             yield in_thread(sock.sendall, b"EHLO c.test\r\n" * 1000)
             yield sleep(0.01)
         self.assertTrue(queued())
-        self.assertNotIn(HOLD_BACKLOG, session._holds)
+        self.assertNotIn(Hold.BACKLOG, session.dialogue.holds)
         yield in_thread(sock.sendall, b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<bob@example.test>\r\n")
         yield sleep(0.2)
         yield in_thread(sock.sendall, b"DATA\r\n")

@@ -257,13 +257,13 @@ class SMTPDialogueTests(unittest.TestCase):
 
     def test_data_line_up_to_64k_is_accepted(self) -> None:
         self.ehlo()
-        self.factory.settings.message_size = 1_000_000
+        self.factory.limits.message_size = 1_000_000
         self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
         self.assertEqual(self.d.codes(b"y" * MAX_DATA_LINE + b"\r\n.\r\n"), [250])
 
     def test_data_line_over_64k_refuses_and_closes(self) -> None:
         self.ehlo()
-        self.factory.settings.message_size = 1_000_000
+        self.factory.limits.message_size = 1_000_000
         self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
         out = self.d.send(
             b"y" * (MAX_DATA_LINE + 1) + b"\r\nMAIL FROM:<x@y.test>\r\nRCPT TO:<bob@example.test>\r\n"
@@ -280,7 +280,7 @@ class SMTPDialogueTests(unittest.TestCase):
 
     def test_longest_data_line_with_crlf_split_across_reads(self) -> None:
         self.ehlo()
-        self.factory.settings.message_size = 1_000_000
+        self.factory.limits.message_size = 1_000_000
         self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
         self.d.send(b"y" * MAX_DATA_LINE + b"\r")
         self.assertEqual(self.d.codes(b"\n.\r\n"), [250])
@@ -344,7 +344,7 @@ class SMTPDialogueTests(unittest.TestCase):
 
     def test_input_piling_up_behind_a_check_stops_reading(self) -> None:
         self.delivery.slow = True
-        self.factory.settings.junk_commands = 10**9
+        self.factory.limits.junk_commands = 10**9
         self.ehlo()
         self.d.send(b"MAIL FROM:<a@sender.test>\r\n" + b"NOOP\r\n" * 20_000)
         self.assertEqual(self.d.transport.producerState, "paused")
@@ -439,7 +439,7 @@ class SMTPDialogueTests(unittest.TestCase):
         self.assertTrue(self.d.transport.disconnecting)
 
     def test_error_limit_closes_session(self) -> None:
-        self.factory.settings.error_limit = 3
+        self.factory.limits.error_limit = 3
         self.d.send(b"BAD\r\n")
         self.assertEqual(self.d.codes(b"BAD\r\n"), [500])
         self.d.clock.advance(1)
@@ -450,7 +450,7 @@ class SMTPDialogueTests(unittest.TestCase):
         self.assertTrue(self.d.transport.disconnecting)
 
     def test_errors_past_half_the_limit_slow_the_session_down(self) -> None:
-        self.factory.settings.error_limit = 4
+        self.factory.limits.error_limit = 4
         self.assertEqual(self.d.codes(b"BAD\r\nBAD\r\nBAD\r\nNOOP\r\n"), [500, 500, 500])
         self.assertEqual(self.d.transport.producerState, "paused")
         self.d.clock.advance(0.9)
@@ -481,7 +481,7 @@ class SMTPDialogueTests(unittest.TestCase):
 
 
     def test_junk_commands_over_the_limit_are_421_and_close(self) -> None:
-        self.factory.settings.junk_commands = 3
+        self.factory.limits.junk_commands = 3
         self.assertEqual(self.d.codes(b"NOOP\r\nRSET\r\nHELP\r\n"), [250, 250, 214])
         self.assertEqual(
             self.d.send(b"VRFY alice\r\nNOOP\r\n"),
@@ -490,7 +490,7 @@ class SMTPDialogueTests(unittest.TestCase):
         self.assertTrue(self.d.transport.disconnecting)
 
     def test_a_delivered_message_restarts_the_junk_count(self) -> None:
-        self.factory.settings.junk_commands = 2
+        self.factory.limits.junk_commands = 2
         self.ehlo()
         self.assertEqual(self.d.codes(b"NOOP\r\nRSET\r\n"), [250, 250])
         self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
@@ -498,7 +498,7 @@ class SMTPDialogueTests(unittest.TestCase):
         self.assertEqual(self.d.codes(b"RSET\r\nNOOP\r\nNOOP\r\n"), [250, 250, 421])
 
     def test_refused_recipients_get_the_error_pause(self) -> None:
-        self.factory.settings.error_limit = 4
+        self.factory.limits.error_limit = 4
         self.ehlo()
         self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
         out = self.d.send(b"RCPT TO:<x@elsewhere.test>\r\n" * 3 + b"RCPT TO:<alice@example.test>\r\n")
@@ -511,7 +511,7 @@ class SMTPDialogueTests(unittest.TestCase):
         self.assertEqual(self.d.transport.producerState, "producing")
 
     def test_refused_recipients_reach_the_error_limit(self) -> None:
-        self.factory.settings.error_limit = 3
+        self.factory.limits.error_limit = 3
         self.ehlo()
         self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
         self.d.send(b"RCPT TO:<x@elsewhere.test>\r\n" * 2)
@@ -523,7 +523,7 @@ class SMTPDialogueTests(unittest.TestCase):
         self.assertTrue(self.d.transport.disconnecting)
 
     def test_slow_refusal_pauses_after_its_reply_in_order(self) -> None:
-        self.factory.settings.error_limit = 4
+        self.factory.limits.error_limit = 4
         self.delivery.slow = True
         self.ehlo()
         self.d.send(b"MAIL FROM:<a@sender.test>\r\n")
@@ -576,25 +576,25 @@ class SMTPDialogueTests(unittest.TestCase):
         self.assertIsNone(self.d.transport.producer)
 
     def test_many_pipelined_commands_in_one_read(self) -> None:
-        self.factory.settings.junk_commands = 10**9
+        self.factory.limits.junk_commands = 10**9
         out = self.d.send(b"NOOP\r\n" * 20_000)
         self.assertEqual(len(out), 20_000)
-        self.assertEqual(self.d.proto._buffer, b"")
+        self.assertEqual(self.d.proto.dialogue.buffered, 0)
 
     def test_bare_lf_lines_are_measured_as_normalised(self) -> None:
         self.ehlo()
-        self.factory.settings.message_size = 10_000_000
+        self.factory.limits.message_size = 10_000_000
         self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
         body = b"Subject: lf\n\n" + (b"b" * 76 + b"\n") * 30_000  # 2.3 MB, no CRLF
         for i in range(0, len(body), 65536):
             self.assertEqual(self.d.send(body[i : i + 65536]), [])
-            self.assertLess(len(self.d.proto._buffer), 65536)
+            self.assertLess(self.d.proto.dialogue.buffered, 65536)
         self.assertEqual(self.d.codes(b"\r\n.\r\n"), [250])
         self.assertEqual(self.delivery.delivered, [body.replace(b"\n", b"\r\n") + b"\r\n"])
 
     def test_line_over_64k_between_bare_lfs_is_refused(self) -> None:
         self.ehlo()
-        self.factory.settings.message_size = 10_000_000
+        self.factory.limits.message_size = 10_000_000
         self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
         out = self.d.send(b"a\n" + b"y" * (MAX_DATA_LINE + 1) + b"\nz\r\n.\r\n")
         self.assertEqual(out, [b"500 5.5.6 Line too long in message data, message refused"])
@@ -602,7 +602,7 @@ class SMTPDialogueTests(unittest.TestCase):
 
     def test_bare_cr_ends_a_line_for_the_length_too(self) -> None:
         self.ehlo()
-        self.factory.settings.message_size = 10_000_000
+        self.factory.limits.message_size = 10_000_000
         self.d.send(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
         self.assertEqual(self.d.codes((b"c" * 60_000 + b"\r") * 3 + b"\r\n.\r\n"), [250])
 
@@ -622,7 +622,7 @@ class ConnectionLimitTests(unittest.TestCase):
         self.factory = MailxSMTPFactory(make_config(), lambda session: FakeDelivery())
 
     def test_early_talker_is_refused(self) -> None:
-        self.factory.settings.greeting_delay = 1.0
+        self.factory.limits.greeting_delay = 1.0
         talker = Dialogue(self.factory)
         self.assertEqual(talker.send(b"EHLO spam.test\r\nMAIL FROM:<x@y.test>\r\n"), [])
         talker.clock.advance(1)
@@ -630,17 +630,17 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertTrue(talker.transport.disconnecting)
 
     def test_input_before_the_banner_is_bounded_and_not_read(self) -> None:
-        self.factory.settings.greeting_delay = 1.0
+        self.factory.limits.greeting_delay = 1.0
         talker = Dialogue(self.factory)
         for _ in range(10):
             talker.send(b"x" * 65536)
-        self.assertLessEqual(len(talker.proto._buffer), 4096)
+        self.assertLessEqual(talker.proto.dialogue.buffered, 4096)
         self.assertEqual(talker.transport.producerState, "paused")
         talker.clock.advance(1)
         self.assertEqual(talker.output(), [b"554 5.5.0 Protocol error: you spoke before the greeting"])
 
     def test_early_talker_that_hangs_up_frees_its_slot(self) -> None:
-        self.factory.settings.greeting_delay = 1.0
+        self.factory.limits.greeting_delay = 1.0
         talker = Dialogue(self.factory)
         talker.send(b"EHLO x\r\n")
         talker.proto.connectionLost(None)
@@ -648,7 +648,7 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertEqual(talker.clock.getDelayedCalls(), [])
 
     def test_patient_client_gets_banner_after_pause(self) -> None:
-        self.factory.settings.greeting_delay = 1.0
+        self.factory.limits.greeting_delay = 1.0
         patient = Dialogue(self.factory)
         self.assertEqual(patient.output(), [])
         patient.clock.advance(1)
@@ -656,7 +656,7 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertEqual(patient.codes(b"EHLO ok.test\r\n"), [250])
 
     def test_connection_rate_per_ip(self) -> None:
-        self.factory.settings.connection_rate_per_ip = 2
+        self.factory.limits.connection_rate_per_ip = 2
         clock = [1000.0]
         self.factory.clock = lambda: clock[0]
         for _ in range(2):
@@ -668,7 +668,7 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertEqual(Dialogue(self.factory, peer="192.0.2.1").output()[0][:3], b"220")
 
     def test_loopback_is_exempt_from_the_rate(self) -> None:
-        self.factory.settings.connection_rate_per_ip = 1
+        self.factory.limits.connection_rate_per_ip = 1
         for _ in range(3):
             d = Dialogue(self.factory, peer="127.0.0.1")
             self.assertEqual(d.output()[0][:3], b"220")
@@ -699,21 +699,21 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertEqual(self.factory.per_ip, {})
 
     def test_ipv6_prefix_length_is_configurable(self) -> None:
-        self.factory.settings.ipv6_prefix_length = 128
+        self.factory.limits.ipv6_prefix_length = 128
         first = Dialogue(self.factory, peer="2001:db8:1:2::1")
         other = Dialogue(self.factory, peer="2001:db8:1:2::2")
         self.assertEqual([first.output()[0][:3], other.output()[0][:3]], [b"220", b"220"])
 
     def test_ipv4_mapped_address_counts_as_ipv4(self) -> None:
-        self.factory.settings.connections = 5
+        self.factory.limits.connections = 5
         Dialogue(self.factory, peer="192.0.2.1")
         mapped = Dialogue(self.factory, peer="::ffff:192.0.2.1")
         self.assertEqual(mapped.output()[0][:9], b"421 4.7.0")
 
     def test_ipv6_connection_rate_counts_per_64(self) -> None:
-        self.factory.settings.connection_rate_per_ip = 2
-        self.factory.settings.connections_per_ip = 10
-        self.factory.settings.connections = 10
+        self.factory.limits.connection_rate_per_ip = 2
+        self.factory.limits.connections_per_ip = 10
+        self.factory.limits.connections = 10
         for host in ("2001:db8::1", "2001:db8::2"):
             Dialogue(self.factory, peer=host).proto.connectionLost(None)
         third = Dialogue(self.factory, peer="2001:db8::3")

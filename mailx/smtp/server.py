@@ -1,27 +1,27 @@
 # -*- test-case-name: tests.test_smtp -*-
-"""The ESMTP server: Twisted's ESMTP with the gaps of the research notes closed.
+"""The ESMTP server: the Twisted adapter of the sans-I/O dialogue in ``mailx.smtp.session``.
 
 Twisted's ``smtp.ESMTP`` gives us the reply plumbing, TimeoutMixin and the
 EHLO/extension machinery, but the probes (research notes, sections 1-4) found
 that its line handling can be desynchronised (over-long DATA lines, no-CRLF
 floods, STARTTLS injection), that asynchronous checks break pipelining, and
-that SIZE, PIPELINING, ENHANCEDSTATUSCODES, NOOP and VRFY are missing.  So this
-subclass owns the byte stream and the command handlers, and keeps Twisted's
-protocol skeleton:
+that SIZE, PIPELINING, ENHANCEDSTATUSCODES, NOOP and VRFY are missing.  So
+the byte stream and the decisions about it belong to ``SMTPSession`` (its
+states, its table of legal commands, its limits and holds), and this
+subclass only moves bytes and waits:
 
-- Input is processed from one buffer, parsed from an offset (linear time).
-  Processing stops while a reason to hold input stands (``HOLD_*``: the
-  greeting pause, a Deferred such as a recipient check or the end-of-data
-  filing, the error pause, replies the client does not read); pipelined
-  lines wait in the buffer, so replies always come in order (RFC 2920
-  section 3), and the socket is not read meanwhile (while a check runs, up
-  to one read more, so that a hang-up is noticed).
-- DATA is handled chunk by chunk rather than line by line: dot-unstuffing,
-  bare CR/LF normalisation and size counting are bytes operations on whole
-  runs of lines, which keeps a 100 KiB message from costing a thousand Python
-  calls.  Only ``<CRLF>.<CRLF>`` ends DATA.
-- Over-long input ends the session instead of being skipped, so the rest of
-  a line can never be read as commands.
+- What the socket reads goes to the session; the events it hands back (a
+  legal command, a SASL response, message content, the end of it) are acted
+  on here: the command handlers parse arguments and ask the delivery layer
+  (``IDelivery``: mail, rcpt, data; the message's dataReceived and
+  eomReceived).  The session's actions (send, start the error pause, hang
+  up) are carried out here.
+- While a reason to hold input stands (``Hold``: a Deferred such as a
+  recipient check or the end-of-data filing, the error pause, replies the
+  client does not read), pipelined lines wait in the session's buffer, so
+  replies always come in order (RFC 2920 section 3), and the socket is not
+  read meanwhile (while a check runs, up to one read more, so that a hang-up
+  is noticed).
 """
 
 from __future__ import annotations
@@ -33,56 +33,58 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import address, defer, interfaces, tcp
+from twisted.internet import address, defer, interfaces
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.mail import smtp
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
+from twisted.protocols import policies
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, implementer, providedBy
+from zope.interface import implementer
 
 from mailx.inbound.routing import AddressError, parse_address
 from mailx.smtp import replies
 from mailx.smtp.replies import Reply, SMTPReplyError
+from mailx.smtp.session import (
+    COMMANDS,
+    LISTENER_KINDS,
+    MAX_DATA_LINE,
+    MAX_EARLY_INPUT,
+    SMTP,
+    SUBMISSION,
+    SUBMISSIONS,
+    AuthResponse,
+    CommandEvent,
+    Content,
+    ContentRefused,
+    EndOfContent,
+    Event,
+    HangUp,
+    Hold,
+    Refusal,
+    Send,
+    SMTPSession,
+    StartPause,
+    State,
+    Violation,
+)
 from mailx.text import Logger
+
+__all__ = [
+    "CLOSE_GRACE",
+    "LISTENER_KINDS",
+    "MAX_DATA_LINE",
+    "MAX_EARLY_INPUT",
+    "SMTP",
+    "SUBMISSION",
+    "SUBMISSIONS",
+    "MailxESMTP",
+    "MailxSMTPFactory",
+    "Session",
+    "server_endpoint",
+]
 
 log = Logger(namespace="mailx.smtp")
 
-COMMAND = "COMMAND"
-DATA = "DATA"
-AUTH = "AUTH"  # the next line is a SASL response (RFC 4954 4), not a command
-
-# Listener kinds.  Port 25 (an MX) never offers AUTH; the submission
-# listeners (SPEC 11) take mail only from authenticated users, over TLS.
-SMTP = "smtp"
-SUBMISSION = "submission"  # RFC 6409, port 587: STARTTLS, then AUTH
-SUBMISSIONS = "submissions"  # RFC 8314, port 465: TLS from the first byte
-LISTENER_KINDS = (SMTP, SUBMISSION, SUBMISSIONS)
-
-# RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
-MAX_COMMAND_LINE = 510
-# A partial command line (no CRLF yet) longer than this cannot become a valid
-# command; keep reading it and memory grows with the attacker's patience.
-MAX_PARTIAL_COMMAND = 4096
-# RFC 5322 2.1.1 limits lines to 998 octets, but real mail (HTML mailers,
-# long base64 without folding) exceeds that; SPEC 5 accepts up to 64 KiB.
-MAX_DATA_LINE = 64 * 1024
-# Input kept from a client that talks before the banner: it is refused when
-# the pause ends whatever it said, so a little is enough to know it spoke.
-MAX_EARLY_INPUT = 4096
-
-# Why input is held: while any reason stands, nothing is processed and the
-# socket is not read, so a stranger's unread input stays in the kernel;
-# except while a check runs, when reading goes on up to MAX_HELD_INPUT so
-# that a client hanging up during its message's checks is noticed at once.
-HOLD_GREETING = "greeting"  # the pause before the banner
-HOLD_CHECK = "check"  # waiting for a Deferred answer (checks, filing); replies stay in order
-HOLD_ERROR_PAUSE = "error pause"  # smtpd_error_sleep_time after repeated errors
-HOLD_BACKLOG = "backlog"  # our replies are not being read (the transport paused us)
-# Postfix's smtpd_junk_command_limit counts NOOP, VRFY, ETRN and RSET; EXPN
-# and HELP cost us as much and deliver nothing either.
-JUNK_COMMANDS = frozenset((b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP"))
-# Unprocessed input kept while a check holds the session: one socket read.
-MAX_HELD_INPUT = 64 * 1024
 # Seconds a closing session waits for its last replies to be read before it
 # is aborted: loseConnection waits for the write buffer to drain, and a
 # client that keeps its receive window shut would keep the session, its slot
@@ -90,32 +92,7 @@ MAX_HELD_INPUT = 64 * 1024
 CLOSE_GRACE = 10.0
 
 _PARAM = re.compile(rb"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
-_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-
-
-def _partial_line_length(tail: bytes) -> int:
-    """Octets of the unfinished last line, as normalised (a bare CR ends a line).
-
-    ``tail`` holds no LF; a final CR may be the first half of a CRLF still in
-    flight, so it is not counted.
-    """
-    if tail.endswith(b"\r"):
-        tail = tail[:-1]
-    return len(tail) - (tail.rfind(b"\r") + 1)
-
-
-def _longest_line(region: bytes) -> int:
-    """The longest line of ``region`` as normalised: CRLF, bare LF and bare CR end lines."""
-    longest = max(map(len, region.split(b"\n")))  # fast, and never shorter
-    if longest <= MAX_DATA_LINE:
-        return longest
-    return max(map(len, _LINE_BREAKS.split(region)))
-
-
-def _normalise_breaks(region: bytes) -> bytes:
-    """Turn every bare CR or LF into CRLF (SPEC 5: never stored as-is)."""
-    return _LINE_BREAKS.sub(b"\r\n", region)
 
 
 class Session:
@@ -160,6 +137,8 @@ def _peer_ip(transport: Any) -> tuple[str, int]:
 
 
 @implementer(interfaces.IPushProducer)
+
+@implementer(interfaces.IPushProducer)
 class MailxESMTP(smtp.ESMTP):
     """One SMTP session.  See the module docstring for what differs from Twisted.
 
@@ -175,33 +154,25 @@ class MailxESMTP(smtp.ESMTP):
         super().__init__(chal={}, contextFactory=factory.tls_context)
         self.factory = factory
         self.kind = factory.kind  # SMTP, SUBMISSION or SUBMISSIONS: what this listener allows
-        self.settings = factory.settings
-        self.host = self.settings.hostname.encode("ascii")
-        self.timeout = self.settings.idle_timeout
-        self.mode = COMMAND
-        self._auth_next: Callable[[bytes], None] | None = None  # in AUTH mode: what takes the response
+        # A session keeps the configuration it started with across reloads.
+        self.limits = factory.limits
+        self.host = factory.hostname.encode("ascii")
+        self.timeout = self.limits.idle_timeout
+        self.dialogue = SMTPSession(self.kind, self.limits, self.limits.greeting_delay > 0)
+        self._auth_next: Callable[[bytes], None] | None = None  # in State.AUTH: what takes the response
         self.session: Session | None = None
         self.delivery: Any = None
-        # Unprocessed input is self._buffer[self._offset:]; the consumed prefix
-        # is dropped once per _process run, so parsing stays linear.
-        self._buffer = b""
-        self._offset = 0
-        self._data_line_start = True  # DATA: the next byte starts a line (after CRLF)
-        self._holds: set[str] = set()  # see HOLD_*; empty: input is processed
+        self._message: Any = None  # the delivery layer's message while its content arrives
+        self._finishing: Any = None  # the message whose end of data is being handled
         self._reading_paused = False  # we paused the transport's reading
         self._producing = False  # registered as the transport's producer
-        self._processing = False
-        self._closing = False
+        self._in_process = False  # _process is on the stack (a Deferred fired inside it)
         self._session_deadline: Any = None
         self._greeting: Any = None
         self._pause: Any = None
         self._abort_later: Any = None  # CLOSE_GRACE after loseConnection
         self._admitted = False
-        self._finishing: Any = None  # the message whose end of data is being handled
         self.limit_key = ""  # what the factory's per-IP counts know this client by
-        self._errors = 0  # bad commands and refused recipients, whole session
-        self._junk = 0  # junk commands since the last delivered message
-        self._reset_transaction()
 
     # --- connection -----------------------------------------------------
 
@@ -209,8 +180,8 @@ class MailxESMTP(smtp.ESMTP):
         ip, port = _peer_ip(self.transport)
         refusal = self.factory.admit(self, ip)
         if refusal is not None:
-            self.transport.write(refusal.wire())
-            self._hang_up()
+            self.dialogue.close(refusal)
+            self._flush()
             return
         self._admitted = True
         self.transport.registerProducer(self, True)
@@ -218,6 +189,7 @@ class MailxESMTP(smtp.ESMTP):
         self.session = Session(self.factory.new_session_id(), ip, port, self.factory.kind)
         if _openssl_connection(self.transport) is not None:
             self.startedTLS = True  # an implicit-TLS (ssl:) listener
+            self.dialogue.tls = True
             self.session.tls = "TLS"
         self.canStartTLS = (
             interfaces.ITLSTransport.providedBy(self.transport) and self.ctx is not None
@@ -231,47 +203,37 @@ class MailxESMTP(smtp.ESMTP):
             event="connect",  # `event`: what mailx.observe.metrics counts (see there)
         )
         self.setTimeout(self.timeout)
-        self._session_deadline = self.callLater(
-            self.settings.session_timeout, self._session_too_long
-        )
-        if self.settings.greeting_delay > 0:
+        self._session_deadline = self.callLater(self.limits.session_timeout, self._session_too_long)
+        if self.dialogue.state is State.GREETING:
             # Like Postfix's postscreen greet pause: real MTAs wait for the
             # banner (RFC 5321 4.5.3.2.1 gives them 5 minutes); spamware
             # that talks first is told so and dropped.
-            self._holds.add(HOLD_GREETING)
-            self._greeting = self.callLater(self.settings.greeting_delay, self._greet_client)
+            self._greeting = self.callLater(self.limits.greeting_delay, self._greet_client)
         else:
             self._greet_client()
 
     def _greet_client(self) -> None:
         self._greeting = None
-        self._holds.discard(HOLD_GREETING)
-        if self.factory.shutting_down:
-            self._close_with(replies.SHUTTING_DOWN)
-            return
-        if self._buffer:
+        refusal = self.dialogue.banner_due()
+        if refusal is replies.EARLY_TALKER:
             log.info(
                 "{session}: early talker from {ip} refused",
                 session=self.session.session_id,
                 ip=self.session.client_ip,
             )
-            self._close_with(replies.EARLY_TALKER)
+        if refusal is not None:
+            self._close_with(refusal)
             return
         self.sendCode(220, self.host + b" ESMTP mailx")
         self._process()  # reading resumes if it was paused
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self._closing = True
+        self.dialogue.connection_lost()
         self.setTimeout(None)
-        if self._greeting is not None and self._greeting.active():
-            self._greeting.cancel()
-        if self._pause is not None and self._pause.active():
-            self._pause.cancel()
-        if self._session_deadline is not None and self._session_deadline.active():
-            self._session_deadline.cancel()
-        if self._abort_later is not None and self._abort_later.active():
-            self._abort_later.cancel()
-        if self.mode == DATA and self._message is not None:
+        for timer in (self._greeting, self._pause, self._session_deadline, self._abort_later):
+            if timer is not None and timer.active():
+                timer.cancel()
+        if self._message is not None:
             self._message.connectionLost()
             self._message = None
         if self._finishing is not None:
@@ -287,8 +249,9 @@ class MailxESMTP(smtp.ESMTP):
             self.delivery.disconnected()
 
     def shutdown(self) -> None:
-        if self.mode == COMMAND and HOLD_CHECK not in self._holds:
-            self._close_with(replies.SHUTTING_DOWN)
+        """The server stops: between transactions, 421 now; otherwise after this message."""
+        self.dialogue.shutdown()
+        self._flush()
 
     def timeoutConnection(self) -> None:
         self._close_with(replies.IDLE_TIMEOUT)
@@ -297,16 +260,30 @@ class MailxESMTP(smtp.ESMTP):
         self._close_with(replies.SESSION_TIMEOUT)
 
     def _close_with(self, reply: Reply) -> None:
-        if self._closing:
-            return
-        if self.session is not None:
-            log.info(
-                "{session}: closing: {reply}", session=self.session.session_id, reply=str(reply)
-            )
-        self.reply(reply)
-        self._hang_up()
+        self.dialogue.close(reply)
+        self._flush()
 
-    def _hang_up(self) -> None:
+    # --- carrying out the session's actions ---------------------------------
+
+    def _flush(self) -> None:
+        for action in self.dialogue.actions():
+            if isinstance(action, Send):
+                # Twisted's transport.write: a reply waits for the next
+                # reactor turn.  (Sending "at once when nothing is queued"
+                # needs tcp.Server's private buffers; no public API has it.)
+                self.transport.write(action.data)
+            elif isinstance(action, StartPause):
+                self._pause = self.callLater(action.seconds, self._pause_over)
+            elif isinstance(action, HangUp):
+                if action.reply is not None and self.session is not None:
+                    log.info(
+                        "{session}: closing: {reply}",
+                        session=self.session.session_id,
+                        reply=str(action.reply),
+                    )
+                self._hang_up(action.abort)
+
+    def _hang_up(self, abort: bool) -> None:
         """Close after the replies are sent; at once for a client that does not read them.
 
         A registered producer keeps a Twisted transport open after
@@ -315,51 +292,42 @@ class MailxESMTP(smtp.ESMTP):
         keeps its receive window shut: that one is aborted, at once when the
         transport had paused us, else after CLOSE_GRACE.
         """
-        self._closing = True
-        self._buffer = b""
-        self._offset = 0
         if self._producing:
             self._producing = False
             self.transport.unregisterProducer()
-        if HOLD_BACKLOG in self._holds:
+        if abort:
             self.transport.abortConnection()
         else:
             self.transport.loseConnection()
             if self._abort_later is None:
                 self._abort_later = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
+    def _pause_over(self) -> None:
+        self._pause = None
+        self.dialogue.release(Hold.ERROR_PAUSE)
+        self._process()
+
     # --- flow control -------------------------------------------------------
 
     def pauseProducing(self) -> None:
         """The transport's write buffer is full: the client is not reading."""
-        self._holds.add(HOLD_BACKLOG)
+        self.dialogue.hold(Hold.BACKLOG)
 
     def resumeProducing(self) -> None:
-        self._release(HOLD_BACKLOG)
+        self.dialogue.release(Hold.BACKLOG)
+        self._process()
 
     def stopProducing(self) -> None:
         pass  # connectionLost follows
 
-    def _release(self, reason: str) -> None:
-        self._holds.discard(reason)
-        if self._closing:
-            return
-        if self._holds:
-            self._sync_reading()  # e.g. back to reading behind a check
-        else:
-            self._process()
-
     def _sync_reading(self) -> None:
-        """Read from the socket only while input can be processed (see HOLD_*)."""
-        if self._closing or self.transport is None:
+        """Read from the socket only while the session can use the input."""
+        if self.dialogue.state is State.CLOSING or self.transport is None:
             return
-        if self._holds == {HOLD_CHECK}:
-            held = len(self._buffer) - self._offset > MAX_HELD_INPUT
-        else:
-            held = bool(self._holds)
-        if held != self._reading_paused:
-            self._reading_paused = held
-            if held:
+        paused = not self.dialogue.reading_wanted()
+        if paused != self._reading_paused:
+            self._reading_paused = paused
+            if paused:
                 self.transport.pauseProducing()
             else:
                 self.transport.resumeProducing()
@@ -367,192 +335,97 @@ class MailxESMTP(smtp.ESMTP):
     # --- replies ----------------------------------------------------------
 
     def reply(self, reply: Reply, **fields: object) -> None:
-        text = reply.text.format(**fields) if fields else reply.text
-        if reply.enhanced:
-            text = f"{reply.enhanced} {text}"
-        self._send(b"%d %s\r\n" % (reply.code, text.encode("utf-8")))
+        self.dialogue.reply(reply, **fields)
+
+    def _refuse(self, reply: Reply, counts: bool = True) -> None:
+        """Answer ``reply``; ``counts`` towards limits.error_limit."""
+        self.dialogue.refuse(Refusal(reply, counts))
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
         # Twisted's own callers (banner, EHLO) come through here.
         lines = message.splitlines() or [b""]
         out = [b"%03d-%s\r\n" % (code, line) for line in lines[:-1]]
         out.append(b"%03d %s\r\n" % (code, lines[-1]))
-        self._send(b"".join(out))
-
-    def _send(self, data: bytes) -> None:
-        """Send a reply at once when nothing is queued before it.
-
-        ``transport.write`` queues the bytes and registers the socket for
-        writability until the next reactor turn: two epoll_ctl calls per
-        reply on top of the send, measured at ~10% of the CPU of a small
-        message.  A reply to a client that is waiting for it nearly always
-        fits the socket buffer, so on a plain TCP connection with an empty
-        write buffer it is sent directly (what asyncio's transports do);
-        TLS, a backlog or a partial send fall back to ``transport.write``,
-        which keeps the order and counts towards the high-water mark at which
-        the transport pauses us (``pauseProducing``).  This reads
-        ``tcp.Server`` internals (``dataBuffer``, ``_tempDataBuffer``) because
-        no public API offers "send now if nothing is queued"; the type check
-        keeps any other transport on the public path.
-        """
-        transport = self.transport
-        while isinstance(transport, _ProxyFirstWrapper):
-            transport = transport.transport
-        if (
-            type(transport) is tcp.Server
-            and not transport.TLS
-            and transport.connected
-            and not transport.disconnecting
-            and not transport.dataBuffer
-            and not transport._tempDataBuffer
-        ):
-            sent = transport.writeSomeData(data)
-            if isinstance(sent, int):
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        self.transport.write(data)
+        self.dialogue.send(b"".join(out))
 
     # --- input --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self.dialogue.state is State.CLOSING:
             return
         self.resetTimeout()
-        if HOLD_GREETING in self._holds:
-            # Refused when the pause ends, whatever it says; keep a sample.
-            self._buffer = (self._buffer + data)[:MAX_EARLY_INPUT]
-        else:
-            self._buffer += data
+        self.dialogue.receive(data)
         self._process()
 
     def _process(self) -> None:
-        if self._processing:
+        """Act on the session's events until it needs more input or is held."""
+        if self._in_process:
             return
-        self._processing = True
+        self._in_process = True
         try:
-            while not self._holds and not self._closing:
-                if self.factory.shutting_down and self.mode == COMMAND:
-                    # Between transactions: the client retries elsewhere or later.
-                    self._close_with(replies.SHUTTING_DOWN)
+            while True:
+                self._flush()
+                event = self.dialogue.next_event()
+                if event is None:
                     break
-                if self._offset >= len(self._buffer):
-                    break
-                if self.mode == DATA:
-                    if not self._process_data():
-                        break
-                else:
-                    buf = self._buffer
-                    end = buf.find(b"\r\n", self._offset)
-                    if end < 0:
-                        if len(buf) - self._offset > MAX_PARTIAL_COMMAND:
-                            self._close_with(replies.LINE_TOO_LONG)
-                        break
-                    line = buf[self._offset : end]
-                    self._offset = end + 2
-                    if self.mode == AUTH:  # a SASL response line (RFC 4954 4)
-                        self._auth_response(line)
-                    else:
-                        self._command(line)
+                self._handle(event)
         finally:
-            self._processing = False
-            if self._offset:
-                self._buffer = self._buffer[self._offset :]
-                self._offset = 0
+            self._in_process = False
+            self.dialogue.compact()
+            self._flush()
             self._sync_reading()
 
-    def _process_data(self) -> bool:
-        """Consume whole lines of message data; False when more input is needed.
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, CommandEvent):
+            self._handlers[event.verb](self, event.argument)
+        elif isinstance(event, Content):
+            self._content(event.data)
+        elif isinstance(event, ContentRefused):
+            self._drop_message()
+        elif isinstance(event, EndOfContent):
+            self._end_of_content(event)
+        elif isinstance(event, AuthResponse):
+            self._auth_response(event.line)
+        elif isinstance(event, Violation):
+            self._violation(event)
 
-        Lines are cut at any LF, so a message with bare LF line ends streams
-        to the spool like any other, and their length is measured as they
-        will be stored (SPEC 5: a bare LF or CR ends a line).  Only
-        ``<CRLF>.<CRLF>`` ends DATA: after a cut at a bare LF the next byte
-        does not start a line for the end marker or dot-unstuffing.
-        """
-        buf, start = self._buffer, self._offset
-        if self._data_line_start and buf.startswith(b".\r\n", start):
-            self._offset = start + 3
-            self._end_of_data()
-            return True
-        marker = buf.find(b"\r\n.\r\n", start)
-        if marker >= 0:
-            cut, resume, finished = marker + 2, marker + 5, True
-        else:
-            last = buf.rfind(b"\n", start)
-            if last < 0:
-                if len(buf) - start > MAX_DATA_LINE and _partial_line_length(buf[start:]) > MAX_DATA_LINE:
-                    self._data_line_too_long()
-                return False
-            cut = resume = last + 1
-            finished = False
-            if len(buf) - cut > MAX_DATA_LINE and _partial_line_length(buf[cut:]) > MAX_DATA_LINE:
-                self._data_line_too_long()
-                return False
-        region = buf[start:cut]
-        self._offset = resume
-        if len(region) > MAX_DATA_LINE and _longest_line(region) > MAX_DATA_LINE:
-            self._data_line_too_long()
-            return False
-        # RFC 5321 4.5.2: a line starting with "." lost its first dot in transit.
-        if self._data_line_start and region.startswith(b"."):
-            region = region[1:]
-        self._data_line_start = finished or region.endswith(b"\r\n")
-        region = region.replace(b"\r\n.", b"\r\n")
-        # Unstuff first, then normalise: a dot after a bare LF was never stuffed.
-        if region.count(b"\n") != region.count(b"\r\n") or region.count(b"\r") != region.count(
-            b"\n"
-        ):
-            region = _normalise_breaks(region)
-        self._data_chunk(region)
-        if finished:
-            self._end_of_data()
-        return True
+    def _violation(self, event: Violation) -> None:
+        if event.reply is replies.DATA_LINE_TOO_LONG:
+            self._drop_message()
+            self._log_message(
+                "refused: {reply}", reply=str(event.reply), **replies.outcome("message", event.reply)
+            )
+        elif event.why:
+            self._log_message("refused: " + event.why)
+        self.dialogue.reset()
+        self._close_with(event.reply)
 
-    def _data_line_too_long(self) -> None:
+    def _drop_message(self) -> None:
         if self._message is not None:
             self._message.connectionLost()
             self._message = None
-        self._log_message(
-            "refused: {reply}",
-            reply=str(replies.DATA_LINE_TOO_LONG),
-            **replies.outcome("message", replies.DATA_LINE_TOO_LONG),
-        )
-        self.mode = COMMAND
-        self._close_with(replies.DATA_LINE_TOO_LONG)
 
-    def _data_chunk(self, region: bytes) -> None:
-        if self._data_failed is not None:
-            return
-        self._data_size += len(region)
-        if self._data_size > self.settings.message_size:
-            self._data_failed = replies.MESSAGE_TOO_BIG
-            self._message.connectionLost()
-            self._message = None
-            return
+    def _content(self, data: bytes) -> None:
         try:
-            self._message.dataReceived(region)
+            self._message.dataReceived(data)
         except SMTPReplyError as e:
-            self._data_failed = e.reply
-            self._message.connectionLost()
-            self._message = None
+            self.dialogue.content_refused(e.reply)
+            self._drop_message()
         except Exception:
-            log.failure("{qid}: spool write failed", qid=self._qid)
-            self._data_failed = replies.LOCAL_ERROR
-            self._message.connectionLost()
-            self._message = None
+            log.failure("{qid}: spool write failed", qid=self.dialogue.transaction.queue_id)
+            self.dialogue.content_refused(replies.LOCAL_ERROR)
+            self._drop_message()
 
-    def _end_of_data(self) -> None:
-        self.mode = COMMAND
-        failed, message = self._data_failed, self._message
-        qid = self._qid
-        self._reset_transaction()
-        if failed is not None:
+    def _end_of_content(self, event: EndOfContent) -> None:
+        message, self._message = self._message, None
+        if event.refused is not None:
             self._log_message(
-                "refused: {reply}", reply=str(failed), qid=qid, **replies.outcome("message", failed)
+                "refused: {reply}",
+                reply=str(event.refused),
+                qid=event.queue_id,
+                **replies.outcome("message", event.refused),
             )
-            self.reply(failed)
-            self._count_error()
+            self._refuse(event.refused)
             return
         self._finishing = message
         self._await(
@@ -562,14 +435,14 @@ class MailxESMTP(smtp.ESMTP):
     def _message_done(self, result: Reply | None) -> None:
         self._finishing = None
         reply = result if isinstance(result, Reply) else replies.OK
-        if reply.code == 250:
-            self._junk = 0  # a session that delivers mail is not junk
+        self.dialogue.message_answered(reply)
         self.reply(reply)
 
     def _message_failed(self, failure: Failure) -> None:
         self._finishing = None
         if failure.check(defer.CancelledError):
             return  # abandoned at connectionLost: nobody to answer
+        self.dialogue.message_answered(replies.LOCAL_ERROR)
         if failure.check(SMTPReplyError):
             self.reply(failure.value.reply)
         else:
@@ -588,113 +461,25 @@ class MailxESMTP(smtp.ESMTP):
         _process loop that called us goes on, and the transport is never
         paused, which spares two epoll_ctl calls per command.
         """
-        self._holds.add(HOLD_CHECK)
+        self.dialogue.hold(Hold.CHECK)
 
         def finish(result: object) -> None:
-            if self._closing or self.transport is None:
+            if self.dialogue.state is State.CLOSING or self.transport is None:
                 return
-            self._holds.discard(HOLD_CHECK)
+            self.dialogue.release(Hold.CHECK)
             if isinstance(result, Failure):
                 failed(result)
             else:
                 done(result)
-            if not self._processing:  # answered later: go on with what waited
-                self._process()
+            self._process()  # answered later: go on with what waited (a no-op if inline)
 
         d.addBoth(finish).addErrback(lambda f: log.failure("reply handling failed", f))
 
-    # --- commands ---------------------------------------------------------
-
-    def _command(self, line: bytes) -> None:
-        if len(line) > MAX_PARTIAL_COMMAND:
-            # The same answer whether or not the CRLF came in the same read.
-            self._close_with(replies.LINE_TOO_LONG)
-            return
-        if len(line) > MAX_COMMAND_LINE:
-            self.reply(replies.LINE_TOO_LONG)
-            self._count_error()
-            return
-        if b"\0" in line:
-            self.reply(replies.NUL_IN_COMMAND)
-            self._count_error()
-            return
-        parts = line.strip().split(None, 1)
-        if not parts:
-            self.reply(replies.COMMAND_UNRECOGNIZED)
-            self._count_error()
-            return
-        verb = parts[0].upper()
-        arg = parts[1] if len(parts) > 1 else b""
-        handler = self._handlers.get(verb)
-        if handler is None:
-            self.reply(replies.COMMAND_UNRECOGNIZED)
-            self._count_error()
-            return
-        if verb in JUNK_COMMANDS and not self._count_junk():
-            return
-        refusal = self._submission_gate(verb)
-        if refusal is not None:
-            self.reply(refusal)
-            self._count_error()
-            return
-        handler(self, arg)
-
-    def _submission_gate(self, verb: bytes) -> Reply | None:
-        """What a submission listener requires before a command (SPEC 11), or None.
-
-        The whole table: on port 25 nothing; on a submission listener AUTH
-        and MAIL need TLS (RFC 3207 4, RFC 8314 3), MAIL needs AUTH (RFC
-        6409 4.1); RCPT and DATA need MAIL, as everywhere.
-        """
-        if self.kind == SMTP:
-            return None
-        if verb in (b"AUTH", b"MAIL") and not self.startedTLS:
-            return replies.MUST_STARTTLS
-        if verb == b"MAIL" and self.session.account is None:
-            return replies.AUTH_REQUIRED
-        return None
-
-    def _count_error(self) -> None:
-        """Postfix's smtpd_soft/hard_error_limit: slow down, then hang up.
-
-        Refused recipients count (SPEC 3), so harvesting addresses costs the
-        same second per guess as bad commands.  The pause is a hold of its
-        own: it delays the replies to what follows, after this reply, even
-        when the error was answered while a check held input.
-        """
-        self._errors += 1
-        if self._errors >= self.settings.error_limit:
-            self._close_with(replies.TOO_MANY_ERRORS)
-        elif self._errors > self.settings.error_limit // 2 and HOLD_ERROR_PAUSE not in self._holds:
-            # smtpd_error_sleep_time: the next command waits, which costs a
-            # guessing client time and us nothing.
-            self._holds.add(HOLD_ERROR_PAUSE)
-            self._pause = self.callLater(self.settings.error_sleep, self._resume_after_pause)
-
-    def _resume_after_pause(self) -> None:
-        self._pause = None
-        self._release(HOLD_ERROR_PAUSE)
-
-    def _count_junk(self) -> bool:
-        """Postfix's smtpd_junk_command_limit: False when the session was ended."""
-        self._junk += 1
-        if self._junk > self.settings.junk_commands:
-            self._close_with(replies.TOO_MANY_JUNK)
-            return False
-        return True
-
-    def _reset_transaction(self) -> None:
-        self._sender: str | None = None
-        self._recipients: list[Any] = []
-        self._qid: str | None = None
-        self._declared_size = 0
-        self._data_size = 0
-        self._data_failed: Reply | None = None
-        self._message: Any = None
-
     def _log_message(self, fmt: str, qid: str | None = None, **fields: object) -> None:
-        qid = qid or self._qid or (self.session.session_id if self.session else "-")
+        qid = qid or self.dialogue.transaction.queue_id or (self.session.session_id if self.session else "-")
         log.info("{qid}: " + fmt, qid=qid, **fields)
+
+    # --- commands: each runs where mailx.smtp.session.COMMANDS allows it ----
 
     def do_HELO(self, rest: bytes) -> None:
         self._greet(rest, esmtp=False)
@@ -708,15 +493,13 @@ class MailxESMTP(smtp.ESMTP):
         # and the Received header judge it, not the dialogue.
         name = rest.strip()
         if not name:
-            self.reply(replies.SYNTAX_ERROR.with_text("HELO/EHLO needs a domain or address"))
-            self._count_error()
+            self._refuse(replies.SYNTAX_ERROR.with_text("HELO/EHLO needs a domain or address"))
             return
         if _CONTROL.search(name):
             # A bare LF or CR here would split a log line or a header in two.
-            self.reply(replies.SYNTAX_ERROR.with_text("Control characters in HELO/EHLO"))
-            self._count_error()
+            self._refuse(replies.SYNTAX_ERROR.with_text("Control characters in HELO/EHLO"))
             return
-        self._reset_transaction()
+        self.dialogue.helo()
         self.session.helo = name.decode("ascii", "replace")
         self.session.esmtp = esmtp
         if self.startedTLS:
@@ -739,7 +522,7 @@ class MailxESMTP(smtp.ESMTP):
     def extensions(self) -> dict[bytes, list[bytes] | None]:
         ext: dict[bytes, list[bytes] | None] = {
             b"PIPELINING": None,
-            b"SIZE": [b"%d" % self.settings.message_size],
+            b"SIZE": [b"%d" % self.limits.message_size],
             b"8BITMIME": None,
             b"ENHANCEDSTATUSCODES": None,
         }
@@ -751,14 +534,6 @@ class MailxESMTP(smtp.ESMTP):
         return ext
 
     def do_MAIL(self, rest: bytes) -> None:
-        if self.session.helo is None:
-            self.reply(replies.BAD_SEQUENCE.with_text("Send HELO/EHLO first"))
-            self._count_error()
-            return
-        if self._sender is not None:
-            self.reply(replies.NESTED_MAIL)
-            self._count_error()
-            return
         parsed = self._parse_path(rest, b"FROM:", replies.BAD_SENDER_SYNTAX, allow_null=True)
         if parsed is None:
             return
@@ -774,19 +549,16 @@ class MailxESMTP(smtp.ESMTP):
                 # parameter; its claim is not trusted (the login decides).
                 pass
             else:
-                self.reply(replies.PARAMETER_NOT_IMPLEMENTED)
-                self._count_error()
+                self._refuse(replies.PARAMETER_NOT_IMPLEMENTED)
                 return
-        if size > self.settings.message_size:
+        if size > self.limits.message_size:
             # RFC 1870 6.1: refuse at MAIL when the declared size is too large.
             self.reply(replies.MESSAGE_TOO_BIG)
             return
         qid = self.factory.new_queue_id()
 
         def accepted(_: object) -> None:
-            self._sender = sender
-            self._qid = qid
-            self._declared_size = size
+            self.dialogue.mail_accepted(qid, sender, size)
             self.reply(replies.SENDER_OK)
 
         def refused(failure: Failure) -> None:
@@ -805,20 +577,14 @@ class MailxESMTP(smtp.ESMTP):
         self._await(defer.maybeDeferred(self.delivery.mail, qid, sender, size), accepted, refused)
 
     def do_RCPT(self, rest: bytes) -> None:
-        if self._sender is None:
-            self.reply(replies.NEED_MAIL)
-            self._count_error()
-            return
         parsed = self._parse_path(rest, b"TO:", replies.BAD_RECIPIENT_SYNTAX, allow_null=False)
         if parsed is None:
             return
         recipient, params = parsed
         if params:
-            self.reply(replies.PARAMETER_NOT_IMPLEMENTED)
-            self._count_error()
+            self._refuse(replies.PARAMETER_NOT_IMPLEMENTED)
             return
-        if len(self._recipients) >= self.settings.recipients:
-            # RFC 5321 4.5.3.1.10: 452 asks the client to send the rest later.
+        if self.dialogue.too_many_recipients():
             self._log_message(
                 "recipient <{rcpt}> deferred: too many recipients",
                 rcpt=recipient,
@@ -826,40 +592,37 @@ class MailxESMTP(smtp.ESMTP):
             )
             self.reply(replies.TOO_MANY_RECIPIENTS)
             return
+        qid = self.dialogue.transaction.queue_id
 
         def accepted(route: object) -> None:
-            self._recipients.append(route)
+            self.dialogue.rcpt_accepted(route)
             self.reply(replies.RECIPIENT_OK)
 
         def refused(failure: Failure) -> None:
             reply = failure.value.reply if failure.check(SMTPReplyError) else replies.LOCAL_ERROR
             if not failure.check(SMTPReplyError):
-                log.failure("{qid}: recipient check failed", failure, qid=self._qid)
+                log.failure("{qid}: recipient check failed", failure, qid=qid)
             self._log_message(
                 "recipient <{rcpt}> refused: {reply}",
                 rcpt=recipient,
                 reply=str(reply),
                 **replies.outcome("rcpt", reply),
             )
-            self.reply(reply)
-            if reply.permanent:
-                self._count_error()
+            self._refuse(reply, counts=reply.permanent)
 
-        self._await(defer.maybeDeferred(self.delivery.rcpt, self._qid, recipient), accepted, refused)
+        self._await(defer.maybeDeferred(self.delivery.rcpt, qid, recipient), accepted, refused)
 
     def _parse_path(
         self, rest: bytes, prefix: bytes, bad: Reply, allow_null: bool
     ) -> tuple[str, list[tuple[bytes, bytes | None]]] | None:
         if rest[: len(prefix)].upper() != prefix:
-            self.reply(replies.SYNTAX_ERROR.with_text(f"Syntax: {prefix.decode()}<address>"))
-            self._count_error()
+            self._refuse(replies.SYNTAX_ERROR.with_text(f"Syntax: {prefix.decode()}<address>"))
             return None
         rest = rest[len(prefix) :].strip()
         if rest.startswith(b"<"):
             close = rest.find(b">")
             if close < 0:
-                self.reply(bad)
-                self._count_error()
+                self._refuse(bad)
                 return None
             path, tail = rest[1:close], rest[close + 1 :]
         else:
@@ -869,8 +632,7 @@ class MailxESMTP(smtp.ESMTP):
         for word in tail.split():
             m = _PARAM.match(word)
             if m is None:
-                self.reply(replies.SYNTAX_ERROR.with_text("Bad parameter syntax"))
-                self._count_error()
+                self._refuse(replies.SYNTAX_ERROR.with_text("Bad parameter syntax"))
                 return None
             params.append((m.group(1).upper(), m.group(2)))
         if b":" in path and path.startswith(b"@"):
@@ -879,15 +641,13 @@ class MailxESMTP(smtp.ESMTP):
         if not path:
             if allow_null:
                 return "", params
-            self.reply(bad)
-            self._count_error()
+            self._refuse(bad)
             return None
         try:
             text = path.decode("ascii")
         except UnicodeDecodeError:
             # SMTPUTF8 is not advertised, so 8-bit addresses are a syntax error.
-            self.reply(bad.with_text("Address must be ASCII (SMTPUTF8 not offered)"))
-            self._count_error()
+            self._refuse(bad.with_text("Address must be ASCII (SMTPUTF8 not offered)"))
             return None
         recipient = prefix == b"TO:"
         if recipient and text.lower() == "postmaster":
@@ -895,8 +655,7 @@ class MailxESMTP(smtp.ESMTP):
         try:
             address = parse_address(text, fold_case=recipient)
         except AddressError as e:
-            self.reply(bad.with_text(f"Bad address syntax: {e}"))
-            self._count_error()
+            self._refuse(bad.with_text(f"Bad address syntax: {e}"))
             return None
         if recipient:
             return str(address), params
@@ -904,44 +663,25 @@ class MailxESMTP(smtp.ESMTP):
         return f"{address.local}@{address.domain}", params
 
     def do_DATA(self, rest: bytes) -> None:
-        if rest.strip():
-            self.reply(replies.SYNTAX_ERROR.with_text("DATA takes no arguments"))
-            self._count_error()
-            return
-        if self._sender is None:
-            self.reply(replies.NEED_MAIL)
-            self._count_error()
-            return
-        if not self._recipients:
-            self.reply(replies.NEED_RCPT)
-            self._count_error()
-            return
-        if self._offset < len(self._buffer):
-            # RFC 2920 3.1: DATA is the last command of a pipelined group; the
-            # content may only follow our 354.  A client that sends it along
-            # (smtpsmug's "pipelining" test; Postfix 3.9's
-            # smtpd_forbid_unauth_pipelining) is not an MTA that checks replies.
-            self._log_message("refused: content sent before the 354")
-            self._reset_transaction()
-            self._close_with(replies.DATA_PIPELINED)
-            return
+        transaction = self.dialogue.transaction
         try:
-            self._message = self.delivery.data(self._qid, self._sender, list(self._recipients))
+            self._message = self.delivery.data(
+                transaction.queue_id, transaction.sender, list(transaction.recipients)
+            )
         except SMTPReplyError as e:
             self.reply(e.reply)
-            self._reset_transaction()
+            self.dialogue.reset()
             return
         except Exception:
-            log.failure("{qid}: cannot start message", qid=self._qid)
+            log.failure("{qid}: cannot start message", qid=transaction.queue_id)
             self.reply(replies.LOCAL_ERROR)
-            self._reset_transaction()
+            self.dialogue.reset()
             return
-        self.mode = DATA
-        self._data_line_start = True
+        self.dialogue.data_started()
         self.sendCode(354, replies.START_DATA.text.encode("ascii"))
 
     def do_RSET(self, rest: bytes) -> None:
-        self._reset_transaction()
+        self.dialogue.reset()
         self.reply(replies.RESET_OK)
 
     def do_NOOP(self, rest: bytes) -> None:
@@ -949,7 +689,7 @@ class MailxESMTP(smtp.ESMTP):
 
     def do_VRFY(self, rest: bytes) -> None:
         if not rest.strip():
-            self.reply(replies.SYNTAX_ERROR.with_text("VRFY needs an argument"))
+            self._refuse(replies.SYNTAX_ERROR.with_text("VRFY needs an argument"), counts=False)
             return
         # RFC 5321 3.5.3: 252 when we will not verify but will accept.
         self.reply(replies.VRFY_CANNOT)
@@ -959,7 +699,7 @@ class MailxESMTP(smtp.ESMTP):
         self.reply(replies.NOT_IMPLEMENTED)
 
     def do_HELP(self, rest: bytes) -> None:
-        self._send(
+        self.dialogue.send(
             b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT"
             + (b" STARTTLS" if self.canStartTLS else b"")
             + b"\r\n214 2.0.0 See RFC 5321\r\n"
@@ -967,12 +707,9 @@ class MailxESMTP(smtp.ESMTP):
 
     def do_QUIT(self, rest: bytes) -> None:
         self.reply(replies.BYE)
-        self._hang_up()
+        self.dialogue.close(None)
 
     def do_STARTTLS(self, rest: bytes) -> None:
-        if rest.strip():
-            self.reply(replies.SYNTAX_ERROR.with_text("STARTTLS takes no arguments"))
-            return
         if self.startedTLS:
             self.reply(replies.TLS_ALREADY)
             return
@@ -980,13 +717,12 @@ class MailxESMTP(smtp.ESMTP):
             self.reply(replies.TLS_NOT_AVAILABLE)
             return
         self.reply(replies.TLS_GO_AHEAD)
+        self._flush()  # in cleartext, before the handshake
         # RFC 3207 4.2 and CVE-2011-0411: anything pipelined after STARTTLS in
         # cleartext is discarded, and the session starts over.
-        self._buffer = b""
-        self._offset = 0
+        self.dialogue.start_tls()
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
-        self._reset_transaction()
         self.session.helo = None
         self.session.esmtp = False
         self.session.tls = "TLS"
@@ -1002,20 +738,6 @@ class MailxESMTP(smtp.ESMTP):
     # for our pipelining hold.  PLAIN and LOGIN are a few lines each.
 
     def do_AUTH(self, rest: bytes) -> None:
-        if self.kind == SMTP:
-            # An MX takes no logins (SPEC 11: 502 5.5.1 on port 25).
-            self.reply(replies.NOT_IMPLEMENTED)
-            return
-        if self.session.helo is None:
-            self.reply(replies.BAD_SEQUENCE.with_text("Send EHLO first"))
-            self._count_error()
-            return
-        if self.session.account is not None:
-            self.reply(replies.AUTH_ALREADY)  # RFC 4954 4
-            return
-        if self._sender is not None:
-            self.reply(replies.AUTH_IN_TRANSACTION)  # RFC 4954 4
-            return
         if self.factory.submission.failures.blocked(self.limit_key):
             log.info(
                 "auth refused: ip={ip} too many failures ({session})",
@@ -1028,8 +750,7 @@ class MailxESMTP(smtp.ESMTP):
         mechanism = words[0].upper() if words else b""
         initial = words[1] if len(words) > 1 else None
         if len(words) > 2 or mechanism not in (b"PLAIN", b"LOGIN"):
-            self.reply(replies.AUTH_MECHANISM)
-            self._count_error()
+            self._refuse(replies.AUTH_MECHANISM)
             return
         if mechanism == b"PLAIN":
             if initial is None:
@@ -1042,16 +763,14 @@ class MailxESMTP(smtp.ESMTP):
         else:
             self._auth_login_user(initial)
 
+
     def _challenge(self, challenge: bytes, then: Callable[[bytes], None]) -> None:
         """334 and wait for the client's response line (RFC 4954 4)."""
-        self.mode = AUTH
         self._auth_next = then
-        self._send(b"334 " + challenge + b"\r\n")
+        self.dialogue.challenge(challenge)
 
-    def _auth_response(self, line: bytes) -> None:
-        self.mode = COMMAND
+    def _auth_response(self, response: bytes) -> None:
         then, self._auth_next = self._auth_next, None
-        response = line.strip()
         if response == b"*":
             self.reply(replies.AUTH_CANCELLED)  # RFC 4954 4: the client cancels
             return
@@ -1061,8 +780,7 @@ class MailxESMTP(smtp.ESMTP):
         from mailx.smtp.submission import decode_base64, decode_plain
 
         if decode_base64(response) is None:
-            self.reply(replies.AUTH_BAD_BASE64)
-            self._count_error()
+            self._refuse(replies.AUTH_BAD_BASE64)
             return
         parsed = decode_plain(response)
         if parsed is None:
@@ -1080,8 +798,7 @@ class MailxESMTP(smtp.ESMTP):
 
         user = decode_base64(response)
         if user is None:
-            self.reply(replies.AUTH_BAD_BASE64)
-            self._count_error()
+            self._refuse(replies.AUTH_BAD_BASE64)
             return
         self._challenge(b"UGFzc3dvcmQ6", lambda r: self._auth_login_password(user, r))  # "Password:"
 
@@ -1090,8 +807,7 @@ class MailxESMTP(smtp.ESMTP):
 
         password = decode_base64(response)
         if password is None:
-            self.reply(replies.AUTH_BAD_BASE64)
-            self._count_error()
+            self._refuse(replies.AUTH_BAD_BASE64)
             return
         self._check_login(user, password, "LOGIN")
 
@@ -1105,6 +821,7 @@ class MailxESMTP(smtp.ESMTP):
                 self._auth_failed(user, mechanism)
                 return
             self.session.account = account.address
+            self.dialogue.logged_in_as()
             log.info(
                 "{session}: authenticated as {account} ip={ip} mechanism={mechanism}",
                 session=self.session.session_id,
@@ -1151,7 +868,7 @@ class MailxESMTP(smtp.ESMTP):
     def do_BDAT(self, rest: bytes) -> None:
         self.reply(replies.NOT_IMPLEMENTED)
 
-    _handlers: dict[bytes, Callable[[MailxESMTP, bytes], None]] = {}
+    _handlers: dict[bytes, Callable[[MailxESMTP, bytes], None]] = {}  # filled below
 
     def tls_description(self) -> str | None:
         """'TLSv1.3:TLS_AES_256_GCM_SHA384' for the Received header, once known."""
@@ -1162,6 +879,7 @@ class MailxESMTP(smtp.ESMTP):
             return f"{conn.get_protocol_version_name()}:{conn.get_cipher_name()}"
         except Exception:
             return "TLS"
+
 
 
 def _openssl_connection(transport: Any) -> Any:
@@ -1183,79 +901,9 @@ def _openssl_connection(transport: Any) -> Any:
     return None
 
 
-MailxESMTP._handlers = {
-    name[3:].encode("ascii"): getattr(MailxESMTP, name)
-    for name in dir(MailxESMTP)
-    if name.startswith("do_") and name[3:].isupper()
-}
+# The table's commands and nothing else: Twisted's own do_UNKNOWN is not one.
+MailxESMTP._handlers = {verb: getattr(MailxESMTP, "do_" + verb.decode("ascii")) for verb in COMMANDS}
 
-
-class Settings:
-    """The per-connection knobs, taken from the config once per (re)load."""
-
-    __slots__ = (
-        "hostname",
-        "message_size",
-        "recipients",
-        "idle_timeout",
-        "session_timeout",
-        "error_limit",
-        "connections",
-        "connections_per_ip",
-        "connection_rate_per_ip",
-        "greeting_delay",
-        "error_sleep",
-        "junk_commands",
-        "ipv6_prefix_length",
-        "trusted_proxies",
-    )
-
-    def __init__(self, config: Any) -> None:
-        limits = config.limits
-        self.hostname = config.hostname
-        self.message_size = limits.message_size
-        self.recipients = limits.recipients
-        self.idle_timeout = limits.idle_timeout
-        self.session_timeout = limits.session_timeout
-        self.error_limit = limits.error_limit
-        self.connections = limits.connections
-        self.connections_per_ip = limits.connections_per_ip
-        self.connection_rate_per_ip = limits.connection_rate_per_ip
-        self.greeting_delay = limits.greeting_delay
-        # Postfix's smtpd_error_sleep_time default.
-        self.error_sleep = 1.0
-        self.junk_commands = limits.junk_commands
-        self.ipv6_prefix_length = limits.ipv6_prefix_length
-        self.trusted_proxies = tuple(ipaddress.ip_network(n) for n in config.haproxy_trusted_networks)
-
-    def proxy_trusted(self, peer: Any) -> bool:
-        """May this peer send a PROXY header?  UNIX-socket peers are local: yes."""
-        host = getattr(peer, "host", None)
-        if host is None:
-            return isinstance(peer, address.UNIXAddress)
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.trusted_proxies)
-
-    def limit_key(self, ip: str) -> str:
-        """What the per-IP limits count: the address, or its /64 (prefix) for IPv6.
-
-        One IPv6 host is usually given a whole /64 (RFC 6177), so counting
-        single addresses would give an attacker 2^64 of them.
-        """
-        try:
-            parsed = ipaddress.ip_address(ip)
-        except ValueError:
-            return ip
-        if parsed.version == 4:
-            return ip
-        if parsed.ipv4_mapped is not None:
-            return str(parsed.ipv4_mapped)
-        return ipaddress.ip_network(f"{ip}/{self.ipv6_prefix_length}", strict=False).compressed
 
 
 def _exempt_from_rate(ip: str) -> bool:
@@ -1293,7 +941,6 @@ class MailxSMTPFactory(ServerFactory):
         self.kind = kind
         # mailx.smtp.submission.SubmissionState: accounts and the shared counters.
         self.submission = submission
-        self.settings = Settings(config)
         self.delivery_for = delivery_for
         self.tls_context = tls_context
         self.sessions: set[MailxESMTP] = set()
@@ -1303,12 +950,48 @@ class MailxSMTPFactory(ServerFactory):
         self._counter = 0
         self._epoch = int(time.time())
         self.clock: Callable[[], float] = time.monotonic
+        self._configure(config)
+
+    def _configure(self, config: Any) -> None:
+        # config.limits itself, not a copy: its defaults live in mailx.config only.
+        self.limits = config.limits
+        self.hostname: str = config.hostname
+        self.trusted_proxies = tuple(ipaddress.ip_network(n) for n in config.haproxy_trusted_networks)
 
     def reconfigure(self, config: Any, delivery_for: Callable[[Session], Any], tls_context: Any) -> None:
         """New sessions get the new configuration; running ones keep theirs."""
-        self.settings = Settings(config)
+        self._configure(config)
         self.delivery_for = delivery_for
         self.tls_context = tls_context
+
+    def proxy_trusted(self, peer: Any) -> bool:
+        """May this peer send a PROXY header?  UNIX-socket peers are local: yes."""
+        host = getattr(peer, "host", None)
+        if host is None:
+            return isinstance(peer, address.UNIXAddress)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.trusted_proxies)
+
+    def limit_key(self, ip: str) -> str:
+        """What the per-IP limits count: the address, or its /64 (prefix) for IPv6.
+
+        One IPv6 host is usually given a whole /64 (RFC 6177), so counting
+        single addresses would give an attacker 2^64 of them.
+        """
+        try:
+            parsed = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        if parsed.version == 4:
+            return ip
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return ipaddress.ip_network(f"{ip}/{self.limits.ipv6_prefix_length}", strict=False).compressed
 
     def buildProtocol(self, addr: Any) -> MailxESMTP:
         return self.protocol(self)
@@ -1316,13 +999,13 @@ class MailxSMTPFactory(ServerFactory):
     def admit(self, proto: MailxESMTP, ip: str) -> Reply | None:
         """None when ``proto`` may start; the refusal otherwise.
 
-        Per-IP counts are kept under ``Settings.limit_key`` (an IPv6
+        Per-IP counts are kept under ``limit_key`` (an IPv6
         client's /64), remembered on the session so that a reload changing
         the prefix still releases what was counted.
         """
         if self.shutting_down:
             return replies.SHUTTING_DOWN
-        if len(self.sessions) >= self.settings.connections:
+        if len(self.sessions) >= self.limits.connections:
             log.info(
                 "refused connection from {ip}: too many connections",
                 ip=ip,
@@ -1330,8 +1013,8 @@ class MailxSMTPFactory(ServerFactory):
                 reason="connections",
             )
             return replies.TOO_MANY_CONNECTIONS
-        key = self.settings.limit_key(ip)
-        if self.per_ip.get(key, 0) >= self.settings.connections_per_ip:
+        key = self.limit_key(ip)
+        if self.per_ip.get(key, 0) >= self.limits.connections_per_ip:
             log.info(
                 "refused connection from {ip}: too many connections from {key}",
                 ip=ip,
@@ -1356,7 +1039,7 @@ class MailxSMTPFactory(ServerFactory):
 
     def _over_rate(self, ip: str, key: str) -> bool:
         """Postfix's smtpd_client_connection_rate_limit, over a sliding minute."""
-        limit = self.settings.connection_rate_per_ip
+        limit = self.limits.connection_rate_per_ip
         if not limit or _exempt_from_rate(ip):
             return False
         now = self.clock()
@@ -1399,112 +1082,136 @@ class MailxSMTPFactory(ServerFactory):
         return f"{int(time.time()):X}{self._next() & 0xFFFFFF:06X}"
 
 
-class _ProxyFirstWrapper(HAProxyProtocolWrapper):
-    """Twisted's PROXY wrapper, but the SMTP session starts after the header.
 
-    The stock wrapper connects the wrapped protocol at once, so an SMTP server
-    would greet, log and count the connection under the proxy's address, and
-    a client that waits for the banner after sending only the header would
-    never see the wrapped protocol learn the real address.  Here the wrapped
-    protocol is connected once the header is parsed.
+# --- PROXY protocol: Twisted's public proxyEndpoint, with the session started after the header
+#
+# Twisted's wrapper (``twisted.protocols.haproxy.proxyEndpoint``, its only
+# public name) connects the wrapped protocol at once, so an SMTP server would
+# greet, log and count the connection under the proxy's address; and it
+# believes whoever connects.  Its parser and its wrapper class are private,
+# and it says nothing when a header is complete.  So the pieces around it
+# use public API only: below it, ``_ProxyTap`` (a ``policies.ProtocolWrapper``)
+# tells the gate after every read; above it, ``_ProxyGate`` checks who
+# connected and starts the SMTP session once ``getPeer()`` names the client.
 
-    The stock wrapper also believes whoever connects: here only peers in
-    ``listen.haproxy_trusted_networks`` may send a header, others are
-    disconnected unheard; and a header that names no IP client (v1
-    ``UNKNOWN``, v2 ``LOCAL`` or AF_UNIX, for which Twisted yields no source
-    or a UNIXAddress) is refused, since the session would otherwise be
-    counted under the proxy's own (loopback, rate-exempt) address.
+
+class _ProxyGate(Protocol):
+    """Above Twisted's PROXY wrapper: the SMTP session starts after the header.
+
+    Only peers in ``listen.haproxy_trusted_networks`` may send a header,
+    others are disconnected unheard; and a header that names no IP client
+    (v1 ``UNKNOWN``, v2 ``LOCAL`` or AF_UNIX, for which Twisted yields no
+    source or a UNIXAddress) is refused, since the session would otherwise
+    be counted under the proxy's own (loopback, rate-exempt) address.
+
+    The header is known to be read when ``getPeer()`` no longer names the
+    proxy, or when input arrives after it (Twisted passes on only what
+    follows the header).  A header naming no client, sent alone, is
+    therefore only noticed with the client's first line, or at
+    ``header_timeout``.
     """
 
     header_timeout = 30.0
 
-    def makeConnection(self, transport: Any) -> None:
-        directlyProvides(self, providedBy(transport))
-        Protocol.makeConnection(self, transport)
-        self.factory.registerProtocol(self)
-        self._started = False
-        self._refused = False
-        self._header_deadline: Any = None
-        peer = transport.getPeer()
-        if not self.factory.wrappedFactory.settings.proxy_trusted(peer):
-            self._refuse("refused connection from {peer}: not in listen.haproxy_trusted_networks", peer)
+    def __init__(self, factory: MailxSMTPFactory) -> None:
+        self.smtp_factory = factory
+        self._after_header: list[bytes] = []
+        self._read = False
+        self._deadline: Any = None
+        self._proxy: Any = None
+
+    def connectionMade(self) -> None:
+        self._proxy = self.transport.getPeer()  # before the header: the proxy itself
+        if not self.smtp_factory.proxy_trusted(self._proxy):
+            self._read = True
+            self._refuse("refused connection from {peer}: not in listen.haproxy_trusted_networks")
             return
         from twisted.internet import reactor
 
-        self._header_deadline = reactor.callLater(self.header_timeout, self.loseConnection)
+        self._deadline = reactor.callLater(self.header_timeout, self.transport.loseConnection)
 
-    def _refuse(self, why: str, peer: Any) -> None:
-        log.info(why, peer=getattr(peer, "host", None) or str(peer))
-        self._refused = True
+    def _refuse(self, why: str) -> None:
+        log.info(why, peer=getattr(self._proxy, "host", None) or str(self._proxy))
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._started:
-            return self.wrappedProtocol.dataReceived(data)
-        if self._refused:
-            return None
-        before = self._proxyInfo
-        parser_done = False
-        # Let the stock parser consume the header without touching the
-        # wrapped protocol, then start it and hand over what follows.
-        wrapped, self.wrappedProtocol = self.wrappedProtocol, _Collector()
-        try:
-            super().dataReceived(data)
-            parser_done = self._proxyInfo is not None and before is None
-        finally:
-            collector, self.wrappedProtocol = self.wrappedProtocol, wrapped
-        if parser_done:
-            if self._header_deadline.active():
-                self._header_deadline.cancel()
-            if not isinstance(self._proxyInfo.source, (address.IPv4Address, address.IPv6Address)):
-                self._refuse(
-                    "refused connection from proxy {peer}: PROXY header names no IP client",
-                    self.transport.getPeer(),
-                )
-                return
-            self._started = True
-            self.wrappedProtocol.makeConnection(self)
-            if collector.data and not self.disconnecting:
-                self.wrappedProtocol.dataReceived(b"".join(collector.data))
+        """What followed the header in the same read: the header is complete."""
+        self._after_header.append(data)
+        self.header_progress()
 
-    def connectionLost(self, reason: Failure) -> None:
-        if self._header_deadline is not None and self._header_deadline.active():
-            self._header_deadline.cancel()
-        self.factory.unregisterProtocol(self)
-        if self._started:
-            self.wrappedProtocol.connectionLost(reason)
-        self.wrappedProtocol = None
+    def header_progress(self) -> None:
+        if self._read:
+            return
+        peer = self.transport.getPeer()
+        if peer == self._proxy and not self._after_header:
+            return  # the header is not complete yet
+        self._read = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        if peer == self._proxy or not isinstance(peer, (address.IPv4Address, address.IPv6Address)):
+            self._refuse("refused connection from proxy {peer}: PROXY header names no IP client")
+            return
+        session = self.smtp_factory.buildProtocol(peer)
+        # ProtocolWrapper's public attribute: from now on Twisted's wrapper
+        # hands input and the connection's end to the session itself.
+        self.transport.wrappedProtocol = session
+        session.makeConnection(self.transport)
+        if self._after_header:
+            session.dataReceived(b"".join(self._after_header))
+            self._after_header = []
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
 
 
-class _Collector:
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
+class _ProxyGateFactory(ServerFactory):
+    noisy = False
+
+    def __init__(self, smtp_factory: MailxSMTPFactory) -> None:
+        self.smtp_factory = smtp_factory
+
+    def buildProtocol(self, addr: Any) -> _ProxyGate:
+        return _ProxyGate(self.smtp_factory)
+
+
+class _ProxyTap(policies.ProtocolWrapper):
+    """Under Twisted's PROXY wrapper: after each read, the gate above looks whether the header is done."""
 
     def dataReceived(self, data: bytes) -> None:
-        self.data.append(data)
+        super().dataReceived(data)
+        gate = getattr(self.wrappedProtocol, "wrappedProtocol", None)
+        if isinstance(gate, _ProxyGate):
+            gate.header_progress()
 
 
-class _ProxyFirstWrappingFactory(HAProxyWrappingFactory):
-    protocol = _ProxyFirstWrapper
+class _ProxyTapFactory(policies.WrappingFactory):
+    protocol = _ProxyTap
+    noisy = False
 
 
 @implementer(interfaces.IStreamServerEndpoint)
-class _ProxyFirstEndpoint:
-    def __init__(self, inner: interfaces.IStreamServerEndpoint) -> None:
+class _WrappingEndpoint:
+    """Listen on ``inner`` with the factory wrapped by ``wrap``."""
+
+    def __init__(self, inner: interfaces.IStreamServerEndpoint, wrap: Callable[[Any], Any]) -> None:
         self._inner = inner
+        self._wrap = wrap
 
     def listen(self, factory: Any) -> defer.Deferred:
-        return self._inner.listen(_ProxyFirstWrappingFactory(factory))
+        return self._inner.listen(self._wrap(factory))
 
 
 def server_endpoint(reactor: Any, description: str) -> interfaces.IStreamServerEndpoint:
     """A listening endpoint from a Twisted endpoint string.
 
-    ``haproxy:`` endpoints get the PROXY-aware wrapper above; every other
-    description goes to ``serverFromString`` unchanged.
+    ``haproxy:`` endpoints get the PROXY-aware wrapping above (Twisted's own
+    ``haproxy:`` parser would connect the session before the header); every
+    other description goes to ``serverFromString`` unchanged.
     """
     from twisted.internet.endpoints import serverFromString
 
     if description.startswith("haproxy:"):
-        return _ProxyFirstEndpoint(serverFromString(reactor, description[len("haproxy:") :]))
+        tapped = _WrappingEndpoint(serverFromString(reactor, description[len("haproxy:") :]), _ProxyTapFactory)
+        return _WrappingEndpoint(proxyEndpoint(tapped), _ProxyGateFactory)
     return serverFromString(reactor, description)
