@@ -236,6 +236,7 @@ class Violation:
 
 
 Event = CommandEvent | AuthResponse | Content | ContentRefused | EndOfContent | Violation
+_END = object()  # in SMTPSession._pending: the end of data, judged when it is reached
 
 
 # --- actions: what the protocol carries out ---------------------------------
@@ -309,7 +310,7 @@ class SMTPSession:
         self._offset = 0
         self._line_start = True  # DATA: the next byte starts a line (after CRLF)
         self._actions: list[Action] = []
-        self._pending: deque[Event] = deque()  # decided together with the event before
+        self._pending: deque[Event | object] = deque()  # the rest of one run of content
 
     # --- input ----------------------------------------------------------
 
@@ -350,7 +351,7 @@ class SMTPSession:
     def next_event(self) -> Event | None:
         """The next thing the protocol must act on, or None (held, or more input needed)."""
         if self._pending:
-            return self._pending.popleft()  # decided with the one before it
+            return self._next_pending()  # the rest of the run before it
         while not self.holds and self.state not in (State.GREETING, State.PROCESSING, State.CLOSING):
             if self.shutting_down and self.state in COMMAND_STATES:
                 # Between transactions: the client retries elsewhere or later.
@@ -474,8 +475,16 @@ class SMTPSession:
             elif region:
                 self._pending.append(Content(region))
         if finished:
-            self._pending.append(self._end_of_content())
-        return self._pending.popleft() if self._pending else None
+            self._pending.append(_END)  # decided when it is reached: the spool may fail first
+        return self._next_pending()
+
+    def _next_pending(self) -> Event | None:
+        if not self._pending:
+            return None
+        event = self._pending.popleft()
+        if isinstance(event, (Content, ContentRefused)):
+            return event
+        return self._end_of_content()
 
     def content_refused(self, reply: Reply) -> ContentRefused:
         """The message is refused (the spool failed, or it is too big); the rest is dropped."""
