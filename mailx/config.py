@@ -254,10 +254,10 @@ class Limits:
     error_limit: int
     connection_rate_per_ip: int  # per minute; 0: off
     greeting_delay: float  # seconds; 0: off
-    junk_commands: int = 100
-    ipv6_prefix_length: int = 64  # per-IP limits group IPv6 clients by this prefix
-    auth_failures: int = 5  # per client IP per 10 minutes (SPEC 11)
-    send_per_hour: int = 200  # recipients per account per hour (SPEC 11)
+    junk_commands: int
+    ipv6_prefix_length: int  # per-IP limits group IPv6 clients by this prefix
+    auth_failures: int  # per client IP per 10 minutes (SPEC 11)
+    send_per_hour: int  # recipients per account per hour (SPEC 11)
 
 
 @dataclass(frozen=True)
@@ -898,11 +898,11 @@ class _Loader:
 
         text = self.text(node)
         try:
-            endpoint = serverFromString(_NO_REACTOR, text)
+            serverFromString(_NO_REACTOR, text)
         except Exception as e:  # the parsers raise ValueError, TypeError, OSError...
             raise _Invalid(f"'{text}' is not a Twisted endpoint: {e}") from None
-        port = getattr(endpoint, "_port", None)
-        if isinstance(port, int) and not 0 <= port <= 65535:
+        port = _endpoint_port(text)
+        if port is not None and not 0 <= port <= 65535:
             raise _Invalid(f"'{text}': port {port} out of range")
         return text
 
@@ -1436,6 +1436,40 @@ class _Loader:
                 "outbound.srs_secret",
                 f"required: {first.key} forwards to an outside address (SRS, SPEC section 8)",
             )
+
+
+def _endpoint_port(description: str) -> int | None:
+    """The port a ``tcp:``, ``tcp6:`` or ``ssl:`` description (``haproxy:`` or not) names.
+
+    Twisted keeps it in the endpoint's private ``_port`` and parses
+    descriptions with a private function (``endpoints._parse``), so this
+    reads the small grammar itself: fields split at colons, a backslash
+    escapes the next character, ``key=value`` or positional.
+    """
+    fields: list[str] = []
+    current: list[str] = []
+    characters = iter(description)
+    for character in characters:
+        if character == "\\":
+            current.append(next(characters, ""))
+        elif character == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(character)
+    fields.append("".join(current))
+    while fields and fields[0] == "haproxy":
+        fields = fields[1:]
+    if not fields or fields[0] not in ("tcp", "tcp6", "ssl"):
+        return None
+    arguments = fields[1:]
+    named = dict(a.split("=", 1) for a in arguments if "=" in a)
+    positional = [a for a in arguments if "=" not in a]
+    port = named.get("port", positional[0] if positional else None)
+    try:
+        return int(port) if port is not None else None
+    except ValueError:
+        return None
 
 
 class _NoReactor:

@@ -526,6 +526,15 @@ class ListenTests(ConfigTestCase):
             "port 99999 out of range",
         )
 
+    def test_port_out_of_range_behind_haproxy_or_named(self) -> None:
+        # Read from the description, not Twisted's private endpoint._port.
+        self.assertProblem(
+            MINIMAL + "listen:\n  smtp: ['haproxy:tcp:port=70000:interface=127.0.0.1']\n",
+            8,
+            "listen.smtp[0]",
+            "port 70000 out of range",
+        )
+
     def test_empty_list(self) -> None:
         self.assertProblem(
             MINIMAL + "listen:\n  smtp: []\n", 8, "listen.smtp", "needs at least one endpoint"
