@@ -357,6 +357,47 @@ class ProxyTrustTests(unittest.TestCase):
         yield assert_served_promptly(self, server, server.ports[1])
 
     @defer.inlineCallbacks
+    def test_header_in_pieces_then_silence_gets_the_banner(self) -> None:
+        # Twisted's public proxyEndpoint says nothing when a header is done:
+        # the session starts when getPeer() names the client (mailx.smtp.server._ProxyGate).
+        server = self.start()
+
+        def run() -> bytes:
+            sock = socket.create_connection(("127.0.0.1", server.ports[0]), timeout=10)
+            try:
+                sock.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 4")
+                time.sleep(0.2)
+                sock.sendall(b"0000 25\r\n")
+                return sock.makefile("rb").readline()
+            finally:
+                sock.close()
+
+        banner = yield in_thread(run)
+        self.assertTrue(banner.startswith(b"220 "), banner)
+
+    @defer.inlineCallbacks
+    def test_proxy_unknown_alone_is_refused_at_the_first_line(self) -> None:
+        # A header that names no client changes no address: it is known to
+        # be complete when input follows it, and refused then, unheard.
+        server = self.start()
+
+        def run() -> bytes:
+            sock = socket.create_connection(("127.0.0.1", server.ports[0]), timeout=10)
+            try:
+                sock.sendall(b"PROXY UNKNOWN ffff::1 ffff::1 40000 25\r\n")
+                time.sleep(0.3)
+                sock.sendall(b"EHLO c.test\r\n")
+                return sock.makefile("rb").read()
+            except ConnectionResetError:
+                return b""
+            finally:
+                sock.close()
+
+        got = yield in_thread(run)
+        self.assertEqual(got, b"")
+        self.assertEqual(server.service.factory.per_ip, {})
+
+    @defer.inlineCallbacks
     def test_proxy_v2_local_is_refused(self) -> None:
         server = self.start()
         local = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00]) + struct.pack("!H", 0)
