@@ -149,6 +149,7 @@ class MailxESMTP(smtp.ESMTP):
     """
 
     noisy = False
+    transport: Any  # a TCP or TLS transport, or the PROXY wrapper over one
 
     def __init__(self, factory: MailxSMTPFactory) -> None:
         super().__init__(chal={}, contextFactory=factory.tls_context)
@@ -227,7 +228,7 @@ class MailxESMTP(smtp.ESMTP):
         self.sendCode(220, self.host + b" ESMTP mailx")
         self._process()  # reading resumes if it was paused
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.dialogue.connection_lost()
         self.setTimeout(None)
         for timer in (self._greeting, self._pause, self._session_deadline, self._abort_later):
@@ -1112,6 +1113,7 @@ class _ProxyGate(Protocol):
     """
 
     header_timeout = 30.0
+    transport: Any  # Twisted's PROXY wrapper (a policies.ProtocolWrapper)
 
     def __init__(self, factory: MailxSMTPFactory) -> None:
         self.smtp_factory = factory
@@ -1160,7 +1162,7 @@ class _ProxyGate(Protocol):
             session.dataReceived(b"".join(self._after_header))
             self._after_header = []
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
 
@@ -1194,7 +1196,7 @@ class _ProxyTapFactory(policies.WrappingFactory):
 class _WrappingEndpoint:
     """Listen on ``inner`` with the factory wrapped by ``wrap``."""
 
-    def __init__(self, inner: interfaces.IStreamServerEndpoint, wrap: Callable[[Any], Any]) -> None:
+    def __init__(self, inner: Any, wrap: Callable[[Any], Any]) -> None:
         self._inner = inner
         self._wrap = wrap
 
@@ -1202,7 +1204,7 @@ class _WrappingEndpoint:
         return self._inner.listen(self._wrap(factory))
 
 
-def server_endpoint(reactor: Any, description: str) -> interfaces.IStreamServerEndpoint:
+def server_endpoint(reactor: Any, description: str) -> Any:
     """A listening endpoint from a Twisted endpoint string.
 
     ``haproxy:`` endpoints get the PROXY-aware wrapping above (Twisted's own
