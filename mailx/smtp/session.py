@@ -624,6 +624,7 @@ class SMTPSession:
         self.state = State.CLOSING
         self._buffer = b""
         self._offset = 0
+        self._pending.clear()
         self._actions.append(HangUp(abort=Hold.BACKLOG in self.holds, reply=reply))
         return True
 
@@ -631,6 +632,7 @@ class SMTPSession:
         self.state = State.CLOSING
         self._buffer = b""
         self._offset = 0
+        self._pending.clear()
 
     def actions(self) -> list[Action]:
         """What to do now, in order; each action is returned once."""
