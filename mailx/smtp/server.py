@@ -365,11 +365,11 @@ class MailxESMTP(smtp.ESMTP):
         self._in_process = True
         try:
             while True:
-                self._flush()
                 event = self.dialogue.next_event()
                 if event is None:
                     break
                 self._handle(event)
+                self._flush()  # one event's replies before the next: a backlog stops the loop
         finally:
             self._in_process = False
             self.dialogue.compact()
@@ -463,6 +463,7 @@ class MailxESMTP(smtp.ESMTP):
         paused, which spares two epoll_ctl calls per command.
         """
         self.dialogue.hold(Hold.CHECK)
+        answered_later = False
 
         def finish(result: object) -> None:
             if self.dialogue.state is State.CLOSING or self.transport is None:
@@ -472,9 +473,11 @@ class MailxESMTP(smtp.ESMTP):
                 failed(result)
             else:
                 done(result)
-            self._process()  # answered later: go on with what waited (a no-op if inline)
+            if answered_later:
+                self._process()  # go on with what waited
 
         d.addBoth(finish).addErrback(lambda f: log.failure("reply handling failed", f))
+        answered_later = True
 
     def _log_message(self, fmt: str, qid: str | None = None, **fields: object) -> None:
         qid = qid or self.dialogue.transaction.queue_id or (self.session.session_id if self.session else "-")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,8 +68,13 @@ class State(enum.Enum):
     AUTH = "auth"  # the next line is a SASL response (RFC 4954 4), not a command
     CLOSING = "closing"  # the last reply is queued or the client is gone: input is ignored
 
+    # Identity is equality for members; Enum's own __hash__ is Python code,
+    # and the session looks states up in sets for every command.
+    __hash__ = object.__hash__
+
 
 COMMAND_STATES = frozenset((State.CONNECTED, State.GREETED, State.MAIL, State.RCPT))
+_NOT_READING = frozenset((State.GREETING, State.PROCESSING, State.CLOSING))  # input waits
 # STARTTLS has no state of its own: Twisted's TLS transport runs the
 # handshake under us, and what follows it is a new session (RFC 3207 4.2):
 # CONNECTED again.
@@ -81,6 +86,8 @@ class Hold(enum.Enum):
     CHECK = "check"  # a Deferred answer (checks, filing): replies stay in order (RFC 2920 3)
     ERROR_PAUSE = "error pause"  # smtpd_error_sleep_time after repeated errors
     BACKLOG = "backlog"  # our replies are not being read (the transport paused us)
+
+    __hash__ = object.__hash__  # as State's
 
 
 @dataclass(frozen=True)
@@ -344,7 +351,7 @@ class SMTPSession:
         """
         if self.state is State.GREETING:
             return False
-        if self.holds == {Hold.CHECK}:
+        if len(self.holds) == 1 and Hold.CHECK in self.holds:
             return self.buffered <= MAX_HELD_INPUT
         return not self.holds
 
@@ -352,7 +359,7 @@ class SMTPSession:
         """The next thing the protocol must act on, or None (held, or more input needed)."""
         if self._pending:
             return self._next_pending()  # the rest of the run before it
-        while not self.holds and self.state not in (State.GREETING, State.PROCESSING, State.CLOSING):
+        while not self.holds and self.state not in _NOT_READING:
             if self.shutting_down and self.state in COMMAND_STATES:
                 # Between transactions: the client retries elsewhere or later.
                 self.close(replies.SHUTTING_DOWN)
@@ -634,8 +641,10 @@ class SMTPSession:
         self._offset = 0
         self._pending.clear()
 
-    def actions(self) -> list[Action]:
+    def actions(self) -> Sequence[Action]:
         """What to do now, in order; each action is returned once."""
+        if not self._actions:
+            return ()
         actions, self._actions = self._actions, []
         return actions
 
