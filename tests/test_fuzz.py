@@ -22,7 +22,7 @@ when each run ends:
 
 The suite runs 40 examples of 30 steps against a server without TLS and 40
 against one with it (10-20 s in all).  For a long run, as before a release or
-after touching mailx/smtp/server.py or mailx/inbound/delivery.py (about 12 minutes):
+after touching mailx/smtp/ or mailx/inbound/delivery.py (about 12 minutes):
 
     MAILX_FUZZ_EXAMPLES=2000 python3 -m twisted.trial tests.test_fuzz
 
@@ -77,7 +77,7 @@ MESSAGE_SIZE = 512 * 1024  # small enough that "too big" costs little to send
 RECIPIENTS = 3  # low, so that 452 comes up often
 MAX_DATA_LINE = 64 * 1024  # SPEC 5: longer DATA lines refuse the message
 MAX_COMMAND_LINE = 510  # RFC 5321 4.5.3.1.4, without the CRLF
-MAX_PARTIAL_COMMAND = 4096  # mailx/smtp/server.py: a longer line without CRLF ends the session
+MAX_PARTIAL_COMMAND = 4096  # mailx/smtp/session.py: a longer line without CRLF ends the session
 MAX_PIECES = 12  # writes per message when it is sent in pieces
 PIECE_PAUSE = 0.003  # between them, so that the server reads them apart
 REPLY_TIMEOUT = 15.0  # a missing reply fails the run instead of hanging it
