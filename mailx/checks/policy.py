@@ -9,24 +9,42 @@ sender's DMARC policy does, and only under ``enforce``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from mailx.checks.dmarc import DMARCResult
 from mailx.smtp import replies
 from mailx.smtp.replies import Reply
 
-__all__ = ["ACCEPT", "ACTIONS", "JUNK", "MODES", "REJECT", "TEMPFAIL", "Decision", "decide"]
+__all__ = [
+    "ACCEPT",
+    "ACTIONS",
+    "JUNK",
+    "MODES",
+    "REJECT",
+    "TEMPFAIL",
+    "Action",
+    "Decision",
+    "decide",
+]
 
-ACCEPT = "accept"
-JUNK = "junk"  # deliver into the mailbox's .Junk Maildir++ folder
-REJECT = "reject"  # 550 5.7.1 at the end of DATA
-TEMPFAIL = "tempfail"  # 451 4.7.5: a DNS failure decides, the sender retries
-ACTIONS = (ACCEPT, JUNK, REJECT, TEMPFAIL)
+
+class Action(StrEnum):
+    """What the checks want done with a message; the values are the log's words."""
+
+    ACCEPT = "accept"
+    JUNK = "junk"  # deliver into the mailbox's .Junk Maildir++ folder
+    REJECT = "reject"  # 550 5.7.1 at the end of DATA
+    TEMPFAIL = "tempfail"  # 451 4.7.5: a DNS failure decides, the sender retries
+
+
+ACCEPT, JUNK, REJECT, TEMPFAIL = Action.ACCEPT, Action.JUNK, Action.REJECT, Action.TEMPFAIL
+ACTIONS = tuple(Action)
 MODES = ("enforce", "monitor", "off")
 
 
 @dataclass(frozen=True)
 class Decision:
-    action: str
+    action: Action
     reply: Reply | None  # the refusal for REJECT and TEMPFAIL, else None
     reason: str
 

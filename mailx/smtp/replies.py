@@ -116,6 +116,8 @@ MESSAGE_ACCEPTED = Reply(250, "2.0.0", "OK queued as {queue_id}")
 DMARC_REJECT = Reply(550, "5.7.1", "Rejected by DMARC policy of the sender's domain")
 DNS_TEMPFAIL = Reply(451, "4.7.5", "Temporary DNS failure while checking the sender, try again later")
 MAIL_LOOP = Reply(554, "5.4.6", "Mail loop detected")
+# RFC 5429 2.1.1: every recipient's Sieve script rejected it; the text is the script's reason.
+SIEVE_REJECT = Reply(550, "5.7.1", "{reason}")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 
 # Submission (SPEC 11; RFC 4954 for AUTH, RFC 3207 4 for 530 before STARTTLS)
