@@ -36,7 +36,6 @@ from mailx.smtp.accounts import accounts_from_config
 from mailx.smtp.server import SMTP, SUBMISSION, SUBMISSIONS, MailxSMTPFactory, server_endpoint
 from mailx.smtp.submission import SubmissionDelivery, SubmissionState
 from mailx.storage import maildir
-from mailx.storage.committer import GroupCommitter
 from mailx.storage.queue import Queue
 from mailx.storage.writer import WriterClient
 from mailx.text import Logger
@@ -166,12 +165,9 @@ class MailxService(service.MultiService):
         self.config = config
         self.disk_pool = ThreadPool(minthreads=0, maxthreads=DISK_THREADS, name="mailx-disk")
         self._reload_lock = defer.DeferredLock()
-        # Incoming mail is filed by one group-committing thread (see committer).
-        self.committer = GroupCommitter(reactor, maildir.fsync_directory)
         # SPEC 13: counted from the log events, and from these hooks;
         # served on listen.metrics.
         self.metrics = Metrics()
-        self.committer.observe_batch = self.metrics.filing_batch
         # SPEC 13: every message's events on disk, for mailxctl trace (the
         # path and keep_days of the start-up configuration; a reload keeps them).
         self.trace: TraceRecord | None = None
@@ -179,8 +175,10 @@ class MailxService(service.MultiService):
             self.trace = TraceRecord(
                 config.trace.directory(config.paths.spool), config.trace.keep_days
             )
-        # Mailbox-only messages are filed by a child process (see mailx.storage.writer).
-        self.writer = WriterClient(reactor)
+        # Every durable write is filed by one child process, group-committed
+        # (the filing engine, see mailx.storage.writer).
+        self.writer = WriterClient(reactor, self.disk_pool)
+        self.writer.observe_batch = self.metrics.filing_batch
         # DNS lookups block in dnspython; their own pool keeps a slow DNS
         # server from starving the disk writers.
         self.dns_pool = ThreadPool(minthreads=0, maxthreads=DNS_THREADS, name="mailx-dns")
@@ -260,7 +258,6 @@ class MailxService(service.MultiService):
             authenticator=authenticator,
             blocklists=blocklists,
             outbound=self._outbound_for(config, resolver),
-            committer=self.committer,
             writer=self.writer,
             names=NameLookups(resolver, self.reactor) if config.checks.reverse_dns else None,
             header_pool=self.header_pool,
@@ -273,7 +270,12 @@ class MailxService(service.MultiService):
         if outbound is None:
             queue = Queue(config.paths.spool / "queue")
             outbound = Outbound(
-                config, queue, resolver, reactor=self.reactor, disk_pool=self.disk_pool
+                config,
+                queue,
+                resolver,
+                reactor=self.reactor,
+                disk_pool=self.disk_pool,
+                filer=self.writer,
             )
             outbound.setServiceParent(self)
             self.outbound = outbound
@@ -385,7 +387,6 @@ class MailxService(service.MultiService):
                 ) from None
         self.disk_pool.start()
         self.dns_pool.start()
-        self.committer.start()
         self.writer.start()
         super().startService()
         self._listen()
@@ -565,7 +566,6 @@ class MailxService(service.MultiService):
 
     def _stop_disk_pool(self) -> None:
         # ThreadPool.stop joins the workers: every fsync in flight completes.
-        self.committer.stop()
         self.disk_pool.stop()
         self.dns_pool.stop()
         pidfile = getattr(self, "pidfile", None)

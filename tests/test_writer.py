@@ -16,7 +16,15 @@ from twisted.trial import unittest
 
 from mailx.inbound.spool import SPILL_AT, SpoolBuffer
 from mailx.storage import maildir, writer_child
-from mailx.storage.writer import WriterClient, WriterGone, commit, decode_all, encode
+from mailx.storage.writer import (
+    Filing,
+    MaildirCopy,
+    WriterClient,
+    WriterGone,
+    commit,
+    decode_all,
+    encode,
+)
 
 
 class FramingTests(unittest.TestCase):
@@ -96,8 +104,8 @@ class WriterProcessTests(unittest.TestCase):
         self.writer.start()
         self.addCleanup(self.writer.stop)
 
-    def spec(self, name: str) -> dict:
-        return {"maildir": str(self.box), "name": name, "folder": None}
+    def filing(self, name: str, head: bytes, body: SpoolBuffer) -> Filing:
+        return Filing([MaildirCopy(self.box, name, head)], body=body)
 
     @defer.inlineCallbacks
     def test_small_and_spooled_bodies_are_filed(self) -> None:
@@ -110,8 +118,8 @@ class WriterProcessTests(unittest.TestCase):
         big.finish()
         self.assertIsNotNone(big.path)
         results = yield defer.gatherResults([
-            self.writer.file([self.spec("s")], [b"X-Head: 1\n"], small),
-            self.writer.file([self.spec("b")], [b"X-Head: 2\n"], big),
+            self.writer.file(self.filing("s", b"X-Head: 1\n", small)),
+            self.writer.file(self.filing("b", b"X-Head: 2\n", big)),
         ])
         [[small_path], [big_path]] = results
         self.assertEqual(small_path.read_bytes(), b"X-Head: 1\nSubject: small\n\nhi\n")
@@ -121,12 +129,12 @@ class WriterProcessTests(unittest.TestCase):
     def test_a_dead_writer_fails_what_was_in_flight_and_is_restarted(self) -> None:
         body = SpoolBuffer(self.root, "m")
         body.write(b"Subject: m\r\n\r\nbody\r\n")
-        yield self.writer.file([self.spec("first")], [b""], body)
+        yield self.writer.file(self.filing("first", b"", body))
         os.kill(self.writer._child.transport.pid, signal.SIGKILL)
-        in_flight = self.writer.file([self.spec("lost")], [b""], body)
+        in_flight = self.writer.file(self.filing("lost", b"", body))
         yield self.assertFailure(in_flight, WriterGone)
         self.flushLoggedErrors()
-        [path] = yield self.writer.file([self.spec("again")], [b""], body)
+        [path] = yield self.writer.file(self.filing("again", b"", body))
         self.assertTrue(path.exists())
 
     @defer.inlineCallbacks
@@ -140,7 +148,7 @@ class WriterProcessTests(unittest.TestCase):
         self.writer.start()
         body = SpoolBuffer(self.root, "m")
         body.write(b"Subject: m\r\n\r\nbody\r\n")
-        [path] = yield self.writer.file([self.spec("here")], [b""], body)
+        [path] = yield self.writer.file(self.filing("here", b"", body))
         self.assertEqual(path.read_bytes(), b"Subject: m\n\nbody\n")
         cmdline = Path(f"/proc/{self.writer._child.transport.pid}/cmdline").read_bytes().split(b"\0")
         self.assertEqual(cmdline[1:3], [b"-I", b"-S"])

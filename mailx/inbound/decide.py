@@ -159,13 +159,14 @@ def decide(
     listed: bool = False,
     outcomes: Mapping[str, FilterOutcome] | None = None,
     size: int = 0,
+    message_id: str | None = None,
 ) -> Decision:
     """The decision for one message (see the module docstring).
 
     ``verdict`` is the checks' `mailx.checks.Verdict` (None: no checks),
     ``listed`` whether a DNSBL with action junk listed the client,
     ``outcomes`` each final mailbox's filter outcome by its address
-    (missing: `KEEP`), ``size`` the message's octets, for the log.
+    (missing: `KEEP`); ``size`` and ``message_id`` are for the log.
     """
     outcomes = outcomes or {}
     action = Action(verdict.action) if verdict is not None else Action.ACCEPT
@@ -180,6 +181,7 @@ def decide(
         "results": " ".join(f"{k}={v}" for k, v in results.items()),
         # Each method's A-R result alone, for mailx.observe.metrics.
         "checks": verdict.results() if verdict is not None else {},
+        "message_id": message_id,
     }
     if action in (Action.REJECT, Action.TEMPFAIL):
         return Decision(verdict.reply, False, log=log)

@@ -15,7 +15,7 @@ discarded after a crash (the client was never told it was accepted).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from pathlib import Path
@@ -28,13 +28,24 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
 from mailx import headers
+from mailx.checks.policy import Action
 from mailx.checks.results import is_forged_results
-from mailx.inbound.routing import ForwardDestination, MailboxDestination, Route, quote_path, route
+from mailx.filters.outcome import KEEP
+from mailx.inbound.decide import Content, Decision, decide, final_mailboxes
+from mailx.inbound.routing import (
+    ForwardDestination,
+    MailboxDestination,
+    Route,
+    Router,
+    quote_path,
+)
 from mailx.inbound.spool import SpoolBuffer
+from mailx.outbound import dkimkeys, dsn
 from mailx.outbound.srs import srs_route
 from mailx.smtp import replies
 from mailx.smtp.replies import SMTPReplyError
 from mailx.storage import maildir
+from mailx.storage.writer import Filing, InlineFiler, MaildirCopy, QueueCopy
 from mailx.text import Logger
 
 log = Logger(namespace="mailx.delivery")
@@ -77,24 +88,32 @@ class DeliveryContext:
     reactor: Any
     authenticator: Any = None  # mailx.checks.Authenticator; None when every check is off
     blocklists: Any = None  # mailx.checks.dnsbl.Blocklists; None without checks.dnsbl
-    committer: Any = None  # mailx.storage.committer.GroupCommitter: files messages with forwards
-    writer: Any = None  # mailx.storage.writer.WriterClient: files mailbox-only messages
+    writer: Any = None  # mailx.storage.writer.WriterClient: files every message, all or none
     outbound: Any = None  # mailx.outbound.relay.Outbound: forwarding queue and SRS
     names: Any = None  # mailx.checks.ptr.NameLookups: the client's name at connect (checks.reverse_dns)
+    # The mailboxes' filters (mailx.filters.mailbox): ``outcome(destination, sender,
+    # recipient as given, header bytes, read_body) -> FilterOutcome``, blocking.
+    filters: Any = None
     # Header sections held in memory by every session together (docs/security.md).
     header_pool: headers.HeaderPool = field(default_factory=headers.HeaderPool)
     incoming: Path = field(init=False)
+    router: Router = field(init=False)  # this configuration's routing, built once
 
     def __post_init__(self) -> None:
         self.incoming = self.config.paths.spool / "incoming"
+        self.router = Router(self.config)
+        if self.writer is None:
+            # The same engine in the disk pool: for contexts made without a server.
+            self.writer = InlineFiler(self.reactor, self.disk_pool)
 
     def in_disk_pool(self, func: Any, *args: Any) -> defer.Deferred:
         """Run blocking file work (a spilled body's writes) off the reactor thread."""
         return deferToThreadPool(self.reactor, self.disk_pool, func, *args)
 
-    def deliver_in_thread(self, func: Any, *args: Any) -> defer.Deferred:
-        """Run a filing function in the group committer (``sync_directory`` is its)."""
-        return self.committer.submit(lambda batch: func(*args, sync_directory=batch.sync_later))
+    def route(self, recipient: str) -> Route:
+        """A recipient's route: one of our SRS addresses, or the configuration's routing."""
+        srs = self.outbound.srs if self.outbound is not None else None
+        return srs_route(srs, self.config, recipient) or self.router.route(recipient)
 
 
 @implementer(IDelivery)
@@ -146,12 +165,8 @@ class SessionDelivery:
         )
 
     def rcpt(self, queue_id: str, recipient: str) -> Route:
-        if recipient == "postmaster":
-            # RFC 5321 4.5.1: <postmaster> without a domain must be accepted.
-            first = next(iter(self.config.domains))
-            recipient = f"postmaster@{first}"
-        srs = self.context.outbound.srs if self.context.outbound is not None else None
-        decision = srs_route(srs, self.config, recipient) or route(self.config, recipient)
+        # A bare <postmaster> (RFC 5321 4.5.1) is the Router's to resolve.
+        decision = self.context.route(recipient)
         if self._listing is None or decision.address.local == "postmaster":
             return self._accepted(queue_id, recipient, decision)
         # Each RCPT gets its own Deferred on the one lookup at connect.
@@ -185,7 +200,7 @@ class SessionDelivery:
         log.info(
             "{qid}: to=<{rcpt}> accepted: {destinations}",
             qid=queue_id,
-            rcpt=recipient,
+            rcpt=decision.address,
             destinations=", ".join(_describe(d) for d in decision.destinations),
             event="rcpt",
             result="accepted",
@@ -349,69 +364,38 @@ class IncomingMessage:
                 finally:
                     self._checks = None
             size = len(self.header) + self.body.size
-            action = verdict.action if verdict is not None else "accept"
-            if action == "accept" and self.delivery.junk:
-                action = "junk"
-            results = verdict.log_fields() if verdict is not None else {}
-            verdict_line = {
-                "qid": self.queue_id,
-                "action": "accepted" if action in ("accept", "junk") else action,
-                "size": size,
-                "nrcpt": len(self.routes),
-                "results": " ".join(f"{k}={v}" for k, v in results.items()),
-                # Each method's A-R result alone, for mailx.observe.metrics.
-                "checks": verdict.results() if verdict is not None else {},
-                # For mailxctl trace MESSAGE-ID (mailx.observe.trace).
-                "message_id": _message_id(fields, names),
-            }
-            if action in ("reject", "tempfail"):
-                log.info(VERDICT_LINE, event="verdict", **verdict_line)
-                raise SMTPReplyError(verdict.reply)
-            extra = [verdict.header.encode("utf-8") + b"\r\n"] if verdict is not None else []
-            # Mailboxes of LMTP domains (SPEC 14) go into the queue entry (_outgoing).
-            mailboxes = [m for m in _unique_mailboxes(self.routes) if m[0].lmtp is None]
-            copies = [
-                (dest, self._trace_headers(dest, given) + extra, action == "junk")
-                for dest, given in mailboxes
-            ]
             header = b"".join(fields)
-            outgoing = self._outgoing(verdict, extra)
-            enqueue = None
-            if outgoing is not None:
-                enqueue = lambda data, sync=None: ctx.outbound.queue.enqueue(outgoing, data, sync)  # noqa: E731
-            if enqueue is None and ctx.writer is not None and copies:
-                filed = yield ctx.writer.file(
-                    *_writer_request(config, self.queue_id, copies, header), self.body
-                )
-            else:
-                # Mailbox copies and the queue entry in one all-or-none step.
-                filed = yield ctx.deliver_in_thread(
-                    file_copies, config, self.queue_id, copies, header, self.body, enqueue
-                )
+            extra = [verdict.header.encode("utf-8") + b"\r\n"] if verdict is not None else []
+            outcomes: dict[str, Any] = {}
+            if ctx.filters is not None and self._filtered(verdict):
+                outcomes = yield self._filter_outcomes(header, extra)
+            decision = decide(
+                self.queue_id,
+                self.sender,
+                self.routes,
+                verdict,
+                listed=self.delivery.junk,
+                outcomes=outcomes,
+                size=size,
+                # For mailxctl trace MESSAGE-ID (mailx.observe.trace).
+                message_id=_message_id(fields, names),
+            )
+            for note in decision.notes:
+                log.info("{qid}: {note}", qid=self.queue_id, note=note)
+            if not decision.accepted:
+                log.info(VERDICT_LINE, event="verdict", **decision.log)
+                raise SMTPReplyError(decision.reply)
+            filing, entries = yield self._filing(decision, header, extra, verdict)
+            filed = yield ctx.writer.file(filing)
             # Logged once durable: "accepted" is what the 250 reply says.
             log.info(
                 VERDICT_LINE,
                 filing_seconds=ctx.reactor.seconds() - end_of_data,
-                **verdict_line,
+                **decision.log,
                 **replies.outcome("message", replies.MESSAGE_ACCEPTED),
             )
-            if outgoing is not None:
-                ctx.outbound.submitted(outgoing)
-            for n, (dest, _, junk) in enumerate(copies):
-                log.info(
-                    "{qid}: delivered to=<{address}> mailbox={mailbox}{junk}",
-                    qid=self.queue_id,
-                    path=str(filed[n]) if n < len(filed or ()) else None,
-                    address=dest.address,
-                    mailbox=f"{dest.domain}/{dest.mailbox}",
-                    junk=" folder=Junk" if junk else "",
-                    event="delivery",
-                    kind="maildir",
-                    status="sent",
-                )
-            return replies.MESSAGE_ACCEPTED.with_text(
-                replies.MESSAGE_ACCEPTED.text.format(queue_id=self.queue_id)
-            )
+            self._filed(decision, entries, filed)
+            return decision.reply
         except SMTPReplyError as e:
             log.info(
                 "{qid}: refused: {reply}",
@@ -496,58 +480,165 @@ class IncomingMessage:
                 return kept
         raise SMTPReplyError(replies.MAIL_LOOP.with_text(f"{replies.MAIL_LOOP.text}: {reason}"))
 
-    def _outgoing(self, verdict: Any = None, results: Sequence[bytes] = ()) -> Any:
-        """The queue entry for the outside recipients (SPEC 8) and the mailboxes of
-        LMTP domains (SPEC 14), or None without any.
+    def _filtered(self, verdict: Any) -> bool:
+        """Do the mailboxes' filters run?  Not for a refused message, nor for junk,
+        which is filed into Junk unfiltered (`mailx.inbound.decide`)."""
+        if self.delivery.junk:
+            return False
+        return verdict is None or verdict.action == Action.ACCEPT
 
-        The entry keeps the SPF and DMARC results: a bounce goes only to a
-        sender they authenticate (dsn.notice_refusal: no backscatter).
+    @defer.inlineCallbacks
+    def _filter_outcomes(self, header: bytes, extra: list[bytes]) -> Iterator[defer.Deferred]:
+        """Each final mailbox's `FilterOutcome`, by its address; its filters run in
+        the disk pool (they read scripts and the body), and any error is `KEEP`."""
+        ctx = self.delivery.context
+        mailboxes = final_mailboxes(self.routes)
 
-        Each copy gets our Received and a Delivered-To naming the address it
-        was sent to (as Postfix does when an alias forwards), and no
-        Return-Path (RFC 5321 4.4: that is the final delivery's).  Below them
-        the message goes out byte for byte, so DKIM signatures still verify.
-        """
-        forwards = []
-        for r in self.routes:
-            # Delivered-To and Received, as for a mailbox; not Return-Path.
-            trace = b"".join(self._trace_headers(ForwardDestination(str(r.address)))[1:])
-            for d in r.destinations:
-                if isinstance(d, ForwardDestination):
-                    forwards.append((str(r.address), d.address, trace))
-        # The LMTP server writes Return-Path and Delivered-To itself (RFC 2033
-        # hands it the envelope); ours would be there twice.  ``results`` is
-        # our Authentication-Results, for its filters.
-        lmtp = [
-            (
-                given,
-                dest.address,
-                b"".join(
-                    f for f in self._trace_headers(dest, given)
-                    if not f.startswith((b"Return-Path:", b"Delivered-To:"))
+        def read_body(limit: int) -> bytes:
+            taken, size = [], 0
+            for chunk in _after_blank_line(self.body.chunks()):
+                taken.append(chunk[: limit - size])
+                size += len(taken[-1])
+                if size >= limit:
+                    break
+            return b"".join(taken)
+
+        def run(dest: MailboxDestination, given: str) -> Any:
+            head = b"".join(self._trace_headers(dest, given) + extra) + header
+            return ctx.filters.outcome(dest, self.sender, given, head, read_body)
+
+        outcomes: dict[str, Any] = {}
+        found = yield defer.DeferredList(
+            [
+                deferToThreadPool(ctx.reactor, ctx.disk_pool, run, dest, given)
+                for dest, given in mailboxes
+            ],
+            consumeErrors=True,
+        )
+        for (dest, _), (ok, result) in zip(mailboxes, found, strict=True):
+            if ok:
+                outcomes[dest.address] = result
+            else:
+                log.failure(
+                    "{qid}: filters of {mailbox} failed; keeping the message in INBOX",
+                    failure=result,
+                    qid=self.queue_id,
+                    mailbox=dest.address,
                 )
-                + b"".join(results),
-                dest.lmtp,
-            )
-            for dest, given in _unique_mailboxes(self.routes)
-            if dest.lmtp is not None
-        ]
-        if not forwards and not lmtp:
-            return None
-        outbound = self.delivery.context.outbound
-        if outbound is None:
-            raise RuntimeError("forwarding without an outbound queue")
+                outcomes[dest.address] = KEEP
+        return outcomes
+
+    def _forward_trace(self, original: str) -> bytes:
+        """Delivered-To and Received for a forwarded copy, as for a mailbox; not Return-Path."""
+        return b"".join(self._trace_headers(ForwardDestination(original))[1:])
+
+    def _copy_trace(self, dest: MailboxDestination, original: str) -> list[bytes]:
+        return self._trace_headers(dest, original)
+
+    def _envelope_results(self, verdict: Any) -> dict[str, str | None]:
+        """The SPF and DMARC results a queue entry keeps: a bounce goes only to a
+        sender they authenticate (dsn.notice_refusal: no backscatter)."""
         spf = getattr(verdict, "spf", None)
         dmarc = getattr(verdict, "dmarc", None)
-        return outbound.envelope_for(
-            self.queue_id,
-            self.sender,
-            self.delivery.session.helo or "",
-            forwards,
-            spf=spf.result if spf is not None else None,
-            dmarc=dmarc.result if dmarc is not None else None,
-            lmtp=lmtp,
-        )
+        return {
+            "spf": spf.result if spf is not None else None,
+            "dmarc": dmarc.result if dmarc is not None else None,
+        }
+
+    @defer.inlineCallbacks
+    def _filing(
+        self, decision: Decision, header: bytes, extra: list[bytes], verdict: Any
+    ) -> Iterator[defer.Deferred]:
+        """The decision's plan as one all-or-none `Filing`, and its queue entries.
+
+        Each copy gets our trace fields; each forwarded copy our Received and
+        a Delivered-To naming the address it was sent to (as Postfix does
+        when an alias forwards), and no Return-Path (RFC 5321 4.4: that is
+        the final delivery's).  Below them the message goes out byte for
+        byte, so DKIM signatures still verify.
+        """
+        ctx = self.delivery.context
+        config = ctx.config
+        copies = [
+            MaildirCopy(
+                copy.destination.maildir_path(config),
+                maildir.unique_name(self.queue_id, n, config.hostname),
+                _lf(b"".join(self._copy_trace(copy.destination, copy.original) + extra) + header),
+                folder=f".{copy.folder}" if copy.folder else None,
+                flags=copy.flags,
+            )
+            for n, copy in enumerate(decision.copies)
+        ]
+        entries: list[QueueCopy] = []
+        notices = 0
+        for outgoing in decision.outgoing:
+            if ctx.outbound is None:
+                raise RuntimeError("forwarding without an outbound queue")
+            if outgoing.content is Content.MESSAGE:
+                forwards = [
+                    (hop.original, hop.address, self._forward_trace(hop.original))
+                    for hop in outgoing.hops
+                ]
+                envelope = ctx.outbound.envelope_for(
+                    self.queue_id,
+                    self.sender,
+                    self.delivery.session.helo or "",
+                    forwards,
+                    **self._envelope_results(verdict),
+                )
+                entries.append(QueueCopy(ctx.outbound.queue.root, envelope, header))
+                continue
+            notices += 1
+            [hop] = outgoing.hops
+            if outgoing.content is Content.VACATION:
+                assert outgoing.vacation is not None
+                message = outgoing.vacation.message
+            else:
+                message = dsn.reject_notice(
+                    config.hostname,
+                    self.queue_id,
+                    self.sender,
+                    outgoing.mailbox,
+                    outgoing.reason,
+                    header,
+                    ctx.reactor.seconds(),
+                )
+            message = yield deferToThreadPool(
+                ctx.reactor, ctx.disk_pool, dkimkeys.sign_if_configured, config, message
+            )
+            more_copies, more_entries = ctx.outbound.notice_parts(
+                f"{self.queue_id}N{notices}", hop.address, "notice", message
+            )
+            copies += more_copies
+            entries += more_entries
+        return Filing(copies, entries, self.body), entries
+
+    def _filed(self, decision: Decision, entries: list[QueueCopy], filed: list[Path]) -> None:
+        """The message is on disk: start its queue entries, log its copies."""
+        ctx = self.delivery.context
+        for entry in entries:
+            ctx.outbound.submitted(entry.envelope)
+        for outgoing in decision.outgoing:
+            if outgoing.vacation is not None:
+                remember = getattr(ctx.filters, "vacation_sent", None)
+                if remember is not None:
+                    deferToThreadPool(
+                        ctx.reactor, ctx.disk_pool, remember, outgoing.vacation
+                    ).addErrback(lambda f: log.failure("vacation memory", failure=f))
+        # The decision's copies come first in the filing, in order.
+        for copy, path in zip(decision.copies, filed, strict=False):
+            dest = copy.destination
+            log.info(
+                "{qid}: delivered to=<{address}> mailbox={mailbox}{folder}",
+                qid=self.queue_id,
+                path=str(path),
+                address=dest.address,
+                mailbox=f"{dest.domain}/{dest.mailbox}",
+                folder=f" folder={copy.folder}" if copy.folder else "",
+                event="delivery",
+                kind="maildir",
+                status="sent",
+            )
 
     def _message_for_checks(
         self, fields: list[bytes], names: list[bytes | None]
@@ -633,76 +724,5 @@ def _is_forged_results(field: bytes, hostname: str) -> bool:
     return is_forged_results(headers.field_value(field).decode("utf-8", "replace"), hostname)
 
 
-def _unique_mailboxes(routes: Sequence[Route]) -> list[tuple[MailboxDestination, str]]:
-    """One copy per final mailbox, whatever aliases led there (SPEC 4), with the
-    RCPT address that led there: the first one when several did (one copy, one
-    X-Original-To)."""
-    seen: dict[tuple[str, str], tuple[MailboxDestination, str]] = {}
-    for r in routes:
-        for dest in r.destinations:
-            if isinstance(dest, MailboxDestination):
-                seen.setdefault((dest.domain, dest.mailbox), (dest, str(r.address)))
-    return list(seen.values())
-
-
 def _lf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n")
-
-
-def _writer_request(
-    config: Any,
-    queue_id: str,
-    copies: list[tuple[MailboxDestination, list[bytes], bool]],
-    header: bytes,
-) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """The copies for `mailx.storage.writer`, with the header block each one starts with."""
-    specs, heads = [], []
-    for n, (dest, trace, junk) in enumerate(copies):
-        specs.append(
-            {
-                "maildir": str(dest.maildir_path(config)),
-                "name": maildir.unique_name(queue_id, n, config.hostname),
-                "folder": maildir.JUNK_FOLDER if junk else None,
-            }
-        )
-        heads.append(_lf(b"".join(trace) + header))
-    return specs, heads
-
-
-def file_copies(
-    config: Any,
-    queue_id: str,
-    copies: list[tuple[MailboxDestination, list[bytes], bool]],
-    header: bytes,
-    body: SpoolBuffer,
-    enqueue: Callable[[Iterator[bytes]], Any] | None = None,
-    sync_directory: Callable[[Path], None] | None = None,
-) -> list[Path]:
-    """Write every Maildir copy durably, then the forwarding queue entry (``enqueue``
-    of the message as received); all or none (blocking, worker thread)."""
-    written: list[Path] = []
-    try:
-        for n, (dest, trace, junk) in enumerate(copies):
-            box = dest.maildir_path(config)
-            if junk:
-                box = maildir.ensure_folder(box)
-            head = _lf(b"".join(trace) + header)
-            name = maildir.unique_name(queue_id, n, config.hostname)
-            written.append(
-                maildir.write_message(
-                    box, name, _chain(head, maildir.lf_chunks(body.chunks())), sync_directory
-                )
-            )
-        if enqueue is not None:
-            # The queue directory's fsync is the batch's, as the Maildirs' are.
-            enqueue(_chain(header, body.chunks()), sync_directory)
-    except BaseException:
-        for path in written:
-            maildir.remove_message(path)
-        raise
-    return written
-
-
-def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield first
-    yield from rest

@@ -187,7 +187,7 @@ class Metrics:
             self.dns_failures.labels(rdtype, error).inc()
 
     def filing_batch(self, size: int) -> None:
-        """`mailx.storage.committer.GroupCommitter`'s hook."""
+        """`mailx.storage.writer.WriterClient`'s hook (a batch of the filing engine)."""
         self.batches.observe(size)
 
     # -- the observer ---------------------------------------------------------

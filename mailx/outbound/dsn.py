@@ -348,3 +348,57 @@ def delay_message(
         default_status="4.0.0",
         will_retry_until=retry_until,
     )
+
+
+def reject_notice(
+    hostname: str,
+    queue_id: str,
+    sender: str,
+    mailbox: str,
+    reason: str,
+    original_header: bytes,
+    now: float,
+) -> bytes:
+    """RFC 5429 2.1: the MDN (RFC 8098) telling ``sender`` that ``mailbox``'s
+    Sieve script rejected the message; ``reason`` is already one safe line."""
+    boundary = f"{queue_id}.{uuid.uuid4().hex}/{hostname}"
+    header, _ = returned_header(original_header)
+    if header and not header.endswith(b"\r\n"):
+        header += b"\r\n"
+    head = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
+        f"To: <{_ascii(quote_path(sender))}>",
+        "Subject: Message rejected by the recipient's filter",
+        f"Date: {_date(now)}",
+        f"Message-ID: <{queue_id}R.{uuid.uuid4().hex[:12]}@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        "Content-Type: multipart/report; report-type=disposition-notification;"
+        f'\r\n\tboundary="{boundary}"',
+        f"Content-Transfer-Encoding: {'7bit' if header.isascii() else '8bit'}",
+    ]
+    human = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        f"Your message to <{_ascii(mailbox)}> was rejected by the recipient's filter:",
+        "",
+        f"    {_ascii(reason)}",
+    ]
+    report = [
+        f"Reporting-UA: {hostname}; mailx",
+        f"Final-Recipient: rfc822;{_ascii(mailbox)}",
+        "Disposition: automatic-action/MDN-sent-automatically; deleted",
+    ]
+    parts = [
+        "\r\n".join(head) + "\r\n\r\n",
+        "This is a MIME-encapsulated message.\r\n\r\n",
+        f"--{boundary}\r\n",
+        "Content-Type: text/plain; charset=us-ascii\r\n\r\n",
+        "\r\n".join(human) + "\r\n\r\n",
+        f"--{boundary}\r\n",
+        "Content-Type: message/disposition-notification\r\n\r\n",
+        "\r\n".join(report) + "\r\n\r\n",
+        f"--{boundary}\r\n",
+        "Content-Type: text/rfc822-headers\r\n\r\n",
+    ]
+    return "".join(parts).encode("ascii") + header + f"\r\n--{boundary}--\r\n".encode("ascii")

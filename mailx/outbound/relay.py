@@ -72,6 +72,7 @@ from mailx.outbound.srs import SRS, srs_route
 from mailx.smtp.replies import Reply, SMTPReplyError
 from mailx.storage import maildir
 from mailx.storage.queue import DELIVERED, FAILED, Envelope, Queue, Recipient
+from mailx.storage.writer import Filing, InlineFiler, MaildirCopy, QueueCopy
 from mailx.text import Logger
 
 log = Logger(namespace="mailx.outbound")
@@ -1037,6 +1038,7 @@ class Outbound(service.Service):
         smarthost_tls: Any = None,
         endpoint_factory: Callable[[str, str | None], Any] | None = None,
         mta_sts: Any = "default",
+        filer: Any = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
@@ -1046,6 +1048,8 @@ class Outbound(service.Service):
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.disk_pool = disk_pool
+        # The filing engine for the notices mailx originates (the server's writer).
+        self.filer = filer if filer is not None else InlineFiler(reactor, disk_pool)
         self.timeouts = timeouts
         self.tls = _client_tls() if tls == "default" else tls
         # None: check the certificate against the smarthost's name (tests give a trust root).
@@ -1532,17 +1536,19 @@ class Outbound(service.Service):
     def _send_notice(self, envelope: Envelope, suffix: str, kind: str, message: bytes) -> Any:
         """Queue (or file locally) a notice to ``envelope.sender``, sent from ``<>``."""
         notice_id = envelope.id + suffix
-        now = self.clock.seconds()
-        mailboxes, forwards = self._notice_route(envelope.sender)
-        # Mailboxes of an LMTP domain (SPEC 14) get the notice through the queue too.
-        handed = [m for m in mailboxes if m.lmtp is not None]
-        mailboxes = [m for m in mailboxes if m.lmtp is None]
-        if forwards:
+        if self._notice_route(envelope.sender)[1]:
             # Signed with our domain's key so the notice passes DMARC at the
             # sender's provider (a no-op without domains.<d>.dkim).
             message = yield self._in_thread(dkimkeys.sign_if_configured, self.config, message)
-        if mailboxes:
-            yield self._in_thread(self._file_notice, notice_id, mailboxes, message)
+        copies, entries = self.notice_parts(notice_id, envelope.sender, kind, message)
+        if not copies and not entries:
+            return
+        try:
+            # The local copies and the queue entry, all or none (the filing engine).
+            yield self.filer.file(Filing(copies, entries))
+        except FileExistsError:
+            return  # queued before a crash: once is enough
+        if copies:
             log.info(
                 "{qid}: {kind} notice {nid} delivered to <{to}>",
                 qid=envelope.id,
@@ -1552,22 +1558,55 @@ class Outbound(service.Service):
                 event="delivery",
                 status="sent",
             )
-        if forwards or handed:
-            from mailx.outbound.lmtp import transport_for  # lmtp imports this module
+        for entry in entries:
+            log.info(
+                "{qid}: {kind} notice {nid} queued to <{to}>",
+                qid=envelope.id,
+                kind=kind,
+                nid=notice_id,
+                to=", ".join(r.address for r in entry.envelope.recipients),
+            )
+            self._add(entry.envelope)
 
+    def notice_parts(
+        self, notice_id: str, to: str, kind: str, message: bytes
+    ) -> tuple[list[MaildirCopy], list[QueueCopy]]:
+        """A notice from ``<>`` to ``to`` as filing parts: copies in our own
+        mailboxes, or a queue entry for outside addresses and the mailboxes of
+        LMTP domains (SPEC 14) (``kind``: bounce, delay, notice).  File them
+        with `filer`, then `submitted` the entries."""
+        from mailx.outbound.lmtp import transport_for  # lmtp imports this module
+
+        mailboxes, forwards = self._notice_route(to)
+        handed = [m for m in mailboxes if m.lmtp is not None]
+        mailboxes = [m for m in mailboxes if m.lmtp is None]
+        copies = [
+            MaildirCopy(
+                dest.maildir_path(self.config),
+                maildir.unique_name(notice_id, n, self.config.hostname),
+                (f"Return-Path: <>\r\nDelivered-To: {dest.address}\r\n".encode() + message).replace(
+                    b"\r\n", b"\n"
+                ),
+                body=False,
+            )
+            for n, dest in enumerate(mailboxes)
+        ]
+        entries = []
+        if forwards or handed:
+            now = self.clock.seconds()
             notice = Envelope(
                 id=notice_id,
                 sender="",
                 created=now,
                 kind=kind,
                 recipients=[
-                    Recipient(address=a, original=envelope.sender, mail_from="", next_attempt=now)
+                    Recipient(address=a, original=to, mail_from="", next_attempt=now)
                     for a in forwards
                 ]
                 + [
                     Recipient(
                         address=m.address,
-                        original=envelope.sender,
+                        original=to,
                         mail_from="",
                         next_attempt=now,
                         transport=transport_for(m.lmtp),
@@ -1576,18 +1615,8 @@ class Outbound(service.Service):
                     if m.lmtp is not None
                 ],
             )
-            try:
-                yield self._in_thread(self.queue.enqueue, notice, [message])
-            except FileExistsError:
-                return  # queued before a crash: once is enough
-            log.info(
-                "{qid}: {kind} notice {nid} queued to <{to}>",
-                qid=envelope.id,
-                kind=kind,
-                nid=notice_id,
-                to=", ".join(r.address for r in notice.recipients),
-            )
-            self._add(notice)
+            entries.append(QueueCopy(self.queue.root, notice, message, body=False))
+        return copies, entries
 
     def _notice_route(self, sender: str) -> tuple[list[MailboxDestination], list[str]]:
         """Where a notice to ``sender`` goes: our own mailboxes, or outside."""
@@ -1603,17 +1632,6 @@ class Outbound(service.Service):
         mailboxes = [d for d in decision.destinations if isinstance(d, MailboxDestination)]
         forwards = [d.address for d in decision.destinations if isinstance(d, ForwardDestination)]
         return mailboxes, forwards
-
-    def _file_notice(
-        self, notice_id: str, mailboxes: list[MailboxDestination], message: bytes
-    ) -> None:
-        """A notice to one of our own mailboxes goes straight into its Maildir (blocking)."""
-        for n, dest in enumerate(mailboxes):
-            head = f"Return-Path: <>\r\nDelivered-To: {dest.address}\r\n".encode()
-            name = maildir.unique_name(notice_id, n, self.config.hostname)
-            maildir.write_message(
-                dest.maildir_path(self.config), name, [(head + message).replace(b"\r\n", b"\n")]
-            )
 
     def _in_thread(self, func: Callable[..., Any], *args: Any) -> defer.Deferred:
         pool = self.disk_pool if self.disk_pool is not None else self.reactor.getThreadPool()

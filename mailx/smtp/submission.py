@@ -29,14 +29,15 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
-from mailx.inbound.delivery import (
-    IncomingMessage,
-    SessionDelivery,
-    _unique_mailboxes,
-    file_copies,
-    split_header,
+from mailx.inbound.decide import decide
+from mailx.inbound.delivery import IncomingMessage, SessionDelivery, split_header
+from mailx.inbound.routing import (
+    ForwardDestination,
+    MailboxDestination,
+    Route,
+    RouteRefused,
+    parse_address,
 )
-from mailx.inbound.routing import ForwardDestination, Route, parse_address, route
 from mailx.outbound import dkimkeys
 from mailx.smtp import replies
 from mailx.smtp.accounts import may_send_as
@@ -267,12 +268,12 @@ class SubmissionDelivery(SessionDelivery):
 
     def rcpt(self, queue_id: str, recipient: str) -> Route:
         """Ours: routed as inbound mail is; anyone else's: queued for its MX."""
-        if recipient == "postmaster":
-            recipient = f"postmaster@{self.config.first_domain}"
-        address = parse_address(recipient)
-        if address.domain in self.config.domains:
-            decision = route(self.config, address)
-        else:
+        try:
+            decision = self.context.router.route(recipient)
+        except RouteRefused as e:
+            if e.reply != replies.RELAY_DENIED:
+                raise
+            address = parse_address(recipient)
             decision = Route(address, (ForwardDestination(str(address)),), ("submitted",))
         if not self.state.rate.take(self.session.account):
             raise SMTPReplyError(
@@ -320,19 +321,11 @@ class SubmittedMessage(IncomingMessage):
                 ctx.reactor, ctx.disk_pool, dkim_signature, config, header, self.body
             )
             header = signature + header
-            copies = [
-                (dest, self._trace_headers(dest, given)[:-1], False)  # Received is in `header`
-                for dest, given in _unique_mailboxes(self.routes)
-                if dest.lmtp is None  # LMTP domains' mailboxes are queued (SPEC 14)
-            ]
-            outgoing = self._submitted_envelope()
-            enqueue = None
-            if outgoing is not None:
-                enqueue = lambda data, sync=None: ctx.outbound.queue.enqueue(outgoing, data, sync)  # noqa: E731
+            # The same decision and filing as inbound mail, without checks.
+            decision = decide(self.queue_id, self.sender, self.routes)
+            filing, entries = yield self._filing(decision, header, [], None)
             # Mailbox copies and the queue entry in one all-or-none step, fsynced before the 250.
-            yield ctx.deliver_in_thread(
-                file_copies, config, self.queue_id, copies, header, self.body, enqueue
-            )
+            yield ctx.writer.file(filing)
             log.info(
                 "{qid}: submitted by {account} size={size} nrcpt={nrcpt} dkim={dkim}",
                 qid=self.queue_id,
@@ -341,15 +334,7 @@ class SubmittedMessage(IncomingMessage):
                 nrcpt=len(self.routes),
                 dkim="signed" if signature else "none",
             )
-            if outgoing is not None:
-                ctx.outbound.submitted(outgoing)
-            for dest, _, _ in copies:
-                log.info(
-                    "{qid}: delivered to=<{address}> mailbox={mailbox}",
-                    qid=self.queue_id,
-                    address=dest.address,
-                    mailbox=f"{dest.domain}/{dest.mailbox}",
-                )
+            self._filed(decision, entries)
             return replies.MESSAGE_ACCEPTED.with_text(
                 replies.MESSAGE_ACCEPTED.text.format(queue_id=self.queue_id)
             )
@@ -379,41 +364,17 @@ class SubmittedMessage(IncomingMessage):
             f"\t{formatdate(localtime=True)}\r\n"
         ).encode()
 
-    def _submitted_envelope(self) -> Any:
-        """The queue entry for the outside recipients, or None without any.
+    def _copy_trace(self, dest: MailboxDestination, original: str) -> list[bytes]:
+        return self._trace_headers(dest, original)[:-1]  # Received is in the header
 
-        The envelope sender is kept as given (SPEC 11: no SRS; it is one of
-        our addresses, so outbound's SRS rewriting leaves it alone).  No
-        SPF/DMARC results are recorded: the sender is authenticated, so a
-        failure comes back to it as a DSN (dsn.notice_refusal).
-        """
-        forwards = [
-            (str(r.address), d.address, b"")
-            for r in self.routes
-            for d in r.destinations
-            if isinstance(d, ForwardDestination)
-        ]
-        # Our mailboxes of LMTP domains (SPEC 14): handed over from the queue too,
-        # with the trace the Maildir copy would have had but Return-Path and
-        # Delivered-To, which the LMTP server writes.
-        lmtp = [
-            (
-                given,
-                dest.address,
-                b"".join(
-                    f for f in self._trace_headers(dest, given)[:-1]
-                    if not f.startswith((b"Return-Path:", b"Delivered-To:"))
-                ),
-                dest.lmtp,
-            )
-            for dest, given in _unique_mailboxes(self.routes)
-            if dest.lmtp is not None
-        ]
-        if not forwards and not lmtp:
-            return None
-        return self.delivery.context.outbound.envelope_for(
-            self.queue_id, self.sender, self.delivery.session.helo or "", forwards, lmtp=lmtp
-        )
+    def _forward_trace(self, original: str) -> bytes:
+        return b""  # the Received field is in the header already
+
+    def _envelope_results(self, verdict: Any) -> dict[str, str | None]:
+        """None: the sender is authenticated, so a failure comes back to it as a
+        DSN (dsn.notice_refusal).  The envelope sender is one of our addresses,
+        so outbound's SRS rewriting leaves it alone (SPEC 11)."""
+        return {}
 
 
 def _safe(text: str) -> str:

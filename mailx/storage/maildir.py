@@ -20,6 +20,8 @@ from pathlib import Path
 
 SUBDIRS = ("tmp", "new", "cur")
 JUNK_FOLDER = ".Junk"  # Maildir++ folder name Dovecot shows as "Junk"
+# A dot, then names separated by dots: no slash, no empty level, no control character.
+_FOLDER = re.compile(r"\A(\.[^./\x00-\x1f\x7f]+)+\Z")
 
 _pid = os.getpid()
 
@@ -59,7 +61,11 @@ def ensure_maildir(path: Path) -> None:
 
 
 def ensure_folder(maildir: Path, folder: str = JUNK_FOLDER) -> Path:
-    """A Maildir++ subfolder such as ``.Junk``, with its ``maildirfolder`` marker."""
+    """A Maildir++ subfolder such as ``.Junk`` or ``.Work.Clients``, with its
+    ``maildirfolder`` marker: Dovecot's layout, every level one flat directory
+    under the mailbox, made on first use."""
+    if not _FOLDER.match(folder) or ".." in folder:
+        raise ValueError(f"not a Maildir++ folder name: {folder!r}")
     path = maildir / folder
     ensure_maildir(path)
     marker = path / "maildirfolder"
@@ -85,16 +91,39 @@ def write_message(
     name: str,
     parts: Iterable[bytes],
     sync_directory: Callable[[Path], None] | None = None,
+    flags: str = "",
 ) -> Path:
     """Write one message durably into ``maildir/new/name,S=<size>``; blocking.
 
     The size suffix is Dovecot's (it spares Dovecot a stat for quota).
-    ``sync_directory`` makes the rename durable; by default ``new/`` is
-    fsynced at once, a group committer passes its own to fsync once per batch.
+    ``sync_directory`` makes the rename durable; by default the directory is
+    fsynced at once, a group commit passes its own to fsync once per batch.
+    With ``flags`` the message goes to ``cur/`` with the Maildir info
+    ``:2,<flags>`` (maildir(5): files in ``new/`` carry no info).
 
     On any error the partial ``tmp/`` file is removed and the error raised:
     nothing half-written is ever visible in ``new/``.
     """
+    return publish(stage_message(maildir, name, parts, flags), sync_directory)
+
+
+class Staged:
+    """A message written and fsynced in ``tmp/``, not yet visible: `publish` renames it."""
+
+    __slots__ = ("final", "tmp")
+
+    def __init__(self, tmp: Path, final: Path) -> None:
+        self.tmp, self.final = tmp, final
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+def stage_message(maildir: Path, name: str, parts: Iterable[bytes], flags: str = "") -> Staged:
+    """The first half of `write_message`: the file in ``tmp/``, fsynced (blocking)."""
     tmp = maildir / "tmp" / name
     size = 0
     try:
@@ -113,16 +142,23 @@ def write_message(
             os.fsync(fd)
         finally:
             os.close(fd)
-        new = maildir / "new" / f"{name},S={size}"
-        os.rename(tmp, new)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Staged(tmp, tmp).discard()
         raise
-    (sync_directory or fsync_directory)(maildir / "new")
-    return new
+    if flags:
+        return Staged(tmp, maildir / "cur" / f"{name},S={size}:2,{flags}")
+    return Staged(tmp, maildir / "new" / f"{name},S={size}")
+
+
+def publish(staged: Staged, sync_directory: Callable[[Path], None] | None = None) -> Path:
+    """The second half of `write_message`: rename into place, then make the rename durable."""
+    try:
+        os.rename(staged.tmp, staged.final)
+    except BaseException:
+        staged.discard()
+        raise
+    (sync_directory or fsync_directory)(staged.final.parent)
+    return staged.final
 
 
 def fsync_directory(path: Path) -> None:
@@ -150,7 +186,13 @@ def clean_tmp(maildir: Path) -> int:
     (Dovecot's LDA) may be writing its own files there.
     """
     removed = 0
-    for folder in (maildir, maildir / JUNK_FOLDER):
+    try:
+        folders = [maildir] + [
+            Path(e.path) for e in os.scandir(maildir) if e.name.startswith(".") and e.is_dir()
+        ]
+    except FileNotFoundError:
+        return 0
+    for folder in folders:
         try:
             entries = list(os.scandir(folder / "tmp"))
         except FileNotFoundError:

@@ -18,8 +18,10 @@ ID, holding two files:
   as MX delivery, which is what they were.
 
 Durability (SPEC section 5: ``250`` means fsynced): a new entry is written
-in ``.tmp/<id>/``, both files and the directory fsynced, then renamed into
-place and the queue directory fsynced; a crash at any point leaves either no
+by the filing engine (`mailx.storage.writer_child`, with the message's
+Maildir copies in one all-or-none request) in ``.tmp/<id>/``, both files
+and the directory fsynced, then renamed into place and the queue directory
+fsynced; a crash at any point leaves either no
 entry or a whole one, and ``.tmp/`` is emptied at start-up (nothing in it was
 ever acknowledged).  A state change rewrites ``envelope.json`` the same way
 (write aside, fsync, rename, fsync the directory), so a reader (``mailxctl
@@ -50,7 +52,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailx.storage import writer_child
 from mailx.storage.maildir import fsync_directory, make_directories
+from mailx.storage.writer_child import envelope_json, write_entry
 from mailx.text import Logger
 
 log = Logger(namespace="mailx.queue")
@@ -71,14 +75,14 @@ DELIVERED = "delivered"
 FAILED = "failed"
 STATES = (PENDING, DELIVERED, FAILED)
 
-KINDS = ("forward", "bounce", "delay")
+KINDS = ("forward", "bounce", "delay", "notice")
 
-DATA_FILE = "message"
-ENVELOPE_FILE = "envelope.json"
+# The names are the filing engine's, which writes new entries (see above).
+DATA_FILE = writer_child.DATA_FILE
+ENVELOPE_FILE = writer_child.ENVELOPE_FILE
 FORMAT_VERSION = 1
 
 _ID = re.compile(r"\A[0-9A-Za-z]{1,40}\Z")
-_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 
 
 def valid_id(queue_id: str) -> bool:
@@ -129,7 +133,7 @@ class Envelope:
     created: float  # when we accepted it (epoch seconds)
     size: int = 0  # octets of the data file
     eight_bit: bool = False  # any octet over 127: BODY=8BITMIME (RFC 6152)
-    kind: str = "forward"  # forward | bounce | delay (our own notices, sent from <>)
+    kind: str = "forward"  # forward | bounce | delay | notice (our own, sent from <>: autoreplies, RFC 5429)
     client: str = ""  # "helo [ip]" of the client we received it from, for the DSN
     # SPF (on MAIL FROM) and DMARC results at reception, which decide whether
     # the sender may get a notice (dsn.notice_refusal: backscatter).  None:
@@ -141,9 +145,11 @@ class Envelope:
     bounce_queued: bool = False
     recipients: list[Recipient] = field(default_factory=list)
 
+    def to_fields(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION, **asdict(self)}
+
     def to_json(self) -> bytes:
-        data = {"version": FORMAT_VERSION, **asdict(self)}
-        return json.dumps(data, indent=1, sort_keys=False).encode("utf-8") + b"\n"
+        return envelope_json(self.to_fields())
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
@@ -180,10 +186,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _create(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 class Queue:
@@ -227,52 +229,21 @@ class Queue:
         parts: Iterable[bytes],
         sync_directory: Callable[[Path], None] | None = None,
     ) -> Path:
-        """Write a new entry durably and return its directory.
+        """Write a new entry durably and return its directory (blocking).
 
-        ``sync_directory``: a group committer's (`mailx.storage.committer`),
-        which fsyncs the queue directory once for a whole batch of entries
-        before any of them is acknowledged; without it, fsynced here.
-
-        Fills in ``envelope.size`` and ``envelope.eight_bit`` from ``parts``.
-        Raises FileExistsError if an entry of that ID exists (bounce and
-        delay notices have IDs derived from their message's, so a notice is
-        never queued twice).
+        The filing engine's own entry write (`mailx.storage.writer_child`),
+        for callers outside a message's filing (tools, tests).
+        ``sync_directory``: a batch's, which fsyncs the queue directory once
+        for every entry of the batch before any is acknowledged; without it,
+        fsynced here.  Fills in ``envelope.size`` and ``envelope.eight_bit``
+        from ``parts``.  Raises FileExistsError if an entry of that ID exists
+        (bounce and delay notices have IDs derived from their message's, so
+        a notice is never queued twice).
         """
-        final = self.path(envelope.id)
-        if final.exists():
-            raise FileExistsError(f"queue entry {envelope.id} exists")
-        staging = self.tmp / envelope.id
-        if staging.exists():
-            shutil.rmtree(staging)
-        os.mkdir(staging, 0o700)
-        try:
-            fd = _create(staging / DATA_FILE)
-            size, eight_bit = 0, False
-            try:
-                for part in parts:
-                    size += len(part)
-                    eight_bit = eight_bit or bool(_EIGHT_BIT.search(part))
-                    _write_all(fd, part)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            envelope.size, envelope.eight_bit = size, eight_bit
-            fd = _create(staging / ENVELOPE_FILE)
-            try:
-                _write_all(fd, envelope.to_json())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fsync_directory(staging)
-            # rename(2) onto a non-empty directory fails: never two writers of one ID.
-            os.rename(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if sync_directory is not None:
-            sync_directory(self.root)
-        else:
-            fsync_directory(self.root)
+        self.path(envelope.id)  # a valid ID, never a path
+        final, envelope.size, envelope.eight_bit = write_entry(
+            self.root, envelope.to_fields(), iter(parts), sync_directory
+        )
         return final
 
     def save(self, queue_id: str, data: bytes) -> None:

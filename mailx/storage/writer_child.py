@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_writer -*-
-"""The Maildir writer child: the standard library and `mailx.storage.maildir`, nothing else.
+"""The filing engine: every durable write of mailx, in one process that imports only the standard library.
 
 `mailx.storage.writer` explains why filing happens in a child process and starts
 this file as ``python3 -I -S .../writer_child.py``.  The child imports no
@@ -13,20 +13,40 @@ child's imports stay inside the standard library.
 
 The protocol on the child's stdin/stdout is frames of ``>II`` (length of a
 JSON header, length of a payload), then the header and the payload.  A
-request names the copies to write (Maildir, file name, length of its own
-header block) and carries those header blocks and the body, or the path of
-a spooled body.  The child answers each request with the paths it wrote or
-an error.  Everything readable at once is one batch: each directory renamed
-into is fsynced once per batch, before any answer of the batch is sent, so
-an answer always means "on disk".  A request that fails takes its own
-copies back; nothing half-written is ever visible in ``new/``.
+request is one message's whole filing, any mix of:
+
+- ``copies``: Maildir copies (``maildir``, file ``name``, ``folder`` such as
+  ``.Junk`` or ``.Work.Clients`` or none, Maildir info ``flags`` such as
+  ``FS``, ``head``: the length of its own header block, LF line ends,
+  ``body``: whether the body follows it, CRLF turned to LF);
+- ``entries``: outbound queue entries (``queue`` directory, ``envelope``:
+  `mailx.storage.queue.Envelope`'s JSON object, ``head`` and ``body`` as
+  above, the data kept with CRLF), in the queue's on-disk format
+  (see `mailx.storage.queue`, which reads them).
+
+The payload holds the header blocks in that order, then the body unless a
+``body_path`` names the spooled one.  The child answers each request with
+the paths of its copies and each entry's size and 8-bit flag, or an error
+(and ``kind``, the exception's name).
+
+Every file goes the same way: written in a ``tmp`` directory, fsynced,
+renamed into place, and the directory renamed into fsynced.  A request is
+all or none: every file of it is written and fsynced before the first
+rename, and if anything fails, what was renamed is removed again; a child
+killed between two renames leaves files whose names the parent chose, and
+the parent removes them (`mailx.storage.writer`).  Everything readable at
+once is one batch: each directory renamed into is fsynced once per batch
+(group commit), before any answer of the batch is sent, so an answer always
+means "on disk".
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import select
+import shutil
 import struct
 import sys
 from collections.abc import Iterator, Sequence
@@ -75,25 +95,200 @@ def _body_chunks(request: dict[str, Any], payload: bytes, heads_length: int) -> 
         yield payload[heads_length:]
 
 
-def file_request(request: dict[str, Any], payload: bytes, sync_later: Any) -> list[str]:
-    """Write every copy of one message; all or none."""
-    written: list[Path] = []
-    heads_length = sum(copy["head"] for copy in request["copies"])
-    offset = 0
+# The outbound queue's on-disk names (`mailx.storage.queue` reads them).
+DATA_FILE = "message"
+ENVELOPE_FILE = "envelope.json"
+STAGING = ".tmp"
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
+
+
+def envelope_json(envelope: dict[str, Any]) -> bytes:
+    """An envelope's file, exactly as `mailx.storage.queue.Envelope.to_json` writes it."""
+    return json.dumps(envelope, indent=1, sort_keys=False).encode("utf-8") + b"\n"
+
+
+class _StagedEntry:
+    """A queue entry whole in ``<queue>/.tmp/<id>/``, fsynced, not yet in the queue."""
+
+    def __init__(self, queue: Path, queue_id: str) -> None:
+        self.queue = queue
+        self.staging = queue / STAGING / queue_id
+        self.final = queue / queue_id
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _write_file(path: Path, parts: Iterator[bytes] | list[bytes]) -> tuple[int, bool]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    size, eight_bit = 0, False
     try:
-        for copy in request["copies"]:
-            head = payload[offset : offset + copy["head"]]
-            offset += copy["head"]
+        for part in parts:
+            size += len(part)
+            eight_bit = eight_bit or bool(_EIGHT_BIT.search(part))
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size, eight_bit
+
+
+def stage_entry(
+    queue: Path, envelope: dict[str, Any], parts: Iterator[bytes]
+) -> tuple[_StagedEntry, int, bool]:
+    """Write a queue entry aside: the data, then the envelope with its size and 8-bit flag.
+
+    FileExistsError if an entry of that ID exists (a notice's ID derives
+    from its message's, so a notice is never queued twice).
+    """
+    staged = _StagedEntry(queue, envelope["id"])
+    if staged.final.exists():
+        raise FileExistsError(f"queue entry {envelope['id']} exists")
+    if staged.staging.exists():
+        shutil.rmtree(staged.staging)
+    maildir.make_directories(staged.staging.parent)
+    os.mkdir(staged.staging, 0o700)
+    try:
+        size, eight_bit = _write_file(staged.staging / DATA_FILE, parts)
+        envelope = dict(envelope, size=size, eight_bit=eight_bit)
+        _write_file(staged.staging / ENVELOPE_FILE, [envelope_json(envelope)])
+        maildir.fsync_directory(staged.staging)
+    except BaseException:
+        staged.discard()
+        raise
+    return staged, size, eight_bit
+
+
+def _publish_entry(staged: _StagedEntry, sync_later: Any) -> Path:
+    # rename(2) onto a non-empty directory fails: never two writers of one ID.
+    os.rename(staged.staging, staged.final)
+    sync_later(staged.queue)
+    return staged.final
+
+
+def write_entry(
+    queue: Path, envelope: dict[str, Any], parts: Iterator[bytes], sync_later: Any = None
+) -> tuple[Path, int, bool]:
+    """One queue entry on its own, durably: its path, size and 8-bit flag (blocking)."""
+    staged, size, eight_bit = stage_entry(queue, envelope, parts)
+    try:
+        path = _publish_entry(staged, sync_later or _sync_now)
+    except BaseException:
+        staged.discard()
+        raise
+    return path, size, eight_bit
+
+
+def _remove_entry(path: Path) -> None:
+    aside = path.parent / f".removed-{path.name}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    maildir.fsync_directory(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _sync_now(directory: Path) -> None:
+    maildir.fsync_directory(directory)
+
+
+def file_request(
+    request: dict[str, Any], payload: bytes, sync_later: Any = _sync_now
+) -> dict[str, Any]:
+    """File one message's copies and queue entries; all or none.
+
+    Returns the answer's fields: ``paths`` of the copies, ``entries`` with
+    each entry's ``size`` and ``eight_bit``.
+    """
+    copies = request.get("copies", ())
+    entries = request.get("entries", ())
+    heads: list[bytes] = []
+    offset = 0
+    for part in (*copies, *entries):
+        heads.append(payload[offset : offset + part["head"]])
+        offset += part["head"]
+
+    def parts(index: int, part: dict[str, Any]) -> Iterator[bytes]:
+        yield heads[index]
+        if part.get("body", True):
+            yield from _body_chunks(request, payload, offset)
+
+    staged: list[Any] = []
+    published: list[Path] = []
+    sizes: list[dict[str, Any]] = []
+    try:
+        for copy in copies:
             box = Path(copy["maildir"])
             if copy.get("folder"):
                 box = maildir.ensure_folder(box, copy["folder"])
-            parts = _chain(head, maildir.lf_chunks(_body_chunks(request, payload, heads_length)))
-            written.append(maildir.write_message(box, copy["name"], parts, sync_later))
+            body = _body_chunks(request, payload, offset) if copy.get("body", True) else iter(())
+            chunks = _chain(heads[len(staged)], maildir.lf_chunks(body))
+            staged.append(maildir.stage_message(box, copy["name"], chunks, copy.get("flags", "")))
+        for entry in entries:
+            chunks = parts(len(staged), entry)
+            stage, size, eight_bit = stage_entry(Path(entry["queue"]), entry["envelope"], chunks)
+            staged.append(stage)
+            sizes.append({"size": size, "eight_bit": eight_bit})
+        for stage in staged:
+            if isinstance(stage, _StagedEntry):
+                published.append(_publish_entry(stage, sync_later))
+            else:
+                published.append(maildir.publish(stage, sync_later))
     except BaseException:
-        for path in written:
-            maildir.remove_message(path)
+        for stage in staged[len(published) :]:
+            stage.discard()
+        for path in published:
+            remove(path)
         raise
-    return [str(p) for p in written]
+    return {"paths": [str(p) for p in published[: len(copies)]], "entries": sizes}
+
+
+def remove(path: Path) -> None:
+    """Take back one file a request renamed into place: a Maildir copy or a queue entry."""
+    if path.parent.name in maildir.SUBDIRS:
+        maildir.remove_message(path)
+    else:
+        _remove_entry(path)
+
+
+def take_back(request: dict[str, Any]) -> list[str]:
+    """Remove whatever of ``request`` is in place: after its writer died mid-request.
+
+    The copies' names and the entries' IDs were chosen by the parent, so
+    what a killed child renamed is found without its answer.
+    """
+    removed = []
+    for copy in request.get("copies", ()):
+        box = Path(copy["maildir"])
+        if copy.get("folder"):
+            box = box / copy["folder"]
+        for sub in ("new", "cur"):
+            try:
+                names = os.listdir(box / sub)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith(copy["name"] + ","):
+                    maildir.remove_message(box / sub / name)
+                    removed.append(str(box / sub / name))
+    for entry in request.get("entries", ()):
+        path = Path(entry["queue"]) / entry["envelope"]["id"]
+        if (path / ENVELOPE_FILE).exists() and _written_by(path, entry):
+            _remove_entry(path)
+            removed.append(str(path))
+    return removed
+
+
+def _written_by(path: Path, entry: dict[str, Any]) -> bool:
+    """Is the entry at ``path`` this request's (not an older one of that ID)?"""
+    try:
+        found = json.loads((path / ENVELOPE_FILE).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return bool(found.get("created") == entry["envelope"].get("created"))
 
 
 def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
@@ -102,24 +297,42 @@ def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def commit(frames: Sequence[tuple[dict[str, Any], bytes]]) -> bytes:
-    """File a batch; the answers, once every directory is fsynced."""
+    """File a batch; the answers, once every directory is fsynced.
+
+    The first answer carries the batch's size (``batch``), for the metrics.
+    """
     directories: dict[Path, list[int]] = {}
     answers: list[dict[str, Any]] = []
     for index, (request, payload) in enumerate(frames):
         try:
-            paths = file_request(
+            done = file_request(
                 request, payload, lambda d, i=index: directories.setdefault(d, []).append(i)
             )
-            answers.append({"id": request["id"], "paths": paths})
+            answers.append({"id": request["id"], **done})
         except Exception as e:  # the parent answers 451 and logs it
-            answers.append({"id": request["id"], "error": f"{type(e).__name__}: {e}"})
+            answers.append(_error(request, type(e).__name__, f"{type(e).__name__}: {e}"))
     for directory, members in directories.items():
         try:
             maildir.fsync_directory(directory)
         except OSError as e:
             for index in members:
-                answers[index] = {"id": answers[index]["id"], "error": f"fsync {directory}: {e}"}
+                if "error" not in answers[index]:
+                    _take_back_quietly(*frames[index])
+                answers[index] = _error(frames[index][0], "OSError", f"fsync {directory}: {e}")
+    if answers:
+        answers[0]["batch"] = len(answers)
     return b"".join(encode(answer) for answer in answers)
+
+
+def _error(request: dict[str, Any], kind: str, text: str) -> dict[str, Any]:
+    return {"id": request["id"], "error": text, "kind": kind}
+
+
+def _take_back_quietly(request: dict[str, Any], payload: bytes) -> None:
+    try:
+        take_back(request)
+    except OSError:
+        pass  # the answer is an error all the same; start-up cleans tmp/
 
 
 def main() -> int:
