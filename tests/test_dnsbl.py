@@ -89,6 +89,22 @@ class BlocklistServerTests(unittest.TestCase):
         self.assertEqual(len(self.server.messages("alice", folder=".Junk")), 1)
 
     @defer.inlineCallbacks
+    def test_junk_is_filed_unfiltered(self) -> None:
+        from mailx.filters.outcome import Copy, FilterOutcome
+        from tests.test_pipeline import FixedFilters
+
+        filters = FixedFilters({"alice@example.test": FilterOutcome(copies=(Copy("Work"),))})
+        self.server.service.context.filters = filters
+        replies = yield self.send("203.0.113.10")
+        self.assertEqual(replies[5][0], 250)
+        self.assertEqual(len(self.server.messages("alice", folder=".Junk")), 1)
+        self.assertEqual(self.server.messages("alice", folder=".Work"), [])
+        self.assertEqual(filters.calls, [])
+        # An unlisted client's message is filtered.
+        replies = yield self.send("203.0.113.50")
+        self.assertEqual(len(self.server.messages("alice", folder=".Work")), 1)
+
+    @defer.inlineCallbacks
     def test_unlisted_and_error_coded_clients_are_accepted(self) -> None:
         for ip in ("203.0.113.50", "203.0.113.11"):
             replies = yield self.send(ip)
