@@ -15,7 +15,7 @@ discarded after a crash (the client was never told it was accepted).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from pathlib import Path
@@ -30,7 +30,7 @@ from zope.interface import Interface, implementer
 from mailx import headers
 from mailx.checks.policy import Action
 from mailx.checks.results import is_forged_results
-from mailx.filters.outcome import KEEP
+from mailx.filters.outcome import KEEP, FilterOutcome
 from mailx.inbound.decide import Content, Decision, decide, final_mailboxes
 from mailx.inbound.routing import (
     ForwardDestination,
@@ -366,7 +366,7 @@ class IncomingMessage:
             size = len(self.header) + self.body.size
             header = b"".join(fields)
             extra = [verdict.header.encode("utf-8") + b"\r\n"] if verdict is not None else []
-            outcomes: dict[str, Any] = {}
+            outcomes: dict[str, FilterOutcome] = {}
             if ctx.filters is not None and self._filtered(verdict):
                 outcomes = yield self._filter_outcomes(header, extra)
             decision = decide(
@@ -488,7 +488,9 @@ class IncomingMessage:
         return verdict is None or verdict.action == Action.ACCEPT
 
     @defer.inlineCallbacks
-    def _filter_outcomes(self, header: bytes, extra: list[bytes]) -> Iterator[defer.Deferred]:
+    def _filter_outcomes(
+        self, header: bytes, extra: list[bytes]
+    ) -> Generator[defer.Deferred, Any, dict[str, FilterOutcome]]:
         """Each final mailbox's `FilterOutcome`, by its address; its filters run in
         the disk pool (they read scripts and the body), and any error is `KEEP`."""
         ctx = self.delivery.context
@@ -507,8 +509,8 @@ class IncomingMessage:
             head = b"".join(self._trace_headers(dest, given) + extra) + header
             return ctx.filters.outcome(dest, self.sender, given, head, read_body)
 
-        outcomes: dict[str, Any] = {}
-        found = yield defer.DeferredList(
+        outcomes: dict[str, FilterOutcome] = {}
+        found: list[tuple[bool, Any]] = yield defer.DeferredList(
             [
                 deferToThreadPool(ctx.reactor, ctx.disk_pool, run, dest, given)
                 for dest, given in mailboxes
@@ -521,7 +523,7 @@ class IncomingMessage:
             else:
                 log.failure(
                     "{qid}: filters of {mailbox} failed; keeping the message in INBOX",
-                    failure=result,
+                    result,
                     qid=self.queue_id,
                     mailbox=dest.address,
                 )
@@ -548,7 +550,7 @@ class IncomingMessage:
     @defer.inlineCallbacks
     def _filing(
         self, decision: Decision, header: bytes, extra: list[bytes], verdict: Any
-    ) -> Iterator[defer.Deferred]:
+    ) -> Generator[defer.Deferred, Any, tuple[Filing, list[QueueCopy]]]:
         """The decision's plan as one all-or-none `Filing`, and its queue entries.
 
         Each copy gets our trace fields; each forwarded copy our Received and
@@ -603,11 +605,11 @@ class IncomingMessage:
                     header,
                     ctx.reactor.seconds(),
                 )
-            message = yield deferToThreadPool(
+            signed: bytes = yield deferToThreadPool(
                 ctx.reactor, ctx.disk_pool, dkimkeys.sign_if_configured, config, message
             )
             more_copies, more_entries = ctx.outbound.notice_parts(
-                f"{self.queue_id}N{notices}", hop.address, "notice", message
+                f"{self.queue_id}N{notices}", hop.address, "notice", signed
             )
             copies += more_copies
             entries += more_entries
