@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp -*-
+# -*- test-case-name: tests.test_pipeline,tests.test_smtp -*-
 """The delivery layer: what happens at MAIL, RCPT and DATA of one session.
 
 The hooks follow the dialogue (``mail``, ``rcpt``, ``data``), in the shape of

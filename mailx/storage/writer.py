@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_writer -*-
+# -*- test-case-name: tests.test_writer,tests.test_filing -*-
 """The filing engine's server side: one all-or-none request per message, filed by a child.
 
 Why a process: filing is a run of blocking system calls (open, write,

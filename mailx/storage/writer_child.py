@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_writer -*-
+# -*- test-case-name: tests.test_writer,tests.test_filing -*-
 """The filing engine: every durable write of mailx, in one process that imports only the standard library.
 
 `mailx.storage.writer` explains why filing happens in a child process and starts
