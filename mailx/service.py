@@ -26,6 +26,7 @@ from mailx.checks.dnsbl import Blocklists
 from mailx.checks.ptr import NameLookups
 from mailx.config import Config, ConfigError, load_config
 from mailx.dns import Resolver
+from mailx.filters.mailbox import MailboxFilters
 from mailx.headers import HeaderPool
 from mailx.inbound import spool
 from mailx.inbound.delivery import DeliveryContext, SessionDelivery
@@ -260,6 +261,8 @@ class MailxService(service.MultiService):
             outbound=self._outbound_for(config, resolver),
             writer=self.writer,
             names=NameLookups(resolver, self.reactor) if config.checks.reverse_dns else None,
+            # SPEC 12: every mailbox's Sieve scripts run when mail is filed.
+            filters=MailboxFilters(config),
             header_pool=self.header_pool,
         )
 

@@ -29,8 +29,15 @@ class FixedFilters:
     def __init__(self, outcomes: dict[str, Any]) -> None:
         self.outcomes = outcomes
         self.calls: list[tuple[str, str, str, bytes, bytes, bool]] = []
+        self.recorded: list[VacationReply] = []
 
-    def outcome(self, destination: Any, sender: str, recipient: str, header: bytes, read_body: Any) -> Any:
+    def record_vacation(self, reply: VacationReply) -> None:
+        self.recorded.append(reply)
+
+    def outcome(
+        self, destination: Any, sender: str, recipient: str, header: bytes, read_body: Any,
+        *, size: int | None = None, queue_id: str = "",
+    ) -> Any:
         on_reactor = threading.current_thread() is threading.main_thread()
         self.calls.append((destination.address, sender, recipient, header, read_body(6), on_reactor))
         found = self.outcomes.get(destination.address)
@@ -111,8 +118,10 @@ class FilteredDeliveryTests(ForwardingCase):
     @defer.inlineCallbacks
     def test_a_vacation_reply_is_queued_from_the_null_sender(self) -> None:
         reply = b"From: alice@example.test\r\nTo: carol@sender.test\r\nSubject: Away\r\nAuto-Submitted: auto-replied\r\n\r\nBack soon.\r\n"
-        self.filters({"alice@example.test": FilterOutcome(vacation=VacationReply("carol@sender.test", reply, "k", 86400))})
+        vacation = VacationReply("carol@sender.test", reply, "k", 86400, "alice@example.test")
+        filters = self.filters({"alice@example.test": FilterOutcome(vacation=vacation)})
         yield send_mail(self.server.port, "carol@sender.test", ["alice@example.test"], original())
+        yield wait_until(lambda: filters.recorded == [vacation])
         self.assertEqual(len(self.server.messages("alice")), 1)
         yield wait_until(lambda: len(self.sink.accepted) == 1)
         [autoreply] = self.sink.accepted
@@ -152,3 +161,35 @@ class WriterDeathThroughSMTPTests(ForwardingCase):
         # The next message starts a new writer.
         yield send_mail(self.server.port, "carol@sender.test", ["bob@example.test"], original(subject="again"))
         self.assertEqual(len(self.server.messages("bob")), 1)
+
+
+class SieveScriptTests(ForwardingCase):
+    """The server's own filters (`mailx.filters.mailbox.MailboxFilters`) on a real script."""
+
+    def activate(self, mailbox: str, script: str) -> None:
+        home = self.server.maildir(mailbox)
+        (home / "sieve").mkdir(parents=True, exist_ok=True)
+        (home / "sieve" / "main.sieve").write_text(script)
+        os.symlink("sieve/main.sieve", home / ".dovecot.sieve")
+
+    @defer.inlineCallbacks
+    def test_fileinto_a_new_folder_with_flags(self) -> None:
+        self.activate("alice", 'require ["fileinto", "imap4flags"];\n'
+                      'if header :contains "subject" "report" { fileinto :flags "\\\\Seen" "Work/Clients"; }\n')
+        yield send_mail(self.server.port, "carol@sender.test", ["alice@example.test"], original(subject="weekly report"))
+        yield send_mail(self.server.port, "carol@sender.test", ["alice@example.test"], original(subject="lunch"))
+        folder = self.server.maildir("alice") / ".Work.Clients"
+        [name] = os.listdir(folder / "cur")
+        self.assertTrue(name.endswith(":2,S"), name)
+        self.assertIn(b"Subject: weekly report", (folder / "cur" / name).read_bytes())
+        [inbox] = self.server.messages("alice")
+        self.assertIn(b"Subject: lunch", inbox)
+
+    @defer.inlineCallbacks
+    def test_reject_by_the_only_recipient_is_550(self) -> None:
+        self.activate("bob", 'require "reject";\nreject "Bob is not here";\n')
+        with self.assertRaises(smtplib.SMTPDataError) as caught:
+            yield send_mail(self.server.port, "carol@sender.test", ["bob@example.test"], original())
+        self.assertEqual((caught.exception.smtp_code, caught.exception.smtp_error), (550, b"5.7.1 Bob is not here"))
+        self.assertEqual(self.server.all_messages(), [])
+

@@ -505,9 +505,14 @@ class IncomingMessage:
                     break
             return b"".join(taken)
 
+        size = len(self.header) + self.body.size
+
         def run(dest: MailboxDestination, given: str) -> Any:
-            head = b"".join(self._trace_headers(dest, given) + extra) + header
-            return ctx.filters.outcome(dest, self.sender, given, head, read_body)
+            # The header section as the mailbox's copy will have it.
+            head = b"".join(self._copy_trace(dest, given) + extra) + header
+            return ctx.filters.outcome(
+                dest, self.sender, given, head, read_body, size=size, queue_id=self.queue_id
+            )
 
         outcomes: dict[str, FilterOutcome] = {}
         found: list[tuple[bool, Any]] = yield defer.DeferredList(
@@ -621,12 +626,15 @@ class IncomingMessage:
         for entry in entries:
             ctx.outbound.submitted(entry.envelope)
         for outgoing in decision.outgoing:
-            if outgoing.vacation is not None:
-                remember = getattr(ctx.filters, "vacation_sent", None)
-                if remember is not None:
-                    deferToThreadPool(
-                        ctx.reactor, ctx.disk_pool, remember, outgoing.vacation
-                    ).addErrback(lambda f: log.failure("vacation memory", failure=f))
+            if outgoing.vacation is not None and ctx.filters is not None:
+                # Queued: the sender gets no other reply this period (RFC 5230 4.6).
+                deferToThreadPool(
+                    ctx.reactor, ctx.disk_pool, ctx.filters.record_vacation, outgoing.vacation
+                ).addErrback(
+                    lambda f: log.failure(
+                        "{qid}: cannot record the vacation reply", f, qid=self.queue_id
+                    )
+                )
         # The decision's copies come first in the filing, in order.
         for copy, path in zip(decision.copies, filed, strict=False):
             dest = copy.destination

@@ -321,8 +321,14 @@ class SubmittedMessage(IncomingMessage):
                 ctx.reactor, ctx.disk_pool, dkim_signature, config, header, self.body
             )
             header = signature + header
-            # The same decision and filing as inbound mail, without checks.
-            decision = decide(self.queue_id, self.sender, self.routes)
+            # The same decision and filing as inbound mail, without checks;
+            # local recipients' filters apply (SPEC 11).
+            outcomes = {}
+            if ctx.filters is not None:
+                outcomes = yield self._filter_outcomes(header, [])
+            decision = decide(self.queue_id, self.sender, self.routes, outcomes=outcomes)
+            if not decision.accepted:
+                raise SMTPReplyError(decision.reply)
             filing, entries = yield self._filing(decision, header, [], None)
             # Mailbox copies and the queue entry in one all-or-none step, fsynced before the 250.
             yield ctx.writer.file(filing)
