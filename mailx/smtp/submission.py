@@ -331,7 +331,7 @@ class SubmittedMessage(IncomingMessage):
                 raise SMTPReplyError(decision.reply)
             filing, entries = yield self._filing(decision, header, [], None)
             # Mailbox copies and the queue entry in one all-or-none step, fsynced before the 250.
-            yield ctx.writer.file(filing)
+            filed = yield ctx.writer.file(filing)
             log.info(
                 "{qid}: submitted by {account} size={size} nrcpt={nrcpt} dkim={dkim}",
                 qid=self.queue_id,
@@ -340,7 +340,7 @@ class SubmittedMessage(IncomingMessage):
                 nrcpt=len(self.routes),
                 dkim="signed" if signature else "none",
             )
-            self._filed(decision, entries)
+            self._filed(decision, entries, filed)
             return replies.MESSAGE_ACCEPTED.with_text(
                 replies.MESSAGE_ACCEPTED.text.format(queue_id=self.queue_id)
             )
