@@ -15,6 +15,7 @@ from mailx.inbound.decide import (
     Content,
     Disposition,
     Sender,
+    Transport,
     decide,
     final_mailboxes,
 )
@@ -22,9 +23,11 @@ from mailx.inbound.routing import Address, ForwardDestination, MailboxDestinatio
 from mailx.smtp import replies
 
 MAILBOXES = [MailboxDestination("example.test", name) for name in ("alice", "bob", "carol")]
+# A mailbox of an LMTP domain (SPEC 14): queued for its LMTP server, filtered there.
+HANDED = MailboxDestination("lmtp.test", "dave", "unix:/run/dovecot/lmtp")
 FORWARDS = [ForwardDestination(a) for a in ("x@elsewhere.test", "y@elsewhere.test")]
 
-destinations = st.lists(st.sampled_from(MAILBOXES + FORWARDS), min_size=1, max_size=3, unique=True)
+destinations = st.lists(st.sampled_from([*MAILBOXES, HANDED, *FORWARDS]), min_size=1, max_size=3, unique=True)
 routes = st.lists(
     st.builds(
         lambda local, dests: Route(Address(local, "example.test"), tuple(dests), ()),
@@ -61,7 +64,7 @@ outcome = st.one_of(
         st.text(min_size=0, max_size=60),
     ),
 )
-outcomes = st.fixed_dictionaries({}, optional={m.address: outcome for m in MAILBOXES})
+outcomes = st.fixed_dictionaries({}, optional={m.address: outcome for m in [*MAILBOXES, HANDED]})
 senders = st.sampled_from(["", "sender@remote.test"])
 actions = st.sampled_from(list(Action))
 
@@ -94,7 +97,7 @@ class DecisionInvariantTests(unittest.TestCase):
             # Only every mailbox rejecting, with nothing forwarded, refuses the message.
             self.assertFalse(junk)
             self.assertEqual(forwards, set())
-            self.assertEqual(set(dispositions.values()), {Disposition.REJECTED})
+            self.assertEqual(set(dispositions.values()), {Disposition.REJECTED})  # none handed over
             self.assertEqual((decision.reply.code, decision.reply.enhanced), (550, "5.7.1"))
             self.assertEqual((decision.copies, decision.outgoing), ((), ()))
             return
@@ -102,11 +105,19 @@ class DecisionInvariantTests(unittest.TestCase):
         message_hops = [
             hop for o in decision.outgoing if o.content is Content.MESSAGE for hop in o.hops
         ]
-        hopped = {hop.address for hop in message_hops}
-        self.assertEqual(len(hopped), len(message_hops), "one copy per final address")
+        hopped = {hop.address for hop in message_hops if hop.transport is Transport.SMTP}
+        self.assertEqual(len({h.address for h in message_hops}), len(message_hops), "one copy per final address")
         self.assertLessEqual(forwards, hopped)
+        lmtp_hops = {
+            (h.address, h.endpoint) for h in message_hops if h.transport is Transport.LMTP
+        }
+        handed = {a for a, d in dispositions.items() if d is Disposition.HANDED_OVER}
+        self.assertEqual(handed, {HANDED.address} if HANDED.address in dispositions else set())
+        self.assertEqual(lmtp_hops, {(a, HANDED.lmtp) for a in handed})
         for address, disposition in dispositions.items():
             # Every accepted recipient gets a copy or a forward, or its filter said otherwise.
+            if disposition is Disposition.HANDED_OVER:
+                continue
             if disposition in (Disposition.DELIVERED, Disposition.JUNK):
                 self.assertIn(address, copied)
             else:
@@ -125,9 +136,9 @@ class DecisionInvariantTests(unittest.TestCase):
                 self.assertEqual([h.address for h in o.hops], [sender])
                 self.assertEqual(dispositions[o.mailbox], Disposition.REJECTED)
         if junk:
-            self.assertEqual(len(decision.copies), len(mailboxes))
+            self.assertEqual(len(decision.copies), len(mailboxes) - len(handed))
             self.assertLessEqual({c.folder for c in decision.copies}, {JUNK_FOLDER})
-            self.assertLessEqual(set(dispositions.values()), {Disposition.JUNK})
+            self.assertLessEqual(set(dispositions.values()), {Disposition.JUNK, Disposition.HANDED_OVER})
             self.assertEqual(hopped, forwards, "junk is not redirected")
             self.assertEqual([o for o in decision.outgoing if o.sender is Sender.NULL], [])
         else:
@@ -138,7 +149,7 @@ class DecisionInvariantTests(unittest.TestCase):
     @given(routes, senders, st.text(max_size=200))
     def test_a_reject_by_every_recipient_is_550_with_the_reason(self, routes, sender, reason) -> None:
         routes = [
-            Route(r.address, tuple(d for d in r.destinations if isinstance(d, MailboxDestination)) or (MAILBOXES[0],), ())
+            Route(r.address, tuple(d for d in r.destinations if d in MAILBOXES) or (MAILBOXES[0],), ())
             for r in routes
         ]
         rejected = FilterOutcome(copies=(), reject=reason)

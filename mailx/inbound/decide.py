@@ -56,12 +56,14 @@ class Disposition(Enum):
     REDIRECTED = "redirected"  # no copy, only its filters' redirects
     REJECTED = "rejected"  # its filters rejected it (Sieve reject)
     DISCARDED = "discarded"  # its filters discarded it
+    HANDED_OVER = "lmtp"  # queued for its domain's LMTP server, which files and filters it
 
 
 class Transport(Enum):
-    """How a queue entry's recipient is reached; outbound SMTP only, today."""
+    """How a queue entry's recipient is reached."""
 
-    SMTP = "smtp"
+    SMTP = "smtp"  # the domain's MX (or the smarthost)
+    LMTP = "lmtp"  # a mailbox of an LMTP domain (SPEC 14): ``Hop.endpoint``
 
 
 class Sender(Enum):
@@ -95,6 +97,7 @@ class Hop:
     address: str
     original: str
     transport: Transport = Transport.SMTP
+    endpoint: str | None = None  # the LMTP server's, for Transport.LMTP
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,13 @@ def decide(
                 forwards.setdefault(d.address, Hop(d.address, str(r.address)))
     vacations: list[Outgoing] = []
     rejected: list[tuple[str, str]] = []  # (mailbox address, reason)
+    handed: list[Hop] = []
     for dest, given in final_mailboxes(routes):
+        if dest.lmtp is not None:
+            # The LMTP server files it and runs the mailbox's filters (SPEC 14).
+            handed.append(Hop(dest.address, given, Transport.LMTP, dest.lmtp))
+            dispositions.append((dest.address, Disposition.HANDED_OVER))
+            continue
         if action is Action.JUNK:
             # Junk is filed unfiltered: no script's redirect or autoreply acts on spam.
             copies.append(MailboxCopy(dest, given, JUNK_FOLDER))
@@ -236,6 +245,7 @@ def decide(
             dispositions.append((dest.address, Disposition.DISCARDED))
 
     if rejected and len(rejected) == len(dispositions) and not forwards:
+        # (an LMTP mailbox is a disposition too: then not every recipient rejected)
         # RFC 5429 2.1.1: refused in the protocol, not accepted and then bounced.
         reason = _one_line(rejected[0][1])
         return Decision(
@@ -246,8 +256,9 @@ def decide(
             notes=tuple(notes),
         )
     outgoing: list[Outgoing] = []
-    if forwards:
-        outgoing.append(Outgoing(Content.MESSAGE, Sender.MESSAGE, tuple(forwards.values())))
+    if forwards or handed:
+        hops = (*forwards.values(), *handed)
+        outgoing.append(Outgoing(Content.MESSAGE, Sender.MESSAGE, hops))
     for mailbox, reason in rejected:
         if not sender:
             notes.append(f"{mailbox}: rejected by its filter; no notice to the null sender")

@@ -31,7 +31,7 @@ from mailx import headers
 from mailx.checks.policy import Action
 from mailx.checks.results import is_forged_results
 from mailx.filters.outcome import KEEP, FilterOutcome
-from mailx.inbound.decide import Content, Decision, decide, final_mailboxes
+from mailx.inbound.decide import Content, Decision, Hop, Transport, decide, final_mailboxes
 from mailx.inbound.routing import (
     ForwardDestination,
     MailboxDestination,
@@ -494,7 +494,10 @@ class IncomingMessage:
         """Each final mailbox's `FilterOutcome`, by its address; the filters run in
         the disk pool (they read scripts and the body), and any error is `KEEP`."""
         ctx = self.delivery.context
-        mailboxes = final_mailboxes(self.routes)
+        # An LMTP domain's mailboxes are filtered by its LMTP server (SPEC 14).
+        mailboxes = [m for m in final_mailboxes(self.routes) if m[0].lmtp is None]
+        if not mailboxes:
+            return {}
 
         def read_body(limit: int) -> bytes:
             taken, size = [], 0
@@ -539,8 +542,16 @@ class IncomingMessage:
         """Delivered-To and Received for a forwarded copy, as for a mailbox; not Return-Path."""
         return b"".join(self._trace_headers(ForwardDestination(original))[1:])
 
-    def _copy_trace(self, dest: MailboxDestination, original: str) -> list[bytes]:
+    def _copy_trace(self, dest: Any, original: str) -> list[bytes]:
         return self._trace_headers(dest, original)
+
+    def _lmtp_trace(self, hop: Hop, extra: list[bytes]) -> bytes:
+        """A mailbox copy's trace for an LMTP server: without Return-Path and
+        Delivered-To, which it writes itself (RFC 2033 hands it the envelope),
+        with our Authentication-Results (``extra``) for its filters."""
+        trace = self._copy_trace(ForwardDestination(hop.address), hop.original)
+        kept = [f for f in trace if not f.startswith((b"Return-Path:", b"Delivered-To:"))]
+        return b"".join(kept + extra)
 
     def _envelope_results(self, verdict: Any) -> dict[str, str | None]:
         """The SPF and DMARC results a queue entry keeps: a bounce goes only to a
@@ -585,12 +596,19 @@ class IncomingMessage:
                 forwards = [
                     (hop.original, hop.address, self._forward_trace(hop.original))
                     for hop in outgoing.hops
+                    if hop.transport is Transport.SMTP
+                ]
+                lmtp = [
+                    (hop.original, hop.address, self._lmtp_trace(hop, extra), hop.endpoint or "")
+                    for hop in outgoing.hops
+                    if hop.transport is Transport.LMTP
                 ]
                 envelope = ctx.outbound.envelope_for(
                     self.queue_id,
                     self.sender,
                     self.delivery.session.helo or "",
                     forwards,
+                    lmtp=lmtp,
                     **self._envelope_results(verdict),
                 )
                 entries.append(QueueCopy(ctx.outbound.queue.root, envelope, header))

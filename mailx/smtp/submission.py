@@ -33,7 +33,6 @@ from mailx.inbound.decide import decide
 from mailx.inbound.delivery import IncomingMessage, SessionDelivery, split_header
 from mailx.inbound.routing import (
     ForwardDestination,
-    MailboxDestination,
     Route,
     RouteRefused,
     parse_address,
@@ -370,7 +369,7 @@ class SubmittedMessage(IncomingMessage):
             f"\t{formatdate(localtime=True)}\r\n"
         ).encode()
 
-    def _copy_trace(self, dest: MailboxDestination, original: str) -> list[bytes]:
+    def _copy_trace(self, dest: Any, original: str) -> list[bytes]:
         return self._trace_headers(dest, original)[:-1]  # Received is in the header
 
     def _forward_trace(self, original: str) -> bytes:
