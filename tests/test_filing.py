@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +83,27 @@ class EngineTests(unittest.TestCase):
         self.assertTrue(all("paths" in a for a in found))
         self.assertEqual(found[0]["batch"], 5)
         self.assertEqual(self.synced, [self.alice / "new"])
+
+    def test_requests_of_a_batch_are_filed_at_once(self) -> None:
+        # Their fsyncs must wait together to share the journal's commits;
+        # one after another, the barrier would never fill.
+        barrier = threading.Barrier(4, timeout=5)
+        real = maildir.stage_message
+
+        def stage(*args, **kwargs):
+            barrier.wait()
+            return real(*args, **kwargs)
+
+        self.patch(maildir, "stage_message", stage)
+        boxes = [self.alice, self.bob] * 2
+        frames = [
+            self.request(n, Filing([self.copy(box, f"m{n}")], body=b"\r\nx\r\n"))
+            for n, box in enumerate(boxes)
+        ]
+        self.synced.clear()
+        found = answers(frames)
+        self.assertEqual([len(a.get("paths", ())) for a in found], [1, 1, 1, 1])
+        self.assertEqual(sorted(self.synced), sorted([self.alice / "new", self.bob / "new"]))
 
     def test_a_failing_request_fails_alone(self) -> None:
         (self.bob / "new").rmdir()

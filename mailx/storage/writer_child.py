@@ -37,7 +37,8 @@ killed between two renames leaves files whose names the parent chose, and
 the parent removes them (`mailx.storage.writer`).  Everything readable at
 once is one batch: each directory renamed into is fsynced once per batch
 (group commit), before any answer of the batch is sent, so an answer always
-means "on disk".
+means "on disk"; the batch's requests are filed at once by a few threads,
+so that their fsyncs share the filesystem journal's commits.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import shutil
 import struct
 import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -302,15 +304,24 @@ def commit(frames: Sequence[tuple[dict[str, Any], bytes]]) -> bytes:
     The first answer carries the batch's size (``batch``), for the metrics.
     """
     directories: dict[Path, list[int]] = {}
-    answers: list[dict[str, Any]] = []
-    for index, (request, payload) in enumerate(frames):
+
+    def one(index: int) -> dict[str, Any]:
+        request, payload = frames[index]
         try:
             done = file_request(
-                request, payload, lambda d, i=index: directories.setdefault(d, []).append(i)
+                # dict.setdefault and list.append are atomic under the GIL.
+                request, payload, lambda d: directories.setdefault(d, []).append(index)
             )
-            answers.append({"id": request["id"], **done})
+            return {"id": request["id"], **done}
         except Exception as e:  # the parent answers 451 and logs it
-            answers.append(_error(request, type(e).__name__, f"{type(e).__name__}: {e}"))
+            return _error(request, type(e).__name__, f"{type(e).__name__}: {e}")
+
+    if len(frames) == 1:
+        answers = [one(0)]
+    else:
+        # At once: their fsyncs wait together and share the journal's commits
+        # (one after another, each waited for a commit of its own).
+        answers = list(_workers().map(one, range(len(frames))))
     for directory, members in directories.items():
         try:
             maildir.fsync_directory(directory)
@@ -322,6 +333,18 @@ def commit(frames: Sequence[tuple[dict[str, Any], bytes]]) -> bytes:
     if answers:
         answers[0]["batch"] = len(answers)
     return b"".join(encode(answer) for answer in answers)
+
+
+# A batch's requests are filed by this many threads at once.
+WORKERS = 8
+_pool: ThreadPoolExecutor | None = None
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="filing")
+    return _pool
 
 
 def _error(request: dict[str, Any], kind: str, text: str) -> dict[str, Any]:
