@@ -147,7 +147,7 @@ class EngineTests(unittest.TestCase):
         # The queue's on-disk format, unchanged: the queue reads it back as written.
         self.assertEqual((envelope.size, envelope.eight_bit), (len(header + body), True))
         self.assertEqual(self.queue.load("Q1"), envelope)
-        self.assertEqual(b"".join(self.queue.read_data("Q1")), header + body)
+        self.assertEqual((self.queue.data_path("Q1")).read_bytes(), header + body)
         self.assertEqual((self.queue.root / "Q1" / "envelope.json").read_bytes(), envelope.to_json())
         self.assertEqual(os.listdir(self.queue.root / ".tmp"), [])
 
@@ -163,7 +163,7 @@ class EngineTests(unittest.TestCase):
         for box in (self.alice, self.bob):
             self.assertEqual(os.listdir(box / "new"), [])
             self.assertEqual(os.listdir(box / "tmp"), [])
-        self.assertEqual(b"".join(self.queue.read_data("Q1")), b"old")
+        self.assertEqual((self.queue.data_path("Q1")).read_bytes(), b"old")
 
     def test_a_failing_second_mailbox_takes_the_first_copy_and_the_entry_back(self) -> None:
         (self.bob / "tmp").rmdir()
