@@ -69,13 +69,19 @@ __all__ = [
 
 
 class AuthenticationSettings(Protocol):
-    """What `Authenticator` reads: ``mailx.config.AuthenticationConfig``."""
+    """What `Authenticator` reads: ``mailx.config.AuthenticationConfig``
+    (read-only properties, so that a frozen dataclass provides them)."""
 
-    spf: bool
-    dkim: bool
-    dmarc: str  # "enforce" | "monitor" | "off"
-    timeout: float  # seconds for all the checks of one message
-    concurrency_per_ip: int  # messages of one client checked at once
+    @property
+    def spf(self) -> bool: ...
+    @property
+    def dkim(self) -> bool: ...
+    @property
+    def dmarc(self) -> str: ...  # "enforce" | "monitor" | "off"
+    @property
+    def timeout(self) -> float: ...  # seconds for all the checks of one message
+    @property
+    def concurrency_per_ip(self) -> int: ...  # messages of one client checked at once
 
 
 log = Logger(namespace="mailx.auth")
