@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import yaml
 
@@ -585,6 +585,16 @@ def _exact(digits: str) -> Fraction:
     return Fraction(digits)
 
 
+_T = TypeVar("_T")
+
+
+def _partial(part: _T | None) -> _T:
+    """A part that failed to build (None, its problem recorded), let into a Config
+    all the same so that the rest is still checked: with problems recorded,
+    `validate` raises and that Config is never handed out."""
+    return cast(_T, part)
+
+
 def _is_number(node: _Node) -> bool:
     return isinstance(node.value, int | float) and not isinstance(node.value, bool)
 
@@ -596,7 +606,7 @@ def parse_size(value: str | int | float) -> int:
             raise ValueError(f"{value} is not a size")
         if value < 0:
             raise ValueError(f"a size cannot be negative ({value})")
-        size = value
+        size: int | float | Fraction = value
     else:
         match = _SIZE.match(value.strip()) if isinstance(value, str) else None
         if match is None or match[2] not in _SIZE_UNITS:
@@ -787,6 +797,7 @@ class _Loader:
     def size(self, node: _Node) -> int:
         if node.kind != "scalar" or node.null:
             raise _Invalid(f"expected a size such as 25MiB, got {node.describe()}")
+        assert node.raw is not None  # a scalar that is not null keeps its text
         try:
             size = parse_size(node.value if _is_number(node) else node.raw)
         except ValueError as e:
@@ -801,6 +812,7 @@ class _Loader:
             return None
         if node.kind != "scalar" or node.null:
             raise _Invalid(f"expected a duration such as 5m, got {node.describe()}")
+        assert node.raw is not None  # a scalar that is not null keeps its text
         try:
             seconds = parse_duration(node.value if _is_number(node) else node.raw)
         except ValueError as e:
@@ -1024,7 +1036,7 @@ class _Loader:
             else None
         )
         key = self.value(fields["key"], self.readable_file) if "key" in fields else None
-        return TLSConfig(certificate, key)
+        return TLSConfig(_partial(certificate), _partial(key))
 
     def tls_pair(self, node: _Node, tls: TLSConfig | None, hostname: str | None) -> None:
         """The certificate and key must be a pair (`mailx.tlsfiles`): said here, in words,
@@ -1332,7 +1344,7 @@ class _Loader:
             if not target_nodes:
                 self.at(child, f"an alias needs at least one target, got {child.describe()}")
                 continue
-            targets = []
+            targets: list[str] = []
             for item in target_nodes:
                 target = self.value(item, self.alias_target)
                 if target is not None:
@@ -1539,6 +1551,7 @@ def load_config_text(text: str, path: str | os.PathLike[str]) -> Config:
     if loader.problems:
         # Top to bottom, as a person reads the file.
         raise ConfigError(sorted(loader.problems, key=lambda p: p.line or 0))
+    assert config is not None  # None only after a problem with the top level
     return config
 
 
@@ -1683,17 +1696,17 @@ def _build(loader: _Loader, root: _Node, source: Path) -> Config | None:
     log_format, trace = _logging(loader, fields["logging"])
     config = Config(
         source=source,
-        hostname=hostname,
+        hostname=_partial(hostname),
         public_addresses=loader.items(fields["public_addresses"], loader.ip),
         listen=endpoints,
         tls=tls,
-        limits=loader.limits(fields["limits"]),
-        paths=loader.paths(fields["paths"]),
-        dns=loader.dns(fields["dns"]),
-        authentication=loader.authentication(fields["authentication"]),
-        checks=loader.checks(fields["checks"]),
+        limits=_partial(loader.limits(fields["limits"])),
+        paths=_partial(loader.paths(fields["paths"])),
+        dns=_partial(loader.dns(fields["dns"])),
+        authentication=_partial(loader.authentication(fields["authentication"])),
+        checks=_partial(loader.checks(fields["checks"])),
         domains=MappingProxyType(loader.domains(fields["domains"])),
-        outbound=outbound,
+        outbound=_partial(outbound),
         reports=loader.value(fields["reports"], loader.report_address),
         imap=loader.value(fields["imap"], loader.imap_server),
         haproxy_trusted_networks=trusted_proxies,
