@@ -695,16 +695,16 @@ class _Run:
             var = self.expand(pos[0][0]).lower() if len(pos) == 2 else None
             current = self.flag_list([self.variables.get(var, "")]) if var else tuple(self.flags)
             if name == "setflag":
-                new = list(flags)
+                updated = list(flags)
             elif name == "addflag":
-                new = list(current) + [f for f in flags if f.lower() not in {g.lower() for g in current}]
+                updated = list(current) + [f for f in flags if f.lower() not in {g.lower() for g in current}]
             else:
                 drop = {f.lower() for f in flags}
-                new = [f for f in current if f.lower() not in drop]
+                updated = [f for f in current if f.lower() not in drop]
             if var:
-                self.variables[var] = " ".join(new)[:MAX_VARIABLE_SIZE]
+                self.variables[var] = " ".join(updated)[:MAX_VARIABLE_SIZE]
             else:
-                self.flags = new
+                self.flags = updated
 
     def add(self, c: Command, action: Action) -> bool:
         """Add an action; False when it merged into an equal earlier one.
@@ -953,7 +953,9 @@ class _Run:
             ctype = part.get_content_type()
             if not any(t == "" or ctype == t or ctype.split("/")[0] == t for t in types):
                 continue
-            payload = part.get_payload(decode=True) or b""
+            payload = part.get_payload(decode=True)  # bytes or None for a leaf part
+            if not isinstance(payload, bytes):
+                payload = b""
             charset = part.get_content_charset() or "us-ascii"
             try:
                 texts.append(payload.decode(charset, "replace"))
