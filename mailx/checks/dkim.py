@@ -33,6 +33,7 @@ import binascii
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypedDict
 
 import dkim
 from cryptography.exceptions import InvalidSignature
@@ -358,7 +359,18 @@ def _text(value: bytes | None) -> str:
     return "" if value is None else value.decode("ascii", "replace")
 
 
-def _describe(value: bytes) -> dict[str, object]:
+class _Described(TypedDict):
+    """A signature's own tags, as DKIMResult fields."""
+
+    domain: str | None
+    selector: str | None
+    algorithm: str | None
+    b: str | None
+    identity: str | None
+    body_length: int | None
+
+
+def _describe(value: bytes) -> _Described:
     """What can be reported of a signature even when it is malformed."""
     try:
         tags = parse_tag_value(value)
@@ -469,7 +481,7 @@ def verify_dkim(
     return tuple(results)
 
 
-def _verify_one(verifier: _Verifier, index: int, about: dict) -> DKIMResult:
+def _verify_one(verifier: _Verifier, index: int, about: _Described) -> DKIMResult:
     unsigned = 0
     try:
         ok = verifier.verify(idx=index, dnsfunc=verifier._resolver.dkim_dnsfunc)
