@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from mailx.config import Config, ConfigError, load_config, new_secret
 from mailx.inbound.routing import (
@@ -456,7 +456,7 @@ def route(context: Context) -> int:
     except RouteRefused as e:
         return _refused(context, text, e.reply, e.trace)
     reply = replies.RECIPIENT_OK
-    data = {
+    data: dict[str, Any] = {
         "address": str(result.address),
         "accepted": True,
         "reply": _reply_json(reply),
@@ -560,7 +560,7 @@ def reload(context: Context) -> int:
     if pid is None:
         context.emit({"reloaded": False, "reason": "not running"}, "mailx is not running")
         return EXIT_WRONG
-    def answered(status: dict[str, Any] | None) -> bool:
+    def answered(status: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
         """A verdict of this process newer than the one before our signal."""
         if status is None or status.get("pid") != pid:
             return False
