@@ -214,6 +214,7 @@ class MailxESMTP(smtp.ESMTP):
             self._greet_client()
 
     def _greet_client(self) -> None:
+        assert self.session is not None  # set by connectionMade on admission
         self._greeting = None
         refusal = self.dialogue.banner_due()
         if refusal is replies.EARLY_TALKER:
@@ -244,6 +245,7 @@ class MailxESMTP(smtp.ESMTP):
             if abandon is not None:
                 abandon()
         if self._admitted:
+            assert self.session is not None  # set by connectionMade on admission
             self.factory.release(self)
             log.info("{session}: disconnect", session=self.session.session_id)
         if self.delivery is not None:
@@ -504,6 +506,7 @@ class MailxESMTP(smtp.ESMTP):
             self._refuse(replies.SYNTAX_ERROR.with_text("Control characters in HELO/EHLO"))
             return
         self.dialogue.helo()
+        assert self.session is not None  # set by connectionMade on admission
         self.session.helo = name.decode("ascii", "replace")
         self.session.esmtp = esmtp
         if self.startedTLS:
@@ -532,6 +535,7 @@ class MailxESMTP(smtp.ESMTP):
         }
         if self.canStartTLS and not self.startedTLS:
             ext[b"STARTTLS"] = None
+        assert self.session is not None  # set by connectionMade on admission
         if self.kind != SMTP and self.startedTLS and self.session.account is None:
             # RFC 4954 4: not offered before TLS, nor once authenticated.
             ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
@@ -569,6 +573,7 @@ class MailxESMTP(smtp.ESMTP):
             reply = failure.value.reply if failure.check(SMTPReplyError) else replies.LOCAL_ERROR
             if not failure.check(SMTPReplyError):
                 log.failure("{qid}: sender check failed", failure, qid=qid)
+            assert self.session is not None  # set by connectionMade on admission
             log.info(
                 "{qid}: sender <{sender}> refused: {reply}",
                 qid=qid,
@@ -727,6 +732,7 @@ class MailxESMTP(smtp.ESMTP):
         self.dialogue.start_tls()
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
+        assert self.session is not None  # set by connectionMade on admission
         self.session.helo = None
         self.session.esmtp = False
         self.session.tls = "TLS"
@@ -742,6 +748,7 @@ class MailxESMTP(smtp.ESMTP):
     # for our pipelining hold.  PLAIN and LOGIN are a few lines each.
 
     def do_AUTH(self, rest: bytes) -> None:
+        assert self.session is not None  # set by connectionMade on admission
         if self.factory.submission.failures.blocked(self.limit_key):
             log.info(
                 "auth refused: ip={ip} too many failures ({session})",
@@ -778,6 +785,7 @@ class MailxESMTP(smtp.ESMTP):
         if response == b"*":
             self.reply(replies.AUTH_CANCELLED)  # RFC 4954 4: the client cancels
             return
+        assert then is not None  # State.AUTH is entered by _challenge, which sets it
         then(response)
 
     def _auth_plain(self, response: bytes) -> None:
@@ -818,19 +826,21 @@ class MailxESMTP(smtp.ESMTP):
     def _check_login(self, user: str, password: str, mechanism: str) -> None:
         """Ask the accounts (off the reactor thread), holding input meanwhile."""
         accounts = self.factory.submission.accounts
-        d = defer.maybeDeferred(accounts.authenticate, user, password, self.session.client_ip)
+        session = self.session
+        assert session is not None  # set by connectionMade on admission
+        d = defer.maybeDeferred(accounts.authenticate, user, password, session.client_ip)
 
         def done(account: Any) -> None:
             if account is None:
                 self._auth_failed(user, mechanism)
                 return
-            self.session.account = account.address
+            session.account = account.address
             self.dialogue.logged_in_as()
             log.info(
                 "{session}: authenticated as {account} ip={ip} mechanism={mechanism}",
-                session=self.session.session_id,
+                session=session.session_id,
                 account=account.address,
-                ip=self.session.client_ip,
+                ip=session.client_ip,
                 mechanism=mechanism,
             )
             self.reply(replies.AUTH_OK)
@@ -839,10 +849,10 @@ class MailxESMTP(smtp.ESMTP):
             from mailx.smtp.accounts import AccountsUnavailable
 
             if not failure.check(AccountsUnavailable):
-                log.failure("{session}: authentication check failed", failure, session=self.session.session_id)
+                log.failure("{session}: authentication check failed", failure, session=session.session_id)
             log.info(
                 "auth unavailable: ip={ip} mechanism={mechanism} user={user}: {why}",
-                ip=self.session.client_ip,
+                ip=session.client_ip,
                 mechanism=mechanism,
                 user=user[:256],
                 why=str(failure.value),
@@ -859,6 +869,7 @@ class MailxESMTP(smtp.ESMTP):
         anchors on the first field.
         """
         count = self.factory.submission.failures.failed(self.limit_key)
+        assert self.session is not None  # set by connectionMade on admission
         log.info(
             "auth failed: ip={ip} mechanism={mechanism} failures={count} session={session} user={user}",
             ip=self.session.client_ip,
