@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet import defer, threads
@@ -20,8 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailx.admin import dnswatch, preflight
-from mailx.checks import Authenticator, ptr
-from mailx.checks.dmarc import default_psl
+from mailx.checks import ptr
 from mailx.checks.dnsbl import Blocklists
 from mailx.checks.ptr import NameLookups
 from mailx.config import Config, ConfigError, load_config
@@ -30,7 +29,6 @@ from mailx.filters.mailbox import MailboxFilters
 from mailx.headers import HeaderPool
 from mailx.inbound import spool
 from mailx.inbound.delivery import DeliveryContext, SessionDelivery
-from mailx.observe.metrics import Metrics
 from mailx.observe.trace import TraceRecord
 from mailx.outbound.relay import Outbound
 from mailx.smtp.accounts import accounts_from_config
@@ -40,6 +38,9 @@ from mailx.storage import maildir
 from mailx.storage.queue import Queue
 from mailx.storage.writer import WriterClient
 from mailx.text import Logger
+
+if TYPE_CHECKING:
+    from mailx.observe.metrics import Metrics
 
 log = Logger(namespace="mailx.service")
 
@@ -167,8 +168,14 @@ class MailxService(service.MultiService):
         self.disk_pool = ThreadPool(minthreads=0, maxthreads=DISK_THREADS, name="mailx-disk")
         self._reload_lock = defer.DeferredLock()
         # SPEC 13: counted from the log events, and from these hooks;
-        # served on listen.metrics.
-        self.metrics = Metrics()
+        # served on listen.metrics. Without a listener nothing could read
+        # them (a reload does not add one), so there are none, and no
+        # prometheus_client in the process.
+        self.metrics: Metrics | None = None
+        if config.metrics_listen:
+            from mailx.observe.metrics import Metrics
+
+            self.metrics = Metrics()
         # SPEC 13: every message's events on disk, for mailxctl trace (the
         # path and keep_days of the start-up configuration; a reload keeps them).
         self.trace: TraceRecord | None = None
@@ -179,7 +186,8 @@ class MailxService(service.MultiService):
         # Every durable write is filed by one child process, group-committed
         # (the filing engine, see mailx.storage.writer).
         self.writer = WriterClient(reactor, self.disk_pool)
-        self.writer.observe_batch = self.metrics.filing_batch
+        if self.metrics is not None:
+            self.writer.observe_batch = self.metrics.filing_batch
         # DNS lookups block in dnspython; their own pool keeps a slow DNS
         # server from starving the disk writers.
         self.dns_pool = ThreadPool(minthreads=0, maxthreads=DNS_THREADS, name="mailx-dns")
@@ -220,7 +228,8 @@ class MailxService(service.MultiService):
                     factory = TLSMemoryBIOFactory(_CurrentTLS(self), False, factory)
                 self.listeners.append((description, server_endpoint(reactor, description), factory))
         self.ports: list[Any] = []
-        self.metrics.watch_queue(self.outbound.queued, reactor.seconds)
+        if self.metrics is not None:
+            self.metrics.watch_queue(self.outbound.queued, reactor.seconds)
         self.metrics_ports: list[Any] = []
         # dns.watch: re-check our own published records, reading the config
         # of the moment so a reload's changes apply from the next round.
@@ -235,11 +244,14 @@ class MailxService(service.MultiService):
             config.dns.timeout,
             reactor=self.reactor,
             threadpool=self.dns_pool,
-            observe=self.metrics.dns_lookup,
+            observe=self.metrics.dns_lookup if self.metrics is not None else None,
         )
         auth = config.authentication
         authenticator = None
         if auth.spf or auth.dkim or auth.dmarc != "off":
+            # Imported here: dkimpy, pyspf and the PSL only with checks on.
+            from mailx.checks import Authenticator
+
             authenticator = Authenticator(
                 resolver,
                 auth,
@@ -289,6 +301,8 @@ class MailxService(service.MultiService):
     def _psl(self) -> Any:
         # Parsing the Public Suffix List costs ~40 ms; once per process.
         if self._public_suffixes is None:
+            from mailx.checks.dmarc import default_psl
+
             self._public_suffixes = default_psl()
         return self._public_suffixes
 
@@ -343,8 +357,9 @@ class MailxService(service.MultiService):
         if self._listening:
             return
         self._listening = True
-        self.metrics.start()
-        self._listen_metrics()
+        if self.metrics is not None:
+            self.metrics.start()
+            self._listen_metrics()
         for description, endpoint, factory in self.listeners:
             # Stream endpoints listen synchronously; a port in use must stop
             # start-up with a clear error rather than leave a deaf server.
@@ -578,7 +593,8 @@ class MailxService(service.MultiService):
             except FileNotFoundError:
                 pass
         log.info("mailx stopped")
-        self.metrics.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.trace is not None:
             self.trace.stop()  # what is left, written and fsynced
 

@@ -38,33 +38,34 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from mailx import headers
 from mailx.checks.bodyhash import BodyHashStopped
-from mailx.checks.dkim import DKIMResult, verify_dkim
-from mailx.checks.dmarc import DMARCResult, default_psl, evaluate_dmarc
-from mailx.checks.policy import Decision, decide
-from mailx.checks.results import build_header, is_forged_results, strip_forged_results
-from mailx.checks.spf import SPFResult, check_spf
 from mailx.dns import Deadline, NotCached, Resolver
 from mailx.smtp import replies
 from mailx.smtp.replies import Reply
 from mailx.text import Logger
 
+if TYPE_CHECKING:
+    # The methods' own modules (dkimpy, pyspf, the Public Suffix List,
+    # authres) are imported where they are called: the light modules of this
+    # package (ptr, dnsbl, results) serve every session, the checks only a
+    # configuration that has them on (mailx.service builds no Authenticator
+    # otherwise), and a package import runs this file first.
+    from mailx.checks.dkim import DKIMResult
+    from mailx.checks.dmarc import DMARCResult
+    from mailx.checks.policy import Decision
+    from mailx.checks.spf import SPFResult
+
 __all__ = [
     "AuthenticationSettings",
     "Authenticator",
     "CheckLimiter",
-    "DKIMResult",
-    "DMARCResult",
-    "SPFResult",
     "Verdict",
-    "is_forged_results",
-    "strip_forged_results",
 ]
 
 
@@ -297,7 +298,11 @@ class Authenticator:
         )
         self.max_body = max_body  # DKIM hashes at most this much body
         # Parsing the list takes ~40 ms: once, at start-up, not per message.
-        self.psl = psl if psl is not None else default_psl()
+        if psl is None:
+            from mailx.checks.dmarc import default_psl
+
+            psl = default_psl()
+        self.psl = psl
         self._rng = rng
         self._clock = clock
         self._spf_memory: dict[tuple[str, str | None, str], tuple[float, SPFResult]] = {}
@@ -321,6 +326,8 @@ class Authenticator:
         remembered = self._spf_memory.get(key)
         if remembered is not None and remembered[0] > now:
             return remembered[1]
+        from mailx.checks.spf import check_spf
+
         result = check_spf(self.resolver, client_ip, helo, mail_from, receiver=self.hostname)
         if result.result != "temperror" and not self.resolver.cache_only_missed():
             if len(self._spf_memory) >= SPF_MEMORY_ENTRIES:
@@ -336,6 +343,8 @@ class Authenticator:
     ) -> tuple[DKIMResult, ...] | None:
         if not self.config.dkim:
             return None
+        from mailx.checks.dkim import verify_dkim
+
         # Past the deadline, or once the client hung up, the body hash stops
         # within a piece: a 451 already went out, nobody waits for 25 MiB more.
         stop = None if deadline is None else (lambda: deadline.remaining() <= 0)
@@ -349,6 +358,8 @@ class Authenticator:
     ) -> DMARCResult | None:
         if self.config.dmarc == "off":
             return None
+        from mailx.checks.dmarc import evaluate_dmarc
+
         return evaluate_dmarc(self.resolver, message, spf, dkim, psl=self.psl, rng=self._rng)
 
     def _verdict(
@@ -357,6 +368,9 @@ class Authenticator:
         dkim: tuple[DKIMResult, ...] | None,
         dmarc: DMARCResult | None,
     ) -> Verdict:
+        from mailx.checks.policy import decide
+        from mailx.checks.results import build_header
+
         decision: Decision = decide(dmarc, self.config.dmarc)
         header = build_header(
             self.hostname, spf, dkim, dmarc, enforced=self.config.dmarc == "enforce"

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import authres
 import authres.dmarc
 
 from mailx import headers
-from mailx.checks.dkim import DKIMResult
-from mailx.checks.dmarc import DMARCResult
-from mailx.checks.spf import SPFResult
+
+if TYPE_CHECKING:
+    # Types only: every session strips forged fields (is_forged_results),
+    # and a server with the checks off needs no dkimpy, pyspf or PSL for it.
+    from mailx.checks.dkim import DKIMResult
+    from mailx.checks.dmarc import DMARCResult
+    from mailx.checks.spf import SPFResult
 
 __all__ = [
     "FIELD",
