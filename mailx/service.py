@@ -359,7 +359,7 @@ class MailxService(service.MultiService):
         self._listening = True
         if self.metrics is not None:
             self.metrics.start()
-            self._listen_metrics()
+            self._listen_metrics(self.metrics)
         for description, endpoint, factory in self.listeners:
             # Stream endpoints listen synchronously; a port in use must stop
             # start-up with a clear error rather than leave a deaf server.
@@ -371,10 +371,10 @@ class MailxService(service.MultiService):
                     raise ListenError(preflight.listen_error(description, error))
                 raise ListenError(f"cannot listen on {description}: {failures[0].getErrorMessage()}")
 
-    def _listen_metrics(self) -> None:
+    def _listen_metrics(self, metrics: Metrics) -> None:
         from twisted.internet.endpoints import serverFromString
 
-        site = self.metrics.site() if self.config.metrics_listen else None
+        site = metrics.site()
         for description in self.config.metrics_listen:
             failures: list[Failure] = []
             endpoint = serverFromString(self.reactor, description)

@@ -32,13 +32,10 @@ import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from dkim.canonicalization import CanonicalizationPolicy
-from dkim.crypto import HASH_ALGORITHMS
 
 from mailx import headers
 from mailx.inbound.routing import AddressError, normalize_domain
@@ -264,61 +261,71 @@ class _RSAAdapter:
         return SimpleNamespace(signature=signature)
 
 
-class _Signer(dkim.DKIM):
-    """dkimpy's DKIM, signing with a ``cryptography`` key of either type."""
+@functools.cache
+def _signer_class() -> Any:
+    """dkimpy's DKIM, subclassed at the first signature: dkimpy and what it
+    imports (dnspython's resolver, authres) load only in a server that signs."""
+    import dkim
+    from dkim.canonicalization import CanonicalizationPolicy
+    from dkim.crypto import HASH_ALGORITHMS
 
-    def signature_header(
-        self, domain: str, selector: str, key: PrivateKey, timestamp: int | None
-    ) -> bytes:
-        """The DKIM-Signature field (with CRLF) for this message."""
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            self.signature_algorithm = b"ed25519-sha256"
-            signer: object = _Ed25519Adapter(key)
-        else:
-            self.signature_algorithm = b"rsa-sha256"
-            # cryptography's RSA (OpenSSL) rather than dkimpy's pure-Python
-            # one: 0.5 ms instead of ~20 ms a signature for 2048 bits, which
-            # every submitted message pays.  Handed to gen_header through its
-            # Ed25519 branch (``pk.sign(digest)``, the same SHA-256 digest of
-            # the same canonical headers); a= is set below, before the switch.
-            signer = _RSAAdapter(key)
-        canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-        present = {name.lower() for name, _ in self.headers}
-        if b"from" not in present:
-            raise dkim.ParameterError(
-                "the message has no From field (RFC 6376 5.4: it MUST be signed)"
-            )
-        include = [
-            name.lower() for name, _ in self.headers if name.lower().decode() in SIGNED_HEADERS
-        ]
-        include += [h.encode() for h in OVERSIGNED_HEADERS]
-        self.include_headers = tuple(include)
-        self.hasher = HASH_ALGORITHMS[self.signature_algorithm]
-        body_hash = base64.b64encode(self.hasher(canon.canonicalize_body(self.body)).digest())
-        fields = [
-            (b"v", b"1"),
-            (b"a", self.signature_algorithm),
-            (b"c", canon.to_c_value()),
-            (b"d", domain.encode("ascii")),
-            (b"s", selector.encode("ascii")),
-            (b"h", b" : ".join(include)),
-            (b"bh", body_hash),
-            # dkimpy's trick: a placeholder puts b= on its own folded line,
-            # so adding the signature does not refold the tags before it.
-            (b"b", b"0" * 60),
-        ]
-        if timestamp is not None:
-            fields.insert(5, (b"t", str(int(timestamp)).encode("ascii")))
-        algorithm = self.signature_algorithm
-        if isinstance(signer, _RSAAdapter):
-            self.signature_algorithm = b"ed25519-sha256"  # the branch that calls pk.sign(digest)
-        try:
-            value = self.gen_header(
-                fields, self.include_headers, canon, b"DKIM-Signature", signer
-            )
-        finally:
-            self.signature_algorithm = algorithm
-        return b"DKIM-Signature: " + value
+    class _Signer(dkim.DKIM):
+        """dkimpy's DKIM, signing with a ``cryptography`` key of either type."""
+
+        def signature_header(
+            self, domain: str, selector: str, key: PrivateKey, timestamp: int | None
+        ) -> bytes:
+            """The DKIM-Signature field (with CRLF) for this message."""
+            if isinstance(key, ed25519.Ed25519PrivateKey):
+                self.signature_algorithm = b"ed25519-sha256"
+                signer: object = _Ed25519Adapter(key)
+            else:
+                self.signature_algorithm = b"rsa-sha256"
+                # cryptography's RSA (OpenSSL) rather than dkimpy's pure-Python
+                # one: 0.5 ms instead of ~20 ms a signature for 2048 bits, which
+                # every submitted message pays.  Handed to gen_header through its
+                # Ed25519 branch (``pk.sign(digest)``, the same SHA-256 digest of
+                # the same canonical headers); a= is set below, before the switch.
+                signer = _RSAAdapter(key)
+            canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+            present = {name.lower() for name, _ in self.headers}
+            if b"from" not in present:
+                raise dkim.ParameterError(
+                    "the message has no From field (RFC 6376 5.4: it MUST be signed)"
+                )
+            include = [
+                name.lower() for name, _ in self.headers if name.lower().decode() in SIGNED_HEADERS
+            ]
+            include += [h.encode() for h in OVERSIGNED_HEADERS]
+            self.include_headers = tuple(include)
+            self.hasher = HASH_ALGORITHMS[self.signature_algorithm]
+            body_hash = base64.b64encode(self.hasher(canon.canonicalize_body(self.body)).digest())
+            fields = [
+                (b"v", b"1"),
+                (b"a", self.signature_algorithm),
+                (b"c", canon.to_c_value()),
+                (b"d", domain.encode("ascii")),
+                (b"s", selector.encode("ascii")),
+                (b"h", b" : ".join(include)),
+                (b"bh", body_hash),
+                # dkimpy's trick: a placeholder puts b= on its own folded line,
+                # so adding the signature does not refold the tags before it.
+                (b"b", b"0" * 60),
+            ]
+            if timestamp is not None:
+                fields.insert(5, (b"t", str(int(timestamp)).encode("ascii")))
+            algorithm = self.signature_algorithm
+            if isinstance(signer, _RSAAdapter):
+                self.signature_algorithm = b"ed25519-sha256"  # the branch that calls pk.sign(digest)
+            try:
+                value = self.gen_header(
+                    fields, self.include_headers, canon, b"DKIM-Signature", signer
+                )
+            finally:
+                self.signature_algorithm = algorithm
+            return b"DKIM-Signature: " + value
+
+    return _Signer
 
 
 def sign(
@@ -341,7 +348,7 @@ def sign(
         if isinstance(key_path, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey)
         else load_key(key_path)
     )
-    signer = _Signer(message, linesep=b"\r\n")
+    signer = _signer_class()(message, linesep=b"\r\n")
     when = int(time.time()) if timestamp is None else timestamp
     header = signer.signature_header(normalize_domain(domain), selector, key, when)
     return header + message
@@ -390,6 +397,8 @@ def sign_if_configured(config: Config, message: bytes) -> bytes:
         return message
     dkim_config = config.domains[name].dkim
     assert dkim_config is not None
+    import dkim  # for its exception; sign() has loaded it
+
     try:
         return sign(message, name, dkim_config.selector, dkim_config.key)
     except (KeyFileError, dkim.DKIMException) as e:
