@@ -26,6 +26,7 @@ configuration, extra peer arguments, message size, concurrency and count.
 
 import argparse
 import atexit
+import compileall
 import json
 import os
 import platform
@@ -552,13 +553,28 @@ def run_loadgen(kind: str, port: int, scenario: Scenario, messages: int, run_dir
                       report.get("finished") or acked)
 
 
+def compile_bytecode(tree: Path) -> None:
+    """``tree``'s mailx compiled to ``__pycache__``, as installing it does.
+
+    With PYTHONDONTWRITEBYTECODE set (this development machine sets it) a
+    checkout's modules are compiled from source at every start, and the
+    compiler's memory stays in the server's heap: about 3.5 MiB of RSS that
+    an installed mailx (pip writes the bytecode) does not have.
+    """
+    for package in (tree / "mailx", tree / "twisted" / "plugins"):
+        if package.is_dir():
+            compileall.compile_dir(package, quiet=1)
+
+
 def launch(name: str, argv: list[str], run_dir: Path, port: int,
            start_timeout: float, tree: Path = REPO) -> subprocess.Popen:
     """Start a server in ``run_dir`` (log in server.log) and wait for its 220 on ``port``.
 
-    ``tree``: whose mailx runs, first on its PYTHONPATH (default: this checkout).
+    ``tree``: whose mailx runs, first on its PYTHONPATH (default: this checkout),
+    from bytecode (`compile_bytecode`).
     """
     log = run_dir / "server.log"
+    compile_bytecode(tree)
     # The mailx of this checkout, installed or not (an editable install in
     # strict mode does not see modules added since).
     env = dict(os.environ)
