@@ -48,7 +48,8 @@ SIEVE = ("mailx.filters.parser", "mailx.filters.interpreter")
 def imported(testcase: unittest.TestCase, overrides: dict[str, Any]) -> set[str]:
     directory = Path(testcase.mktemp()).absolute()
     config = write_config(directory, overrides)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     result = subprocess.run(
         [sys.executable, "-c", BUILD, str(config)],
         cwd=directory,
