@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from mailx.checks.dmarc import DMARCResult
 from mailx.smtp import replies
 from mailx.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    # A type only: delivery imports Action from here for every message,
+    # with or without the checks (and their dkimpy, pyspf, PSL) loaded.
+    from mailx.checks.dmarc import DMARCResult
 
 __all__ = [
     "ACCEPT",
