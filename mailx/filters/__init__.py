@@ -5,16 +5,40 @@ message, envelope) into a `Result` of actions, `format_result` prints it as
 Pigeonhole's ``sieve-test`` does.  No I/O; the filing code acts on the result.
 """
 
-from .interpreter import (
-    MAX_REDIRECTS,
-    Action,
-    Envelope,
-    Message,
-    Result,
-    compile_script,
-    run,
-)
-from .parser import MAX_NESTING, MAX_SCRIPT_SIZE, SieveError, parse
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .interpreter import (
+        MAX_REDIRECTS,
+        Action,
+        Envelope,
+        Message,
+        Result,
+        compile_script,
+        run,
+    )
+    from .parser import MAX_NESTING, MAX_SCRIPT_SIZE, SieveError, parse
+
+# The parser and the interpreter load at their first use (PEP 562): every
+# server imports mailx.filters.mailbox, and only one whose mailboxes have
+# Sieve scripts needs them.
+_LAZY = {
+    **dict.fromkeys(
+        ("MAX_REDIRECTS", "Action", "Envelope", "Message", "Result", "compile_script", "run"),
+        "interpreter",
+    ),
+    **dict.fromkeys(("MAX_NESTING", "MAX_SCRIPT_SIZE", "SieveError", "parse"), "parser"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{module}"), name)
 
 
 def format_result(result: Result) -> str:

@@ -29,14 +29,17 @@ from typing import TYPE_CHECKING, Any
 from mailx.text import Logger
 
 from .folders import FolderError, maildir_flags, maildir_folder
-from .interpreter import MAX_BODY, MAX_REDIRECTS, Action, Envelope, Message, compile_script, run
 from .outcome import KEEP, Copy, FilterOutcome, VacationReply
-from .parser import MAX_SCRIPT_SIZE, Command, SieveError
-from .vacation import VacationMemory, memory_key, reply_message
 
 if TYPE_CHECKING:
     from mailx.config import Config
     from mailx.inbound.routing import MailboxDestination
+
+    from .interpreter import Action, Message
+    from .parser import Command
+
+# The Sieve parser, interpreter and vacation code are imported where a
+# script is found: a server whose mailboxes have none never loads them.
 
 log = Logger(namespace="mailx.filters")
 
@@ -117,6 +120,8 @@ class MailboxFilters:
         if not local or not domain:
             raise ValueError(f"VacationReply without its mailbox: {reply.mailbox!r}")
         home = self.config.paths.mail / domain / local
+        from .vacation import VacationMemory
+
         VacationMemory(home).record(reply.memory_key, reply.recipient, reply.seconds, self._now())
 
     # ------------------------------------------------------------ running
@@ -135,6 +140,8 @@ class MailboxFilters:
         scripts = self._scripts(destination, home)
         if not scripts:
             return KEEP
+        from .interpreter import MAX_BODY, MAX_REDIRECTS, Envelope, Message, run
+
         compiled: list[tuple[_Script, list[Command]]] = []
         needs_body = False
         for script in scripts:
@@ -225,6 +232,9 @@ class MailboxFilters:
             if cached is not None and cached.stamp == stamp:
                 self._cache.move_to_end(key)
                 return cached
+        from .interpreter import compile_script
+        from .parser import MAX_SCRIPT_SIZE, SieveError
+
         commands: list[Command] | None = None
         error = ""
         if st.st_size > MAX_SCRIPT_SIZE:
@@ -314,6 +324,8 @@ class MailboxFilters:
             # RFC 3834 2: never to oneself (it would answer its own reply).
             notes.append("no vacation reply: the sender is this mailbox")
             return None
+        from .vacation import VacationMemory, memory_key, reply_message
+
         key = memory_key(a.reply_to, a)
         now = self._now()
         if VacationMemory(home).replied(key, now):
