@@ -291,7 +291,10 @@ class SpoolStalledDiskTests(unittest.TestCase):
         self.assertEqual(code, 250)
         [stored] = self.server.messages("bob")
         self.assertEqual(stored.count(b"x" * 998), 2 * spool.SPILL_AT // 1000)
-        self.assertEqual(list((self.server.config.paths.spool / "incoming").iterdir()), [])
+        incoming = self.server.config.paths.spool / "incoming"
+        # The spool file is removed in the disk pool, after the reply.
+        yield wait_until(lambda: not list(incoming.iterdir()), timeout=5)
+        self.assertEqual(list(incoming.iterdir()), [])
 
     @defer.inlineCallbacks
     def test_a_body_too_far_ahead_of_the_disk_is_refused_with_451(self) -> None:
