@@ -247,6 +247,7 @@ class IncomingMessage:
         )
         self._checks: defer.Deferred | None = None
         self._abandoned = False
+        self._outcomes: dict[str, FilterOutcome] = {}  # the filters' outcomes, once run
 
     # --- receiving ---------------------------------------------------------
 
@@ -383,6 +384,8 @@ class IncomingMessage:
             for note in decision.notes:
                 log.info("{qid}: {note}", qid=self.queue_id, note=note)
             if not decision.accepted:
+                # Every mailbox's filter rejected it: the rejects are what happened.
+                _log_filter_actions(self.queue_id, outcomes, decision)
                 log.info(VERDICT_LINE, event="verdict", **decision.log)
                 raise SMTPReplyError(decision.reply)
             filing, entries = yield self._filing(decision, header, extra, verdict)
@@ -536,6 +539,8 @@ class IncomingMessage:
         found: dict[str, FilterOutcome] = yield deferToThreadPool(
             ctx.reactor, ctx.disk_pool, run_all
         )
+        # Logged by _filed once the plan is on disk (inbound and submission alike).
+        self._outcomes = found
         return found
 
     def _forward_trace(self, original: str) -> bytes:
@@ -641,6 +646,7 @@ class IncomingMessage:
     def _filed(self, decision: Decision, entries: list[QueueCopy], filed: list[Path]) -> None:
         """The message is on disk: start its queue entries, log its copies."""
         ctx = self.delivery.context
+        _log_filter_actions(self.queue_id, self._outcomes, decision)
         for entry in entries:
             ctx.outbound.submitted(entry.envelope)
         for outgoing in decision.outgoing:
@@ -703,6 +709,52 @@ class IncomingMessage:
             trace.append(f"X-Original-To: {_UNSAFE_ADDRESS.sub('?', original)}\r\n".encode())
         trace += [f"Delivered-To: {dest.address}\r\n".encode(), received.encode("utf-8")]
         return trace
+
+
+def _filter_actions(
+    outcomes: dict[str, FilterOutcome], decision: Decision
+) -> Iterator[dict[str, str]]:
+    """Each action a mailbox's filters took, as the decision applied it; none for
+    a mailbox whose filters kept the message in INBOX unchanged (no script, or
+    only the implicit keep)."""
+    replying = {o.mailbox for o in decision.outgoing if o.content is Content.VACATION}
+    for mailbox, outcome in outcomes.items():
+        if outcome == KEEP:
+            continue
+        if outcome.reject is not None:
+            reason = " ".join(outcome.reject.split())[:200]  # one log line
+            yield {"mailbox": mailbox, "action": "reject", "target": reason}
+            continue
+        for copy in outcome.copies:
+            yield {
+                "mailbox": mailbox,
+                "action": "fileinto" if copy.folder else "keep",
+                "folder": copy.folder or "INBOX",
+                "flags": copy.flags,
+            }
+        for address in outcome.redirects:
+            yield {"mailbox": mailbox, "action": "redirect", "target": address}
+        if not outcome.copies and not outcome.redirects:
+            yield {"mailbox": mailbox, "action": "discard"}
+        if outcome.vacation is not None and mailbox in replying:
+            yield {"mailbox": mailbox, "action": "vacation", "target": outcome.vacation.recipient}
+
+
+def _log_filter_actions(
+    queue_id: str, outcomes: dict[str, FilterOutcome], decision: Decision
+) -> None:
+    """One line per filter action, for the log and `mailxctl trace` (``event="filter"``)."""
+    for action in _filter_actions(outcomes, decision):
+        where = action.get("folder") or action.get("target") or ""
+        flags = f" flags={action['flags']}" if action.get("flags") else ""
+        log.info(
+            "{qid}: filter of {mailbox}: {action}{where}{flags_shown}",
+            qid=queue_id,
+            where=f" {where}" if where else "",
+            flags_shown=flags,
+            event="filter",
+            **action,
+        )
 
 
 def _message_id(fields: list[bytes], names: list[bytes | None]) -> str | None:

@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
 from mailx.inbound.decide import decide
-from mailx.inbound.delivery import IncomingMessage, SessionDelivery, split_header
+from mailx.inbound.delivery import IncomingMessage, SessionDelivery, _message_id, split_header
 from mailx.inbound.routing import (
     ForwardDestination,
     Route,
@@ -311,11 +311,8 @@ class SubmittedMessage(IncomingMessage):
             )
             if refusal is not None:
                 raise SMTPReplyError(replies.FROM_NOT_OWNED.with_text(refusal))
-            header = (
-                self._received()
-                + b"".join(fields)
-                + b"".join(added_fields(fields, config.hostname))
-            )
+            added = added_fields(fields, config.hostname)
+            header = self._received() + b"".join(fields) + b"".join(added)
             signature = yield deferToThreadPool(
                 ctx.reactor, ctx.disk_pool, dkim_signature, config, header, self.body
             )
@@ -338,6 +335,10 @@ class SubmittedMessage(IncomingMessage):
                 size=len(header) + self.body.size,
                 nrcpt=len(self.routes),
                 dkim="signed" if signature else "none",
+                # For mailxctl trace MESSAGE-ID (mailx.observe.trace), ours if we added it.
+                message_id=_message_id(
+                    fields + added, [_field_name(f) for f in fields + added]
+                ),
             )
             self._filed(decision, entries, filed)
             return replies.MESSAGE_ACCEPTED.with_text(
