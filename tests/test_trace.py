@@ -269,6 +269,72 @@ class RefusedRecipientTests(TraceCase):
         self.assertFalse((server.config.paths.spool / "trace").exists())
 
 
+class FilterActionTests(TraceCase):
+    """Each filter action is one step of the story, with its mailbox and where it went."""
+
+    @defer.inlineCallbacks
+    def test_fileinto_and_discard_are_in_the_story(self) -> None:
+        server = start_server(self)
+        for mailbox, script in (
+            ("alice", 'require ["fileinto", "imap4flags"];\nfileinto :flags "\\\\Flagged" "Work";\n'),
+            ("bob", "discard;\n"),
+        ):
+            home = server.maildir(mailbox)
+            (home / "sieve").mkdir(parents=True)
+            (home / "sieve" / "main.sieve").write_text(script)
+            os.symlink("sieve/main.sieve", home / ".dovecot.sieve")
+        qid, _ = yield deferToThread(
+            send, server.port, "someone@sender.test", ["team@example.test"], message("sorted")
+        )
+        steps = yield self.story_until(
+            server.config.source, "<sorted@good.test>",
+            lambda s: any(x["event"] == "delivery" for x in s),
+        )
+        actions = [
+            {k: s["fields"].get(k) for k in ("qid", "mailbox", "action", "folder", "flags")}
+            for s in steps if s["event"] == "filter"
+        ]
+        self.assertEqual(actions, [
+            {"qid": qid, "mailbox": "alice@example.test", "action": "fileinto", "folder": "Work", "flags": "F"},
+            {"qid": qid, "mailbox": "bob@example.test", "action": "discard", "folder": None, "flags": None},
+        ])
+        # Before the copy it made is logged as filed.
+        self.assertLess(position(steps, r"filter of alice@example\.test: fileinto Work"),
+                        position(steps, r"delivered to=<alice@example\.test> mailbox=example\.test/alice folder=Work"))
+
+
+class SubmittedMessageTests(TraceCase):
+    """A submitted message is found by its Message-ID, the one mailx added too."""
+
+    limits: dict[str, Any] = {}  # SubmissionCase's: none beyond its own
+
+    def setUp(self) -> None:
+        from tests.test_submission import SubmissionCase
+
+        SubmissionCase.setUp(self)  # type: ignore[arg-type]  # its server, certificate, accounts
+
+    @defer.inlineCallbacks
+    def test_trace_by_the_message_id_mailx_added(self) -> None:
+        from tests.test_submission import PASSWORD, SubmissionCase, submitted
+
+        def submit() -> None:
+            with SubmissionCase.client(self) as c:  # type: ignore[arg-type]
+                c.login("alice@example.test", PASSWORD)
+                c.sendmail("alice@example.test", ["bob@example.test"], submitted())
+
+        yield deferToThread(submit)
+        [filed] = self.server.messages("bob")
+        message_id = re.search(rb"\nMessage-ID: (<[^>]+>)", filed)[1].decode()
+        steps = yield self.story_until(
+            self.server.config.source, message_id,
+            lambda s: any(x["event"] == "delivery" for x in s),
+        )
+        [line] = [s for s in steps if "submitted by alice@example.test" in s["text"]]
+        self.assertEqual(line["fields"]["message_id"], message_id)
+        [delivery] = deliveries(steps)
+        self.assertEqual(Path(delivery["path"]).parent, self.server.maildir("bob") / "new")
+
+
 class RestartTests(TraceCase):
     """A message deferred, the server killed (-9) and started again, then delivered."""
 
