@@ -23,6 +23,8 @@ from typing import Any
 
 import dkim
 import dns.resolver
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -388,3 +390,14 @@ class ManageSieveRoundTripTests(unittest.TestCase):
         self.assertIn(b"Subject: Your invoice", invoice)
         [(_, lunch)] = yield deferToThread(self.imap_folder, imap_port, "INBOX")
         self.assertIn(b"Subject: lunch", lunch)
+
+
+class CasemapTests(unittest.TestCase):
+    """The fast path of i;ascii-casemap (str.lower on ASCII) folds exactly A-Z, as before."""
+
+    @given(st.text())
+    def test_folds_only_a_to_z(self, text: str) -> None:
+        from mailx.filters.interpreter import _casemap
+
+        expected = "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in text)
+        self.assertEqual(_casemap(text), expected)

@@ -450,7 +450,10 @@ def compile_script(script: str | bytes) -> list[Command]:
 
 
 def _casemap(s: str) -> str:
-    # RFC 4790 9.2: i;ascii-casemap folds only A-Z.
+    # RFC 4790 9.2: i;ascii-casemap folds only A-Z.  On ASCII text that is
+    # str.lower, several times faster than translate (bench/filters.py).
+    if s.isascii():
+        return s.lower()
     return s.translate(_ASCII_LOWER)
 
 
