@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from mailx.smtp import replies
@@ -31,6 +32,7 @@ from mailx.smtp.replies import SMTPReplyError
 if TYPE_CHECKING:
     from mailx.config import Config, DomainConfig
 
+_idna: ModuleType | None
 try:
     # IDNA2008 with UTS #46 mapping; twisted[tls] depends on it.
     import idna as _idna
@@ -132,7 +134,7 @@ def quote_path(address: str) -> str:
 
 def _parse_quoted(text: str) -> tuple[str, int]:
     """Decode the Quoted-string at the start of text; return it and its length."""
-    out = []
+    out: list[str] = []
     i = 1
     while i < len(text):
         c = text[i]
@@ -476,7 +478,7 @@ def audit_domains(domains: Mapping[str, DomainConfig]) -> tuple[Finding, ...]:
                 expander.expand(name, alias)
     first = expander.first_domain
     canonical = expander.canonical(first) if first is not None else None
-    if canonical is not None and expander.own_postmaster(canonical) is None:
+    if first is not None and canonical is not None and expander.own_postmaster(canonical) is None:
         expander.findings.append(
             Finding(
                 "postmaster",
