@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -543,8 +544,13 @@ class MailxService(service.MultiService):
 
     def stopService(self) -> Any:
         if self._stopping is not None:
-            again: defer.Deferred = defer.Deferred()
-            self._stopping.addBoth(lambda result: (again.callback(None), result)[1])
+            again: defer.Deferred[None] = defer.Deferred()
+
+            def also_stopped(result: Any) -> Any:
+                again.callback(None)
+                return result
+
+            self._stopping.addBoth(also_stopped)
             return again
         if getattr(self, "_previous_sighup", None) is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
@@ -571,7 +577,7 @@ class MailxService(service.MultiService):
             close()
 
     @defer.inlineCallbacks
-    def _drain_sessions(self) -> Any:
+    def _drain_sessions(self) -> Generator[defer.Deferred[None], Any, None]:
         deadline = self.reactor.seconds() + self.shutdown_grace
         def sessions() -> list[Any]:
             return [p for f in self.factories.values() for p in f.sessions]
