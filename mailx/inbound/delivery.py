@@ -86,6 +86,9 @@ class DeliveryContext:
     config: Any
     disk_pool: ThreadPool
     reactor: Any
+    # This configuration's routing, built once per (re)load by the server, which
+    # gives the same one to its Outbound (notices to our own mailboxes).
+    router: Router
     authenticator: Any = None  # mailx.checks.Authenticator; None when every check is off
     blocklists: Any = None  # mailx.checks.dnsbl.Blocklists; None without checks.dnsbl
     writer: Any = None  # mailx.storage.writer.WriterClient: files every message, all or none
@@ -97,11 +100,9 @@ class DeliveryContext:
     # Header sections held in memory by every session together (docs/security.md).
     header_pool: headers.HeaderPool = field(default_factory=headers.HeaderPool)
     incoming: Path = field(init=False)
-    router: Router = field(init=False)  # this configuration's routing, built once
 
     def __post_init__(self) -> None:
         self.incoming = self.config.paths.spool / "incoming"
-        self.router = Router(self.config)
         if self.writer is None:
             # The same engine in the disk pool: for contexts made without a server.
             self.writer = InlineFiler(self.reactor, self.disk_pool)

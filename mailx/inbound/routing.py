@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -500,7 +499,6 @@ class Router:
     """
 
     def __init__(self, config: Config) -> None:
-        # No reference to config itself: the route() cache is keyed on its life.
         self._domains = config.domains
         self._expander = _Expander(config.domains, config.paths.mail)
         for name, domain in config.domains.items():
@@ -564,25 +562,15 @@ class Router:
         return Route(address, expansion.destinations, (*trace, *expansion.trace))
 
 
-_routers: dict[int, Router] = {}
-
-
-def _router(config: Config) -> Router:
-    """The cached Router of ``config``, dropped when the config is garbage-collected."""
-    router = _routers.get(id(config))
-    if router is None:
-        router = Router(config)
-        _routers[id(config)] = router
-        weakref.finalize(config, _routers.pop, id(config), None)
-    return router
-
-
 def route(config: Config, address: str | Address) -> Route:
-    """Where mail for ``address`` goes under ``config`` (SPEC section 4).
+    """Where mail for ``address`` goes under ``config`` (SPEC section 4), for one-off
+    lookups (tools, tests): it expands the whole configuration each time, so the
+    server's parts route through the Router their owner built for the configuration
+    (`mailx.inbound.delivery.DeliveryContext.router`, shared with the Outbound).
 
     Raises `SMTPReplyError` (a `RouteRefused`) with RELAY_DENIED for a domain
     that is not ours and UNKNOWN_RECIPIENT for a local part that matches
     nothing, and `AddressError` for bad syntax.  The bare address
     ``postmaster`` is the first configured domain's postmaster.
     """
-    return _router(config).route(address)
+    return Router(config).route(address)
