@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from mailx.filters.mailbox import MailboxFilters
 from mailx.headers import HeaderPool
 from mailx.inbound import spool
 from mailx.inbound.delivery import DeliveryContext, SessionDelivery
+from mailx.inbound.routing import Router
 from mailx.observe.trace import TraceRecord
 from mailx.outbound.relay import Outbound
 from mailx.smtp.accounts import accounts_from_config
@@ -264,13 +266,17 @@ class MailxService(service.MultiService):
                 max_body=config.limits.message_size,
             )
         blocklists = Blocklists(resolver, config.checks.dnsbl) if config.checks.dnsbl else None
+        # Every mailbox and alias expanded once (on the reactor thread at a reload):
+        # the sessions' routing and the Outbound's, for its notices.
+        router = Router(config)
         return DeliveryContext(
             config,
             self.disk_pool,
             self.reactor,
+            router,
             authenticator=authenticator,
             blocklists=blocklists,
-            outbound=self._outbound_for(config, resolver),
+            outbound=self._outbound_for(config, resolver, router),
             writer=self.writer,
             names=NameLookups(resolver, self.reactor) if config.checks.reverse_dns else None,
             # SPEC 12: every mailbox's Sieve scripts run when mail is filed.
@@ -278,7 +284,7 @@ class MailxService(service.MultiService):
             header_pool=self.header_pool,
         )
 
-    def _outbound_for(self, config: Config, resolver: Resolver) -> Outbound:
+    def _outbound_for(self, config: Config, resolver: Resolver, router: Router) -> Outbound:
         """The forwarding queue's scheduler (a child service, started and stopped with
         us): made once, reconfigured on reload; the queue stays in the first spool."""
         outbound: Outbound | None = getattr(self, "outbound", None)
@@ -291,11 +297,12 @@ class MailxService(service.MultiService):
                 reactor=self.reactor,
                 disk_pool=self.disk_pool,
                 filer=self.writer,
+                router=router,
             )
             outbound.setServiceParent(self)
             self.outbound = outbound
         else:
-            outbound.reconfigure(config, resolver)
+            outbound.reconfigure(config, resolver, router)
         return outbound
 
     def _psl(self) -> Any:
@@ -543,8 +550,13 @@ class MailxService(service.MultiService):
 
     def stopService(self) -> Any:
         if self._stopping is not None:
-            again: defer.Deferred = defer.Deferred()
-            self._stopping.addBoth(lambda result: (again.callback(None), result)[1])
+            again: defer.Deferred[None] = defer.Deferred()
+
+            def also_stopped(result: Any) -> Any:
+                again.callback(None)
+                return result
+
+            self._stopping.addBoth(also_stopped)
             return again
         if getattr(self, "_previous_sighup", None) is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
@@ -571,7 +583,7 @@ class MailxService(service.MultiService):
             close()
 
     @defer.inlineCallbacks
-    def _drain_sessions(self) -> Any:
+    def _drain_sessions(self) -> Generator[defer.Deferred[None], Any, None]:
         deadline = self.reactor.seconds() + self.shutdown_grace
         def sessions() -> list[Any]:
             return [p for f in self.factories.values() for p in f.sessions]

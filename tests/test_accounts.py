@@ -28,7 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from mailx.config import ConfigError, load_config_text
-from mailx.inbound.routing import RouteRefused, route
+from mailx.inbound.routing import Router, RouteRefused, route
 from mailx.smtp import accounts
 from mailx.smtp.accounts import (
     Account,
@@ -465,12 +465,18 @@ class SendAsTests(unittest.TestCase):
             "carol@example.test": ["press+x@example.net", "team@example.test"],
             "team@example.test": ["team@example.test"],  # an alias is no account
         }
-        for account, addresses in allowed.items():
-            for address in addresses:
-                self.assertTrue(may_send_as(self.config, account, address), (account, address))
-        for account, addresses in refused.items():
-            for address in addresses:
-                self.assertFalse(may_send_as(self.config, account, address), (account, address))
+        # Without a router (tools) and with the delivery context's one (the server).
+        for router in (None, Router(self.config)):
+            for account, addresses in allowed.items():
+                for address in addresses:
+                    self.assertTrue(
+                        may_send_as(self.config, account, address, router), (account, address)
+                    )
+            for account, addresses in refused.items():
+                for address in addresses:
+                    self.assertFalse(
+                        may_send_as(self.config, account, address, router), (account, address)
+                    )
 
     def test_addresses_for(self) -> None:
         self.assertEqual(
@@ -538,6 +544,7 @@ class SendAsPropertyTests(unittest.TestCase):
                     may_send_as(config, account, address), mailbox is not None and delivers
                 )
         listed = addresses_for(config, account)
+        self.assertEqual(addresses_for(config, account, Router(config)), listed)
         for address in listed:
             self.assertTrue(may_send_as(config, account, address))
         self.assertEqual(

@@ -77,6 +77,18 @@ class ReloadTests(unittest.TestCase):
         else:
             self.fail("bob was accepted after the reload removed him")
 
+    def test_reload_gives_the_outbound_the_new_routing(self) -> None:
+        """Notices to our own senders (bounces, DSNs) route as the sessions do:
+        one Router per loaded configuration, owned by the delivery context."""
+        service = self.server.service
+        self.assertIs(service.outbound.router, service.context.router)
+        self.assertEqual(service.outbound._notice_route("carol@example.test"), ([], []))
+        rewrite(self.path, {"mailboxes": ["alice", "carol"], "aliases": {"postmaster": "alice"}})
+        self.assertTrue(service.reload())
+        self.assertIs(service.outbound.router, service.context.router)
+        mailboxes, forwards = service.outbound._notice_route("carol@example.test")
+        self.assertEqual(([m.address for m in mailboxes], forwards), (["carol@example.test"], []))
+
     @defer.inlineCallbacks
     def test_invalid_reload_keeps_the_old_configuration(self) -> None:
         self.path.write_text(self.path.read_text() + "\nbogus_key: 1\n")

@@ -366,11 +366,6 @@ class ForwardTests(unittest.TestCase):
 
 
 class RouterTests(RoutingTestCase):
-    def test_route_reuses_one_router_per_config(self) -> None:
-        from mailx.inbound.routing import _router
-
-        self.assertIs(_router(self.config), _router(self.config))
-
     def test_router_matches_route(self) -> None:
         self.assertEqual(
             Router(self.config).route("team@example.test"), route(self.config, "team@example.test")

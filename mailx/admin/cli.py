@@ -1261,8 +1261,9 @@ def accounts_summary(config: Config) -> dict[str, Any] | None:
     else:
         return None
     entries = []
+    router = Router(config)  # once for all the accounts
     for name in names:
-        allowed = sorted(addresses_for(config, name))
+        allowed = sorted(addresses_for(config, name, router))
         if not allowed:
             warnings.append(f"{name} is not a mailbox: it can log in to nothing")
         entries.append({"account": name, "send_as": allowed})

@@ -86,6 +86,9 @@ class DeliveryContext:
     config: Any
     disk_pool: ThreadPool
     reactor: Any
+    # This configuration's routing, built once per (re)load by the server, which
+    # gives the same one to its Outbound (notices to our own mailboxes).
+    router: Router
     authenticator: Any = None  # mailx.checks.Authenticator; None when every check is off
     blocklists: Any = None  # mailx.checks.dnsbl.Blocklists; None without checks.dnsbl
     writer: Any = None  # mailx.storage.writer.WriterClient: files every message, all or none
@@ -97,11 +100,9 @@ class DeliveryContext:
     # Header sections held in memory by every session together (docs/security.md).
     header_pool: headers.HeaderPool = field(default_factory=headers.HeaderPool)
     incoming: Path = field(init=False)
-    router: Router = field(init=False)  # this configuration's routing, built once
 
     def __post_init__(self) -> None:
         self.incoming = self.config.paths.spool / "incoming"
-        self.router = Router(self.config)
         if self.writer is None:
             # The same engine in the disk pool: for contexts made without a server.
             self.writer = InlineFiler(self.reactor, self.disk_pool)
@@ -164,14 +165,19 @@ class SessionDelivery:
             event="mail",  # the session <-> message link mailx.observe.trace follows
         )
 
-    def rcpt(self, queue_id: str, recipient: str) -> Route:
+    def rcpt(self, queue_id: str, recipient: str) -> Route | defer.Deferred[Route]:
         # A bare <postmaster> (RFC 5321 4.5.1) is the Router's to resolve.
         decision = self.context.route(recipient)
         if self._listing is None or decision.address.local == "postmaster":
             return self._accepted(queue_id, recipient, decision)
         # Each RCPT gets its own Deferred on the one lookup at connect.
-        listing: defer.Deferred = defer.Deferred()
-        self._listing.addBoth(lambda result: (listing.callback(result), result)[1])
+        listing: defer.Deferred[Any] = defer.Deferred()
+
+        def pass_on(result: Any) -> Any:
+            listing.callback(result)
+            return result
+
+        self._listing.addBoth(pass_on)
 
         def decide(found: Any) -> Route:
             if found is not None and found.action == "reject":
@@ -323,7 +329,7 @@ class IncomingMessage:
     # --- end of data ----------------------------------------------------------
 
     @defer.inlineCallbacks
-    def eomReceived(self) -> Iterator[defer.Deferred]:
+    def eomReceived(self) -> Generator[defer.Deferred[Any], Any, replies.Reply]:
         if self._in_header:  # a message that is all header section
             self._end_header(bytes(self._head), b"")
         ctx = self.delivery.context
@@ -366,7 +372,7 @@ class IncomingMessage:
                     self._checks = None
             size = len(self.header) + self.body.size
             header = b"".join(fields)
-            extra = [verdict.header.encode("utf-8") + b"\r\n"] if verdict is not None else []
+            extra: list[bytes] = [verdict.header.encode("utf-8") + b"\r\n"] if verdict is not None else []
             outcomes: dict[str, FilterOutcome] = {}
             if ctx.filters is not None and self._filtered(verdict):
                 outcomes = yield self._filter_outcomes(header, extra)

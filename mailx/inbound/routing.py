@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from mailx.smtp import replies
@@ -31,6 +31,7 @@ from mailx.smtp.replies import SMTPReplyError
 if TYPE_CHECKING:
     from mailx.config import Config, DomainConfig
 
+_idna: ModuleType | None
 try:
     # IDNA2008 with UTS #46 mapping; twisted[tls] depends on it.
     import idna as _idna
@@ -132,7 +133,7 @@ def quote_path(address: str) -> str:
 
 def _parse_quoted(text: str) -> tuple[str, int]:
     """Decode the Quoted-string at the start of text; return it and its length."""
-    out = []
+    out: list[str] = []
     i = 1
     while i < len(text):
         c = text[i]
@@ -476,7 +477,7 @@ def audit_domains(domains: Mapping[str, DomainConfig]) -> tuple[Finding, ...]:
                 expander.expand(name, alias)
     first = expander.first_domain
     canonical = expander.canonical(first) if first is not None else None
-    if canonical is not None and expander.own_postmaster(canonical) is None:
+    if first is not None and canonical is not None and expander.own_postmaster(canonical) is None:
         expander.findings.append(
             Finding(
                 "postmaster",
@@ -498,7 +499,6 @@ class Router:
     """
 
     def __init__(self, config: Config) -> None:
-        # No reference to config itself: the route() cache is keyed on its life.
         self._domains = config.domains
         self._expander = _Expander(config.domains, config.paths.mail)
         for name, domain in config.domains.items():
@@ -562,25 +562,15 @@ class Router:
         return Route(address, expansion.destinations, (*trace, *expansion.trace))
 
 
-_routers: dict[int, Router] = {}
-
-
-def _router(config: Config) -> Router:
-    """The cached Router of ``config``, dropped when the config is garbage-collected."""
-    router = _routers.get(id(config))
-    if router is None:
-        router = Router(config)
-        _routers[id(config)] = router
-        weakref.finalize(config, _routers.pop, id(config), None)
-    return router
-
-
 def route(config: Config, address: str | Address) -> Route:
-    """Where mail for ``address`` goes under ``config`` (SPEC section 4).
+    """Where mail for ``address`` goes under ``config`` (SPEC section 4), for one-off
+    lookups (tools, tests): it expands the whole configuration each time, so the
+    server's parts route through the Router their owner built for the configuration
+    (`mailx.inbound.delivery.DeliveryContext.router`, shared with the Outbound).
 
     Raises `SMTPReplyError` (a `RouteRefused`) with RELAY_DENIED for a domain
     that is not ours and UNKNOWN_RECIPIENT for a local part that matches
     nothing, and `AddressError` for bad syntax.  The bare address
     ``postmaster`` is the first configured domain's postmaster.
     """
-    return _router(config).route(address)
+    return Router(config).route(address)

@@ -63,9 +63,9 @@ from mailx.dns import DNSError, DNSVoidError, NullMXError, NXDomainError
 from mailx.inbound.routing import (
     ForwardDestination,
     MailboxDestination,
+    Router,
     quote_local,
     quote_path,
-    route,
 )
 from mailx.outbound import dkimkeys, dsn, mtasts
 from mailx.outbound.srs import SRS, srs_route
@@ -1039,10 +1039,13 @@ class Outbound(service.Service):
         endpoint_factory: Callable[[str, str | None], Any] | None = None,
         mta_sts: Any = "default",
         filer: Any = None,
+        router: Router | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.config = config
+        # Where notices to our own senders go; the server passes its sessions' one.
+        self.router = router if router is not None else Router(config)
         self.queue = queue
         self.resolver = resolver
         self.reactor = reactor
@@ -1090,9 +1093,10 @@ class Outbound(service.Service):
 
     # -- service -------------------------------------------------------------
 
-    def reconfigure(self, config: Any, resolver: Any) -> None:
+    def reconfigure(self, config: Any, resolver: Any, router: Router | None = None) -> None:
         """A reloaded configuration: new secrets, limits and schedule apply from now on."""
         self.config = config
+        self.router = router if router is not None else Router(config)
         self.resolver = resolver
         secrets = config.outbound.srs_secrets
         self.srs = SRS(secrets, clock=self.clock.seconds) if secrets else None
@@ -1625,7 +1629,7 @@ class Outbound(service.Service):
         if domain not in self.config.domains:
             return [], [address]
         try:
-            decision = srs_route(self.srs, self.config, address) or route(self.config, address)
+            decision = srs_route(self.srs, self.config, address) or self.router.route(address)
         except (SMTPReplyError, ValueError) as e:
             log.info("notice to <{to}> dropped: {e}", to=sender, e=e)
             return [], []

@@ -46,7 +46,13 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from mailx.inbound.routing import AddressError, MailboxDestination, parse_address, split_subaddress
+from mailx.inbound.routing import (
+    AddressError,
+    MailboxDestination,
+    Router,
+    parse_address,
+    split_subaddress,
+)
 
 if TYPE_CHECKING:
     from mailx.config import Config
@@ -766,14 +772,14 @@ def _name_in(config: Config, domain: str, local: str) -> str | None:
     return base if tag and names(base) else None
 
 
-def _delivers_to(config: Config, domain: str, name: str, mailbox: MailboxDestination) -> bool:
-    from mailx.inbound.routing import _router  # the cached, precomputed expansion of this config
+def may_send_as(
+    config: Config, account: Account | str, address: str, router: Router | None = None
+) -> bool:
+    """Whether ``account`` may use ``address`` as envelope sender or in From:/Sender:.
 
-    return mailbox in _router(config).expansion(domain, name)
-
-
-def may_send_as(config: Config, account: Account | str, address: str) -> bool:
-    """Whether ``account`` may use ``address`` as envelope sender or in From:/Sender:."""
+    ``router``: ``config``'s (the delivery context's); without it the whole
+    configuration is expanded for this one answer (tools, tests).
+    """
     name = account.address if isinstance(account, Account) else account
     mailbox = account_mailbox(config, name)
     if mailbox is None:
@@ -788,16 +794,23 @@ def may_send_as(config: Config, account: Account | str, address: str) -> bool:
     if domain is None:
         return False
     found = _name_in(config, domain, parsed.local)
-    return found is not None and _delivers_to(config, domain, found, mailbox)
+    if found is None:
+        return False
+    router = router if router is not None else Router(config)
+    return mailbox in router.expansion(domain, found)
 
 
-def addresses_for(config: Config, account: Account | str) -> frozenset[str]:
+def addresses_for(
+    config: Config, account: Account | str, router: Router | None = None
+) -> frozenset[str]:
     """Every address ``account`` may send as, subaddresses aside (each of these
-    with a subaddress is allowed too, where its domain has a delimiter)."""
+    with a subaddress is allowed too, where its domain has a delimiter).
+    ``router`` as for `may_send_as`."""
     name = account.address if isinstance(account, Account) else account
     mailbox = account_mailbox(config, name)
     if mailbox is None:
         return frozenset()
+    router = router if router is not None else Router(config)
     found = set(config.accounts.send_as.get(mailbox.address, ()))
     for domain_name in config.domains:
         canonical = _canonical(config, domain_name)
@@ -805,6 +818,6 @@ def addresses_for(config: Config, account: Account | str) -> frozenset[str]:
             continue
         canonical_domain = config.domains[canonical]
         for local in canonical_domain.mailboxes | (canonical_domain.aliases.keys() - {"*"}):
-            if _delivers_to(config, canonical, local, mailbox):
+            if mailbox in router.expansion(canonical, local):
                 found.add(f"{local}@{domain_name}")
     return frozenset(found)

@@ -9,6 +9,7 @@ a reply's wording is decided here once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,15 @@ class Reply:
         return f"{self.code} {self.enhanced} {self.text}"
 
 
-def outcome(event: str, reply: Reply) -> dict[str, str]:
+class Outcome(TypedDict):
+    """`outcome`'s fields, named so that ``**outcome(...)`` fills no other parameter."""
+
+    event: str
+    result: str
+    code: str
+
+
+def outcome(event: str, reply: Reply) -> Outcome:
     """Log fields saying how a stage ended, for `mailx.observe.metrics` (and the JSON log):
     ``event`` (rcpt, message), ``result`` (refused on 5xx, tempfail on 4xx,
     accepted) and ``code``, the enhanced status code: the reason, in a

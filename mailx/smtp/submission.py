@@ -34,6 +34,7 @@ from mailx.inbound.delivery import IncomingMessage, SessionDelivery, _message_id
 from mailx.inbound.routing import (
     ForwardDestination,
     Route,
+    Router,
     RouteRefused,
     parse_address,
 )
@@ -180,7 +181,9 @@ def _field_value(field: bytes) -> str:
     return value.replace(b"\r\n", b"").decode("utf-8", "replace")
 
 
-def header_refusal(config: Any, account: str, fields: Sequence[bytes]) -> str | None:
+def header_refusal(
+    config: Any, account: str, fields: Sequence[bytes], router: Router | None = None
+) -> str | None:
     """Why the header section may not go out under ``account`` (SPEC 11), or None.
 
     Every From address and the Sender address must be the account's; a
@@ -211,7 +214,7 @@ def header_refusal(config: Any, account: str, fields: Sequence[bytes]) -> str | 
                 return f"{name.decode().title()} header field cannot be parsed"
             for address in addresses:
                 spec = address.addr_spec
-                if not may_send_as(config, account, spec):
+                if not may_send_as(config, account, spec, router):
                     return f"{name.decode().title()} address <{spec}> is not one of {account}'s addresses"
     return None
 
@@ -258,7 +261,7 @@ class SubmissionDelivery(SessionDelivery):
         account = self.session.account
         super().mail(queue_id, sender, size)
         # SPEC 11: MAIL FROM:<> is refused; a bounce is the MTA's job, not a user's.
-        if not sender or not may_send_as(self.config, account, sender):
+        if not sender or not may_send_as(self.config, account, sender, self.context.router):
             raise SMTPReplyError(
                 replies.SENDER_NOT_OWNED.with_text(
                     replies.SENDER_NOT_OWNED.text.format(account=account)
@@ -307,7 +310,7 @@ class SubmittedMessage(IncomingMessage):
             fields = split_header(self.header)
             # The stdlib's address parser, on a worker thread (it is slow on odd input).
             refusal = yield deferToThreadPool(
-                ctx.reactor, ctx.disk_pool, header_refusal, config, account, fields
+                ctx.reactor, ctx.disk_pool, header_refusal, config, account, fields, ctx.router
             )
             if refusal is not None:
                 raise SMTPReplyError(replies.FROM_NOT_OWNED.with_text(refusal))

@@ -160,9 +160,9 @@ class _Child(ProcessProtocol):
 
     def __init__(self, owner: WriterClient) -> None:
         self.owner = owner
-        self.pending: dict[int, tuple[defer.Deferred, Filing, dict[str, Any]]] = {}
+        self.pending: dict[int, tuple[defer.Deferred[list[Path]], Filing, dict[str, Any]]] = {}
         self.buffer = bytearray()
-        self.ended: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -224,7 +224,9 @@ class WriterClient:
             if not self._stopping:
                 log.error("Maildir writer ended unexpectedly: {why}", why=reason.getErrorMessage())
 
-    def _take_back(self, request: dict[str, Any], d: defer.Deferred, why: str) -> defer.Deferred:
+    def _take_back(
+        self, request: dict[str, Any], d: defer.Deferred[list[Path]], why: str
+    ) -> defer.Deferred[None]:
         """A request the dead child may have half done: remove what it renamed, then fail it."""
         pool = self.pool if self.pool is not None else self.reactor.getThreadPool()
         undo = deferToThreadPool(self.reactor, pool, take_back, request)
@@ -238,7 +240,7 @@ class WriterClient:
 
         return undo.addBoth(report)
 
-    def file(self, filing: Filing) -> defer.Deferred:
+    def file(self, filing: Filing) -> defer.Deferred[list[Path]]:
         """File one message whole; fires with the copies' paths once all is on disk."""
         if self._stopping:
             return defer.fail(WriterGone("the writer is stopping"))
@@ -248,17 +250,19 @@ class WriterClient:
         assert child is not None
         self._next_id += 1
         request, payload = filing.request(self._next_id)
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[list[Path]] = defer.Deferred()
         child.pending[self._next_id] = (d, filing, request)
+        assert child.transport is not None  # connected by spawnProcess in start()
         child.transport.write(encode(request, payload))
         return d
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[None]:
         """Let the child finish what it was sent, then end it."""
         self._stopping = True
         child, self._child = self._child, None
         if child is None:
             return defer.succeed(None)
+        assert child.transport is not None  # connected by spawnProcess in start()
         child.transport.closeStdin()
         return child.ended
 
@@ -271,7 +275,7 @@ class InlineFiler:
         self.reactor = reactor
         self.pool = pool
 
-    def file(self, filing: Filing) -> defer.Deferred:
+    def file(self, filing: Filing) -> defer.Deferred[list[Path]]:
         pool = self.pool if self.pool is not None else self.reactor.getThreadPool()
         return deferToThreadPool(self.reactor, pool, file_now, filing)
 
