@@ -51,14 +51,8 @@ from typing import Any, TypeVar, cast
 import yaml
 
 from mailx import yamlerrors
-from mailx.inbound.routing import (
-    AddressError,
-    Finding,
-    audit_domains,
-    is_dot_atom,
-    normalize_domain,
-    parse_address,
-)
+from mailx.address import AddressError, is_dot_atom, normalize_domain, parse_address
+from mailx.inbound.routing import Finding, audit_domains
 
 
 class _Required:

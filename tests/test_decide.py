@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from mailx.address import Address
 from mailx.checks import Verdict
 from mailx.checks.policy import Action
 from mailx.filters.outcome import KEEP, Copy, FilterOutcome, VacationReply
@@ -19,7 +20,7 @@ from mailx.inbound.decide import (
     decide,
     final_mailboxes,
 )
-from mailx.inbound.routing import Address, ForwardDestination, MailboxDestination, Route
+from mailx.inbound.routing import ForwardDestination, MailboxDestination, Route
 from mailx.smtp import replies
 
 MAILBOXES = [MailboxDestination("example.test", name) for name in ("alice", "bob", "carol")]

@@ -11,19 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from mailx.address import Address, AddressError, normalize_domain, parse_address, split_subaddress
 from mailx.config import load_config_text
 from mailx.inbound.routing import (
-    Address,
-    AddressError,
     ForwardDestination,
     MailboxDestination,
     Route,
     Router,
     RouteRefused,
-    normalize_domain,
-    parse_address,
     route,
-    split_subaddress,
 )
 from mailx.smtp import replies
 from mailx.smtp.replies import SMTPReplyError

@@ -21,16 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from mailx.address import AddressError, domain_to_unicode, normalize_domain
 from mailx.config import Config, ConfigError, load_config, new_secret
-from mailx.inbound.routing import (
-    AddressError,
-    ForwardDestination,
-    MailboxDestination,
-    Router,
-    RouteRefused,
-    domain_to_unicode,
-    normalize_domain,
-)
+from mailx.inbound.routing import ForwardDestination, MailboxDestination, Router, RouteRefused
 from mailx.smtp import replies
 from mailx.text import printable, printable_lines, safe_json
 

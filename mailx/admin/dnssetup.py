@@ -40,9 +40,9 @@ from typing import Any
 import dns.name
 import dns.reversename
 
+from mailx.address import normalize_domain, parse_address
 from mailx.config import Config, is_fqdn
 from mailx.dns import DNSTemporaryError, DNSVoidError, Resolver
-from mailx.inbound.routing import normalize_domain, parse_address
 from mailx.outbound import dkimkeys
 
 __all__ = [

@@ -38,7 +38,7 @@ from typing import Any
 import defusedxml
 import defusedxml.ElementTree as SafeET
 
-from mailx.inbound.routing import AddressError, normalize_domain
+from mailx.address import AddressError, normalize_domain
 
 __all__ = [
     "AggregateReport",

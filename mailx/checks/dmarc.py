@@ -37,10 +37,10 @@ from functools import lru_cache
 from publicsuffixlist import PublicSuffixList
 
 from mailx import headers
+from mailx.address import AddressError, normalize_domain
 from mailx.checks.dkim import DKIMResult
 from mailx.checks.spf import SPFResult
 from mailx.dns import DNSTemporaryError, DNSVoidError, NXDomainError, Resolver
-from mailx.inbound.routing import AddressError, normalize_domain
 
 __all__ = [
     "DMARCRecord",

@@ -28,17 +28,12 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
 from mailx import headers
+from mailx.address import quote_path
 from mailx.checks.policy import Action
 from mailx.checks.results import is_forged_results
 from mailx.filters.outcome import KEEP, FilterOutcome
 from mailx.inbound.decide import Content, Decision, Hop, Transport, decide, final_mailboxes
-from mailx.inbound.routing import (
-    ForwardDestination,
-    MailboxDestination,
-    Route,
-    Router,
-    quote_path,
-)
+from mailx.inbound.routing import ForwardDestination, MailboxDestination, Route, Router
 from mailx.inbound.spool import SpoolBuffer
 from mailx.outbound import dkimkeys, dsn
 from mailx.outbound.srs import srs_route

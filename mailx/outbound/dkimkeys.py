@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailx import headers
-from mailx.inbound.routing import AddressError, normalize_domain
+from mailx.address import AddressError, normalize_domain
 from mailx.text import Logger
 
 if TYPE_CHECKING:

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from email.utils import formatdate
 
 from mailx import headers
-from mailx.inbound.routing import quote_path
+from mailx.address import quote_path
 from mailx.storage.queue import Envelope, Recipient
 
 __all__ = [

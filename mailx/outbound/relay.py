@@ -59,14 +59,9 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailx.address import quote_local, quote_path
 from mailx.dns import DNSError, DNSVoidError, NullMXError, NXDomainError
-from mailx.inbound.routing import (
-    ForwardDestination,
-    MailboxDestination,
-    Router,
-    quote_local,
-    quote_path,
-)
+from mailx.inbound.routing import ForwardDestination, MailboxDestination, Router
 from mailx.outbound import dkimkeys, dsn, mtasts
 from mailx.outbound.srs import SRS, srs_route
 from mailx.smtp.replies import Reply, SMTPReplyError

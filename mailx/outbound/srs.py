@@ -43,14 +43,8 @@ from typing import TYPE_CHECKING
 
 import srslib
 
-from mailx.inbound.routing import (
-    AddressError,
-    ForwardDestination,
-    Route,
-    normalize_domain,
-    parse_address,
-    quote_local,
-)
+from mailx.address import AddressError, normalize_domain, parse_address, quote_local
+from mailx.inbound.routing import ForwardDestination, Route
 from mailx.smtp import replies
 from mailx.smtp.replies import SMTPReplyError
 

@@ -46,13 +46,8 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from mailx.inbound.routing import (
-    AddressError,
-    MailboxDestination,
-    Router,
-    parse_address,
-    split_subaddress,
-)
+from mailx.address import AddressError, parse_address, split_subaddress
+from mailx.inbound.routing import MailboxDestination, Router
 
 if TYPE_CHECKING:
     from mailx.config import Config

@@ -41,7 +41,7 @@ from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailx.inbound.routing import AddressError, parse_address
+from mailx.address import AddressError, parse_address
 from mailx.smtp import replies
 from mailx.smtp.replies import Reply, SMTPReplyError
 from mailx.smtp.session import (

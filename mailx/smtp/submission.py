@@ -29,15 +29,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
+from mailx.address import parse_address
 from mailx.inbound.decide import decide
 from mailx.inbound.delivery import IncomingMessage, SessionDelivery, _message_id, split_header
-from mailx.inbound.routing import (
-    ForwardDestination,
-    Route,
-    Router,
-    RouteRefused,
-    parse_address,
-)
+from mailx.inbound.routing import ForwardDestination, Route, Router, RouteRefused
 from mailx.outbound import dkimkeys
 from mailx.smtp import replies
 from mailx.smtp.accounts import may_send_as
