@@ -756,7 +756,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--observe", action="store_true",
                         help="the cost of being watched: mailx with the trace record and "
                              "metrics off against both on, 1KiB-c10 unless --scenarios; "
-                             f"fails if on loses more than {OBSERVE_BUDGET:.0%%} of msg/s")
+                             f"fails if on loses more than {OBSERVE_BUDGET * 100:.0f}%% of msg/s")
     args = parser.parse_args(argv)
     if args.observe:
         args.servers = "mailx-unobserved,mailx-observed"
