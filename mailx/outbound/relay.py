@@ -22,6 +22,9 @@ few hundred lines we can reason about:
   the MX name, never a clear-text retry; ``testing`` logs what enforce
   would refuse;
 - SIZE (RFC 1870) and BODY=8BITMIME (RFC 6152) when offered;
+- PIPELINING (RFC 2920) when offered: RSET (on a reused connection), MAIL,
+  every RCPT and DATA go out in one write and the replies are read in
+  order, each recipient decided as in lock-step;
 - every wait bounded by RFC 5321 4.5.3.2's timeouts (`Timeouts`), on an
   injectable clock, so tests drive them with ``task.Clock``.
 
@@ -42,6 +45,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -479,6 +483,9 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._lines: list[bytes] = []
         self._last_lines: list[bytes] = []
         self._handler: Callable[[Reply], None] | None = None
+        # Replies owed after the one ``_handler`` waits for (a pipelined group).
+        self._queued: deque[tuple[str, Callable[[Reply], None], float]] = deque()
+        self._mail_refused = False  # a pipelined MAIL got a 5xx: its RCPT replies mean nothing
         self._stage = "connect"
         self._timer: Any = None
         self._finished = False
@@ -523,8 +530,11 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._results = {}
         self._accepted = []
         self._pending_rcpts = []
+        self._mail_refused = False
         if self._clean:
             self._mail()
+        elif "PIPELINING" in self.extensions:
+            self._mail(rset=True)
         else:
             self._send(b"RSET")
             self._expect("rset", self._on_rset, self.settings.timeouts.mail)
@@ -565,6 +575,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
             self.idle = True
             self._stage = "idle"
             self._handler = None
+            self._queued.clear()
             if keep(self):
                 self._idle_timer = self.settings.clock.callLater(IDLE_TIME, self._idle_over)
                 self._release()
@@ -589,6 +600,11 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self.transport.write(line + b"\r\n")
 
     def _expect(self, stage: str, handler: Callable[[Reply], None], timeout: float) -> None:
+        if self._handler is not None:
+            # Commands sent before their predecessors' replies came (RFC 2920):
+            # the replies arrive in order, so wait for this one after those.
+            self._queued.append((stage, handler, timeout))
+            return
         self._stage = stage
         self._handler = handler
         self._arm(timeout)
@@ -623,6 +639,10 @@ class SMTPClientProtocol(LineOnlyReceiver):
         if handler is None:
             self._broken(f"unexpected reply from {self.peer}: {reply}")
             return
+        if self._queued:
+            stage, self._handler, timeout = self._queued.popleft()
+            self._stage = stage
+            self._arm(timeout)
         handler(reply)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -639,6 +659,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
 
     def _abort(self) -> None:
         self._handler = None
+        self._queued.clear()
         if self.transport is not None:
             self.transport.abortConnection()
 
@@ -819,7 +840,8 @@ class SMTPClientProtocol(LineOnlyReceiver):
             return
         self._mail()
 
-    def _mail(self) -> None:
+    def _mail(self, rset: bool = False) -> None:
+        """MAIL, lock-step or (``rset``: after an RSET) pipelined with the rest of the transaction."""
         t = self.transaction
         limit = self.extensions.get("SIZE", "")
         if limit.isdigit() and int(limit) > 0 and t.size > int(limit):
@@ -834,8 +856,82 @@ class SMTPClientProtocol(LineOnlyReceiver):
             line += b" SIZE=%d" % t.size
         if t.eight_bit and "8BITMIME" in self.extensions:
             line += b" BODY=8BITMIME"
+        if "PIPELINING" in self.extensions:
+            self._send_group(line, rset)
+            return
         self._send(line)
         self._expect("mail", self._on_mail, self.settings.timeouts.mail)
+
+    # -- RFC 2920: one write for the envelope, the replies read in order ------
+
+    def _send_group(self, mail_line: bytes, rset: bool) -> None:
+        """RSET, MAIL, every RCPT and DATA (last, RFC 2920 3.1) in one write.
+
+        One round trip instead of one per command, and one TLS record.  The
+        handlers only note each reply; what lock-step would have done is
+        decided at DATA's reply, once every reply of the group is in.
+        """
+        timeouts = self.settings.timeouts
+        group: list[tuple[bytes, str, Callable[[Reply], None], float]] = []
+        if rset:
+            group.append((b"RSET", "rset", self._on_group_rset, timeouts.mail))
+        group.append((mail_line, "mail", self._on_group_mail, timeouts.mail))
+        for address in self.transaction.recipients:
+            line = b"RCPT TO:<" + _wire_address(forward_path(address)) + b">"
+            group.append((line, "rcpt", partial(self._on_group_rcpt, address), timeouts.rcpt))
+        group.append((b"DATA", "data", self._on_group_data, timeouts.data_init))
+        self.transport.write(b"".join(command[0] + b"\r\n" for command in group))
+        for _, stage, handler, timeout in group:
+            self._expect(stage, handler, timeout)
+
+    def _on_group_rset(self, reply: Reply) -> None:
+        if reply.code // 100 != 2:
+            # 421: the server is closing; the caller tries a new connection.
+            self._finish_failure(HostFailure(reply, tls=self.tls, reused=self.reused))
+            return
+        self._clean = True
+
+    def _on_group_mail(self, reply: Reply) -> None:
+        if self._finished:
+            return
+        if reply.code // 100 == 2:
+            self._clean = False
+        elif reply.permanent:
+            # As in lock-step: every recipient fails with the sender's refusal.
+            self._mail_refused = True
+            self._results = {a: reply for a in self.transaction.recipients}
+        else:
+            self._finish_failure(HostFailure(reply, tls=self.tls, reused=self.reused))
+
+    def _on_group_rcpt(self, address: str, reply: Reply) -> None:
+        if self._finished or self._mail_refused:
+            return
+        self._results[address] = reply
+        if reply.code // 100 == 2:
+            self._accepted.append(address)
+
+    def _on_group_data(self, reply: Reply) -> None:
+        if not self._finished and self._accepted:
+            self._on_data(reply)
+            return
+        if reply.code == 354:
+            # RFC 2920 3.1: DATA accepted though no RCPT was: "the client SMTP
+            # should send a single dot" to end the empty transaction.
+            self._send(b".")
+            self._expect("data-end", self._on_group_dot, self.settings.timeouts.data_end)
+            return
+        self._group_over()
+
+    def _on_group_dot(self, reply: Reply) -> None:
+        self._clean = True  # the reply to the data ends the transaction
+        self._group_over()
+
+    def _group_over(self) -> None:
+        """Every reply of a group that sent no message is in: report, then QUIT or idle."""
+        if self._finished:
+            self._quit()  # a HostFailure went out already
+            return
+        self._end(SessionResult(dict(self._results), self.tls))
 
     def _on_mail(self, reply: Reply) -> None:
         if reply.code // 100 == 2:
