@@ -19,6 +19,12 @@ answers the handshake with garbage; ``certificate=(cert_pem, key_pem)``
 offers it with that certificate, e.g. one from `mailx.testing.tls.TestCA`); ``keep_data=False`` records envelopes
 only (benchmarks); ``auth={"user": "password"}`` offers
 AUTH PLAIN and LOGIN, after TLS only, and refuses MAIL without it.
+``pipelining=False`` leaves PIPELINING out of the EHLO reply;
+``data_without_recipients=True`` answers DATA with 354 even when no RCPT
+succeeded (RFC 2920 3.1 warns of such servers).  ``sink.reads`` holds the
+commands each read from a client carried, to tell a pipelined group (one
+read) from lock-step (a read per command).  Like a real MX it answers RCPT
+before MAIL with 503 and hangs up after any 421.
 
 It is deliberately strict where a real MX is: only ``<CRLF>.<CRLF>`` ends
 the data, so a client that forgets to dot-stuff is caught.
@@ -113,6 +119,13 @@ class _SinkProtocol(LineOnlyReceiver):
             self.transport.abortConnection()
             return
         self.transport.write(reply.encode() + b"\r\n")
+        if reply.startswith("421"):
+            # RFC 5321 3.8: 421 announces the close.
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.sink._reads.append([])
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         if self.sink.silent:
@@ -121,6 +134,7 @@ class _SinkProtocol(LineOnlyReceiver):
             self.data_line(line)
             return
         self.sink.commands.append(line)
+        self.sink._reads[-1].append(line)
         if self.auth_state is not None:
             self.auth_step(line)
             return
@@ -137,7 +151,9 @@ class _SinkProtocol(LineOnlyReceiver):
         if not first.startswith("250"):
             self.say(first)
             return
-        lines = ["250-mx.outside.test hello", "250-PIPELINING", "250-8BITMIME"]
+        lines = ["250-mx.outside.test hello", "250-8BITMIME"]
+        if self.sink.pipelining:
+            lines.append("250-PIPELINING")
         # RFC 1870: SIZE without a number (or 0) announces no fixed limit.
         lines.append("250-SIZE" + (f" {self.sink.size_limit}" if self.sink.size_limit else ""))
         if self.sink.tls_options is not None and not self.session.tls:
@@ -222,13 +238,18 @@ class _SinkProtocol(LineOnlyReceiver):
 
     def do_RCPT(self, arg: str) -> None:
         address = arg[3:].strip().strip("<>")
+        if self.session.mail_from is None:
+            self.say("503 5.5.1 MAIL first")
+            return
         reply = self.sink.next_reply(f"rcpt:{address}", None) or self.sink.next_reply("rcpt")
         if reply.startswith("250"):
             self.session.recipients.append(address)
         self.say(reply)
 
     def do_DATA(self, arg: str) -> None:
-        if not self.session.recipients:
+        if not self.session.recipients and not (
+            self.sink.data_without_recipients and self.session.mail_from is not None
+        ):
             self.say("503 5.5.1 No valid recipients")
             return
         reply = self.sink.next_reply("data")
@@ -243,6 +264,11 @@ class _SinkProtocol(LineOnlyReceiver):
                 self.lines.append(line)
             return
         self.in_data = False
+        if not self.session.recipients:
+            self.lines = []
+            self.session.mail_from = None
+            self.say("554 5.5.1 No valid recipients")
+            return
         if self.sink.keep_data:
             raw = b"".join(x + b"\r\n" for x in self.lines)
             data = b"".join((x[1:] if x.startswith(b".") else x) + b"\r\n" for x in self.lines)
@@ -295,8 +321,12 @@ class Sink(protocol.ServerFactory):
         broken_tls: bool = False,
         keep_data: bool = True,
         certificate: tuple[bytes, bytes] | None = None,
+        pipelining: bool = True,
+        data_without_recipients: bool = False,
     ) -> None:
         self.silent = silent
+        self.pipelining = pipelining
+        self.data_without_recipients = data_without_recipients
         self.keep_data = keep_data
         self.broken_tls = broken_tls
         self.tls_options = self_signed_tls() if tls or broken_tls else None
@@ -309,6 +339,7 @@ class Sink(protocol.ServerFactory):
         self.size_limit = size_limit
         self.messages: list[ReceivedMessage] = []
         self.commands: list[bytes] = []
+        self._reads: list[list[bytes]] = []
         self.connections = 0
         self.max_open = 0
         self.open: set[_SinkProtocol] = set()
@@ -333,6 +364,11 @@ class Sink(protocol.ServerFactory):
         if default == "":
             return DEFAULTS[key.split(":")[0]]
         return default
+
+    @property
+    def reads(self) -> list[list[bytes]]:
+        """The commands of each read from a client that carried any, in order."""
+        return [commands for commands in self._reads if commands]
 
     @property
     def accepted(self) -> list[ReceivedMessage]:
