@@ -21,7 +21,8 @@ only (benchmarks); ``auth={"user": "password"}`` offers
 AUTH PLAIN and LOGIN, after TLS only, and refuses MAIL without it.
 ``pipelining=False`` leaves PIPELINING out of the EHLO reply;
 ``data_without_recipients=True`` answers DATA with 354 even when no RCPT
-succeeded (RFC 2920 3.1 warns of such servers).  ``sink.reads`` holds the
+succeeded (RFC 2920 3.1 warns of such servers) and notes in
+``sink.unaddressed_data`` how many lines came before the dot.  ``sink.reads`` holds the
 commands each read from a client carried, to tell a pipelined group (one
 read) from lock-step (a read per command).  Like a real MX it answers RCPT
 before MAIL with 503 and hangs up after any 421.
@@ -260,11 +261,12 @@ class _SinkProtocol(LineOnlyReceiver):
 
     def data_line(self, line: bytes) -> None:
         if line != b".":
-            if self.sink.keep_data:
+            if self.sink.keep_data or not self.session.recipients:
                 self.lines.append(line)
             return
         self.in_data = False
         if not self.session.recipients:
+            self.sink.unaddressed_data.append(len(self.lines))
             self.lines = []
             self.session.mail_from = None
             self.say("554 5.5.1 No valid recipients")
@@ -340,6 +342,7 @@ class Sink(protocol.ServerFactory):
         self.messages: list[ReceivedMessage] = []
         self.commands: list[bytes] = []
         self._reads: list[list[bytes]] = []
+        self.unaddressed_data: list[int] = []
         self.connections = 0
         self.max_open = 0
         self.open: set[_SinkProtocol] = set()
