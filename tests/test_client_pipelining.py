@@ -324,3 +324,42 @@ class SameOutcomeTests(unittest.TestCase):
             if any(line.startswith(b"MAIL") for line in lines):
                 self.assertEqual(verbs(lines)[-1], b"DATA")
                 self.assertIn(verbs(lines)[0], (b"MAIL", b"RSET"))
+
+
+class LMTPPipeliningTests(unittest.TestCase):
+    """RFC 2033 4.1 makes PIPELINING mandatory for LMTP servers: the LMTP client groups too."""
+
+    def test_lhlo_offering_pipelining_gets_the_envelope_in_one_write(self) -> None:
+        from mailx.outbound.lmtp import LMTPClientProtocol
+
+        path = Path(self.mktemp())
+        path.write_bytes(b"Subject: hi\r\n\r\nbody\r\n")
+        transaction = Transaction("bob@example.org", RECIPIENTS[:2], b"", path, 30, False)
+        client = LMTPClientProtocol(
+            transaction, ClientSettings("mx.example.test", FAST, task.Clock()), "lmtp"
+        )
+        transport = StringTransport()
+        client.makeConnection(transport)
+        results: list[Any] = []
+        client.done.addBoth(results.append)
+
+        def server(*lines: bytes) -> bytes:
+            transport.clear()
+            client.dataReceived(b"".join(line + b"\r\n" for line in lines))
+            while transport.producer is not None:
+                transport.producer.resumeProducing()
+            return transport.value()
+
+        server(b"220 lmtp")
+        self.assertEqual(
+            server(b"250-lmtp", b"250-PIPELINING", b"250 ENHANCEDSTATUSCODES"),
+            b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<a@outside.test>\r\n"
+            b"RCPT TO:<b@outside.test>\r\nDATA\r\n",
+        )
+        sent = server(b"250 2.1.0 ok", b"250 2.1.5 ok", b"550 5.1.1 unknown", b"354 go")
+        self.assertEqual(sent, b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+        # One reply after the data per accepted recipient: only a@.
+        self.assertEqual(server(b"250 2.0.0 <a@outside.test> saved"), b"QUIT\r\n")
+        [result] = results
+        self.assertEqual(result.replies["a@outside.test"].code, 250)
+        self.assertEqual(result.replies["b@outside.test"].code, 550)
