@@ -17,6 +17,7 @@ import os
 import stat
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import dkim
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -131,6 +132,29 @@ class KeyTests(unittest.TestCase):
         path.write_text("hello")
         self.assertRaises(dkimkeys.KeyFileError, dkimkeys.load_key, path)
         self.assertRaises(dkimkeys.KeyFileError, dkimkeys.load_key, self.directory / "none")
+
+    def test_an_unchanged_key_file_is_read_once(self) -> None:
+        path = dkimkeys.write_key(dkimkeys.generate_key("rsa"), self.directory / "once.key")
+        reads = []
+        real = Path.read_bytes
+
+        def counting(self: Path) -> bytes:
+            reads.append(self)
+            return real(self)
+
+        with mock.patch.object(Path, "read_bytes", counting):
+            first = dkimkeys.load_key(path)
+            self.assertIs(dkimkeys.load_key(str(path)), first)
+        self.assertEqual(reads, [path])
+
+    def test_a_key_file_replaced_in_place_is_read_again(self) -> None:
+        path = dkimkeys.write_key(dkimkeys.generate_key("rsa"), self.directory / "k.key")
+        before = dkimkeys.dns_record(dkimkeys.load_key(path))
+        newer = dkimkeys.write_key(dkimkeys.generate_key("rsa"), self.directory / "new.key")
+        os.replace(newer, path)
+        after = dkimkeys.dns_record(dkimkeys.load_key(path))
+        self.assertNotEqual(after, before)
+        self.assertEqual(after, dkimkeys.dns_record(dkimkeys.load_key(path)))
 
     def test_default_selector_changes_each_month(self) -> None:
         self.assertEqual(dkimkeys.default_selector(datetime.date(2026, 10, 3)), "mx202610")

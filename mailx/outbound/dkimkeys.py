@@ -175,7 +175,24 @@ def write_key(key: PrivateKey, path: str | os.PathLike[str]) -> Path:
 
 
 def load_key(path: str | os.PathLike[str]) -> PrivateKey:
-    """The private key in ``path`` (PEM, or dkimpy's base64 Ed25519 seed)."""
+    """The private key in ``path`` (PEM, or dkimpy's base64 Ed25519 seed).
+
+    Read again only when the file changed (another inode, size, mtime or
+    ctime): every submitted message is signed, and opening and reading the
+    key file cost it as much as the RSA signature (profile in bench/README).
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise KeyFileError(f"cannot read DKIM key {path}: {e.strerror}") from None
+    return _read_key(
+        os.fspath(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _read_key(path: str, identity: tuple[int, ...]) -> PrivateKey:
+    """`load_key` of the file as ``identity`` (its stat) describes it; errors are not cached."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
