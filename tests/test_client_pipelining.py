@@ -363,3 +363,85 @@ class LMTPPipeliningTests(unittest.TestCase):
         [result] = results
         self.assertEqual(result.replies["a@outside.test"].code, 250)
         self.assertEqual(result.replies["b@outside.test"].code, 550)
+
+
+class PostfixPeerTests(unittest.TestCase):
+    """The client against a real Postfix smtpd (bench/peer_postfix.py's maildir mode).
+
+    Skipped without Postfix or root.  Postfix offers PIPELINING and logs
+    "improper command pipelining" for a client that gets it wrong.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        import os
+        import shutil
+        import tempfile
+
+        from tests.test_bench_postfix import _free_port, peer_postfix
+
+        if not peer_postfix.installed():
+            raise unittest.SkipTest("Postfix not installed")
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("Postfix's master starts as root")
+        # Not under _trial_temp: Postfix's socket paths must stay under 108 bytes.
+        directory = Path(tempfile.mkdtemp(prefix="mailx-pf-", dir="/var/tmp"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.port = _free_port()
+        self.inst = peer_postfix.Instance(
+            directory / "postfix", self.port, "maildir", mail=directory / "mail"
+        )
+        proc = peer_postfix.start(self.inst)
+        self.addCleanup(peer_postfix.stop, proc)
+        self.data = directory / "message"
+        self.data.write_bytes(b"From: x@client.test\r\nSubject: piped\r\n\r\n.dot\r\n")
+
+    def session(self, recipients: tuple[str, ...]) -> defer.Deferred:
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        transaction = Transaction("x@client.test", recipients, b"", self.data, 40, False)
+        client = SMTPClientProtocol(
+            transaction, ClientSettings("client.test", FAST, reactor), "postfix"
+        )
+        connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        return client.done.addCallback(lambda result: (client, result))
+
+    @defer.inlineCallbacks
+    def test_each_recipient_gets_postfixs_own_reply(self) -> Any:
+        client, result = yield self.session(
+            ("alice@bench.test", "nobody@bench.test", "someone@elsewhere.test")
+        )
+        self.assertIn("PIPELINING", client.extensions)
+        codes = {a: r.code for a, r in result.replies.items()}
+        self.assertEqual(codes["alice@bench.test"], 250)
+        self.assertEqual(codes["nobody@bench.test"] // 100, 5)
+        self.assertEqual(codes["someone@elsewhere.test"] // 100, 5)
+        self.assertIn("queued as", result.replies["alice@bench.test"].text)
+        new = self.inst.directory.parent / "mail" / "bench.test" / "alice" / "new"
+        from tests.test_outbound import wait_until
+
+        yield wait_until(lambda: new.is_dir() and any(new.iterdir()), timeout=30)
+        [filed] = list(new.iterdir())
+        self.assertIn(b"Subject: piped\n", filed.read_bytes())
+        self.assertTrue(filed.read_bytes().endswith(b"\n\n.dot\n"))  # unstuffed by Postfix
+        yield self.assert_no_pipelining_complaint()
+
+    def assert_no_pipelining_complaint(self) -> defer.Deferred:
+        from tests.test_outbound import wait_until
+
+        def logged() -> bool:
+            return self.inst.log.exists() and "reject: RCPT" in self.inst.log.read_text()
+
+        d = wait_until(logged, timeout=30)  # the session's lines are in the log
+        d.addCallback(
+            lambda _: self.assertNotIn("improper command pipelining", self.inst.log.read_text())
+        )
+        return d
+
+    @defer.inlineCallbacks
+    def test_every_recipient_refused_ends_without_data(self) -> Any:
+        _, result = yield self.session(("nobody@bench.test", "someone@elsewhere.test"))
+        self.assertEqual({r.code // 100 for r in result.replies.values()}, {5})
+        yield self.assert_no_pipelining_complaint()
