@@ -9,17 +9,22 @@ StringTransport, pipelined and lock-step, with the same scripted server.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from mailx.outbound.lmtp import LMTPClientProtocol
 from mailx.outbound.relay import (
     ClientSettings,
     HostFailure,
@@ -28,7 +33,7 @@ from mailx.outbound.relay import (
     Transaction,
 )
 from mailx.storage.queue import DELIVERED, FAILED
-from tests.test_outbound import FAST, OutboundCase
+from tests.test_outbound import FAST, OutboundCase, wait_until
 
 RECIPIENTS = ("a@outside.test", "b@outside.test", "c@outside.test")
 
@@ -90,8 +95,6 @@ class PipelinedSessionTests(OutboundCase):
         self.assertEqual(message.connection, 1)
 
     def wait_idle(self) -> defer.Deferred:
-        from tests.test_outbound import wait_until
-
         return wait_until(lambda: self.outbound._idle_count == 1)
 
 
@@ -108,8 +111,6 @@ class DataAcceptedWithoutRecipientsTests(OutboundCase):
         self.assertEqual(self.sink.unaddressed_data, [0])  # a lone dot, no content
         self.assertEqual(self.sink.messages, [])
         self.assertTrue(all(r.state == FAILED for r in first.recipients))
-        from tests.test_outbound import wait_until
-
         yield wait_until(lambda: self.outbound._idle_count == 1)
         second = self.submit(queue_id="65F00000000002")
         [message] = yield self.sink.wait_for(1)
@@ -330,8 +331,6 @@ class LMTPPipeliningTests(unittest.TestCase):
     """RFC 2033 4.1 makes PIPELINING mandatory for LMTP servers: the LMTP client groups too."""
 
     def test_lhlo_offering_pipelining_gets_the_envelope_in_one_write(self) -> None:
-        from mailx.outbound.lmtp import LMTPClientProtocol
-
         path = Path(self.mktemp())
         path.write_bytes(b"Subject: hi\r\n\r\nbody\r\n")
         transaction = Transaction("bob@example.org", RECIPIENTS[:2], b"", path, 30, False)
@@ -375,10 +374,7 @@ class PostfixPeerTests(unittest.TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        import os
-        import shutil
-        import tempfile
-
+        # Here, not at the top: the import loads bench/peer_postfix.py.
         from tests.test_bench_postfix import _free_port, peer_postfix
 
         if not peer_postfix.installed():
@@ -398,9 +394,6 @@ class PostfixPeerTests(unittest.TestCase):
         self.data.write_bytes(b"From: x@client.test\r\nSubject: piped\r\n\r\n.dot\r\n")
 
     def session(self, recipients: tuple[str, ...]) -> defer.Deferred:
-        from twisted.internet import reactor
-        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
         transaction = Transaction("x@client.test", recipients, b"", self.data, 40, False)
         client = SMTPClientProtocol(
             transaction, ClientSettings("client.test", FAST, reactor), "postfix"
@@ -420,8 +413,6 @@ class PostfixPeerTests(unittest.TestCase):
         self.assertEqual(codes["someone@elsewhere.test"] // 100, 5)
         self.assertIn("queued as", result.replies["alice@bench.test"].text)
         new = self.inst.directory.parent / "mail" / "bench.test" / "alice" / "new"
-        from tests.test_outbound import wait_until
-
         yield wait_until(lambda: new.is_dir() and any(new.iterdir()), timeout=30)
         [filed] = list(new.iterdir())
         self.assertIn(b"Subject: piped\n", filed.read_bytes())
@@ -429,8 +420,6 @@ class PostfixPeerTests(unittest.TestCase):
         yield self.assert_no_pipelining_complaint()
 
     def assert_no_pipelining_complaint(self) -> defer.Deferred:
-        from tests.test_outbound import wait_until
-
         def logged() -> bool:
             return self.inst.log.exists() and "reject: RCPT" in self.inst.log.read_text()
 
