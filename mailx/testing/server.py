@@ -88,7 +88,7 @@ class RunningServer:
         new = self.maildir(mailbox, domain) / folder / "new"
         if not new.is_dir():
             return []
-        names = sorted(os.listdir(new))
+        names = sorted(os.listdir(new), key=_delivery_order)
         return [(new / n).read_bytes() for n in names]
 
     def all_messages(self) -> list[Path]:
@@ -326,3 +326,12 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
         return self.proc.wait(timeout)
+
+
+def _delivery_order(name: str) -> tuple[int, int, str]:
+    """Maildir names ``<sec>.M<usec>…`` in time order: the microseconds are
+    not zero-padded (neither are Dovecot's), so plain sorting misorders them."""
+    sec, _, rest = name.partition(".")
+    usec = rest[1:].split("P", 1)[0] if rest.startswith("M") else ""
+    return (int(sec) if sec.isdigit() else 0, int(usec) if usec.isdigit() else 0, name)
+
