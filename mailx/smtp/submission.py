@@ -22,7 +22,7 @@ import binascii
 import email.policy
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from email.utils import formatdate, make_msgid
 from typing import Any
 
@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
 from mailx.address import parse_address
+from mailx.filters.outcome import FilterOutcome
 from mailx.inbound.decide import decide
 from mailx.inbound.delivery import IncomingMessage, SessionDelivery, _message_id, split_header
 from mailx.inbound.routing import ForwardDestination, Route, Router, RouteRefused
@@ -289,7 +290,7 @@ class SubmittedMessage(IncomingMessage):
     own users, the send-as check on the header instead."""
 
     @defer.inlineCallbacks
-    def eomReceived(self) -> Iterator[defer.Deferred]:
+    def eomReceived(self) -> Generator[defer.Deferred[Any], Any, replies.Reply]:
         ctx = self.delivery.context
         config = ctx.config
         account = self.delivery.session.account
@@ -317,7 +318,7 @@ class SubmittedMessage(IncomingMessage):
             header = signature + header
             # The same decision and filing as inbound mail, without checks;
             # local recipients' filters apply (SPEC 11).
-            outcomes = {}
+            outcomes: dict[str, FilterOutcome] = {}
             if ctx.filters is not None:
                 outcomes = yield self._filter_outcomes(header, [])
             decision = decide(self.queue_id, self.sender, self.routes, outcomes=outcomes)
