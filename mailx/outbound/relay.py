@@ -459,6 +459,12 @@ class _DataProducer:
             self._run_blocking(self._close).addErrback(lambda _: None)
 
 
+class _SessionTransport(interfaces.ITLSTransport, interfaces.IConsumer):
+    """What a session needs of its connection, for the type checker: TCP's
+    `abortConnection`, `startTLS`, and the consumer the DATA producer feeds
+    (Twisted's TCP and UNIX transports are all three)."""
+
+
 class SMTPClientProtocol(LineOnlyReceiver):
     """One SMTP session that sends one `Transaction`; ``done`` fires with the outcome.
 
@@ -471,6 +477,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
 
     delimiter = b"\r\n"
     MAX_LENGTH = MAX_REPLY_LINE
+    transport: _SessionTransport  # set by makeConnection
 
     def __init__(self, transaction: Transaction, settings: ClientSettings, peer: str) -> None:
         self.transaction = transaction
@@ -663,7 +670,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._cancel_timer()
         self._cancel_idle_timer()
         self.idle = False
@@ -782,7 +789,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
                 return
             if self.tls is None:
                 self.tls = _tls_description(self.transport)
-            self._auth()
+            self._auth(*settings.credentials)
             return
         self._mail()
 
@@ -806,8 +813,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self.extensions = {}
         self._ehlo()
 
-    def _auth(self) -> None:
-        username, password = self.settings.credentials
+    def _auth(self, username: str, password: str) -> None:
         mechanisms = self.extensions.get("AUTH", "").upper().split()
         if "PLAIN" in mechanisms:
             # RFC 4616: authzid NUL authcid NUL passwd.
@@ -816,22 +822,26 @@ class SMTPClientProtocol(LineOnlyReceiver):
             self._expect("auth", self._on_auth_done, self.settings.timeouts.auth)
         elif "LOGIN" in mechanisms:
             self._send(b"AUTH LOGIN")
-            self._expect("auth", self._on_login_user, self.settings.timeouts.auth)
+            self._expect(
+                "auth", partial(self._on_login_user, username, password), self.settings.timeouts.auth
+            )
         else:
             self._give_up(Reply(451, "4.7.12", f"{self.peer} offers neither AUTH PLAIN nor LOGIN"))
 
-    def _on_login_user(self, reply: Reply) -> None:
+    def _on_login_user(self, username: str, password: str, reply: Reply) -> None:
         if reply.code != 334:
             self._give_up(reply)
             return
-        self._send(base64.b64encode(self.settings.credentials[0].encode()))
-        self._expect("auth", self._on_login_password, self.settings.timeouts.auth)
+        self._send(base64.b64encode(username.encode()))
+        self._expect(
+            "auth", partial(self._on_login_password, password), self.settings.timeouts.auth
+        )
 
-    def _on_login_password(self, reply: Reply) -> None:
+    def _on_login_password(self, password: str, reply: Reply) -> None:
         if reply.code != 334:
             self._give_up(reply)
             return
-        self._send(base64.b64encode(self.settings.credentials[1].encode()))
+        self._send(base64.b64encode(password.encode()))
         self._expect("auth", self._on_auth_done, self.settings.timeouts.auth)
 
     def _on_auth_done(self, reply: Reply) -> None:
@@ -1112,7 +1122,7 @@ class Outbound(service.Service):
     retries with ``task.Clock`` while real sockets carry the sessions.
     """
 
-    name = "outbound"
+    name = "outbound"  # type: ignore[assignment]  # Service's stub types it None
 
     def __init__(
         self,
@@ -1385,7 +1395,12 @@ class Outbound(service.Service):
 
     def _track(self, d: defer.Deferred) -> defer.Deferred:
         self._work.add(d)
-        d.addBoth(lambda result: (self._work.discard(d), result)[1])
+
+        def untrack(result: object) -> object:
+            self._work.discard(d)
+            return result
+
+        d.addBoth(untrack)
         d.addErrback(lambda f: log.failure("outbound: unexpected error", f))
         return d
 
@@ -1786,6 +1801,7 @@ class Outbound(service.Service):
                 return every(_Outcome(reply, lmtp, lmtp, None))
             return self._outcomes(result, lmtp, lmtp)
         policy = None
+        targets: Sequence[tuple[str, str | None]]  # no IP: the smarthost, by name
         if self.config.outbound.smarthost:
             refusal = yield self._smarthost_refusal()
             if refusal is not None:
@@ -1794,10 +1810,10 @@ class Outbound(service.Service):
             targets = [(self.config.outbound.smarthost, None)]
         else:
             try:
-                targets = yield self._hosts(domain)
+                hosts: list[tuple[str, str]] = yield self._hosts(domain)
             except _Unroutable as e:
                 return every(_Outcome(e.reply))
-            targets = self._reachable(envelope, domain, targets)
+            targets = self._reachable(envelope, domain, hosts)
             if not targets:
                 # SPEC 8: like an unreachable host, retried until queue_lifetime
                 # (the owner may fix allowed_networks, the domain its DNS).
