@@ -280,7 +280,7 @@ class MailxService(service.MultiService):
             writer=self.writer,
             names=NameLookups(resolver, self.reactor) if config.checks.reverse_dns else None,
             # SPEC 12: every mailbox's Sieve scripts run when mail is filed.
-            filters=MailboxFilters(config),
+            filters=MailboxFilters(config, reactor=self.reactor),
             header_pool=self.header_pool,
         )
 
@@ -513,7 +513,9 @@ class MailxService(service.MultiService):
             self.accounts = accounts_from_config(config, self.reactor)
         self.submission.reconfigure(self.accounts, config.limits)
         self.config = config
+        previous = self.context
         self.context = self._context_for(config)
+        previous.filters.close()
         self._tls = context
         for kind, factory in self.factories.items():
             delivery_for = self._delivery_for if kind == SMTP else self._submission_delivery_for
@@ -571,6 +573,7 @@ class MailxService(service.MultiService):
         d = defer.gatherResults(stopping, consumeErrors=True)
         d.addBoth(lambda _: self._drain_sessions())
         d.addBoth(lambda _: self._close_accounts())
+        d.addBoth(lambda _: self.context.filters.close())
         d.addBoth(lambda _: self.writer.stop())
         d.addBoth(lambda _: self._stop_disk_pool())
         self._stopping = d

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 
 from mailx.config import ConfigError, load_config
@@ -242,6 +243,119 @@ class CacheTests(FiltersTestCase):
         # Another script activated.
         self.activate("discard;", name="other")
         self.assertEqual(self.outcome().copies, ())
+
+
+class WatchedCacheTests(FiltersTestCase):
+    """With the reactor, inotify tells the filters of changes (no stat per
+    message); each change applies to the first message after its event."""
+
+    def make_filters(self, domain: dict | None = None) -> MailboxFilters:
+        from twisted.internet import reactor
+
+        filters = super().make_filters(domain)
+        filters = MailboxFilters(filters.config, self.clock, reactor=reactor)
+        self.addCleanup(filters.close)
+        return filters
+
+    @inlineCallbacks
+    def until(self, files: str | None, filters: MailboxFilters | None = None):
+        """Poll the outcome (the reactor runs the inotify events between) until it files into ``files``."""
+        from twisted.internet import reactor
+
+        filters = filters or self.filters
+        deadline = time.monotonic() + 10
+        while True:
+            if filters.needs_thread(ALICE):
+                copies = self.outcome(filters=filters).copies
+            else:
+                copies = KEEP.copies
+            if copies == ((Copy(files),) if files is not None else KEEP.copies):
+                return
+            if time.monotonic() > deadline:
+                self.fail(f"still {copies} 10 s after the change, not {files}")
+            yield deferLater(reactor, 0.01, lambda: None)
+
+    def test_a_mailbox_without_a_script_needs_no_thread_once_known(self) -> None:
+        self.assertTrue(self.filters.needs_thread(ALICE))  # cold: nothing known yet
+        self.assertEqual(self.outcome(), KEEP)
+        self.assertFalse(self.filters.needs_thread(ALICE))
+
+    def test_cached_until_the_event_is_processed(self) -> None:
+        path = self.activate('require "fileinto"; fileinto "A";')
+        self.filters.needs_thread(ALICE)
+        self.assertEqual(self.outcome().copies, (Copy("A"),))
+        path.unlink()
+        # No reactor turn since: the event is still in inotify's queue.
+        self.assertEqual(self.outcome().copies, (Copy("A"),))
+
+    @inlineCallbacks
+    def test_activated_changed_renamed_relinked_removed(self):
+        self.filters.needs_thread(ALICE)
+        self.assertEqual(self.outcome(), KEEP)
+        self.assertFalse(self.filters.needs_thread(ALICE))
+        path = self.activate('require "fileinto"; fileinto "A";')
+        yield self.until("A")
+        # Rewritten in place (same inode).
+        path.write_text('require "fileinto"; fileinto "B";')
+        yield self.until("B")
+        # Replaced by rename, as ManageSieve and editors do.
+        new = path.with_name("tmp.sieve")
+        new.write_text('require "fileinto"; fileinto "C";')
+        os.replace(new, path)
+        yield self.until("C")
+        # Another script activated by renaming a new link over the old one.
+        (self.home / "sieve" / "other.sieve").write_text('require "fileinto"; fileinto "D";')
+        os.symlink("sieve/other.sieve", self.home / "link.tmp")
+        os.replace(self.home / "link.tmp", self.home / ".dovecot.sieve")
+        yield self.until("D")
+        # Deactivated.
+        (self.home / ".dovecot.sieve").unlink()
+        yield self.until(None)
+        self.assertFalse(self.filters.needs_thread(ALICE))
+
+    @inlineCallbacks
+    def test_script_directory_removed_and_made_again(self):
+        # Twisted's INotify stops when a watched directory goes: the filters start afresh.
+        self.activate('require "fileinto"; fileinto "A";')
+        yield self.until("A")
+        shutil.rmtree(self.home / "sieve")
+        yield self.until(None)
+        path = self.activate('require "fileinto"; fileinto "B";')
+        yield self.until("B")
+        path.write_text('require "fileinto"; fileinto "E";')
+        yield self.until("E")
+
+    @inlineCallbacks
+    def test_home_made_after_the_first_message(self):
+        shutil.rmtree(self.home)
+        self.assertTrue(self.filters.needs_thread(ALICE))
+        self.assertEqual(self.outcome(), KEEP)
+        self.assertTrue(self.filters.needs_thread(ALICE))  # unwatched: statted each time
+        self.home.mkdir()
+        self.activate('require "fileinto"; fileinto "A";')
+        yield self.until("A")
+        (self.home / "sieve" / "main.sieve").write_text('require "fileinto"; fileinto "B";')
+        yield self.until("B")
+
+    @inlineCallbacks
+    def test_sieve_before_replaced(self):
+        path = self.base / "before.sieve"
+        path.write_text('require "fileinto"; fileinto "A";')
+        filters = self.make_filters({"mailboxes": ["alice", "bob"], "sieve_before": str(path)})
+        yield self.until("A", filters)
+        new = path.with_name("before.tmp")
+        new.write_text('require "fileinto"; fileinto "B";')
+        os.replace(new, path)
+        yield self.until("B", filters)
+        path.write_text('require "fileinto"; fileinto "C";')
+        yield self.until("C", filters)
+
+    def test_closed_filters_stat_again(self) -> None:
+        self.filters.close()
+        self.assertEqual(self.outcome(), KEEP)
+        self.assertTrue(self.filters.needs_thread(ALICE))
+        self.activate('require "fileinto"; fileinto "A";')
+        self.assertEqual(self.outcome().copies, (Copy("A"),))
 
 
 class SieveBeforeTests(FiltersTestCase):

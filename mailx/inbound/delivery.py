@@ -500,6 +500,10 @@ class IncomingMessage:
         ctx = self.delivery.context
         # An LMTP domain's mailboxes are filtered by its LMTP server (SPEC 14).
         mailboxes = [m for m in final_mailboxes(self.routes) if m[0].lmtp is None]
+        # A mailbox the (inotify-kept) cache knows has no script costs no hop.
+        needs_thread = getattr(ctx.filters, "needs_thread", None)
+        if needs_thread is not None:
+            mailboxes = [m for m in mailboxes if needs_thread(m[0])]
         if not mailboxes:
             return {}
 
