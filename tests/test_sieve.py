@@ -233,6 +233,45 @@ class VacationDecisionTests(unittest.TestCase):
         self.assertEqual((action.kind, action.seconds, keep.implicit), ("vacation", 86400, True))
 
 
+class AddressParsingTests(unittest.TestCase):
+    """The fast path for plain mailboxes gives what email.utils.getaddresses gives."""
+
+    atoms = st.text(alphabet="aZ09.-_+'=~", min_size=1, max_size=6)
+
+    def reference(self, values: list[str]) -> list[str]:
+        import email.utils
+
+        return [addr for _, addr in email.utils.getaddresses(values)]
+
+    @settings(max_examples=800, deadline=None)
+    @given(st.lists(st.text(alphabet=' \t<>"@.,;:()\\[]aZ0-_ä', max_size=14), min_size=1, max_size=3))
+    def test_any_value(self, values: list[str]) -> None:
+        from mailx.filters.interpreter import _addresses, _strip_comments
+
+        self.assertEqual(_addresses(values), self.reference([_strip_comments(v) for v in values]))
+
+    @settings(max_examples=800, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["", " ", "\t"]),
+                st.one_of(st.none(), st.text(alphabet="aZ .-\t'", max_size=8)),
+                atoms, atoms, st.sampled_from(["", " ", "\t"]),
+            ),
+            min_size=1, max_size=3,
+        )
+    )
+    def test_plain_mailboxes(self, parts: list) -> None:
+        from mailx.filters.interpreter import _SIMPLE_MAILBOX, _addresses
+
+        values = [
+            f"{lead}{local}@{domain}{trail}" if name is None else f"{lead}{name}<{local}@{domain}>{trail}"
+            for lead, name, local, domain, trail in parts
+        ]
+        self.assertTrue(all(_SIMPLE_MAILBOX.fullmatch(v) for v in values))
+        self.assertEqual(_addresses(values), self.reference(values))
+
+
 class ResultShapeTests(unittest.TestCase):
     def test_compile_error_keeps(self) -> None:
         result = run('fileinto "x";', Message.from_bytes(PLAIN), ME)

@@ -1082,9 +1082,26 @@ def _strip_comments(value: str) -> str:
     return "".join(out)
 
 
+# One mailbox as most fields are written, "addr@example" or "Name <addr@example>"
+# (ASCII atoms and dots, no quotes, comments or lists): its address is what
+# email.utils.getaddresses gives (a property test holds them to it), without its
+# tokenizer, a sixth of a 20-rule script's interpreter time (bench/filters.py).
+_ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+_SIMPLE_MAILBOX = re2.compile(
+    rf"[ \t]*(?:({_ATOMS}@{_ATOMS})|[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~. \t-]*<({_ATOMS}@{_ATOMS})>)[ \t]*"
+)
+
+
 def _addresses(values: list[str]) -> list[str]:
     """The addr-specs in address header values (RFC 5228 2.7.4)."""
-    return [addr for _, addr in email.utils.getaddresses([_strip_comments(v) for v in values])]
+    simple = []
+    for v in values:
+        m = _SIMPLE_MAILBOX.fullmatch(v)
+        if m is None:
+            # getaddresses joins the values: one odd value can swallow the next.
+            return [addr for _, addr in email.utils.getaddresses([_strip_comments(v) for v in values])]
+        simple.append(m.group(1) or m.group(2))
+    return simple
 
 
 def _valid_address(a: str) -> bool:
