@@ -302,9 +302,9 @@ class WatchedCacheTests(FiltersTestCase):
         new = path.with_name("tmp.sieve")
         new.write_text('require "fileinto"; fileinto "C";')
         os.replace(new, path)
+        (self.home / "sieve" / "other.sieve").write_text('require "fileinto"; fileinto "D";')
         yield self.until("C")
         # Another script activated by renaming a new link over the old one.
-        (self.home / "sieve" / "other.sieve").write_text('require "fileinto"; fileinto "D";')
         os.symlink("sieve/other.sieve", self.home / "link.tmp")
         os.replace(self.home / "link.tmp", self.home / ".dovecot.sieve")
         yield self.until("D")
@@ -349,6 +349,13 @@ class WatchedCacheTests(FiltersTestCase):
         yield self.until("B", filters)
         path.write_text('require "fileinto"; fileinto "C";')
         yield self.until("C", filters)
+        # The user's script after it, watched too.
+        path.write_text("")
+        script = self.activate('require "fileinto"; fileinto "U";')
+        yield self.until("U", filters)
+        script.write_text('require "fileinto"; fileinto "V";')
+        yield self.until("V", filters)
+        self.assertIn(self.home, filters._watcher.resolved)
 
     def test_closed_filters_stat_again(self) -> None:
         self.filters.close()

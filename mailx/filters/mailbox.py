@@ -124,14 +124,13 @@ class MailboxFilters:
             return True
         home = self.home(destination)
         before = self._sieve_before(destination)
-        if before is not None:
+        if before is not None and before not in watcher.compiled:
             watcher.watch_file(before)
-            return True
         resolved = watcher.resolved.get(home)
-        if resolved is not None:
-            return resolved.script is not None
-        watcher.watch_home(home)
-        return True
+        if resolved is None:
+            watcher.watch_home(home)
+            return True
+        return before is not None or resolved.script is not None
 
     def close(self) -> None:
         """Stop watching (a reload builds new filters); later messages stat again."""
