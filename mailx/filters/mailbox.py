@@ -457,7 +457,7 @@ class _ScriptWatcher:
             try:
                 from twisted.internet import inotify
 
-                self._notifier = inotify.INotify(self.reactor)
+                self._notifier = inotify.INotify(self.reactor)  # type: ignore[no-untyped-call]  # Twisted leaves INotify.__init__ unannotated
                 self._notifier.startReading()
             except Exception as e:  # noqa: BLE001 - not Linux, no inotify, or no more instances
                 log.info("no inotify ({error}): Sieve scripts are statted for every message", error=str(e))
