@@ -324,6 +324,14 @@ class IncomingMessage:
     # --- end of data ----------------------------------------------------------
 
     @defer.inlineCallbacks
+    def _spooled(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """The body, all on the spool; a disk error is 451 4.3.0 (SPEC 5), and the sender retries."""
+        yield self.body.finish()
+        if self.body.error is not None:
+            log.error("{qid}: spool write failed: {error}", qid=self.queue_id, error=str(self.body.error))
+            raise SMTPReplyError(replies.LOCAL_ERROR)
+
+    @defer.inlineCallbacks
     def eomReceived(self) -> Generator[defer.Deferred[Any], Any, replies.Reply]:
         if self._in_header:  # a message that is all header section
             self._end_header(bytes(self._head), b"")
@@ -331,15 +339,7 @@ class IncomingMessage:
         config = ctx.config
         end_of_data = ctx.reactor.seconds()
         try:
-            yield self.body.finish()
-            if self.body.error is not None:
-                # SPEC section 5: a disk error is 451 4.3.0, and the sender retries.
-                log.error(
-                    "{qid}: spool write failed: {error}",
-                    qid=self.queue_id,
-                    error=str(self.body.error),
-                )
-                raise SMTPReplyError(replies.LOCAL_ERROR)
+            yield self._spooled()
             if len(self.header) > INLINE_HEADER:
                 # Linear, but a megabyte of fields is still milliseconds of
                 # CPU that every other session would wait for.

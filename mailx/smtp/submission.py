@@ -295,14 +295,7 @@ class SubmittedMessage(IncomingMessage):
         config = ctx.config
         account = self.delivery.session.account
         try:
-            yield self.body.finish()
-            if self.body.error is not None:
-                log.error(
-                    "{qid}: spool write failed: {error}",
-                    qid=self.queue_id,
-                    error=str(self.body.error),
-                )
-                raise SMTPReplyError(replies.LOCAL_ERROR)
+            yield self._spooled()
             fields = split_header(self.header)
             # The stdlib's address parser, on a worker thread (it is slow on odd input).
             refusal = yield deferToThreadPool(
