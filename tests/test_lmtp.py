@@ -519,12 +519,12 @@ class DeliveryGuaranteeTests(DovecotCase):
         queue = server.service.outbound.queue
         crashed = defer.Deferred()
 
-        def crash(queue_id: str) -> bool:
+        def crash(queue_ids: list[str]) -> list[bool]:
             # The process dies here: Dovecot said 250, the entry still says pending.
-            reactor.callFromThread(crashed.callback, queue_id)
+            reactor.callFromThread(crashed.callback, queue_ids[0])
             raise SystemError("crash after the LMTP 250")
 
-        queue.remove = crash
+        queue.remove_many = crash
         yield send_mail(server.port, SENDER, ["alice@example.test"], message("twice"))
         queue_id = yield crashed
         yield self.stop_mailx(server)

@@ -403,6 +403,7 @@ class OutboundCase(unittest.TestCase):
         sender: str = "alice@sender.test",
         message: bytes = MESSAGE,
         queue_id: str = "65F00000000001",
+        data: bytes | None = None,
         **results: Any,
     ) -> Any:
         forwards = [("boss@example.test", r, TRACE) for r in recipients]
@@ -410,7 +411,7 @@ class OutboundCase(unittest.TestCase):
             queue_id, sender, "mail.sender.test", forwards, **results
         )
         self.queue.enqueue(envelope, [message])
-        self.outbound.submitted(envelope)
+        self.outbound.submitted(envelope, data)
         self.clock.advance(0)
         return envelope
 
@@ -541,6 +542,85 @@ class DeliveryTests(OutboundCase):
         self.clock.advance(3600)
         hosts = yield self.outbound._hosts("multi.test")
         self.assertEqual(hosts[0], ("a.multi.test", "2001:db8::1"))
+
+
+class FromMemoryTests(OutboundCase):
+    """A message just filed goes out from the bytes its filing had in memory."""
+
+    def count_reads(self) -> list[Path]:
+        opened: list[Path] = []
+        real = outbound_module._open_data
+
+        def recording(path: Path) -> Any:
+            opened.append(path)
+            return real(path)
+
+        self.patch(outbound_module, "_open_data", recording)
+        return opened
+
+    @defer.inlineCallbacks
+    def test_the_first_attempt_sends_from_memory_and_lets_it_go(self) -> None:
+        opened = self.count_reads()
+        envelope = self.submit(data=MESSAGE)
+        [message] = yield self.sink.wait_for(1)
+        self.assertEqual(message.data, TRACE + MESSAGE)
+        yield self.gone(envelope)
+        self.assertEqual(opened, [])
+        self.assertEqual((self.outbound._in_memory, self.outbound._in_memory_size), ({}, 0))
+
+    @defer.inlineCallbacks
+    def test_a_retry_reads_the_queued_file(self) -> None:
+        self.sink.script("rcpt", "451 4.7.1 later")
+        opened = self.count_reads()
+        envelope = self.submit(data=MESSAGE)
+        yield self.settle(envelope)
+        self.assertEqual((self.outbound._in_memory, self.outbound._in_memory_size), ({}, 0))
+        self.clock.advance(60)
+        [message] = yield self.sink.wait_for(1)
+        self.assertEqual(message.data, TRACE + MESSAGE)
+        self.assertEqual(opened, [self.queue.data_path(envelope.id)])
+
+    @defer.inlineCallbacks
+    def test_bytes_that_are_not_the_entry_are_not_sent(self) -> None:
+        opened = self.count_reads()
+        envelope = self.submit(data=MESSAGE + b"more")  # not the file's size
+        [message] = yield self.sink.wait_for(1)
+        self.assertEqual(message.data, TRACE + MESSAGE)
+        self.assertEqual(opened, [self.queue.data_path(envelope.id)])
+
+    @defer.inlineCallbacks
+    def test_past_the_memory_budget_the_file_is_read(self) -> None:
+        self.patch(outbound_module, "HELD_IN_MEMORY", len(MESSAGE) * 3 // 2)
+        self.sink.script("rcpt", "451 4.7.1 later")
+        first = self.submit(data=MESSAGE)
+        second = self.submit(data=MESSAGE, queue_id="65F00000000002")
+        self.assertEqual(list(self.outbound._in_memory), [first.id])
+        yield self.settle(first)
+        yield self.settle(second)
+        self.assertEqual(self.outbound._in_memory_size, 0)
+
+    @defer.inlineCallbacks
+    def test_removals_in_one_reactor_turn_share_one_disk_trip(self) -> None:
+        batches: list[list[str]] = []
+        real = self.queue.remove_many
+
+        def recording(queue_ids: list[str]) -> list[Any]:
+            batches.append(list(queue_ids))
+            return real(queue_ids)
+
+        self.patch(self.queue, "remove_many", recording)
+        for n in (1, 2, 3):
+            self.queue.enqueue(
+                self.outbound.envelope_for(
+                    f"65F0000000030{n}", "a@sender.test", "h", [("b@example.test", "x@out.test", TRACE)]
+                ),
+                [MESSAGE],
+            )
+        results = yield defer.gatherResults(
+            [self.outbound._remove(f"65F0000000030{n}") for n in (1, 2, 3, 4)]
+        )
+        self.assertEqual(results, [True, True, True, False])
+        self.assertEqual(batches, [[f"65F0000000030{n}" for n in (1, 2, 3, 4)]])
 
 
 class StalledDiskTests(OutboundCase):

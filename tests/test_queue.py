@@ -190,6 +190,36 @@ class QueueTests(unittest.TestCase):
         self.assertFalse(self.queue.remove("65F00000000001"))
         self.assertEqual(os.listdir(self.root), [".tmp"])
 
+    def test_remove_many_renames_all_then_fsyncs_the_directory_once(self) -> None:
+        ids = [f"65F0000000020{n}" for n in range(3)]
+        for queue_id in ids:
+            self.queue.enqueue(envelope(queue_id), [MESSAGE])
+        events: list[str] = []
+        real_rename = os.rename
+
+        def rename(a, b):
+            real_rename(a, b)
+            events.append(f"rename {Path(a).name}")
+
+        with mock.patch("os.rename", rename), mock.patch(
+            "mailx.storage.queue.fsync_directory", lambda path: events.append(f"fsync {path}")
+        ):
+            results = self.queue.remove_many([*ids, "65F00000000299"])
+        self.assertEqual(results, [True, True, True, False])
+        self.assertEqual(events, [*(f"rename {i}" for i in ids), f"fsync {self.root}"])
+        self.assertEqual(os.listdir(self.root), [".tmp"])
+
+    def test_remove_many_reports_a_failed_fsync_for_every_renamed_entry(self) -> None:
+        self.queue.enqueue(envelope(), [MESSAGE])
+
+        def failing(path: Path) -> None:
+            raise OSError(5, "Input/output error")
+
+        with mock.patch("mailx.storage.queue.fsync_directory", failing):
+            [result, missing] = self.queue.remove_many(["65F00000000001", "65F00000000002"])
+        self.assertIsInstance(result, OSError)
+        self.assertIs(missing, False)
+
     def test_prepare_clears_what_a_crash_left(self) -> None:
         (self.root / ".tmp" / "65F00000000009").mkdir()
         (self.root / ".tmp" / "65F00000000009" / "message").write_bytes(b"half")

@@ -398,7 +398,7 @@ class IncomingMessage:
                 **decision.log,
                 **replies.outcome("message", replies.MESSAGE_ACCEPTED),
             )
-            self._filed(decision, entries, filed)
+            self._filed(decision, filing, entries, filed)
             return decision.reply
         except SMTPReplyError as e:
             log.info(
@@ -648,12 +648,16 @@ class IncomingMessage:
             entries += more_entries
         return Filing(copies, entries, self.body), entries
 
-    def _filed(self, decision: Decision, entries: list[QueueCopy], filed: list[Path]) -> None:
+    def _filed(
+        self, decision: Decision, filing: Filing, entries: list[QueueCopy], filed: list[Path]
+    ) -> None:
         """The message is on disk: start its queue entries, log its copies."""
         ctx = self.delivery.context
         _log_filter_actions(self.queue_id, self._outcomes, decision)
         for entry in entries:
-            ctx.outbound.submitted(entry.envelope)
+            ctx.outbound.submitted(
+                entry.envelope, filing.entry_data(entry, ctx.outbound.send_from_memory)
+            )
         for outgoing in decision.outgoing:
             if outgoing.vacation is not None and ctx.filters is not None:
                 # Queued: the sender gets no other reply this period (RFC 5230 4.6).

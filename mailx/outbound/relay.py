@@ -102,6 +102,11 @@ FLUSH_POLL = 1.0
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
 SEND_CHUNK = 64 * 1024
+# A message just filed is sent from memory on its first attempt (no trip to
+# the disk pool to read back what the writer fsynced moments ago), if it is
+# at most this big and the queue holds at most HELD_IN_MEMORY such octets.
+SEND_FROM_MEMORY = 256 * 1024
+HELD_IN_MEMORY = 16 * 1024 * 1024
 # Connection reuse (issue 12): an idle session waits this long for the next
 # message to the same host (Postfix smtp_connection_cache_time_limit: 2 s),
 # rather than a new TCP, EHLO and TLS handshake for each message.
@@ -300,6 +305,7 @@ class Transaction:
     data_path: Path  # the queued message
     size: int  # octets before dot-stuffing (prefix included), for SIZE=
     eight_bit: bool
+    data: bytes | None = None  # the data file's contents, when still in memory
 
 
 @dataclass(frozen=True)
@@ -362,9 +368,12 @@ class _DataProducer:
         prefix: bytes,
         path: Path,
         run_blocking: Callable[..., defer.Deferred],
+        data: bytes | None = None,
     ) -> None:
         self._client = client
         self._path = path
+        self._data = data  # the file's contents, sent without reading it
+        self._offset = 0
         self._run_blocking = run_blocking
         self._file: Any = None  # touched only by the reads, one at a time
         self._stuffer = DotStuffer()
@@ -387,6 +396,11 @@ class _DataProducer:
     def _pump(self) -> None:
         """Read and send chunks while the transport takes them."""
         while not (self._paused or self._reading or self._done):
+            if self._data is not None:
+                chunk = self._data[self._offset : self._offset + SEND_CHUNK]
+                self._offset += len(chunk)
+                self._send((chunk, self._offset >= len(self._data)))
+                continue
             self._reading = True
             d = self._run_blocking(self._read_chunk)
             if not d.called:
@@ -455,7 +469,7 @@ class _DataProducer:
         if self._done:
             return
         self._done = True
-        if not self._reading:
+        if not self._reading and self._data is None:
             self._run_blocking(self._close).addErrback(lambda _: None)
 
 
@@ -983,7 +997,11 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._stage = "data-block"
         self._arm(self.settings.timeouts.data_block)
         self._producer = _DataProducer(
-            self, self.transaction.prefix, self.transaction.data_path, self.settings.run_blocking
+            self,
+            self.transaction.prefix,
+            self.transaction.data_path,
+            self.settings.run_blocking,
+            self.transaction.data,
         )
         self.transport.registerProducer(self._producer, True)
         self._producer.start()
@@ -1166,6 +1184,12 @@ class Outbound(service.Service):
         # smarthost's endpoint string.  Tests pass one to see every attempt.
         self._endpoint_factory = endpoint_factory or self._endpoint
         self._entries: dict[str, _Entry] = {}
+        # Queue ID -> its data file's contents, until its first attempt is over.
+        self._in_memory: dict[str, bytes] = {}
+        self._in_memory_size = 0
+        self.send_from_memory = SEND_FROM_MEMORY  # the largest message kept
+        # Entries to remove at the end of this reactor turn, in one disk-pool trip.
+        self._removals: list[tuple[str, defer.Deferred[bool]]] = []
         self._slots = _Slots(config.outbound.connections, config.outbound.connections_per_domain)
         self._failed_hosts: dict[str, float] = {}
         self._sessions: set[SMTPClientProtocol] = set()
@@ -1325,8 +1349,17 @@ class Outbound(service.Service):
         read at scrape time from the scraping thread, hence the copy."""
         return [entry.envelope.created for entry in list(self._entries.values())]
 
-    def submitted(self, envelope: Envelope) -> None:
-        """A new entry is on disk (fsynced): start delivering it."""
+    def submitted(self, envelope: Envelope, data: bytes | None = None) -> None:
+        """A new entry is on disk (fsynced): start delivering it.  ``data`` is its
+        data file's contents, if the caller still has them in memory."""
+        if (
+            data is not None
+            and len(data) == envelope.size
+            and len(data) <= self.send_from_memory
+            and self._in_memory_size + len(data) <= HELD_IN_MEMORY
+        ):
+            self._in_memory[envelope.id] = data
+            self._in_memory_size += len(data)
         log.info(
             "{qid}: queued for forwarding: {rcpts}",
             qid=envelope.id,
@@ -1404,7 +1437,13 @@ class Outbound(service.Service):
         d.addErrback(lambda f: log.failure("outbound: unexpected error", f))
         return d
 
+    def _drop_from_memory(self, queue_id: str) -> None:
+        data = self._in_memory.pop(queue_id, None)
+        if data is not None:
+            self._in_memory_size -= len(data)
+
     def _forget(self, entry: _Entry, why: str) -> None:
+        self._drop_from_memory(entry.envelope.id)
         if self._entries.get(entry.envelope.id) is entry:
             del self._entries[entry.envelope.id]
             if entry.timer is not None and entry.timer.active():
@@ -1450,6 +1489,8 @@ class Outbound(service.Service):
         entry.busy += 1
         try:
             yield self._deliver_group(entry, domain, mail_from, trace, recipients)
+            # A retry reads the file: a queue that backs up does not pile up in memory.
+            self._drop_from_memory(entry.envelope.id)
             entry.in_flight.difference_update(id(r) for r in recipients)
             if not self._stopping and self._entries.get(entry.envelope.id) is entry:
                 yield self._after_attempt(entry)
@@ -1621,7 +1662,7 @@ class Outbound(service.Service):
                     n=len(failed),
                     why=refusal,
                 )
-        yield self._in_thread(self.queue.remove, envelope.id)
+        yield self._remove(envelope.id)
         self._forget(
             entry,
             f"done: {len(envelope.recipients) - len(failed)} delivered, {len(failed)} failed;"
@@ -1743,6 +1784,32 @@ class Outbound(service.Service):
         forwards = [d.address for d in decision.destinations if isinstance(d, ForwardDestination)]
         return mailboxes, forwards
 
+    def _remove(self, queue_id: str) -> defer.Deferred[bool]:
+        """`Queue.remove`, batched: the entries done in one reactor turn go in one
+        disk-pool trip and share one fsync of the queue directory."""
+        d: defer.Deferred[bool] = defer.Deferred()
+        if not self._removals:
+            self.reactor.callLater(0, self._remove_batch)
+        self._removals.append((queue_id, d))
+        return d
+
+    def _remove_batch(self) -> None:
+        batch, self._removals = self._removals, []
+
+        def removed(results: list[bool | OSError]) -> None:
+            for (_, d), result in zip(batch, results, strict=True):
+                if isinstance(result, OSError):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        def failed(failure: Failure) -> None:
+            for _, d in batch:
+                d.errback(failure)
+
+        done = self._in_thread(self.queue.remove_many, [queue_id for queue_id, _ in batch])
+        done.addCallbacks(removed, failed)
+
     def _in_thread(self, func: Callable[..., Any], *args: Any) -> defer.Deferred:
         pool = self.disk_pool if self.disk_pool is not None else self.reactor.getThreadPool()
         return deferToThreadPool(self.reactor, pool, func, *args)
@@ -1776,6 +1843,7 @@ class Outbound(service.Service):
             data_path=self.queue.data_path(envelope.id),
             size=envelope.size + len(trace.encode("utf-8", "surrogateescape")),
             eight_bit=envelope.eight_bit,
+            data=self._in_memory.get(envelope.id),
         )
         from mailx.outbound.lmtp import endpoint_of  # lmtp imports this module
 

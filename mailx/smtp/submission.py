@@ -226,6 +226,21 @@ def added_fields(fields: Sequence[bytes], hostname: str) -> list[bytes]:
     return added
 
 
+def checked_and_signed(
+    config: Any,
+    account: str,
+    fields: Sequence[bytes],
+    router: Router | None,
+    header: bytes,
+    body: Any,
+) -> tuple[str | None, bytes]:
+    """`header_refusal`, then, if there is none, `dkim_signature` (blocking)."""
+    refusal = header_refusal(config, account, fields, router)
+    if refusal is not None:
+        return refusal, b""
+    return None, dkim_signature(config, header, body)
+
+
 def dkim_signature(config: Any, header: bytes, body: Any) -> bytes:
     """The DKIM-Signature field for the message ``header`` + the spooled body,
     or b"" when its From domain has no key (blocking: a worker thread).
@@ -297,17 +312,23 @@ class SubmittedMessage(IncomingMessage):
         try:
             yield self._spooled()
             fields = split_header(self.header)
-            # The stdlib's address parser, on a worker thread (it is slow on odd input).
-            refusal = yield deferToThreadPool(
-                ctx.reactor, ctx.disk_pool, header_refusal, config, account, fields, ctx.router
+            added = added_fields(fields, config.hostname)
+            header = self._received() + b"".join(fields) + b"".join(added)
+            # One worker-thread trip for both: the stdlib's address parser (slow
+            # on odd input) and the signature (RSA, the whole message).
+            refusal, signature = yield deferToThreadPool(
+                ctx.reactor,
+                ctx.disk_pool,
+                checked_and_signed,
+                config,
+                account,
+                fields,
+                ctx.router,
+                header,
+                self.body,
             )
             if refusal is not None:
                 raise SMTPReplyError(replies.FROM_NOT_OWNED.with_text(refusal))
-            added = added_fields(fields, config.hostname)
-            header = self._received() + b"".join(fields) + b"".join(added)
-            signature = yield deferToThreadPool(
-                ctx.reactor, ctx.disk_pool, dkim_signature, config, header, self.body
-            )
             header = signature + header
             # The same decision and filing as inbound mail, without checks;
             # local recipients' filters apply (SPEC 11).
@@ -332,7 +353,7 @@ class SubmittedMessage(IncomingMessage):
                     fields + added, [_field_name(f) for f in fields + added]
                 ),
             )
-            self._filed(decision, entries, filed)
+            self._filed(decision, filing, entries, filed)
             return replies.MESSAGE_ACCEPTED.with_text(
                 replies.MESSAGE_ACCEPTED.text.format(queue_id=self.queue_id)
             )

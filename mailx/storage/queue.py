@@ -47,7 +47,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,6 +305,37 @@ class Queue:
         except FileNotFoundError:
             return False
         self._sync_root_after()
+        self._unlink_aside(aside)
+        return True
+
+    def remove_many(self, queue_ids: Sequence[str]) -> list[bool | OSError]:
+        """`remove` for several entries, with one fsync of the queue directory
+        for all their renames: each one's result, True, False or its error."""
+        results: list[bool | OSError] = []
+        asides: list[Path] = []
+        for queue_id in queue_ids:
+            aside = self.root / f".removed-{queue_id}"
+            try:
+                os.rename(self.path(queue_id), aside)
+            except FileNotFoundError:
+                results.append(False)
+                continue
+            except OSError as e:
+                results.append(e)
+                continue
+            results.append(True)
+            asides.append(aside)
+        if asides:
+            try:
+                self._sync_root_after()
+            except OSError as e:
+                # Renamed but perhaps not durably: report it, as remove would.
+                results = [e if r is True else r for r in results]
+        for aside in asides:
+            self._unlink_aside(aside)
+        return results
+
+    def _unlink_aside(self, aside: Path) -> None:
         # The two files an entry has, without rmtree's walk (it costs the
         # GIL more than the unlinks); anything else there, it clears.
         try:
@@ -313,7 +344,6 @@ class Queue:
             os.rmdir(aside)
         except OSError:
             shutil.rmtree(aside, ignore_errors=True)
-        return True
 
     def _sync_root_after(self) -> None:
         """Make this thread's rename in the queue directory durable, sharing fsyncs.

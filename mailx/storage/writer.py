@@ -135,6 +135,22 @@ class Filing:
                 payload += body.contents()
         return request, payload
 
+    def entry_data(self, entry: QueueCopy, limit: int) -> bytes | None:
+        """What ``entry``'s data file holds (once filed), if the body is still in
+        memory and it is at most ``limit`` octets (None otherwise: reading a
+        spilled body back is the disk pool's job)."""
+        if entry.envelope.size > limit:
+            return None
+        if not entry.body:
+            return entry.head
+        body = self.body
+        if isinstance(body, bytes):
+            return entry.head + body
+        if body is None or body.path is not None:
+            return None
+        contents: bytes = body.contents()
+        return entry.head + contents
+
     def filed(self, answer: dict[str, Any]) -> list[Path]:
         """The paths of the copies; the entries' envelopes get their size and 8-bit flag."""
         for entry, written in zip(self.entries, answer.get("entries", ()), strict=True):
