@@ -21,20 +21,19 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from mailx.testing import dovecot
 from mailx.testing.dnsserver import serve_for_test
 from mailx.testing.server import ServerProcess, free_port, send_mail, start_server, write_config
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+DOVECOT = dovecot.DOVECOT
 PASSWORD = "imap-secret"
 
 # What a test needs on top of the recipe: its own directories, logs and
@@ -132,32 +131,12 @@ class DovecotRecipeTests(unittest.TestCase):
         config = self.base / "dovecot.conf"
         config.write_text(TEST_SETTINGS.format(base=self.base, port=port) + recipe)
         (self.base / "state").mkdir()
-        process = subprocess.Popen(
-            [DOVECOT, "-F", "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
-        def stop() -> None:
-            process.terminate()  # by its own PID: the master takes its children along
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-        self.addCleanup(stop)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
-            except OSError:
-                if process.poll() is not None:
-                    self.fail(f"dovecot exited: {process.stderr.read().decode()}")
-                if time.monotonic() > deadline:
-                    self.fail("dovecot did not listen in time")
-                time.sleep(0.1)
+        try:
+            process = dovecot.launch(config, [port])
+        except RuntimeError as e:
+            self.fail(str(e))
+        self.addCleanup(dovecot.stop, process)
+        return port
 
     def imap_subjects(self, port: int, folder: str) -> list[str]:
         client = imaplib.IMAP4("127.0.0.1", port)

@@ -14,11 +14,8 @@ import io
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -28,12 +25,13 @@ from mailx.config import load_config
 from mailx.filters.mailbox import MailboxFilters
 from mailx.filters.outcome import Copy
 from mailx.inbound.routing import MailboxDestination
+from mailx.testing import dovecot
 from mailx.testing.server import free_port, write_config
 
 from .test_dovecot import chown_tree, vmail_user
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+DOVECOT = dovecot.DOVECOT
 MANAGESIEVE = Path("/usr/lib/dovecot/managesieve")
 PASSWORD = "sieve-secret"
 
@@ -106,28 +104,12 @@ class ManageSieveTests(unittest.TestCase):
         config = self.base / "dovecot.conf"
         config.write_text(settings + block)
         (self.base / "state").mkdir()
-        process = subprocess.Popen([DOVECOT, "-F", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-        def stop() -> None:
-            process.terminate()  # by its own PID: the master takes its children along
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-        self.addCleanup(stop)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
-            except OSError:
-                if process.poll() is not None:
-                    self.fail(f"dovecot exited: {process.stderr.read().decode()}")
-                if time.monotonic() > deadline:
-                    self.fail("dovecot did not listen in time")
-                time.sleep(0.1)
+        try:
+            process = dovecot.launch(config, [port])
+        except RuntimeError as e:
+            self.fail(str(e))
+        self.addCleanup(dovecot.stop, process)
+        return port
 
     def connect(self, port: int):
         """A logged-in ManageSieve client; plaintext on loopback, as Roundcube beside Dovecot."""

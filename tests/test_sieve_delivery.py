@@ -15,8 +15,6 @@ from __future__ import annotations
 import imaplib
 import os
 import re
-import subprocess
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mailx.outbound import dkimkeys
+from mailx.testing import dovecot
 from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.server import (
     ServerProcess,
@@ -315,32 +314,11 @@ class ManageSieveRoundTripTests(unittest.TestCase):
         config = self.base / "dovecot.conf"
         config.write_text(settings + imap + block)
         (self.base / "state").mkdir()
-        process = subprocess.Popen(
-            ["/usr/sbin/dovecot", "-F", "-c", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-
-        def stop() -> None:
-            process.terminate()  # by its own PID: the master takes its children along
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-        self.addCleanup(stop)
-        deadline = time.monotonic() + 20
-        for listening in (sieve_port, imap_port):
-            while True:
-                try:
-                    __import__("socket").create_connection(("127.0.0.1", listening), timeout=1).close()
-                    break
-                except OSError:
-                    if process.poll() is not None:
-                        self.fail(f"dovecot exited: {process.stderr.read().decode()}")
-                    if time.monotonic() > deadline:
-                        self.fail("dovecot did not listen in time")
-                    time.sleep(0.1)
+        try:
+            process = dovecot.launch(config, [sieve_port, imap_port])
+        except RuntimeError as e:
+            self.fail(str(e))
+        self.addCleanup(dovecot.stop, process)
         return sieve_port, imap_port
 
     def upload(self, port: int, name: str, script: str) -> None:

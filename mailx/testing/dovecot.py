@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mailx.testing.server import free_port
@@ -75,6 +75,47 @@ def available() -> str | None:
     return None
 
 
+def launch(config: Path, ports: Iterable[int] = (), timeout: float = 20.0,
+           ready: Callable[[], bool] = lambda: True) -> subprocess.Popen[bytes]:
+    """Dovecot in the foreground on ``config``, once each of ``ports`` accepts
+    connections on 127.0.0.1 and ``ready()`` holds; RuntimeError (with what it
+    printed) if it exits or is not listening within ``timeout``."""
+    process = subprocess.Popen(
+        [DOVECOT, "-F", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    waiting = list(ports)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            why = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            raise RuntimeError(f"dovecot exited: {why}")
+        try:
+            while waiting:
+                socket.create_connection(("127.0.0.1", waiting[0]), timeout=1).close()
+                waiting.pop(0)
+            if ready():
+                return process
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop(process)
+            raise RuntimeError(f"dovecot did not listen on {waiting} within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """By its own PID: the master takes its children along."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stderr is not None:
+        process.stderr.close()
+
+
 def vmail_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam("vmail")
@@ -132,38 +173,13 @@ class PrivateDovecot:
         return f"tcp:127.0.0.1:{self.lmtp_port}"
 
     def start(self, timeout: float = 20.0) -> None:
-        self.process = subprocess.Popen(
-            [DOVECOT, "-F", "-c", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+        self.process = launch(
+            self.config, (self.imap_port, self.lmtp_port), timeout, self.lmtp_socket.exists
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                why = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"dovecot exited: {why}")
-            try:
-                socket.create_connection(("127.0.0.1", self.imap_port), timeout=1).close()
-                socket.create_connection(("127.0.0.1", self.lmtp_port), timeout=1).close()
-                if self.lmtp_socket.exists():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"dovecot did not start: {self.log()}")
 
     def stop(self) -> None:
-        """By its own PID: the master takes its children along."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
+        if self.process is not None:
+            stop(self.process)
 
     def remove(self) -> None:
         self.stop()
