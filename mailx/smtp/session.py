@@ -473,7 +473,8 @@ class SMTPSession:
         self._line_start = finished or region.endswith(b"\r\n")
         region = region.replace(b"\r\n.", b"\r\n")
         # Unstuff first, then normalise: a dot after a bare LF was never stuffed.
-        if region.count(b"\n") != region.count(b"\r\n") or region.count(b"\r") != region.count(b"\n"):
+        line_feeds = region.count(b"\n")
+        if line_feeds != region.count(b"\r") or line_feeds != region.count(b"\r\n"):
             region = _LINE_BREAKS.sub(b"\r\n", region)
         if self.transaction.refused is None:
             self.transaction.received += len(region)
