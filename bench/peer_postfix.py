@@ -27,7 +27,12 @@ master.cf lines (``MODES``); today:
   by a private Dovecot auth service (`start_dovecot_auth`) that reads the
   same passwd-file as mailx; authenticated clients may send as
   ``alice@bench.test`` only (``reject_sender_login_mismatch``) and relay
-  anywhere, through ``relayhost``. No DKIM signing (no milter).
+  anywhere, through ``relayhost``. No DKIM signing unless a milter is given.
+
+Any mode takes a milter (``milter``, e.g. ``inet:127.0.0.1:PORT``: OpenDKIM
+in bench/submission.py's ``postfix-dkim``): ``smtpd_milters`` and
+``non_smtpd_milters``, and a message is refused with a temporary error
+(``milter_default_action = tempfail``) when the milter cannot be reached.
 
 Durability, for the comparison: cleanup(8) fsyncs the queue file before
 smtpd says 250, and virtual(8) fsyncs each Maildir file before renaming it
@@ -90,6 +95,7 @@ class Instance:
     lmtp: str | None = None  # the LMTP server in Postfix's form, unix:PATH (lmtp mode)
     tls: tuple[Path, Path] | None = None  # smtpd's certificate and key (sasl-relay mode)
     sasl_path: str | None = None  # Dovecot's auth service, "inet:127.0.0.1:PORT" (sasl-relay)
+    milter: str | None = None  # a milter for every message, "inet:127.0.0.1:PORT" (any mode)
     extra: Mapping[str, str] = field(default_factory=dict)  # more main.cf parameters
 
     @property
@@ -299,6 +305,14 @@ def main_cf(inst: Instance, mode_params: Mapping[str, str]) -> dict[str, str]:
         "default_destination_concurrency_limit": str(DESTINATION_CONCURRENCY),
     }
     params.update(mode_params)
+    if inst.milter is not None:
+        params.update({
+            "smtpd_milters": inst.milter,
+            "non_smtpd_milters": inst.milter,
+            # Unreachable milter: 4xx, never a message passed on unsigned.
+            "milter_default_action": "tempfail",
+            "milter_protocol": "6",
+        })
     params.update(inst.extra)
     return params
 

@@ -2,24 +2,32 @@
 
     python3 bench/submission.py                       # mailx, 500 messages, 10 sessions, once
     python3 bench/submission.py --kinds mailx,postfix --repeat 3 --messages 1000
+    python3 bench/submission.py --kinds mailx,postfix,postfix-dkim   # Postfix + OpenDKIM too
 
 Each session is smtplib over STARTTLS on the submission listener: one
 AUTH PLAIN (Argon2id, doveadm's parameters), then message after message
 from alice@bench.test to someone@sink.test.  mailx adds Date, Message-ID,
 a Received and a DKIM signature (RSA-2048), queues the message and sends it
-to the sink that bench/forwarding.py's helper runs (loopback DNS: sink.test
-MX -> 127.0.0.1).  msg/s = messages / (the sink's last accepted message -
-first connect); CPU is the server's process tree's.
+to the sink of bench/forwarding.py's helper (loopback DNS: sink.test
+MX -> 127.0.0.1), run here (``serve_sink``) to count DKIM signatures too.
+msg/s = messages / (the sink's last accepted message - first connect); CPU
+is the server's process tree's.
 
 ``postfix`` (bench/peer_postfix.py, sasl-relay mode) is Postfix doing the
 same in mailx's place: STARTTLS, AUTH PLAIN checked by a private Dovecot
 auth service (``smtpd_sasl_type = dovecot``) against the same passwd-file,
 the login's own sender only, relayed to the same kind of sink
 (``relayhost``, no DNS).  It adds Date, Message-ID and Received but signs
-nothing (no DKIM milter here): mailx's RSA signature is work Postfix skips.
-Its CPU and peak RSS are Postfix's tree and Dovecot's together. Both use
-20 connections per destination (each one's default). Kinds alternate
-order between repeats, so a drift in the machine's load hits both.
+nothing: mailx's RSA signature is work Postfix skips.  ``postfix-dkim``
+is the stack mailx replaces: the same Postfix with an OpenDKIM milter
+(``opendkim -f``, Debian's package, on a loopback port, or a Unix socket
+with ``--milter-socket unix``: bench/README on why) signing every message
+as mailx does (RSA-2048, relaxed/relaxed, From oversigned, d=bench.test,
+the same key and selector); the run fails unless every message reaches
+the sink with a DKIM-Signature.  CPU and peak RSS are Postfix's tree's plus
+Dovecot's (and OpenDKIM's). All use 20 connections per destination (each
+one's default). Kinds alternate order between repeats, so a drift in the
+machine's load hits all.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import json
 import os
 import shutil
 import smtplib
+import socket
 import ssl
 import statistics
 import subprocess
@@ -50,6 +59,26 @@ from mailx.smtp.accounts import hash_password  # noqa: E402
 from mailx.testing.tls import make_certificate  # noqa: E402
 
 PASSWORD = "bench password"
+SELECTOR = "b1"  # mailx's and OpenDKIM's
+OPENDKIM_INSTALL = "DEBIAN_FRONTEND=noninteractive apt-get install -y opendkim opendkim-tools"
+# Debian's opendkim; what bench/README describes.  Key, socket and pid file
+# are filled in per run.
+OPENDKIM_CONF = """\
+Mode s
+Domain {domain}
+Selector {selector}
+KeyFile {key}
+Canonicalization relaxed/relaxed
+OversignHeaders From
+SignatureAlgorithm rsa-sha256
+# The key lies under /var/tmp, whose sticky, world-writable mode it dislikes.
+RequireSafeKeys false
+Socket {socket}
+# A Unix socket's mode: Postfix's smtpd (the postfix user) connects to it.
+UMask 000
+PidFile {directory}/opendkim.pid
+Syslog no
+"""
 
 
 def message(n: int) -> bytes:
@@ -88,9 +117,82 @@ def load(port: int, cert: Path, messages: int, concurrency: int) -> tuple[float,
     return start, ok[0]
 
 
-def start_postfix(run_dir: Path, port: int, sink_port: int, cert: Path, key: Path
-                  ) -> tuple[subprocess.Popen, subprocess.Popen]:
-    """Dovecot's auth service, then Postfix submitting through it to the sink: (postfix, dovecot)."""
+def serve_sink(expected: int) -> None:
+    """The helper process: bench/forwarding.py's (loopback DNS, sink.test MX -> the
+    sink), whose sink keeps each message to count those with a DKIM-Signature.
+    Prints its ports, then ``done TIME MESSAGES CONNECTIONS SIGNED``."""
+    from twisted.internet import reactor
+
+    from mailx.testing.dnsserver import start_dns_server
+    from mailx.testing.sink import start_sink
+
+    dns = start_dns_server(
+        {
+            forwarding.SINK_DOMAIN: {"MX": [(10, f"mx.{forwarding.SINK_DOMAIN}")]},
+            f"mx.{forwarding.SINK_DOMAIN}": {"A": ["127.0.0.1"]},
+        }
+    )
+    sink = start_sink()
+
+    def done(messages: list) -> None:
+        now = time.monotonic()
+        signed = sum(dkim_signed(m.data) for m in messages)
+        print(f"done {now} {len(messages)} {sink.connections} {signed}", flush=True)
+
+    sink.wait_for(expected).addCallback(done)
+    print(f"ready {dns.port} {sink.port}", flush=True)
+    reactor.run()
+
+
+def dkim_signed(data: bytes) -> bool:
+    """Whether the message's header has a DKIM-Signature field."""
+    header = data.split(b"\r\n\r\n", 1)[0]
+    return any(line[:15].lower() == b"dkim-signature:" for line in header.split(b"\r\n"))
+
+
+def opendkim_binary() -> str:
+    path = shutil.which("opendkim") or "/usr/sbin/opendkim"
+    if not os.access(path, os.X_OK):
+        raise run.RunError(f"opendkim is not installed: {OPENDKIM_INSTALL}")
+    return path
+
+
+def start_opendkim(directory: Path, key: Path, unix: bool = False, timeout: float = 30.0
+                   ) -> tuple[subprocess.Popen, str]:
+    """OpenDKIM in the foreground (its own process group) signing with ``key`` for
+    bench.test, on a free loopback port (or a Unix socket in ``directory``):
+    (process, the milter in Postfix's form) once it accepts connections."""
+    binary = opendkim_binary()
+    directory.mkdir(parents=True)
+    port = run.free_port()
+    path = directory / "milter.sock"
+    socket_spec = f"local:{path}" if unix else f"inet:{port}@127.0.0.1"
+    conf = directory / "opendkim.conf"
+    conf.write_text(OPENDKIM_CONF.format(domain=run.DOMAIN, selector=SELECTOR, key=key,
+                                         socket=socket_spec, directory=directory))
+    with open(directory / "opendkim.out", "wb") as out:
+        proc = subprocess.Popen([binary, "-f", "-x", str(conf)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise run.RunError(f"opendkim exited with status {proc.returncode}: "
+                               f"{(directory / 'opendkim.out').read_text(errors='replace')}")
+        try:
+            with socket.socket(socket.AF_UNIX if unix else socket.AF_INET) as s:
+                s.settimeout(5)
+                s.connect(str(path) if unix else ("127.0.0.1", port))
+            return proc, f"unix:{path}" if unix else f"inet:127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    run.stop(proc)
+    raise run.RunError(f"opendkim not listening on {socket_spec} after {timeout:.0f} s")
+
+
+def start_postfix(run_dir: Path, port: int, sink_port: int, cert: Path, key: Path,
+                  milter: str | None = None) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """Dovecot's auth service, then Postfix submitting through it (and ``milter``,
+    if given) to the sink: (postfix, dovecot)."""
     auth_port = run.free_port()
     try:
         dovecot = peer_postfix.start_dovecot_auth(run_dir / "dovecot", run_dir / "passwd", auth_port)
@@ -98,7 +200,7 @@ def start_postfix(run_dir: Path, port: int, sink_port: int, cert: Path, key: Pat
         raise run.RunError(f"dovecot: {e}") from None
     inst = peer_postfix.Instance(run_dir / "postfix", port, "sasl-relay",
                                  relay=("127.0.0.1", sink_port), tls=(cert, key),
-                                 sasl_path=f"inet:127.0.0.1:{auth_port}")
+                                 sasl_path=f"inet:127.0.0.1:{auth_port}", milter=milter)
     try:
         return peer_postfix.start(inst), dovecot
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
@@ -107,18 +209,19 @@ def start_postfix(run_dir: Path, port: int, sink_port: int, cert: Path, key: Pat
 
 
 def measure(messages: int, concurrency: int, run_dir: Path, timeout: float,
-            server: str = "mailx") -> dict:
+            server: str = "mailx", milter_socket: str = "inet") -> dict:
     run_dir.mkdir(parents=True)
     cert, key = make_certificate(run_dir / "tls")
     (run_dir / "passwd").write_text(f"alice@{run.DOMAIN}:{hash_password(PASSWORD)}\n")
     dkimkeys.write_key(dkimkeys.generate_key("rsa"), run_dir / "dkim.key")
     helper = subprocess.Popen(
-        [sys.executable, forwarding.__file__, "--serve-sink", str(messages)],
+        [sys.executable, __file__, "--serve-sink", str(messages)],
         stdout=subprocess.PIPE,
         stderr=open(run_dir / "sink.log", "wb"),  # noqa: SIM115
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(run.REPO), str(run.BENCH)])},
     )
-    proc = dovecot = None
+    proc = None
+    others: list[subprocess.Popen] = []  # Dovecot, OpenDKIM: measured with Postfix
     try:
         ready = helper.stdout.readline().split()
         if not ready or ready[0] != b"ready":
@@ -126,12 +229,19 @@ def measure(messages: int, concurrency: int, run_dir: Path, timeout: float,
         dns_port, sink_port = int(ready[1]), int(ready[2])
         smtp_port, port = run.free_port(), run.free_port()
         log = run_dir / "server.log"
-        if server == "postfix":
-            proc, dovecot = start_postfix(run_dir, port, sink_port, cert, key)
+        if server in ("postfix", "postfix-dkim"):
+            milter = None
+            if server == "postfix-dkim":
+                # The key written above for mailx: both sign alike.
+                opendkim, milter = start_opendkim(run_dir / "opendkim", run_dir / "dkim.key",
+                                                  unix=milter_socket == "unix")
+                others.append(opendkim)
+            proc, dovecot = start_postfix(run_dir, port, sink_port, cert, key, milter)
+            others.append(dovecot)
             log = run_dir / "postfix" / "postfix.log"
         else:
             proc = start_mailx(run_dir, smtp_port, port, dns_port, sink_port, cert, key, messages)
-        cpu_before = run.cpu_seconds(proc.pid) + (run.cpu_seconds(dovecot.pid) if dovecot else 0)
+        cpu_before = sum(run.cpu_seconds(p.pid) for p in [proc, *others])
         start, ok = load(port, cert, messages, concurrency)
         deadline = time.monotonic() + timeout
         line = b""
@@ -142,17 +252,17 @@ def measure(messages: int, concurrency: int, run_dir: Path, timeout: float,
         if not line.startswith(b"done"):
             raise run.RunError(f"the sink did not get {messages} messages\n{run.log_tail(log)}")
         last = float(line.split()[1])
-        connections = int(line.split()[3])
-        cpu = run.cpu_seconds(proc.pid) - cpu_before
-        rss = run.tree_peak_rss(proc.pid)
-        if dovecot is not None:
-            cpu += run.cpu_seconds(dovecot.pid)
-            rss += run.tree_peak_rss(dovecot.pid)
+        connections, signed = int(line.split()[3]), int(line.split()[4])
+        cpu = sum(run.cpu_seconds(p.pid) for p in [proc, *others]) - cpu_before
+        rss = sum(run.tree_peak_rss(p.pid) for p in [proc, *others])
+        if server == "postfix-dkim" and signed < messages:
+            raise run.RunError(f"only {signed} of {messages} messages reached the sink with a"
+                               f" DKIM-Signature\n{run.log_tail(log)}")
     finally:
         if proc is not None:
-            (peer_postfix.stop if server == "postfix" else run.stop)(proc)
-        if dovecot is not None:
-            run.stop(dovecot)
+            (run.stop if server == "mailx" else peer_postfix.stop)(proc)
+        for other in others:
+            run.stop(other)
         run.stop(helper)
     elapsed = last - start
     return {
@@ -163,6 +273,7 @@ def measure(messages: int, concurrency: int, run_dir: Path, timeout: float,
         "cpu_ms_per_msg": 1000 * cpu / messages,
         "peak_rss_mib": rss / 2**20,
         "sink_connections": connections,
+        "sink_dkim_signed": signed,
     }
 
 
@@ -182,7 +293,7 @@ def start_mailx(run_dir: Path, smtp_port: int, port: int, dns_port: int, sink_po
                 run.DOMAIN: {
                     "mailboxes": [run.MAILBOX],
                     "aliases": {"postmaster": run.MAILBOX},
-                    "dkim": {"selector": "b1", "key": str(run_dir / "dkim.key")},
+                    "dkim": {"selector": SELECTOR, "key": str(run_dir / "dkim.key")},
                 }
             },
             # As Postfix's default_destination_concurrency_limit (and mailx's default).
@@ -212,18 +323,30 @@ def start_mailx(run_dir: Path, smtp_port: int, port: int, dns_port: int, sink_po
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--serve-sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--messages", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--kinds", default="mailx",
                         help="comma-separated: mailx, postfix (Postfix with Dovecot SASL, "
-                             "bench/peer_postfix.py)")
+                             "bench/peer_postfix.py), postfix-dkim (the same and OpenDKIM)")
+    parser.add_argument("--milter-socket", choices=("inet", "unix"), default="inet",
+                        help="postfix-dkim: OpenDKIM on a loopback port or a Unix socket")
     parser.add_argument("--json", type=Path, help="every run's figures")
     args = parser.parse_args(argv)
+    if args.serve_sink is not None:
+        serve_sink(args.serve_sink)
+        return 0
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if not kinds or any(k not in ("mailx", "postfix") for k in kinds):
+    if not kinds or any(k not in ("mailx", "postfix", "postfix-dkim") for k in kinds):
         parser.error(f"unknown kind in {args.kinds!r}")
+    if "postfix-dkim" in kinds:
+        try:
+            opendkim_binary()  # now, not after the other kinds' runs
+        except run.RunError as e:
+            print(f"postfix-dkim: {e}", file=sys.stderr)
+            return 1
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     # Short: Postfix's sockets live under the run directory (108 bytes a path).
     tmp = Path(tempfile.mkdtemp(prefix="mxs-", dir="/var/tmp"))
@@ -232,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             for kind in kinds if rep % 2 == 0 else kinds[::-1]:
                 run_dir = tmp / f"{kind}{rep + 1}"
                 try:
-                    result = measure(args.messages, args.concurrency, run_dir, args.timeout, kind)
+                    result = measure(args.messages, args.concurrency, run_dir, args.timeout, kind,
+                                     args.milter_socket)
                 except run.RunError as e:
                     print(f"{kind} #{rep + 1}: {e}", file=sys.stderr)
                     return 1
@@ -240,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(run_dir, ignore_errors=True)
                     os.sync()
                 results[kind].append(result)
-                print(f"  {kind:<8} #{rep + 1}: {result['msgs_per_s']:7.1f} msg/s"
+                print(f"  {kind:<12} #{rep + 1}: {result['msgs_per_s']:7.1f} msg/s"
                       f"  CPU {result['cpu_ms_per_msg']:.2f} ms/msg,"
                       f" RSS {result['peak_rss_mib']:.1f} MiB,"
-                      f" {result['sink_connections']} connections to the sink", flush=True)
+                      f" {result['sink_connections']} connections to the sink,"
+                      f" {result['sink_dkim_signed']} signed", flush=True)
                 if result["acknowledged"] != args.messages:
                     print(f"{kind} #{rep + 1}: {result['acknowledged']} of {args.messages}"
                           " acknowledged", file=sys.stderr)
@@ -260,10 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {kind} | {medians[kind]:.1f} ({min(rates):.1f}-{max(rates):.1f}) | "
               f"{statistics.median(r['cpu_ms_per_msg'] for r in runs):.2f} | "
               f"{max(r['peak_rss_mib'] for r in runs):.1f} MiB |")
-    if "mailx" in medians and "postfix" in medians:
+    peers = [k for k in ("postfix", "postfix-dkim") if k in medians and "mailx" in medians]
+    if peers:
+        print()
+    for peer in peers:
         ratios = [m["msgs_per_s"] / p["msgs_per_s"]
-                  for m, p in zip(results["mailx"], results["postfix"], strict=True)]
-        print(f"\nmailx/postfix: {medians['mailx'] / medians['postfix']:.2f} (ratio of medians);"
+                  for m, p in zip(results["mailx"], results[peer], strict=True)]
+        print(f"mailx/{peer}: {medians['mailx'] / medians[peer]:.2f} (ratio of medians);"
               f" per repeat {', '.join(f'{r:.2f}' for r in ratios)}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
