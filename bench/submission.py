@@ -20,8 +20,9 @@ the login's own sender only, relayed to the same kind of sink
 (``relayhost``, no DNS).  It adds Date, Message-ID and Received but signs
 nothing: mailx's RSA signature is work Postfix skips.  ``postfix-dkim``
 is the stack mailx replaces: the same Postfix with an OpenDKIM milter
-(``opendkim -f``, Debian's package, on a loopback port, or a Unix socket
-with ``--milter-socket unix``: bench/README on why) signing every message
+(``opendkim -f``, Debian's package, on a Unix socket as Debian configures
+it, or a loopback port with ``--milter-socket inet``: bench/README on why
+not by default) signing every message
 as mailx does (RSA-2048, relaxed/relaxed, From oversigned, d=bench.test,
 the same key and selector); the run fails unless every message reaches
 the sink with a DKIM-Signature.  CPU and peak RSS are Postfix's tree's plus
@@ -331,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="mailx",
                         help="comma-separated: mailx, postfix (Postfix with Dovecot SASL, "
                              "bench/peer_postfix.py), postfix-dkim (the same and OpenDKIM)")
-    parser.add_argument("--milter-socket", choices=("inet", "unix"), default="inet",
-                        help="postfix-dkim: OpenDKIM on a loopback port or a Unix socket")
+    parser.add_argument("--milter-socket", choices=("inet", "unix"), default="unix",
+                        help="postfix-dkim: OpenDKIM on a Unix socket (Debian's default) or a "
+                             "loopback port")
     parser.add_argument("--json", type=Path, help="every run's figures")
     args = parser.parse_args(argv)
     if args.serve_sink is not None:
