@@ -161,7 +161,7 @@ class MailxService(service.MultiService):
 
     def __init__(self, config: Config, reactor: Any = None, log_observer: Any = None) -> None:
         super().__init__()
-        # logging.format: json; twistd installs it (see setServiceParent).
+        # logging.format's; twistd installs it (see setServiceParent).
         self.log_observer = log_observer
         if reactor is None:
             from twisted.internet import reactor
@@ -354,7 +354,7 @@ class MailxService(service.MultiService):
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
         # twistd's AppLogger takes a log observer set on the application
-        # (after makeService, before anything is logged): logging.format json.
+        # (after makeService, before anything is logged): logging.format.
         if self.log_observer is not None and hasattr(parent, "setComponent"):
             from twisted.logger import ILogObserver
 
@@ -633,20 +633,42 @@ def _twistd_ids(options: Options) -> tuple[int | None, int | None]:
         return None, None
 
 
-def _json_observer(options: Options) -> Any:
-    """``logging.format: json`` to where twistd would log: stdout with ``-n``
-    or ``--logfile=-``, else ``--logfile`` (twistd.log by default), rotated
-    as twistd rotates its own."""
+def _rotated_on_sigusr1(log_file: Any) -> Any:
+    """SIGUSR1 rotates the file, as twistd arranges for the log file it opens."""
+    import signal
+
+    if not signal.getsignal(signal.SIGUSR1):  # None or SIG_DFL: nobody else's
+
+        def rotate(signum: int, frame: Any) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return log_file
+
+
+def _log_observer(options: Options, log_format: str) -> Any:
+    """The log observer for twistd to install: `logging.format` json or text,
+    to where twistd would log (stdout with ``-n`` or ``--logfile=-``, else
+    ``--logfile``, twistd.log by default, rotated as twistd rotates its own).
+    None (twistd's own choice) with ``--syslog`` or ``--logger``."""
     from twisted.python import logfile
 
-    from mailx.observe.jsonlog import json_observer
-
     parent = getattr(options, "parent", None) or {}
+    if parent.get("syslog") or parent.get("logger"):
+        return None
     name = parent.get("logfile") or ""
     if not name and not parent.get("nodaemon", True):
         name = "twistd.log"  # twistd's UnixAppLogger default when daemonizing
-    out = sys.stdout if name in ("", "-") else logfile.LogFile.fromFullPath(name)
-    return json_observer(out)
+    out = sys.stdout if name in ("", "-") else _rotated_on_sigusr1(logfile.LogFile.fromFullPath(name))
+    if log_format == "json":
+        from mailx.observe.jsonlog import json_observer
+
+        return json_observer(out)
+    from mailx.observe.textlog import text_observer
+
+    return text_observer(out)
 
 
 def makeService(options: Options) -> MailxService:
@@ -668,7 +690,7 @@ def makeService(options: Options) -> MailxService:
         if found:
             print(preflight.lines(found), file=sys.stderr)
             raise SystemExit(1)
-        observer = _json_observer(options) if config.log_format == "json" else None
+        observer = _log_observer(options, config.log_format)
         return MailxService(config, log_observer=observer)
     except ConfigError as e:
         for problem in e.problems:
