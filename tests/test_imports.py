@@ -86,3 +86,35 @@ class ServerImportsTests(unittest.TestCase):
         modules = imported(self, {"listen": {"metrics": ["tcp:0:interface=127.0.0.1"]}})
         self.assertIn("prometheus_client", modules)
         self.assertNoneImported(modules, ADMIN_ONLY + CHECKS)
+
+
+FREEZE = """
+import gc, sys
+from mailx import service
+options = service.Options()
+options.parseOptions(["--config", sys.argv[1]])
+built = service.makeService(options)
+assert built.freeze_heap
+assert gc.get_freeze_count() == 0
+service.freeze_heap()
+print(gc.get_freeze_count())
+"""
+
+
+class FrozenHeapTests(unittest.TestCase):
+    """twistd's server takes its start-up heap out of the collector's sight."""
+
+    def test_make_service_asks_for_it_and_freeze_heap_freezes(self) -> None:
+        directory = Path(self.mktemp()).absolute()
+        config = write_config(directory, {})
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        result = subprocess.run(
+            [sys.executable, "-c", FREEZE, str(config)],
+            cwd=directory,
+            env=dict(os.environ, PYTHONPATH=path),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertGreater(int(result.stdout.splitlines()[-1]), 10_000)
