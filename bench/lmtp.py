@@ -85,6 +85,7 @@ def measure(kind: str, base: Scenario, messages: int, run_dir: Path, args: argpa
         "messages": messages,
         "acknowledged": load.ok,
         "elapsed": elapsed,
+        "elapsed_to_last_reply": load.acked - load.start,
         "msgs_per_s": messages / elapsed if load.ok == messages else None,
         "cpu_per_msg": cpu / messages,
         "peak_rss": peak_rss,
