@@ -131,11 +131,7 @@ class DovecotRecipeTests(unittest.TestCase):
         config = self.base / "dovecot.conf"
         config.write_text(TEST_SETTINGS.format(base=self.base, port=port) + recipe)
         (self.base / "state").mkdir()
-        try:
-            process = dovecot.launch(config, [port])
-        except RuntimeError as e:
-            self.fail(str(e))
-        self.addCleanup(dovecot.stop, process)
+        dovecot.launch_for(self, config, [port])
         return port
 
     def imap_subjects(self, port: int, folder: str) -> list[str]:

@@ -104,11 +104,7 @@ class ManageSieveTests(unittest.TestCase):
         config = self.base / "dovecot.conf"
         config.write_text(settings + block)
         (self.base / "state").mkdir()
-        try:
-            process = dovecot.launch(config, [port])
-        except RuntimeError as e:
-            self.fail(str(e))
-        self.addCleanup(dovecot.stop, process)
+        dovecot.launch_for(self, config, [port])
         return port
 
     def connect(self, port: int):

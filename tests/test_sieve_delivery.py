@@ -314,11 +314,7 @@ class ManageSieveRoundTripTests(unittest.TestCase):
         config = self.base / "dovecot.conf"
         config.write_text(settings + imap + block)
         (self.base / "state").mkdir()
-        try:
-            process = dovecot.launch(config, [sieve_port, imap_port])
-        except RuntimeError as e:
-            self.fail(str(e))
-        self.addCleanup(dovecot.stop, process)
+        dovecot.launch_for(self, config, [sieve_port, imap_port])
         return sieve_port, imap_port
 
     def upload(self, port: int, name: str, script: str) -> None:

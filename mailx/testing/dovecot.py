@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from mailx.testing.server import free_port
 
@@ -101,6 +102,17 @@ def launch(config: Path, ports: Iterable[int] = (), timeout: float = 20.0,
             stop(process)
             raise RuntimeError(f"dovecot did not listen on {waiting} within {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def launch_for(testcase: Any, config: Path, ports: Iterable[int]) -> subprocess.Popen[bytes]:
+    """`launch` for a trial test: its failure if Dovecot does not start, stopped
+    at the test's clean-up."""
+    try:
+        process = launch(config, ports)
+    except RuntimeError as e:
+        testcase.fail(str(e))
+    testcase.addCleanup(stop, process)
+    return process
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
