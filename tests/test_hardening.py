@@ -23,6 +23,7 @@ from twisted.trial import unittest
 from mailx import service as service_module
 from mailx.admin import cli
 from mailx.inbound import spool
+from mailx.smtp import server as server_module
 from mailx.storage import maildir, writer
 from mailx.storage.queue import Queue
 from mailx.testing.dnsserver import start_dns_server
@@ -297,7 +298,33 @@ class SpoolStalledDiskTests(unittest.TestCase):
         self.assertEqual(list(incoming.iterdir()), [])
 
     @defer.inlineCallbacks
-    def test_a_body_too_far_ahead_of_the_disk_is_refused_with_451(self) -> None:
+    def test_a_disk_slow_for_a_moment_stops_the_reading_not_the_message(self) -> None:
+        # Far more than MAX_BACKLOG arrives while the disk is away: the session
+        # stops reading at HIGH_WATER (the rest waits in TCP's window) and
+        # the message is whole once the disk is back.
+        size = spool.MAX_BACKLOG + 4 * spool.SPILL_AT
+        reply = in_thread(self.big_message, size)
+        yield in_thread(self.stalled.wait, 10)
+        sessions = self.server.service.factory.sessions
+
+        def paused() -> list:
+            return [s for s in sessions if s._reading_paused and s._message is not None]
+
+        yield wait_until(paused, timeout=10)
+        [session] = paused()
+        body = session._message.body
+        self.assertLessEqual(body._held, spool.HIGH_WATER + 4 * 1024 * 1024)
+        waited = yield in_thread(bystander_seconds, self.server.port)
+        self.assertLess(waited, self.BYSTANDER_SECONDS)
+        self.disk_back.set()
+        code, _ = yield reply
+        self.assertEqual(code, 250)
+        [stored] = self.server.messages("bob")
+        self.assertEqual(stored.count(b"x" * 998), size // 1000)
+
+    @defer.inlineCallbacks
+    def test_a_disk_stalled_past_spool_stall_is_refused_with_451(self) -> None:
+        self.patch(server_module, "SPOOL_STALL", 1.0)
         lines = capture_log(self)
         reply = in_thread(self.big_message, spool.MAX_BACKLOG + 2 * spool.SPILL_AT)
         yield in_thread(self.stalled.wait, 10)

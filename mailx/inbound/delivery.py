@@ -15,7 +15,7 @@ discarded after a crash (the client was never told it was accepted).
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from pathlib import Path
@@ -251,6 +251,15 @@ class IncomingMessage:
         self._outcomes: dict[str, FilterOutcome] = {}  # the filters' outcomes, once run
 
     # --- receiving ---------------------------------------------------------
+
+    def on_spool_backlog(self, listener: Callable[[bool], None]) -> None:
+        """``listener(True)`` once the spool's disk is far behind the content,
+        ``listener(False)`` once it caught up: the session stops reading meanwhile."""
+        self.body.on_backlog = listener
+
+    def spool_stalled(self, seconds: float) -> None:
+        """The session waited ``seconds`` for the spool's disk: fail the message."""
+        self.body.stalled(seconds)
 
     def dataReceived(self, chunk: bytes) -> None:
         """Whole CRLF lines, already dot-unstuffed and normalised.

@@ -37,6 +37,11 @@ READ_CHUNK = 1024 * 1024
 # (SPEC section 5), which keeps memory bounded without stopping the
 # reactor, and the client retries later.
 MAX_BACKLOG = 8 * 1024 * 1024
+# Past this many bytes waiting for the disk, the session stops reading the
+# client's socket (``on_backlog(True)``) until a write has caught up: TCP's
+# window, not the 451 above, absorbs a disk that is only slow for a moment
+# (a page-cache writeback, another process's fsync).
+HIGH_WATER = 1024 * 1024
 
 RunBlocking = Callable[..., "defer.Deferred[Any]"]
 
@@ -82,6 +87,9 @@ class SpoolBuffer:
         self.size = 0
         self.error: OSError | None = None
         self._discarded = False
+        # Told True when the disk falls HIGH_WATER behind, False once it caught up.
+        self.on_backlog: Callable[[bool], None] | None = None
+        self._behind = False
 
     def write(self, data: bytes) -> None:
         """Append (on the reactor thread; the file is written elsewhere)."""
@@ -103,6 +111,31 @@ class SpoolBuffer:
             )
             return
         self._queue_write()
+        if self._held > HIGH_WATER:
+            self._backlog(True)
+
+    def stalled(self, seconds: float) -> None:
+        """The disk stayed HIGH_WATER behind for ``seconds``: give the message up
+        (451 4.3.0 at its end; the session reads and drops the rest meanwhile)."""
+        if self._behind and self.error is None and not self._discarded:
+            held = self._held
+            self._failed(
+                OSError(
+                    errno.EAGAIN,
+                    f"the spool disk is {held} octets behind the client after {seconds:g} s",
+                )
+            )
+
+    def _backlog(self, behind: bool) -> None:
+        if behind != self._behind:
+            self._behind = behind
+            if self.on_backlog is not None:
+                self.on_backlog(behind)
+
+    def _caught_up(self, result: object) -> object:
+        if self._held <= HIGH_WATER:
+            self._backlog(False)
+        return result
 
     def finish(self) -> defer.Deferred[None]:
         """No more data: fires once the file is complete and closed (a failure sets
@@ -127,7 +160,7 @@ class SpoolBuffer:
             chunks, self._chunks, self._held = self._chunks, [], 0
             if self._discarded or not chunks:
                 return None
-            return self._blocking(self._write_file, chunks)
+            return self._blocking(self._write_file, chunks).addBoth(self._caught_up)
 
         self._last = self._last.addCallback(take)
 
@@ -215,6 +248,7 @@ class SpoolBuffer:
         self._discarded = True
         self._chunks = []
         self._held = 0
+        self._backlog(False)
         path, self.path = self.path, None
         return path
 

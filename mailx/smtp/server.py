@@ -90,6 +90,9 @@ log = Logger(namespace="mailx.smtp")
 # client that keeps its receive window shut would keep the session, its slot
 # and a spilled body's spool file for as long as it liked.
 CLOSE_GRACE = 10.0
+# How long a session waits, not reading, for its spool disk to catch up
+# (spool.HIGH_WATER): a slow disk is waited for, a stalled one is 451 4.3.0.
+SPOOL_STALL = 20.0
 
 _PARAM = re.compile(rb"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
@@ -166,6 +169,7 @@ class MailxESMTP(smtp.ESMTP):
         self._message: Any = None  # the delivery layer's message while its content arrives
         self._finishing: Any = None  # the message whose end of data is being handled
         self._reading_paused = False  # we paused the transport's reading
+        self._spool_wait: Any = None  # while the spool's disk is behind: its time limit
         self._producing = False  # registered as the transport's producer
         self._in_process = False  # _process is on the stack (a Deferred fired inside it)
         self._session_deadline: Any = None
@@ -232,7 +236,9 @@ class MailxESMTP(smtp.ESMTP):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.dialogue.connection_lost()
         self.setTimeout(None)
-        for timer in (self._greeting, self._pause, self._session_deadline, self._abort_later):
+        for timer in (
+            self._greeting, self._pause, self._session_deadline, self._abort_later, self._spool_wait
+        ):
             if timer is not None and timer.active():
                 timer.cancel()
         if self._message is not None:
@@ -322,6 +328,29 @@ class MailxESMTP(smtp.ESMTP):
 
     def stopProducing(self) -> None:
         pass  # connectionLost follows
+
+    def _spool_backlog(self, behind: bool) -> None:
+        """The message's spool file is far behind its content (or caught up):
+        the client's input waits in the kernel meanwhile, up to SPOOL_STALL."""
+        if behind:
+            self.dialogue.hold(Hold.SPOOL)
+            if self._spool_wait is None:
+                self._spool_wait = self.callLater(SPOOL_STALL, self._spool_stalled)
+            return  # reading pauses when _process ends, where this is told
+        if self._spool_wait is not None:
+            if self._spool_wait.active():
+                self._spool_wait.cancel()
+            self._spool_wait = None
+        if Hold.SPOOL in self.dialogue.holds:
+            self.dialogue.release(Hold.SPOOL)
+            if self.transport is not None and self.dialogue.state is not State.CLOSING:
+                self._process()
+
+    def _spool_stalled(self) -> None:
+        self._spool_wait = None
+        stalled = getattr(self._message, "spool_stalled", None)
+        if stalled is not None:
+            stalled(SPOOL_STALL)  # tells _spool_backlog(False): the rest is read and dropped
 
     def _sync_reading(self) -> None:
         """Read from the socket only while the session can use the input."""
@@ -686,6 +715,9 @@ class MailxESMTP(smtp.ESMTP):
             self.reply(replies.LOCAL_ERROR)
             self.dialogue.reset()
             return
+        listen = getattr(self._message, "on_spool_backlog", None)
+        if listen is not None:
+            listen(self._spool_backlog)
         self.dialogue.data_started()
         self.sendCode(354, replies.START_DATA.text.encode("ascii"))
 

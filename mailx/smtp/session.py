@@ -86,6 +86,7 @@ class Hold(enum.Enum):
     CHECK = "check"  # a Deferred answer (checks, filing): replies stay in order (RFC 2920 3)
     ERROR_PAUSE = "error pause"  # smtpd_error_sleep_time after repeated errors
     BACKLOG = "backlog"  # our replies are not being read (the transport paused us)
+    SPOOL = "spool"  # the spool's disk is behind the message's content
 
     __hash__ = object.__hash__  # as State's
 
