@@ -32,10 +32,10 @@ from twisted.python.failure import Failure
 # case is 256 MiB of bodies in RAM; one message never holds more than this.
 SPILL_AT = 256 * 1024
 READ_CHUNK = 1024 * 1024
-# Bytes of one spilled body waiting for the disk.  A disk this far behind
-# one client's input has stalled; the message then fails with 451 4.3.0
-# (SPEC section 5), which keeps memory bounded without stopping the
-# reactor, and the client retries later.
+# Bytes of one spilled body waiting for the disk, at the most: the backstop
+# that bounds memory if input outruns HIGH_WATER's pause (a session only
+# pauses between input regions); the message then fails with 451 4.3.0
+# (SPEC section 5) and the client retries later.
 MAX_BACKLOG = 8 * 1024 * 1024
 # Past this many bytes waiting for the disk, the session stops reading the
 # client's socket (``on_backlog(True)``) until a write has caught up: TCP's
@@ -106,9 +106,7 @@ class SpoolBuffer:
                 self._queue_write()
             return
         if self._held > MAX_BACKLOG:
-            self._failed(
-                OSError(errno.EAGAIN, f"the spool disk is {self._held} octets behind the client")
-            )
+            self._give_up("")
             return
         self._queue_write()
         if self._held > HIGH_WATER:
@@ -118,13 +116,11 @@ class SpoolBuffer:
         """The disk stayed HIGH_WATER behind for ``seconds``: give the message up
         (451 4.3.0 at its end; the session reads and drops the rest meanwhile)."""
         if self._behind and self.error is None and not self._discarded:
-            held = self._held
-            self._failed(
-                OSError(
-                    errno.EAGAIN,
-                    f"the spool disk is {held} octets behind the client after {seconds:g} s",
-                )
-            )
+            self._give_up(f" after {seconds:g} s")
+
+    def _give_up(self, detail: str) -> None:
+        why = f"the spool disk is {self._held} octets behind the client{detail}"
+        self._failed(OSError(errno.EAGAIN, why))
 
     def _backlog(self, behind: bool) -> None:
         if behind != self._behind:
