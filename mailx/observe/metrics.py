@@ -19,7 +19,7 @@ outbound queue) are read at scrape time by a custom collector.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -159,13 +159,15 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        # Every series a dashboard graphs exists from the start, at 0.
-        for result in RESULTS:
-            self.recipients.labels(result)
-            self.messages.labels(result)
+        # Every series a dashboard graphs exists from the start, at 0.  The
+        # children are kept: labels() takes a lock and builds its key each
+        # call, several times per message on the reactor thread (issue 14).
+        self._recipients = {result: self.recipients.labels(result) for result in RESULTS}
+        self._messages = {result: self.messages.labels(result) for result in RESULTS}
         for kind in DELIVERY_KINDS:
             for result in DELIVERY_RESULTS:
                 self.deliveries.labels(kind, result)
+        self._children: dict[tuple[object, ...], Any] = {}
         self._handlers: dict[str, Callable[[LogEvent], None]] = {
             "connect": self._connect,
             "connection_refused": self._connection_refused,
@@ -213,30 +215,40 @@ class Metrics:
     def _tls(self, event: LogEvent) -> None:
         # "TLSv1.3:TLS_AES_256_GCM_SHA384" (smtp.tls_description): the protocol.
         described = str(event.get("tls") or "")
-        self.tls.labels(described.split(":", 1)[0] or "unknown").inc()
+        self._child(self.tls, described.split(":", 1)[0] or "unknown").inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per series."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _rcpt(self, event: LogEvent) -> None:
         result = event.get("result")
-        if result not in RESULTS:
+        counter = self._recipients.get(result)  # type: ignore[arg-type]
+        if counter is None:
             return
-        self.recipients.labels(result).inc()
+        counter.inc()
         if result != "accepted":
-            self.refusals.labels("rcpt", str(event.get("code") or "-")).inc()
+            self._child(self.refusals, "rcpt", str(event.get("code") or "-")).inc()
 
     def _verdict(self, event: LogEvent) -> None:
         checks = event.get("checks")
         if isinstance(checks, dict):
             for method, result in checks.items():
-                self.auth.labels(str(method), str(result)).inc()
+                self._child(self.auth, str(method), str(result)).inc()
 
     def _message(self, event: LogEvent) -> None:
         result = event.get("result")
-        if result not in RESULTS:
+        counter = self._messages.get(result)  # type: ignore[arg-type]
+        if counter is None:
             return
-        self.messages.labels(result).inc()
+        counter.inc()
         self._verdict(event)
         if result != "accepted":
-            self.refusals.labels("data", str(event.get("code") or "-")).inc()
+            self._child(self.refusals, "data", str(event.get("code") or "-")).inc()
             return
         seconds = event.get("filing_seconds")
         if isinstance(seconds, int | float):
@@ -251,13 +263,13 @@ class Metrics:
         result = _STATUS.get(str(event.get("status")))
         if result is None:
             return
-        self.deliveries.labels(kind, result).inc()
+        self._child(self.deliveries, kind, result).inc()
         if result == "delivered" or result == "bounced":
             try:
                 delay = float(event["delay"])
             except (KeyError, TypeError, ValueError):
                 return
-            self.delivery_seconds.labels(kind).observe(delay)
+            self._child(self.delivery_seconds, kind).observe(delay)
 
     # -- life -----------------------------------------------------------------
 
