@@ -458,6 +458,35 @@ class RecordFileTests(unittest.TestCase):
         self.record.stop()
         self.assertEqual(self.directory.stat().st_mode & 0o777, 0o700)
 
+    def test_whatever_a_field_holds_its_event_is_one_line_found_by_its_ids(self) -> None:
+        """orjson writes most lines, the json module those orjson refuses (a lone
+        surrogate from a stranger's bytes, an integer past 64 bits): either way
+        one line per event, and the reader's search finds it by its IDs."""
+        odd: list[Any] = [
+            "caf\u00e9 \u2028 line\nbreak \x00",
+            "\udcff from surrogateescape",
+            2**70,
+            b"\xff\x00 bytes",
+            {1: object(), "nested": [b"\x80", ("t", 1.5)]},
+            float("nan"),
+        ]
+        self.record.start()
+        for n, value in enumerate(odd):
+            self.record({**event(self.now, f"Q{n}"), "message_id": f"<m{n}\u00e9@x>", "odd": value})
+        self.record.stop()
+        lines = self.day_file(0).read_bytes().split(b"\n")
+        self.assertEqual(lines[-1], b"")
+        self.assertEqual(len(lines) - 1, len(odd))
+        for n in range(len(odd)):
+            [found] = trace.story(self.directory, f"m{n}\u00e9@x")
+            self.assertEqual(found["queue_id"], f"Q{n}")
+        by_qid = {r["qid"]: r for r in trace.read_records(self.directory)}
+        self.assertEqual(by_qid["Q0"]["odd"], odd[0])
+        self.assertEqual(by_qid["Q2"]["odd"], 2**70)
+        self.assertEqual(by_qid["Q3"]["odd"], "\\xff\x00 bytes")
+        self.assertEqual(by_qid["Q4"]["odd"]["nested"], ["\\x80", ["t", 1.5]])
+        self.assertIsNone(by_qid["Q5"]["odd"])
+
 
 class PruneProperties(unittest.TestCase):
     @settings(max_examples=50, deadline=None)
