@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 
-from twisted.logger import LogLevel, formatTime, textFileLogObserver
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.logger import LogLevel, formatEventAsClassicLogText, formatTime, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mailx.observe.textlog import text_observer
+from mailx.observe.textlog import classic_line, text_observer
 from mailx.service import _log_observer
 
 BASE = 1796221662.25
@@ -76,3 +78,49 @@ class ObserverChoiceTests(unittest.TestCase):
     def test_syslog_and_a_logger_of_the_users_are_left_to_twistd(self) -> None:
         self.assertIsNone(_log_observer(self.Options(nodaemon=True, syslog=True), "text"))
         self.assertIsNone(_log_observer(self.Options(logger="my.observer"), "json"))
+
+
+# Fields a format may name, and what an event may hold under them.
+_NAMES = ("qid", "rcpt", "size", "items", "thing", "log_namespace", "missing")
+_VALUES = st.one_of(
+    st.text(max_size=12),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.none(),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.sampled_from(["a", "0", "real"]), st.text(max_size=5), max_size=2),
+    st.just(lambda: "called"),
+)
+_FIELD = st.builds(
+    lambda name, access, conversion, spec: "{" + name + access + conversion + spec + "}",
+    st.sampled_from(_NAMES + ("0", "")),
+    st.sampled_from(["", "()", ".real", "[0]", "[a]", ".nope"]),
+    st.sampled_from(["", "!r", "!s", "!a", "!x"]),
+    st.sampled_from(["", ":>6", ":d", ":.2f", ":{size}", ":%"]),
+)
+_FORMATS = st.lists(
+    st.one_of(_FIELD, st.text(alphabet="ab \n{}#é", max_size=6)), max_size=5
+).map("".join)
+
+
+class ClassicLineProperties(unittest.TestCase):
+    """classic_line is Twisted's formatEventAsClassicLogText, whatever the event."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        fmt=st.one_of(_FORMATS, st.none(), st.just(b"{qid} bytes")),
+        fields=st.dictionaries(st.sampled_from(_NAMES[:-1]), _VALUES),
+        level=st.sampled_from([None, LogLevel.info, LogLevel.error]),
+        system=st.sampled_from([None, "SMTP,3,127.0.0.1"]),
+        when=st.one_of(st.none(), st.floats(min_value=-1e9, max_value=4e9)),
+    )
+    def test_the_same_line_as_twisted(self, fmt, fields, level, system, when) -> None:
+        event = dict(fields)
+        for key, value in (("log_format", fmt), ("log_level", level),
+                           ("log_system", system), ("log_time", when)):
+            if value is not None:
+                event[key] = value
+        self.assertEqual(
+            classic_line(dict(event), formatTime),
+            formatEventAsClassicLogText(dict(event), formatTime=formatTime),
+        )
