@@ -226,3 +226,29 @@ class AccumulationTests(unittest.TestCase):
         self.assertEqual(delivery.context.header_pool.in_use, 16 + len(b"X: \r\n") + 100_000 - 64 * 1024)
         incoming.connectionLost()
         self.assertEqual(delivery.context.header_pool.in_use, 0)
+
+
+class DateNowTests(unittest.SynchronousTestCase):
+    """date_now is formatdate(localtime=True), made once a second."""
+
+    def test_it_is_formatdate_of_this_second(self) -> None:
+        from email.utils import formatdate, parsedate_to_datetime
+
+        for _ in range(3):
+            before = int(time.time())
+            text = headers.date_now()
+            after = int(time.time())
+            self.assertIn(text, {formatdate(s, localtime=True) for s in range(before, after + 1)})
+            self.assertLessEqual(abs(parsedate_to_datetime(text).timestamp() - time.time()), 2)
+
+    def test_a_new_second_gets_a_new_date(self) -> None:
+        clock = [1796221662.25]
+        self.patch(time, "time", lambda: clock[0])
+        first = headers.date_now()
+        clock[0] += 0.5
+        self.assertIs(headers.date_now(), first)
+        clock[0] += 1.0
+        from email.utils import formatdate
+
+        self.assertEqual(headers.date_now(), formatdate(1796221663, localtime=True))
+        self.assertNotEqual(headers.date_now(), first)

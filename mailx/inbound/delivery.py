@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -718,7 +717,7 @@ class IncomingMessage:
         received = (
             f"Received: from {helo} ({reverse} [{session.client_ip}])\r\n"
             f"\tby {config.hostname} (mailx) with {protocol} id {self.queue_id}{tls}\r\n"
-            f"\tfor <{dest.address}>; {formatdate(localtime=True)}\r\n"
+            f"\tfor <{dest.address}>; {headers.date_now()}\r\n"
         )
         trace = [f"Return-Path: <{quote_path(self.sender)}>\r\n".encode()]
         if original is not None:

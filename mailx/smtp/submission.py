@@ -23,12 +23,13 @@ import email.policy
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
-from email.utils import formatdate, make_msgid
+from email.utils import make_msgid
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
+from mailx import headers
 from mailx.address import parse_address
 from mailx.filters.outcome import FilterOutcome
 from mailx.inbound.decide import decide
@@ -220,7 +221,7 @@ def added_fields(fields: Sequence[bytes], hostname: str) -> list[bytes]:
     names = {_field_name(f) for f in fields}
     added = []
     if b"date" not in names:
-        added.append(f"Date: {formatdate(localtime=True)}\r\n".encode("ascii"))
+        added.append(f"Date: {headers.date_now()}\r\n".encode("ascii"))
     if b"message-id" not in names:
         added.append(f"Message-ID: {make_msgid(domain=hostname)}\r\n".encode("ascii"))
     return added
@@ -380,7 +381,7 @@ class SubmittedMessage(IncomingMessage):
         return (
             f"Received: from {_safe(session.helo or 'unknown')} ([{session.client_ip}])\r\n"
             f"\tby {self.delivery.config.hostname} (mailx) with ESMTPSA id {self.queue_id}{tls};\r\n"
-            f"\t{formatdate(localtime=True)}\r\n"
+            f"\t{headers.date_now()}\r\n"
         ).encode()
 
     def _copy_trace(self, dest: Any, original: str) -> list[bytes]:
