@@ -18,7 +18,9 @@ generator, and measured:
 - CPU: the server tree's user+system time during the run, per message.
 
 The table gives the median over the repeats, the range in brackets, the
-ratio of the medians (mailx / peer), and the largest peak RSS.
+paired ratio (mailx / peer: the median of each repeat's ratio, the two runs
+back to back; `paired_ratio`) with the ratio of the medians in brackets, and
+the largest peak RSS.  Each run also prints the cores the hypervisor stole.
 
 Scenarios are data (``SCENARIOS``): a name, overrides deep-merged into mailx's
 configuration, extra peer arguments, message size, concurrency and count.
@@ -695,15 +697,33 @@ def summarize(runs: list[dict], scenarios: Sequence[Scenario], servers: Sequence
             }
         row["other_load"] = max((r["other_load"] for r in runs
                                  if r["scenario"] == scenario.name), default=0.0)
+        row["paired"] = {o: paired_ratio(runs, scenario.name, servers[0], o) for o in servers[1:]}
         summary.append(row)
     return summary
+
+
+def paired_ratio(runs: list[dict], scenario: str, a: str, b: str) -> float | None:
+    """The median over repeats of msg/s(a) / msg/s(b), each pair from one repeat.
+
+    The servers of a repeat run back to back, so each pair shares the
+    machine's state of the moment; on a shared host the CPU time per
+    message can double from one minute to the next, which moves both
+    servers of a pair together and a ratio of medians not at all.
+    """
+    rates: dict[str, dict[int, float]] = {a: {}, b: {}}
+    for r in runs:
+        if r["scenario"] == scenario and r["server"] in rates and r["msgs_per_s"]:
+            rates[r["server"]][r["repeat"]] = r["msgs_per_s"]
+    pairs = [rates[a][rep] / rates[b][rep] for rep in rates[a] if rep in rates[b]]
+    return statistics.median(pairs) if pairs else None
 
 
 def table(summary: list, servers: Sequence[str]) -> str:
     base = servers[0]
     others = servers[1:]
     head = (["scenario"] + [f"{s} msg/s" for s in servers]
-            + [f"{base}/{o}" for o in others] + [f"{s} peak RSS" for s in servers]
+            + [f"{base}/{o} paired (of medians)" for o in others]
+            + [f"{s} peak RSS" for s in servers]
             + [f"{s} CPU ms/msg" for s in servers] + ["other load"])
     rows = []
     for row in summary:
@@ -720,7 +740,9 @@ def table(summary: list, servers: Sequence[str]) -> str:
                 cells.append(cell)
         for o in others:
             a, b = stats[base]["median"], stats[o]["median"]
-            cells.append(f"{a / b:.2f}" if a and b else "-")
+            paired = row["paired"][o]
+            cells.append((f"{paired:.2f}" if paired else "-")
+                         + (f" ({a / b:.2f})" if a and b else ""))
         cells += [human_bytes(stats[s]["peak_rss"]) for s in servers]
         cells += ["-" if stats[s]["cpu_ms_per_msg"] is None else f"{stats[s]['cpu_ms_per_msg']:.2f}"
                   for s in servers]
