@@ -378,3 +378,28 @@ class QueueCommandTests(CLITestCase):
         self.assertEqual(status, 0)
         self.assertIn("not running", out)
         self.assertTrue(self.queue.take_flush_request())
+
+
+class EnvelopeFieldsTests(unittest.SynchronousTestCase):
+    def test_to_fields_is_asdict_with_the_version_first(self) -> None:
+        """to_fields is written by hand for speed; it must stay dataclasses.asdict,
+        every field in order, whatever fields the dataclasses gain."""
+        from dataclasses import asdict
+
+        from mailx.storage.queue import FORMAT_VERSION, Envelope, Recipient
+
+        envelope = Envelope(
+            "Q1", "a@example.test", 1.5, size=3, eight_bit=True, spf="pass",
+            recipients=[
+                Recipient("x@example.net", "x@example.test", "srs@example.test", attempts=2),
+                Recipient("y@example.org", "y@example.test", "", transport="lmtp:unix:/l"),
+            ],
+        )
+        fields = envelope.to_fields()
+        expected = {"version": FORMAT_VERSION, **asdict(envelope)}
+        self.assertEqual(fields, expected)
+        self.assertEqual(list(fields), list(expected))
+        self.assertEqual([list(r) for r in fields["recipients"]],
+                         [list(r) for r in expected["recipients"]])
+        fields["recipients"][0]["attempts"] = 9
+        self.assertEqual(envelope.recipients[0].attempts, 2)  # a copy, as asdict's

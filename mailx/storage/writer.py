@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,9 +160,8 @@ class Filing:
 
 def envelope_fields(envelope: Any) -> dict[str, Any]:
     """What `mailx.storage.queue.Envelope.to_json` writes, as a JSON object."""
-    from mailx.storage.queue import FORMAT_VERSION
-
-    return {"version": FORMAT_VERSION, **asdict(envelope)}
+    fields: dict[str, Any] = envelope.to_fields()
+    return fields
 
 
 def _failure(answer: dict[str, Any]) -> Exception:
