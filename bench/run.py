@@ -702,8 +702,8 @@ def summarize(runs: list[dict], scenarios: Sequence[Scenario], servers: Sequence
     return summary
 
 
-def paired_ratio(runs: list[dict], scenario: str, a: str, b: str) -> float | None:
-    """The median over repeats of msg/s(a) / msg/s(b), each pair from one repeat.
+def paired_ratios(runs: list[dict], scenario: str, a: str, b: str) -> list[float]:
+    """msg/s(a) / msg/s(b) for each repeat where both delivered, in repeat order.
 
     The servers of a repeat run back to back, so each pair shares the
     machine's state of the moment; on a shared host the CPU time per
@@ -714,7 +714,12 @@ def paired_ratio(runs: list[dict], scenario: str, a: str, b: str) -> float | Non
     for r in runs:
         if r["scenario"] == scenario and r["server"] in rates and r["msgs_per_s"]:
             rates[r["server"]][r["repeat"]] = r["msgs_per_s"]
-    pairs = [rates[a][rep] / rates[b][rep] for rep in rates[a] if rep in rates[b]]
+    return [rates[a][rep] / rates[b][rep] for rep in sorted(rates[a]) if rep in rates[b]]
+
+
+def paired_ratio(runs: list[dict], scenario: str, a: str, b: str) -> float | None:
+    """The median of `paired_ratios`, None when no repeat has both."""
+    pairs = paired_ratios(runs, scenario, a, b)
     return statistics.median(pairs) if pairs else None
 
 
@@ -811,32 +816,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def observe_verdict(runs: list[dict]) -> bool:
     """Print the on/off ratio per scenario; True when over budget.
 
-    The verdict is the median of the paired ratios: each repeat runs the two
-    servers back to back, so a pair shares the machine's state of the moment
-    (on a shared host the CPU time per message can double from one minute
-    to the next, which no ratio of medians survives).  The ratio of the
-    medians is printed beside it.
+    The verdict is the median of the paired ratios (`paired_ratios`); the
+    ratio of the medians is printed beside it.
     """
     over = False
     on, off = "mailx-observed", "mailx-unobserved"
     for name in sorted({r["scenario"] for r in runs}):
-        rates: dict[str, dict[int, float]] = {on: {}, off: {}}
-        for r in runs:
-            if r["scenario"] == name and r["server"] in rates and r["msgs_per_s"]:
-                rates[r["server"]][r["repeat"]] = r["msgs_per_s"]
-        pairs = [rates[on][rep] / rates[off][rep] for rep in sorted(rates[on]) if rep in rates[off]]
+        pairs = paired_ratios(runs, name, on, off)
         if not pairs:
             print(f"--observe {name}: no repeat where both servers delivered; no ratio")
             over = True
             continue
+        medians = {s: statistics.median(r["msgs_per_s"] for r in runs
+                                        if r["scenario"] == name and r["server"] == s
+                                        and r["msgs_per_s"])
+                   for s in (on, off)}
         ratio = statistics.median(pairs)
-        of_medians = statistics.median(rates[on].values()) / statistics.median(rates[off].values())
         verdict = "within" if ratio >= 1 - OBSERVE_BUDGET else "OVER"
         over = over or verdict == "OVER"
-        print(f"--observe {name}: off {statistics.median(rates[off].values()):.0f} msg/s,"
-              f" on (trace + metrics) {statistics.median(rates[on].values()):.0f} msg/s;"
+        print(f"--observe {name}: off {medians[off]:.0f} msg/s,"
+              f" on (trace + metrics) {medians[on]:.0f} msg/s;"
               f" on/off per repeat {', '.join(f'{p:.2f}' for p in pairs)};"
-              f" median {ratio:.3f} (of the medians {of_medians:.3f}):"
+              f" median {ratio:.3f} (of the medians {medians[on] / medians[off]:.3f}):"
               f" {verdict} the {OBSERVE_BUDGET:.0%} budget")
     return over
 

@@ -654,8 +654,6 @@ def freeze_heap() -> None:
 
 def _rotated_on_sigusr1(log_file: Any) -> Any:
     """SIGUSR1 rotates the file, as twistd arranges for the log file it opens."""
-    import signal
-
     if not signal.getsignal(signal.SIGUSR1):  # None or SIG_DFL: nobody else's
 
         def rotate(signum: int, frame: Any) -> None:

@@ -113,16 +113,11 @@ _PLAIN = frozenset((str, int, float, type(None)))
 # The rare event orjson refuses (a lone surrogate, an integer past 64 bits):
 # ASCII, every other character as JSON escapes it, whatever a stranger sent.
 _ENCODE = json.JSONEncoder(default=str, check_circular=False).encode
-# Dataclasses and datetimes as their text, as jsonlog writes them; dict keys as text.
+# Dataclasses and datetimes go to jsonlog's _value (their text), as jsonlog
+# writes them, with bytes and any other type orjson does not know; dict keys as text.
 _ORJSON_OPTIONS = (
     orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 )
-
-
-def _orjson_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    return str(value)
 
 
 def as_record(event: LogEvent) -> dict[str, Any]:
@@ -157,7 +152,7 @@ def as_line(record: dict[str, Any]) -> bytes:
     (0.5 against 4-5 microseconds here).
     """
     try:
-        return orjson.dumps(record, default=_orjson_default, option=_ORJSON_OPTIONS)
+        return orjson.dumps(record, default=_value, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError
         plain = {k: v if type(v) in _PLAIN else _value(v) for k, v in record.items()}
         return _ENCODE(plain).encode("ascii")

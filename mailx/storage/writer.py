@@ -117,7 +117,7 @@ class Filing:
             "entries": [
                 {
                     "queue": str(e.queue),
-                    "envelope": envelope_fields(e.envelope),
+                    "envelope": e.envelope.to_fields(),
                     "head": len(e.head),
                     "body": e.body,
                 }
@@ -156,12 +156,6 @@ class Filing:
         for entry, written in zip(self.entries, answer.get("entries", ()), strict=True):
             entry.envelope.size, entry.envelope.eight_bit = written["size"], written["eight_bit"]
         return [Path(p) for p in answer["paths"]]
-
-
-def envelope_fields(envelope: Any) -> dict[str, Any]:
-    """What `mailx.storage.queue.Envelope.to_json` writes, as a JSON object."""
-    fields: dict[str, Any] = envelope.to_fields()
-    return fields
 
 
 def _failure(answer: dict[str, Any]) -> Exception:
