@@ -750,6 +750,38 @@ class HostileAuthTests(SubmissionCase):
         self.assertLess(time.monotonic() - started, 15)
 
 
+    @defer.inlineCallbacks
+    def test_hostile_from_under_the_bound_is_refused_and_others_served(self) -> None:
+        """2,000 octets of quotes (the stdlib's parser is super-linear on them)
+        are parsed in the signing thread, once per value (kept), while another
+        client is served; the message is refused, nothing is filed."""
+        hostile = b"From: " + b'"' * 1990 + b"\r\n\r\nHello.\r\n"
+
+        def attack() -> Any:
+            codes = []
+            with self.client() as c:
+                c.login("alice@example.test", PASSWORD)
+                for _ in range(3):
+                    try:
+                        c.sendmail("alice@example.test", ["bob@example.test"], hostile)
+                        codes.append(250)
+                    except smtplib.SMTPDataError as e:
+                        codes.append(e.smtp_code)
+            return codes
+
+        def other() -> Any:
+            with self.client() as c:
+                c.login("bob@example.test", "bobs")
+                return c.sendmail("bob@example.test", ["alice@example.test"], submitted("bob@example.test"))
+
+        started = time.monotonic()
+        codes, refused = yield defer.gatherResults([self.inthread(attack), self.inthread(other)])
+        self.assertEqual((codes, refused), ([550, 550, 550], {}))
+        self.assertLess(time.monotonic() - started, 15)
+        yield wait_until(lambda: len(self.server.messages("alice")) == 1)
+        self.assertEqual(self.server.messages("bob"), [])
+
+
 class ReloadTests(SubmissionCase):
     limits = {"auth_failures": 2}
 
