@@ -147,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {kind} | {medians[kind]:.0f} ({min(rates):.0f}-{max(rates):.0f}) | "
               f"{statistics.median(cpus):.2f} | "
               f"{run.human_bytes(max(r['peak_rss'] for r in runs))} |")
-    print(f"\nmailx / postfix: {medians['mailx'] / medians['postfix']:.2f}x (goal >= 1x)")
+    # Paired: each repeat's two runs are back to back (see run.paired_ratios).
+    flat = [dict(r, scenario="lmtp", repeat=rep) for kind in KINDS
+            for rep, r in enumerate(results[kind])]
+    pairs = run.paired_ratios(flat, "lmtp", "mailx", "postfix")
+    print(f"\nmailx / postfix: {statistics.median(pairs):.2f}x paired"
+          f" ({medians['mailx'] / medians['postfix']:.2f}x of medians; goal >= 1x);"
+          f" per repeat {' '.join(f'{p:.2f}' for p in pairs)}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

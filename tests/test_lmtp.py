@@ -516,15 +516,15 @@ class DeliveryGuaranteeTests(DovecotCase):
     def test_a_crash_between_the_lmtp_250_and_the_queue_record_redelivers(self) -> None:
         self.dovecot.start()
         server = self.start_mailx(self.dovecot.unix_endpoint)
-        queue = server.service.outbound.queue
+        filer = server.service.outbound.filer
         crashed = defer.Deferred()
 
-        def crash(queue_ids: list[str]) -> list[bool]:
+        def crash(queue: Path, queue_ids: list[str]) -> defer.Deferred:
             # The process dies here: Dovecot said 250, the entry still says pending.
-            reactor.callFromThread(crashed.callback, queue_ids[0])
-            raise SystemError("crash after the LMTP 250")
+            reactor.callLater(0, crashed.callback, queue_ids[0])
+            return defer.fail(SystemError("crash after the LMTP 250"))
 
-        queue.remove_many = crash
+        filer.remove_entries = crash
         yield send_mail(server.port, SENDER, ["alice@example.test"], message("twice"))
         queue_id = yield crashed
         yield self.stop_mailx(server)

@@ -602,13 +602,13 @@ class FromMemoryTests(OutboundCase):
     @defer.inlineCallbacks
     def test_removals_in_one_reactor_turn_share_one_disk_trip(self) -> None:
         batches: list[list[str]] = []
-        real = self.queue.remove_many
+        real = self.outbound.filer.remove_entries
 
-        def recording(queue_ids: list[str]) -> list[Any]:
+        def recording(queue: Path, queue_ids: list[str]) -> defer.Deferred:
             batches.append(list(queue_ids))
-            return real(queue_ids)
+            return real(queue, queue_ids)
 
-        self.patch(self.queue, "remove_many", recording)
+        self.patch(self.outbound.filer, "remove_entries", recording)
         for n in (1, 2, 3):
             self.queue.enqueue(
                 self.outbound.envelope_for(

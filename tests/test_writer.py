@@ -78,6 +78,56 @@ class CommitTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.box / "tmp"), [])
 
 
+    def queue_with(self, *queue_ids: str) -> Path:
+        queue = self.root / "queue"
+        for queue_id in queue_ids:
+            writer_child.write_entry(queue, {"id": queue_id, "recipients": []}, iter([b"m\r\n"]))
+        return queue
+
+    def test_a_removal_shares_the_batch_and_its_queue_fsync_with_a_filing(self) -> None:
+        queue = self.queue_with("65F00000000001", "65F00000000002")
+        synced: list[Path] = []
+        real = maildir.fsync_directory
+        self.patch(maildir, "fsync_directory", lambda d: (synced.append(Path(d)), real(d)))
+        removal = {"id": 3, "remove": {"queue": str(queue),
+                                       "ids": ["65F00000000001", "65F00000000002", "65F00000000099"]}}
+        asides: list[Path] = []
+        answers = decode_all(bytearray(commit([
+            self.request(1, "one", b"", b"body\r\n"), (removal, b"")], asides)))
+        self.assertEqual(answers[1][0], {"id": 3, "removed": [True, True, False]})
+        self.assertIn("paths", answers[0][0])
+        self.assertEqual(synced.count(queue), 1)
+        # Renamed aside and durable before the answer; deleted by the caller after it.
+        self.assertEqual(sorted(p.name for p in queue.iterdir()),
+                         [".removed-65F00000000001", ".removed-65F00000000002", ".tmp"])
+        self.assertEqual(asides, [queue / ".removed-65F00000000001", queue / ".removed-65F00000000002"])
+        for aside in asides:
+            writer_child.clear_aside(aside)
+        self.assertEqual([p.name for p in queue.iterdir()], [".tmp"])
+
+    def test_a_failed_queue_fsync_reports_every_renamed_entry(self) -> None:
+        queue = self.queue_with("65F00000000001")
+
+        def broken(directory: Path) -> None:
+            raise OSError(5, "Input/output error")
+
+        self.patch(maildir, "fsync_directory", broken)
+        removal = {"id": 1, "remove": {"queue": str(queue), "ids": ["65F00000000001", "65F00000000002"]}}
+        [(answer, _)] = decode_all(bytearray(commit([(removal, b"")])))
+        [renamed, missing] = answer["removed"]
+        self.assertIn("Input/output error", renamed)
+        self.assertIs(missing, False)
+
+    def test_a_removal_never_leaves_the_queue_directory(self) -> None:
+        queue = self.queue_with("65F00000000001")
+        outside = self.root / "elsewhere"
+        outside.mkdir()
+        removal = {"id": 1, "remove": {"queue": str(queue), "ids": ["../elsewhere", ".tmp", ""]}}
+        [(answer, _)] = decode_all(bytearray(commit([(removal, b"")])))
+        self.assertTrue(all(isinstance(r, str) and "not a queue ID" in r for r in answer["removed"]))
+        self.assertTrue(outside.is_dir())
+
+
 class ChildImportTests(unittest.TestCase):
     def test_the_child_imports_only_the_standard_library(self) -> None:
         # The child's start-up, as WriterClient runs it (-I -S, found by its path).
@@ -136,6 +186,30 @@ class WriterProcessTests(unittest.TestCase):
         self.flushLoggedErrors()
         [path] = yield self.writer.file(self.filing("again", b"", body))
         self.assertTrue(path.exists())
+
+    @defer.inlineCallbacks
+    def test_the_child_removes_queue_entries_durably(self) -> None:
+        queue = self.root / "queue"
+        for queue_id in ("65F00000000001", "65F00000000002"):
+            writer_child.write_entry(queue, {"id": queue_id, "recipients": []}, iter([b"m\r\n"]))
+        results = yield self.writer.remove_entries(queue, ["65F00000000001", "65F00000000003"])
+        self.assertEqual(results, [True, False])
+        yield self.writer.file(self.filing("after", b"", b"Subject: m\r\n\r\nx\r\n"))
+        # The answer of the next request comes after the asides were cleared.
+        self.assertEqual(sorted(p.name for p in queue.iterdir()), [".tmp", "65F00000000002"])
+
+    @defer.inlineCallbacks
+    def test_a_removal_in_flight_when_the_writer_dies_fails_and_can_be_retried(self) -> None:
+        queue = self.root / "queue"
+        writer_child.write_entry(queue, {"id": "65F00000000001", "recipients": []}, iter([b"m\r\n"]))
+        os.kill(self.writer._child.transport.pid, signal.SIGSTOP)
+        removal = self.writer.remove_entries(queue, ["65F00000000001"])
+        os.kill(self.writer._child.transport.pid, signal.SIGKILL)
+        yield self.assertFailure(removal, WriterGone)
+        self.flushLoggedErrors()
+        results = yield self.writer.remove_entries(queue, ["65F00000000001"])
+        self.assertEqual(results, [True])
+        self.assertFalse((queue / "65F00000000001").exists())
 
     @defer.inlineCallbacks
     def test_the_child_runs_this_code_whatever_pythonpath_says(self) -> None:

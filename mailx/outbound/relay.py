@@ -71,7 +71,7 @@ from mailx.outbound.srs import SRS, srs_route
 from mailx.smtp.replies import Reply, SMTPReplyError
 from mailx.storage import maildir
 from mailx.storage.queue import DELIVERED, FAILED, Envelope, Queue, Recipient
-from mailx.storage.writer import Filing, InlineFiler, MaildirCopy, QueueCopy
+from mailx.storage.writer import Filing, InlineFiler, MaildirCopy, QueueCopy, WriterGone
 from mailx.text import Logger
 
 log = Logger(namespace="mailx.outbound")
@@ -107,6 +107,8 @@ SEND_CHUNK = 64 * 1024
 # at most this big and the queue holds at most HELD_IN_MEMORY such octets.
 SEND_FROM_MEMORY = 256 * 1024
 HELD_IN_MEMORY = 16 * 1024 * 1024
+# Endpoint strings parsed and kept (the smarthost, LMTP servers): a few in practice.
+NAMED_ENDPOINTS_KEPT = 64
 # Connection reuse (issue 12): an idle session waits this long for the next
 # message to the same host (Postfix smtp_connection_cache_time_limit: 2 s),
 # rather than a new TCP, EHLO and TLS handshake for each message.
@@ -1183,6 +1185,7 @@ class Outbound(service.Service):
         # (MX name, IP) -> the client endpoint of one attempt; IP None: the
         # smarthost's endpoint string.  Tests pass one to see every attempt.
         self._endpoint_factory = endpoint_factory or self._endpoint
+        self._named_endpoints: dict[str, Any] = {}
         self._entries: dict[str, _Entry] = {}
         # Queue ID -> its data file's contents, until its first attempt is over.
         self._in_memory: dict[str, bytes] = {}
@@ -1786,11 +1789,10 @@ class Outbound(service.Service):
         return mailboxes, forwards
 
     def _remove(self, queue_id: str) -> defer.Deferred[bool]:
-        """`Queue.remove`, batched: one batch at a time goes to the disk pool, and
-        the entries done meanwhile (or in the same reactor turn) make the next,
-        sharing one thread trip and one fsync of the queue directory.  One
-        batch per reactor turn was one trip and one fsync per message at a
-        few hundred messages a second; idle, a removal waits for nothing."""
+        """`Queue.remove`, batched: one batch at a time goes to the filing engine
+        (the writer child; the disk pool if it is gone), and the entries done
+        meanwhile (or in the same reactor turn) make the next, sharing one
+        fsync of the queue directory.  Idle, a removal waits for nothing."""
         d: defer.Deferred[bool] = defer.Deferred()
         self._removals.append((queue_id, d))
         if not self._removing:
@@ -1818,7 +1820,16 @@ class Outbound(service.Service):
         def next_batch(_: object) -> None:
             self._remove_batch()  # what came meanwhile; or none, and the flag is down
 
-        done = self._in_thread(self.queue.remove_many, [queue_id for queue_id, _ in batch])
+        ids = [queue_id for queue_id, _ in batch]
+
+        def without_writer(failure: Failure) -> defer.Deferred:
+            failure.trap(WriterGone)  # it died or stops: the disk pool does the same work
+            return self._in_thread(self.queue.remove_many, ids)
+
+        # The filing engine removes too: in the server, its child process, so
+        # that no disk thread here contends with the reactor for the GIL.
+        done = self.filer.remove_entries(self.queue.root, ids)
+        done.addErrback(without_writer)
         done.addCallbacks(removed, failed)
         done.addBoth(next_batch)
 
@@ -2143,7 +2154,15 @@ class Outbound(service.Service):
     def _endpoint(self, name: str, ip: str | None) -> Any:
         """The endpoint for an MX address, or the smarthost's (``ip`` None)."""
         if ip is None:
-            return clientFromString(self.reactor, name)
+            # Parsed once per string: clientFromString's tokenizer was 2% of
+            # the reactor's time per LMTP delivery.  An endpoint is only a
+            # description; each connect() makes its own connection.
+            endpoint = self._named_endpoints.get(name)
+            if endpoint is None:
+                if len(self._named_endpoints) >= NAMED_ENDPOINTS_KEPT:
+                    self._named_endpoints.clear()  # reloads changed the names many times
+                endpoint = self._named_endpoints[name] = clientFromString(self.reactor, name)
+            return endpoint
         kind = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
         return kind(self.reactor, ip, self.config.outbound.port, timeout=self.timeouts.connect)
 

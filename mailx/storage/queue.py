@@ -312,7 +312,7 @@ class Queue:
     def remove(self, queue_id: str) -> bool:
         """Delete an entry; False if there was none.  Safe while the server runs (see above)."""
         directory = self.path(queue_id)
-        aside = self.root / f".removed-{queue_id}"
+        aside = writer_child.aside_path(self.root, queue_id)
         try:
             os.rename(directory, aside)
         except FileNotFoundError:
@@ -327,7 +327,7 @@ class Queue:
         results: list[bool | OSError] = []
         asides: list[Path] = []
         for queue_id in queue_ids:
-            aside = self.root / f".removed-{queue_id}"
+            aside = writer_child.aside_path(self.root, queue_id)
             try:
                 os.rename(self.path(queue_id), aside)
             except FileNotFoundError:
@@ -349,14 +349,7 @@ class Queue:
         return results
 
     def _unlink_aside(self, aside: Path) -> None:
-        # The two files an entry has, without rmtree's walk (it costs the
-        # GIL more than the unlinks); anything else there, it clears.
-        try:
-            for name in (DATA_FILE, ENVELOPE_FILE):
-                os.unlink(aside / name)
-            os.rmdir(aside)
-        except OSError:
-            shutil.rmtree(aside, ignore_errors=True)
+        writer_child.clear_aside(aside)
 
     def _sync_root_after(self) -> None:
         """Make this thread's rename in the queue directory durable, sharing fsyncs.

@@ -170,6 +170,7 @@ class _Child(ProcessProtocol):
     def __init__(self, owner: WriterClient) -> None:
         self.owner = owner
         self.pending: dict[int, tuple[defer.Deferred[list[Path]], Filing, dict[str, Any]]] = {}
+        self.removals: dict[int, defer.Deferred[list[bool | OSError]]] = {}
         self.buffer = bytearray()
         self.ended: defer.Deferred[None] = defer.Deferred()
 
@@ -178,6 +179,13 @@ class _Child(ProcessProtocol):
         for answer, _ in decode_all(self.buffer):
             if "batch" in answer and self.owner.observe_batch is not None:
                 self.owner.observe_batch(answer["batch"])
+            if "removed" in answer:
+                removal = self.removals.pop(answer["id"], None)
+                if removal is not None:
+                    removal.callback(
+                        [OSError(r) if isinstance(r, str) else r for r in answer["removed"]]
+                    )
+                continue
             found = self.pending.pop(answer["id"], None)
             if found is None:
                 continue
@@ -192,6 +200,10 @@ class _Child(ProcessProtocol):
         self.owner._ended(self, reason)
         pending, self.pending = self.pending, {}
         why = f"the Maildir writer ended: {reason.getErrorMessage()}"
+        removals, self.removals = self.removals, {}
+        for removal in removals.values():
+            # Nothing to take back: a removal is retried whole (renaming aside is idempotent).
+            removal.errback(WriterGone(why))
         gone = [self.owner._take_back(request, d, why) for d, _, request in pending.values()]
         defer.DeferredList(gone).addBoth(lambda _: self.ended.callback(None))
 
@@ -265,6 +277,24 @@ class WriterClient:
         child.transport.write(encode(request, payload))
         return d
 
+    def remove_entries(
+        self, queue: Path, queue_ids: Sequence[str]
+    ) -> defer.Deferred[list[bool | OSError]]:
+        """`Queue.remove_many` done by the child: each entry's result, once the
+        removals are durable (WriterGone if the child died meanwhile)."""
+        if self._stopping:
+            return defer.fail(WriterGone("the writer is stopping"))
+        if self._child is None:
+            self.start()
+        child = self._child
+        assert child is not None and child.transport is not None
+        self._next_id += 1
+        d: defer.Deferred[list[bool | OSError]] = defer.Deferred()
+        child.removals[self._next_id] = d
+        request = {"id": self._next_id, "remove": {"queue": str(queue), "ids": list(queue_ids)}}
+        child.transport.write(encode(request))
+        return d
+
     def stop(self) -> defer.Deferred[None]:
         """Let the child finish what it was sent, then end it."""
         self._stopping = True
@@ -288,8 +318,19 @@ class InlineFiler:
         pool = self.pool if self.pool is not None else self.reactor.getThreadPool()
         return deferToThreadPool(self.reactor, pool, file_now, filing)
 
+    def remove_entries(
+        self, queue: Path, queue_ids: Sequence[str]
+    ) -> defer.Deferred[list[bool | OSError]]:
+        pool = self.pool if self.pool is not None else self.reactor.getThreadPool()
+        return deferToThreadPool(self.reactor, pool, remove_now, queue, queue_ids)
+
 
 def file_now(filing: Filing) -> list[Path]:
     """File ``filing`` in this thread (blocking); raises what the child would answer."""
     request, payload = filing.request(0)
     return filing.filed(file_request(request, payload))
+
+
+def remove_now(queue: Path, queue_ids: Sequence[str]) -> list[bool | OSError]:
+    """The child's removal in this thread (blocking): each entry's result."""
+    return [OSError(r) if isinstance(r, str) else r for r in writer_child.remove_now(queue, queue_ids)]

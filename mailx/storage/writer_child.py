@@ -27,7 +27,9 @@ request is one message's whole filing, any mix of:
 The payload holds the header blocks in that order, then the body unless a
 ``body_path`` names the spooled one.  The child answers each request with
 the paths of its copies and each entry's size and 8-bit flag, or an error
-(and ``kind``, the exception's name).
+(and ``kind``, the exception's name).  A request with ``remove`` instead
+removes delivered queue entries (see `commit`): the other half of the
+queue's life, so that the server's disk threads stay idle while mail flows.
 
 Every file goes the same way: written in a ``tmp`` directory, fsynced,
 renamed into place, and the directory renamed into fsynced.  A request is
@@ -184,13 +186,70 @@ def write_entry(
 
 
 def _remove_entry(path: Path) -> None:
-    aside = path.parent / f".removed-{path.name}"
+    aside = aside_path(path.parent, path.name)
     try:
         os.rename(path, aside)
     except FileNotFoundError:
         return
     maildir.fsync_directory(path.parent)
-    shutil.rmtree(aside, ignore_errors=True)
+    clear_aside(aside)
+
+
+def aside_path(queue: Path, queue_id: str) -> Path:
+    """Where an entry is renamed before it is deleted (`mailx.storage.queue`)."""
+    return queue / f".removed-{queue_id}"
+
+
+def set_aside(queue: Path, queue_ids: Sequence[str]) -> tuple[list[Any], list[Path]]:
+    """Rename each entry aside, the first half of a removal: each one's result
+    (True, False if there was none, or the error's text) and the asides.
+
+    The caller fsyncs the queue directory before reporting them removed, and
+    clears the asides after (`clear_aside`); `Queue.prepare` clears any a
+    crash left.
+    """
+    results: list[Any] = []
+    asides: list[Path] = []
+    for queue_id in queue_ids:
+        if not queue_id or "/" in queue_id or queue_id.startswith("."):
+            results.append(f"not a queue ID: {queue_id!r}")
+            continue
+        aside = aside_path(queue, queue_id)
+        try:
+            os.rename(queue / queue_id, aside)
+        except FileNotFoundError:
+            results.append(False)
+            continue
+        except OSError as e:
+            results.append(f"{type(e).__name__}: {e}")
+            continue
+        results.append(True)
+        asides.append(aside)
+    return results, asides
+
+
+def remove_now(queue: Path, queue_ids: Sequence[str]) -> list[Any]:
+    """`set_aside`, the fsync, `clear_aside`: a removal on its own (blocking)."""
+    results, asides = set_aside(queue, queue_ids)
+    if asides:
+        try:
+            maildir.fsync_directory(queue)
+        except OSError as e:
+            results = [f"fsync {queue}: {e}" if r is True else r for r in results]
+    for aside in asides:
+        clear_aside(aside)
+    return results
+
+
+def clear_aside(aside: Path) -> None:
+    """Delete an entry set aside: its two files, without rmtree's walk (it
+    costs more than the unlinks); anything else there, rmtree clears."""
+    try:
+        for name in (DATA_FILE, ENVELOPE_FILE):
+            os.unlink(aside / name)
+        os.rmdir(aside)
+    except OSError:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _sync_now(directory: Path) -> None:
@@ -298,12 +357,29 @@ def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-def commit(frames: Sequence[tuple[dict[str, Any], bytes]]) -> bytes:
+def commit(
+    frames: Sequence[tuple[dict[str, Any], bytes]], asides: list[Path] | None = None
+) -> bytes:
     """File a batch; the answers, once every directory is fsynced.
+
+    A request with ``remove`` (``queue``, ``ids``) removes queue entries
+    instead: renamed aside, the queue directory fsynced with the batch's
+    others, answered ``removed`` (per ID: true, false if there was none, or
+    an error's text).  The asides are deleted after the answers when the
+    caller passes ``asides`` to collect them, else before returning.
 
     The first answer carries the batch's size (``batch``), for the metrics.
     """
     directories: dict[Path, list[int]] = {}
+    removals: dict[int, list[Any]] = {}
+    set_asides: list[Path] = []
+    for index, (request, _) in enumerate(frames):
+        if "remove" in request:
+            queue = Path(request["remove"]["queue"])
+            removals[index], renamed = set_aside(queue, request["remove"]["ids"])
+            set_asides += renamed
+            if renamed:
+                directories.setdefault(queue, []).append(index)
 
     def one(index: int) -> dict[str, Any]:
         request, payload = frames[index]
@@ -316,22 +392,40 @@ def commit(frames: Sequence[tuple[dict[str, Any], bytes]]) -> bytes:
         except Exception as e:  # the parent answers 451 and logs it
             return _error(request, type(e).__name__, f"{type(e).__name__}: {e}")
 
-    if len(frames) == 1:
-        answers = [one(0)]
-    else:
+    filings = [index for index in range(len(frames)) if index not in removals]
+    answers: list[dict[str, Any]] = [
+        {"id": request["id"], "removed": removals[index]} if index in removals else {}
+        for index, (request, _) in enumerate(frames)
+    ]
+    if len(filings) == 1:
+        answers[filings[0]] = one(filings[0])
+    elif filings:
         # At once: their fsyncs wait together and share the journal's commits
         # (one after another, each waited for a commit of its own).
-        answers = list(_workers().map(one, range(len(frames))))
+        for index, answer in zip(filings, _workers().map(one, filings), strict=True):
+            answers[index] = answer
     for directory, members in directories.items():
         try:
             maildir.fsync_directory(directory)
         except OSError as e:
+            why = f"fsync {directory}: {e}"
             for index in members:
+                if index in removals:
+                    # Renamed, perhaps not durably: reported as Queue.remove would.
+                    answers[index]["removed"] = [
+                        why if r is True else r for r in answers[index]["removed"]
+                    ]
+                    continue
                 if "error" not in answers[index]:
                     _take_back_quietly(*frames[index])
-                answers[index] = _error(frames[index][0], "OSError", f"fsync {directory}: {e}")
+                answers[index] = _error(frames[index][0], "OSError", why)
     if answers:
         answers[0]["batch"] = len(answers)
+    if asides is None:
+        for aside in set_asides:
+            clear_aside(aside)
+    else:
+        asides += set_asides
     return b"".join(encode(answer) for answer in answers)
 
 
@@ -380,9 +474,13 @@ def main() -> int:
                 eof = True
             buffer += data
         frames += decode_all(buffer)
-        answer = memoryview(commit(frames))
+        asides: list[Path] = []
+        answer = memoryview(commit(frames, asides))
         while answer:
             answer = answer[os.write(stdout, answer) :]
+        # Removed once the rename is durable; the unlinks need not hold up the answers.
+        for aside in asides:
+            clear_aside(aside)
 
 
 if __name__ == "__main__":
