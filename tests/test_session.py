@@ -39,6 +39,8 @@ from mailx.smtp.session import (
     StartPause,
     State,
     Violation,
+    _has_long_line,
+    _longest_line,
 )
 
 # Every reply the server may send: the table's, and the few written out in
@@ -381,6 +383,19 @@ class ContentTests(unittest.TestCase):
         script = self.data(message_size=10**6)
         script.feed(b"y" * (64 * 1024 + 1) + b"\r\n")
         self.assertEqual(script.sent[-1], replies.DATA_LINE_TOO_LONG.wire())
+
+    def test_a_long_line_after_a_64k_run_of_short_ones_is_a_violation(self) -> None:
+        script = self.data(message_size=10**6)
+        script.feed(b"x" * 76 + b"\r\n" + b"y" * (64 * 1024 + 1) + b"\r\n")
+        self.assertEqual(script.sent[-1], replies.DATA_LINE_TOO_LONG.wire())
+
+    @given(st.binary(max_size=200) | st.lists(st.sampled_from([b"x", b"\r", b"\n", b"\r\n"]),
+                                             max_size=200).map(b"".join),
+           st.integers(min_value=0, max_value=30))
+    @settings(max_examples=500)
+    def test_the_long_line_check_agrees_with_measuring_every_line(self, region: bytes,
+                                                                   limit: int) -> None:
+        self.assertEqual(_has_long_line(region, limit), _longest_line(region) > limit)
 
 
 COMMAND_LINES = [

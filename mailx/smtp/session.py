@@ -466,7 +466,7 @@ class SMTPSession:
                 return self._line_too_long()
         region = buf[start:cut]
         self._offset = resume
-        if len(region) > MAX_DATA_LINE and _longest_line(region) > MAX_DATA_LINE:
+        if len(region) > MAX_DATA_LINE and _has_long_line(region):
             return self._line_too_long()
         # RFC 5321 4.5.2: a line starting with "." lost its first dot in transit.
         if self._line_start and region.startswith(b"."):
@@ -664,7 +664,22 @@ def _partial_line_length(tail: bytes) -> int:
 
 def _longest_line(region: bytes) -> int:
     """The longest line of ``region`` as normalised: CRLF, bare LF and bare CR end lines."""
-    longest = max(map(len, region.split(b"\n")))  # fast, and never shorter
-    if longest <= MAX_DATA_LINE:
-        return longest
     return max(map(len, _LINE_BREAKS.split(region)))
+
+
+def _has_long_line(region: bytes, limit: int = MAX_DATA_LINE) -> bool:
+    """Whether ``region`` holds a line longer than ``limit`` (as `_longest_line`).
+
+    Without splitting: from each line start, the last LF within the next
+    ``limit`` + 1 octets is where the next window starts (memrchr finds it
+    at once); a window without an LF is a piece that long, measured exactly
+    then.  Splitting 64 KiB into its lines allocated one object a line,
+    150 us a read of a 100 KiB message on the reactor thread.
+    """
+    start = 0
+    while len(region) - start > limit:
+        last = region.rfind(b"\n", start, start + limit + 1)
+        if last < 0:
+            return _longest_line(region) > limit  # LF-cut pieces are never shorter
+        start = last + 1
+    return False
