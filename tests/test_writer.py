@@ -96,6 +96,8 @@ class CommitTests(unittest.TestCase):
             self.request(1, "one", b"", b"body\r\n"), (removal, b"")], asides)))
         self.assertEqual(answers[1][0], {"id": 3, "removed": [True, True, False]})
         self.assertIn("paths", answers[0][0])
+        # The metric counts messages filed: the removal rides along uncounted.
+        self.assertEqual(answers[0][0]["batch"], 1)
         self.assertEqual(synced.count(queue), 1)
         # Renamed aside and durable before the answer; deleted by the caller after it.
         self.assertEqual(sorted(p.name for p in queue.iterdir()),
@@ -114,6 +116,7 @@ class CommitTests(unittest.TestCase):
         self.patch(maildir, "fsync_directory", broken)
         removal = {"id": 1, "remove": {"queue": str(queue), "ids": ["65F00000000001", "65F00000000002"]}}
         [(answer, _)] = decode_all(bytearray(commit([(removal, b"")])))
+        self.assertNotIn("batch", answer)
         [renamed, missing] = answer["removed"]
         self.assertIn("Input/output error", renamed)
         self.assertIs(missing, False)

@@ -222,7 +222,7 @@ class WriterClient:
         self._child: _Child | None = None
         self._next_id = 0
         self._stopping = False
-        # Called with each batch's number of requests (mailx.observe.metrics).
+        # Called with the messages each batch filed (mailx.observe.metrics).
         self.observe_batch: Callable[[int], None] | None = None
 
     def start(self) -> None:

@@ -368,7 +368,8 @@ def commit(
     an error's text).  The asides are deleted after the answers when the
     caller passes ``asides`` to collect them, else before returning.
 
-    The first answer carries the batch's size (``batch``), for the metrics.
+    The first filing's answer carries how many the batch filed (``batch``),
+    for the metrics; a batch of removals only carries none.
     """
     directories: dict[Path, list[int]] = {}
     removals: dict[int, list[Any]] = {}
@@ -419,8 +420,9 @@ def commit(
                 if "error" not in answers[index]:
                     _take_back_quietly(*frames[index])
                 answers[index] = _error(frames[index][0], "OSError", why)
-    if answers:
-        answers[0]["batch"] = len(answers)
+    if filings:
+        # Messages filed, as the metric says: removals ride along uncounted.
+        answers[filings[0]]["batch"] = len(filings)
     if asides is None:
         for aside in set_asides:
             clear_aside(aside)
