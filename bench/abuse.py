@@ -60,12 +60,10 @@ import resource
 import secrets
 import selectors
 import shlex
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -968,44 +966,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_helper:
         serve_helper()
         return 0
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailx-abuse-", dir="/var/tmp"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    space = run.RunSpace(args.workdir, "mailx-abuse-", args.keep)
+    workdir = space.root
     print(f"{len(args.attacks)} attacks x {args.repeat}; phases {args.phase:g} s "
           f"(warm-up {args.warmup:g} s); {os.cpu_count()} CPUs; Maildirs on "
           f"{run.filesystem_of(workdir)} ({workdir})", flush=True)
     helper = Helper(workdir / "helper.log")
     runs: list[dict] = []
     failed = False
-    try:
-        for rep in range(args.repeat):
-            for attack in args.attacks:
-                run_dir = workdir / f"{attack.name}-{rep + 1}"
-                if args.quiet_wait:
-                    run.wait_quiet(args.quiet_wait)
-                try:
-                    result = measure(attack, helper, run_dir, args)
-                except RunError as e:
-                    print(f"{attack.name} #{rep + 1}: {e}", file=sys.stderr)
-                    failed = True
-                    continue
-                finally:
-                    if not args.keep:
-                        shutil.rmtree(run_dir, ignore_errors=True)
-                        os.sync()
-                result["repeat"] = rep + 1
-                runs.append(result)
-                print(f"  {attack.name:<16} #{rep + 1}: {result['baseline']:6.0f} -> "
-                      f"{result['under_attack']:6.0f} msg/s (x{result['ratio'] or 0:.2f}), "
-                      f"RSS {run.human_bytes(result['peak_rss'])}, "
-                      f"expected {'yes' if result['expected'] else 'NO'}, "
-                      f"other load {result['other_load']:.2f}; {result['detail']}", flush=True)
-                for problem in result["problems"]:
-                    failed = True
-                    print(f"    {problem}", file=sys.stderr)
-    finally:
-        helper.stop()
-        if not args.keep and args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with space:
+        try:
+            for rep in range(args.repeat):
+                for attack in args.attacks:
+                    run_dir = space.run_dir(f"{attack.name}-{rep + 1}")
+                    if args.quiet_wait:
+                        run.wait_quiet(args.quiet_wait)
+                    try:
+                        result = measure(attack, helper, run_dir, args)
+                    except RunError as e:
+                        print(f"{attack.name} #{rep + 1}: {e}", file=sys.stderr)
+                        failed = True
+                        continue
+                    result["repeat"] = rep + 1
+                    runs.append(result)
+                    print(f"  {attack.name:<16} #{rep + 1}: {result['baseline']:6.0f} -> "
+                          f"{result['under_attack']:6.0f} msg/s (x{result['ratio'] or 0:.2f}), "
+                          f"RSS {run.human_bytes(result['peak_rss'])}, "
+                          f"expected {'yes' if result['expected'] else 'NO'}, "
+                          f"other load {result['other_load']:.2f}; {result['detail']}", flush=True)
+                    for problem in result["problems"]:
+                        failed = True
+                        print(f"    {problem}", file=sys.stderr)
+        finally:
+            helper.stop()
     rows = summarize(runs)
     print()
     print(f"legitimate load: {LEGIT.concurrency} sessions of {LEGIT.size} B messages, "

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -138,25 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     from mailx.filters import compile_script
 
     compile_script(RULES)  # a broken script would measure the failure path
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailx-bench-sieve-", dir="/var/tmp"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    space = run.RunSpace(args.workdir, "mailx-bench-sieve-")
+    workdir = space.root
     base = Scenario(f"{args.size}B-c{args.concurrency}", args.size, args.concurrency, args.messages)
     print(f"{args.messages} messages of {args.size} B over {args.concurrency} sessions ({workdir})", flush=True)
     kinds = {"none": "mailx", "sieve": "mailx-sieve"}
     results: dict[str, list[dict]] = {kind: [] for kind in kinds}
-    try:
+    with space:
         for rep in range(args.repeat):
             for kind in list(kinds) if rep % 2 == 0 else list(kinds)[::-1]:
-                run_dir = workdir / f"{kind}-{rep + 1}"
+                run_dir = space.run_dir(f"{kind}-{rep + 1}")
                 try:
                     result = run.measure(kinds[kind], base, args.messages, run_dir, args)
                     filed = run.count_files([run_dir / "mail" / run.DOMAIN / run.MAILBOX / ".Bench" / "new"])
                 except RunError as e:
                     print(f"{kind} #{rep + 1}: {e}", file=sys.stderr)
                     return 1
-                finally:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-                    os.sync()
                 if kind == "sieve" and filed < result["delivered"]:
                     print(
                         f"sieve #{rep + 1}: only {filed} of {result['delivered']} messages in .Bench:"
@@ -171,9 +167,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"  {kind:<6} #{rep + 1}: " + (f"{rate:7.0f} msg/s" if rate else "  FAILED   ")
                     + f"  CPU {result['cpu_per_msg'] * 1000:.2f} ms/msg", flush=True,
                 )
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
     medians = {k: statistics.median(r["msgs_per_s"] for r in v if r["msgs_per_s"]) for k, v in results.items()}
     cpus = {k: statistics.median(r["cpu_per_msg"] * 1000 for r in v) for k, v in results.items()}
     cost = 1 - medians["sieve"] / medians["none"]

@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import MappingProxyType
@@ -187,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         serve_sink(args.serve_sink)
         return 0
     args.loadgen = "python"  # run.measure's; smtp-source would need Postfix
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailx-bench-fwd-", dir="/var/tmp"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    space = run.RunSpace(args.workdir, "mailx-bench-fwd-")
+    workdir = space.root
     base = Scenario(f"{args.size}B-c{args.concurrency}", args.size, args.concurrency, args.messages)
     print(
         f"{args.messages} messages of {args.size} B over {args.concurrency} sessions; "
@@ -200,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not kinds:
         parser.error(f"unknown or missing kind: {', '.join(unknown) or 'none'}")
     results: dict[str, list[dict]] = {kind: [] for kind in kinds}
-    try:
+    with space:
         for rep in range(args.repeat):
             for kind in kinds if rep % 2 == 0 else kinds[::-1]:
-                run_dir = workdir / f"{kind}-{rep + 1}"
+                run_dir = space.run_dir(f"{kind}-{rep + 1}")
                 try:
                     if kind == "maildir":
                         result = run.measure("mailx", base, args.messages, run_dir, args)
@@ -214,9 +212,6 @@ def main(argv: list[str] | None = None) -> int:
                 except RunError as e:
                     print(f"{kind} #{rep + 1}: {e}", file=sys.stderr)
                     return 1
-                finally:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-                    os.sync()
                 results[kind].append(result)
                 rate = result["msgs_per_s"]
                 print(
@@ -227,9 +222,6 @@ def main(argv: list[str] | None = None) -> int:
                     f" {result['sink_connections']} connections to the sink",
                     flush=True,
                 )
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
     print()
     print("| scenario | msg/s median (range) | server CPU ms/msg | peak RSS (tree) |")
     print("|---|---|---|---|")

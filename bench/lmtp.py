@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import MappingProxyType
@@ -108,34 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     if why or not peer_postfix.installed():
         print(f"cannot run: {why or 'Postfix is not installed'}", file=sys.stderr)
         return 2
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mx-lmtp-", dir="/var/tmp"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    space = run.RunSpace(args.workdir, "mx-lmtp-")
+    workdir = space.root
     base = Scenario(f"{args.size}B-c{args.concurrency}", args.size, args.concurrency, args.messages)
     print(f"{args.messages} messages of {args.size} B over {args.concurrency} sessions into"
           f" Dovecot over LMTP; filesystem {run.filesystem_of(workdir)} ({workdir})", flush=True)
     results: dict[str, list[dict]] = {kind: [] for kind in KINDS}
     started = time.monotonic()
-    try:
+    with space:
         for rep in range(args.repeat):
             for kind in KINDS if rep % 2 == 0 else KINDS[::-1]:
-                run_dir = workdir / f"{kind}-{rep + 1}"
+                run_dir = space.run_dir(f"{kind}-{rep + 1}")
                 try:
                     result = measure(kind, base, args.messages, run_dir, args)
                 except RunError as e:
                     print(f"{kind} #{rep + 1}: {e}", file=sys.stderr)
                     return 1
-                finally:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-                    os.sync()
                 results[kind].append(result)
                 rate = result["msgs_per_s"]
                 print(f"  {kind:<8} #{rep + 1}: "
                       + (f"{rate:7.0f} msg/s" if rate else "  FAILED   ")
                       + f"  CPU {result['cpu_per_msg'] * 1000:.2f} ms/msg,"
                       f" RSS {run.human_bytes(result['peak_rss'])}", flush=True)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n{time.monotonic() - started:.0f} s in all\n")
     print("| server | msg/s median (range) | server CPU ms/msg | peak RSS (tree) |")
     print("|---|---|---|---|")

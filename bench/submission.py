@@ -43,7 +43,6 @@ import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -351,20 +350,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     # Short: Postfix's sockets live under the run directory (108 bytes a path).
-    tmp = Path(tempfile.mkdtemp(prefix="mxs-", dir="/var/tmp"))
-    try:
+    with run.RunSpace(None, "mxs-") as space:
         for rep in range(args.repeat):
             for kind in kinds if rep % 2 == 0 else kinds[::-1]:
-                run_dir = tmp / f"{kind}{rep + 1}"
+                run_dir = space.run_dir(f"{kind}{rep + 1}")
                 try:
                     result = measure(args.messages, args.concurrency, run_dir, args.timeout, kind,
                                      args.milter_socket)
                 except run.RunError as e:
                     print(f"{kind} #{rep + 1}: {e}", file=sys.stderr)
                     return 1
-                finally:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-                    os.sync()
                 results[kind].append(result)
                 print(f"  {kind:<12} #{rep + 1}: {result['msgs_per_s']:7.1f} msg/s"
                       f"  CPU {result['cpu_ms_per_msg']:.2f} ms/msg,"
@@ -375,8 +370,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{kind} #{rep + 1}: {result['acknowledged']} of {args.messages}"
                           " acknowledged", file=sys.stderr)
                     return 1
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print()
     print("| kind | msg/s median (range) | CPU ms/msg | peak RSS (tree) |")
     print("|---|---|---|---|")
