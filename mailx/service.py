@@ -672,13 +672,16 @@ def _log_observer(options: Options, log_format: str) -> Any:
     None (twistd's own choice) with ``--syslog`` or ``--logger``."""
     from twisted.python import logfile
 
+    from mailx.observe.turnfile import TurnFile
+
     parent = getattr(options, "parent", None) or {}
     if parent.get("syslog") or parent.get("logger"):
         return None
     name = parent.get("logfile") or ""
     if not name and not parent.get("nodaemon", True):
         name = "twistd.log"  # twistd's UnixAppLogger default when daemonizing
-    out = sys.stdout if name in ("", "-") else _rotated_on_sigusr1(logfile.LogFile.fromFullPath(name))
+    target = sys.stdout if name in ("", "-") else _rotated_on_sigusr1(logfile.LogFile.fromFullPath(name))
+    out: Any = TurnFile(target)  # written once per reactor turn (FileLogObserver wants an IO)
     if log_format == "json":
         from mailx.observe.jsonlog import json_observer
 

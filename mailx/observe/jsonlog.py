@@ -85,5 +85,5 @@ def event_as_line(event: LogEvent) -> str:
 
 
 def json_observer(out: IO[str]) -> ILogObserver:
-    """A `FileLogObserver` writing `event_as_line` to ``out`` (flushed per event)."""
+    """A `FileLogObserver` writing `event_as_line` to ``out``."""
     return FileLogObserver(out, event_as_line)
