@@ -131,6 +131,21 @@ class CommitTests(unittest.TestCase):
         self.assertTrue(outside.is_dir())
 
 
+class ClearerTests(unittest.TestCase):
+    def test_asides_handed_over_are_all_deleted_by_the_end_of_input(self) -> None:
+        queue = Path(self.mktemp())
+        for queue_id in ("65F00000000001", "65F00000000002"):
+            writer_child.write_entry(queue, {"id": queue_id, "recipients": []}, iter([b"m\r\n"]))
+        _, asides = writer_child.set_aside(queue, ["65F00000000001", "65F00000000002"])
+        clearer = writer_child._Clearer()
+        clearer.clear([])
+        self.assertIsNone(clearer._thread)  # nothing to delete, no thread
+        clearer.clear(asides)
+        clearer.finish()
+        self.assertEqual([p.name for p in queue.iterdir()], [".tmp"])
+        clearer.finish()  # twice: nothing left to wait for
+
+
 class ChildImportTests(unittest.TestCase):
     def test_the_child_imports_only_the_standard_library(self) -> None:
         # The child's start-up, as WriterClient runs it (-I -S, found by its path).
@@ -197,8 +212,12 @@ class WriterProcessTests(unittest.TestCase):
             writer_child.write_entry(queue, {"id": queue_id, "recipients": []}, iter([b"m\r\n"]))
         results = yield self.writer.remove_entries(queue, ["65F00000000001", "65F00000000003"])
         self.assertEqual(results, [True, False])
+        # Out of the queue at the answer: renamed aside, the rename fsynced.
+        self.assertNotIn("65F00000000001", [p.name for p in queue.iterdir()])
         yield self.writer.file(self.filing("after", b"", b"Subject: m\r\n\r\nx\r\n"))
-        # The answer of the next request comes after the asides were cleared.
+        # The aside is deleted by the child's clearing thread, at the latest
+        # before the child exits once its input ends.
+        yield self.writer.stop()
         self.assertEqual(sorted(p.name for p in queue.iterdir()), [".tmp", "65F00000000002"])
 
     @defer.inlineCallbacks

@@ -52,9 +52,11 @@ import select
 import shutil
 import struct
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 if __name__ == "__main__":
@@ -454,15 +456,51 @@ def _take_back_quietly(request: dict[str, Any], payload: bytes) -> None:
         pass  # the answer is an error all the same; start-up cleans tmp/
 
 
+class _Clearer:
+    """Deletes removed entries' asides in a thread of its own.
+
+    Once renamed aside and the rename is durable, an entry is removed; its
+    unlinks (two files and the directory: the filing process's largest
+    single cost while forwarding, py-spy) need not hold up reading and
+    filing the next batch.  What a crash leaves, `Queue.prepare` clears.
+    """
+
+    def __init__(self) -> None:
+        self._asides: SimpleQueue[Path | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def clear(self, asides: Sequence[Path]) -> None:
+        if not asides:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="clearing", daemon=True)
+            self._thread.start()
+        for aside in asides:
+            self._asides.put(aside)
+
+    def _run(self) -> None:
+        while (aside := self._asides.get()) is not None:
+            clear_aside(aside)
+
+    def finish(self) -> None:
+        """Every aside handed over so far deleted (at the end of input)."""
+        if self._thread is not None:
+            self._asides.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 def main() -> int:
     """Serve requests on stdin until it closes."""
     buffer = bytearray()
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     eof = False
+    clearer = _Clearer()
     while True:
         frames = decode_all(buffer)
         if not frames:
             if eof:
+                clearer.finish()
                 return 0
             data = os.read(stdin, READ_CHUNK)
             if not data:
@@ -481,8 +519,7 @@ def main() -> int:
         while answer:
             answer = answer[os.write(stdout, answer) :]
         # Removed once the rename is durable; the unlinks need not hold up the answers.
-        for aside in asides:
-            clear_aside(aside)
+        clearer.clear(asides)
 
 
 if __name__ == "__main__":
