@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(cpus):.2f} | "
             f"{run.human_bytes(max(r['peak_rss'] for r in runs))} |"
         )
+    if "forward" in results and "postfix-relay" in results:
+        print("\n" + run.paired_line(results, "forward", "postfix-relay", "goal >= 1x"))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -139,12 +139,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(cpus):.2f} | "
               f"{run.human_bytes(max(r['peak_rss'] for r in runs))} |")
     # Paired: each repeat's two runs are back to back (see run.paired_ratios).
-    flat = [dict(r, scenario="lmtp", repeat=rep) for kind in KINDS
-            for rep, r in enumerate(results[kind])]
-    pairs = run.paired_ratios(flat, "lmtp", "mailx", "postfix")
-    print(f"\nmailx / postfix: {statistics.median(pairs):.2f}x paired"
-          f" ({medians['mailx'] / medians['postfix']:.2f}x of medians; goal >= 1x);"
-          f" per repeat {' '.join(f'{p:.2f}' for p in pairs)}")
+    print("\n" + run.paired_line(results, "mailx", "postfix", "goal >= 1x"))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -807,6 +807,21 @@ def paired_ratio(runs: list[dict], scenario: str, a: str, b: str) -> float | Non
     return statistics.median(pairs) if pairs else None
 
 
+def paired_line(results: Mapping[str, Sequence[dict]], a: str, b: str, goal: str = "") -> str:
+    """``a / b: 0.78x paired (0.72x of medians); per repeat ...`` for a bench
+    that keeps each kind's runs in repeat order (lmtp, forwarding, submission)."""
+    flat = [dict(r, scenario="-", server=kind, repeat=rep)
+            for kind in (a, b) for rep, r in enumerate(results[kind])]
+    pairs = paired_ratios(flat, "-", a, b)
+    if not pairs:
+        return f"{a} / {b}: no repeat where both delivered"
+    medians = {kind: statistics.median(r["msgs_per_s"] for r in results[kind] if r["msgs_per_s"])
+               for kind in (a, b)}
+    return (f"{a} / {b}: {statistics.median(pairs):.2f}x paired"
+            f" ({medians[a] / medians[b]:.2f}x of medians{'; ' + goal if goal else ''});"
+            f" per repeat {' '.join(f'{p:.2f}' for p in pairs)}")
+
+
 def table(summary: list, servers: Sequence[str]) -> str:
     base = servers[0]
     others = servers[1:]

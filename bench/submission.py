@@ -384,10 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if peers:
         print()
     for peer in peers:
-        ratios = [m["msgs_per_s"] / p["msgs_per_s"]
-                  for m, p in zip(results["mailx"], results[peer], strict=True)]
-        print(f"mailx/{peer}: {medians['mailx'] / medians[peer]:.2f} (ratio of medians);"
-              f" per repeat {', '.join(f'{r:.2f}' for r in ratios)}")
+        print(run.paired_line(results, "mailx", peer))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -73,3 +73,21 @@ class JournalTests(unittest.TestCase):
     def test_the_real_mount_table_names_proc(self) -> None:
         self.assertEqual(run.filesystem_of(Path("/proc")), "proc")
         self.assertFalse(run.journal_less_ext4(Path("/proc")))
+
+
+class PairedLineTests(unittest.TestCase):
+    def test_each_repeat_is_its_own_pair_and_a_failed_run_drops_its_pair(self) -> None:
+        results = {
+            "mailx": [{"msgs_per_s": 100.0}, {"msgs_per_s": None}, {"msgs_per_s": 300.0}],
+            "postfix": [{"msgs_per_s": 200.0}, {"msgs_per_s": 100.0}, {"msgs_per_s": 100.0}],
+        }
+        line = run.paired_line(results, "mailx", "postfix", "goal >= 1x")
+        # Pairs 0.5 and 3.0 (the failed repeat has none): median 1.75;
+        # medians 200 / 100 = 2.00.
+        self.assertEqual(
+            line, "mailx / postfix: 1.75x paired (2.00x of medians; goal >= 1x); per repeat 0.50 3.00"
+        )
+
+    def test_no_repeat_with_both(self) -> None:
+        results = {"a": [{"msgs_per_s": None}], "b": [{"msgs_per_s": 5.0}]}
+        self.assertEqual(run.paired_line(results, "a", "b"), "a / b: no repeat where both delivered")
