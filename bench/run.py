@@ -695,7 +695,7 @@ def forget_deletions(path: Path) -> str:
     """Keep earlier deletions on ``path``'s filesystem from slowing the next
     run down; say what was done, or why it could not be.
 
-    ext4 without a journal (this project's CI machines) will not reuse an
+    ext4 without a journal (this development machine's root) will not reuse an
     inode freed in the last minute, six while its inode table block is dirty,
     and looks up every candidate's table block to know (fs/ext4/ialloc.c,
     ``recently_deleted``).  Measured here: right after a run's 10,000 files

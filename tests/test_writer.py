@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from hypothesis import given
@@ -131,19 +132,19 @@ class CommitTests(unittest.TestCase):
         self.assertTrue(outside.is_dir())
 
 
-class ClearerTests(unittest.TestCase):
+class ClearingTests(unittest.TestCase):
     def test_asides_handed_over_are_all_deleted_by_the_end_of_input(self) -> None:
         queue = Path(self.mktemp())
         for queue_id in ("65F00000000001", "65F00000000002"):
             writer_child.write_entry(queue, {"id": queue_id, "recipients": []}, iter([b"m\r\n"]))
         _, asides = writer_child.set_aside(queue, ["65F00000000001", "65F00000000002"])
-        clearer = writer_child._Clearer()
-        clearer.clear([])
-        self.assertIsNone(clearer._thread)  # nothing to delete, no thread
-        clearer.clear(asides)
-        clearer.finish()
+        clearing = writer_child._clearing()
+        # Nothing to delete, no thread (a server that only files into Maildirs).
+        self.assertFalse([t for t in threading.enumerate() if t.name.startswith("clearing")])
+        for aside in asides:
+            clearing.submit(writer_child.clear_aside, aside)
+        clearing.shutdown(wait=True)
         self.assertEqual([p.name for p in queue.iterdir()], [".tmp"])
-        clearer.finish()  # twice: nothing left to wait for
 
 
 class ChildImportTests(unittest.TestCase):

@@ -52,11 +52,9 @@ import select
 import shutil
 import struct
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from queue import SimpleQueue
 from typing import Any
 
 if __name__ == "__main__":
@@ -456,38 +454,16 @@ def _take_back_quietly(request: dict[str, Any], payload: bytes) -> None:
         pass  # the answer is an error all the same; start-up cleans tmp/
 
 
-class _Clearer:
-    """Deletes removed entries' asides in a thread of its own.
+def _clearing() -> ThreadPoolExecutor:
+    """Where removed entries' asides are deleted: a thread of its own.
 
     Once renamed aside and the rename is durable, an entry is removed; its
     unlinks (two files and the directory: the filing process's largest
     single cost while forwarding, py-spy) need not hold up reading and
-    filing the next batch.  What a crash leaves, `Queue.prepare` clears.
+    filing the next batch, nor queue behind a batch's filings in the
+    filing threads.  What a crash leaves, `Queue.prepare` clears.
     """
-
-    def __init__(self) -> None:
-        self._asides: SimpleQueue[Path | None] = SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def clear(self, asides: Sequence[Path]) -> None:
-        if not asides:
-            return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="clearing", daemon=True)
-            self._thread.start()
-        for aside in asides:
-            self._asides.put(aside)
-
-    def _run(self) -> None:
-        while (aside := self._asides.get()) is not None:
-            clear_aside(aside)
-
-    def finish(self) -> None:
-        """Every aside handed over so far deleted (at the end of input)."""
-        if self._thread is not None:
-            self._asides.put(None)
-            self._thread.join()
-            self._thread = None
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearing")
 
 
 def main() -> int:
@@ -495,12 +471,12 @@ def main() -> int:
     buffer = bytearray()
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     eof = False
-    clearer = _Clearer()
+    clearer = _clearing()
     while True:
         frames = decode_all(buffer)
         if not frames:
             if eof:
-                clearer.finish()
+                clearer.shutdown(wait=True)  # every aside handed over deleted
                 return 0
             data = os.read(stdin, READ_CHUNK)
             if not data:
@@ -519,7 +495,8 @@ def main() -> int:
         while answer:
             answer = answer[os.write(stdout, answer) :]
         # Removed once the rename is durable; the unlinks need not hold up the answers.
-        clearer.clear(asides)
+        for aside in asides:
+            clearer.submit(clear_aside, aside)
 
 
 if __name__ == "__main__":
