@@ -515,6 +515,30 @@ class BareLineFeedTests(unittest.TestCase):
         self.assertEqual(server.all_messages(), [])
         yield assert_served_promptly(self, server)
 
+    @defer.inlineCallbacks
+    def test_a_long_line_after_64_kib_of_short_ones_is_refused(self) -> None:
+        # The 70,000-octet line starts past the first 64 KiB the session reads.
+        server = start_server(self)
+
+        def run() -> tuple[tuple[int, bytes], bool]:
+            client = LineClient(server.port)
+            try:
+                client.reply()
+                for line in (b"EHLO c.test", b"MAIL FROM:<s@sender.test>",
+                             b"RCPT TO:<alice@example.test>", b"DATA"):
+                    client.command(line)
+                client.send(b"Subject: long\r\n\r\n" + b"short line\r\n" * 7000
+                            + b"y" * 70_000 + b"\r\nend\r\n.\r\n")
+                return client.reply(), client.closed()
+            finally:
+                client.close()
+
+        reply, closed = yield in_thread(run)
+        self.assertEqual(reply, (500, b"5.5.6 Line too long in message data, message refused"))
+        self.assertTrue(closed)
+        self.assertEqual(server.all_messages(), [])
+        yield assert_served_promptly(self, server)
+
 
 class HangUpWhileHeldTests(unittest.TestCase):
     """A client that hangs up while its session holds input is noticed, its slot freed."""
