@@ -36,6 +36,7 @@ from mailx.outbound.relay import (  # noqa: E402
     Timeouts,
     Transaction,
 )
+from mailx.testing import ENTRY_LINE  # noqa: E402
 
 
 def serve_sink(pipelining: bool) -> None:
@@ -100,7 +101,7 @@ def one_run(pipelining: bool, messages: int, recipients: int, data: Path):
 @defer.inlineCallbacks
 def main(args: argparse.Namespace):
     data = Path(tempfile.mkdtemp()) / "message"
-    data.write_bytes(b"From: a@example.test\r\nSubject: bench\r\n\r\n" + (b"x" * 70 + b"\r\n") * 13)
+    data.write_bytes(ENTRY_LINE + b"From: a@example.test\r\nSubject: bench\r\n\r\n" + (b"x" * 70 + b"\r\n") * 13)
     results: dict[str, list[tuple[float, float, float]]] = {"pipelined": [], "lock-step": []}
     for round_ in range(args.rounds):
         modes = [True, False] if round_ % 2 == 0 else [False, True]

@@ -33,6 +33,7 @@ from mailx.outbound.relay import (
     Transaction,
 )
 from mailx.storage.queue import DELIVERED, FAILED
+from mailx.testing import ENTRY_LINE
 from tests.test_outbound import FAST, OutboundCase, wait_until
 
 RECIPIENTS = ("a@outside.test", "b@outside.test", "c@outside.test")
@@ -313,7 +314,7 @@ class SameOutcomeTests(unittest.TestCase):
     def test_pipelined_outcomes_are_lock_steps(self, session: tuple[list[int], list[Script]]) -> None:
         counts, scripts = session
         path = Path(self.mktemp())
-        path.write_bytes(b"Subject: x\r\n\r\n.dot\r\n")
+        path.write_bytes(ENTRY_LINE + b"Subject: x\r\n\r\n.dot\r\n")
         lock_step, lock_server, _ = run_sessions(path, counts, scripts, pipelining=False)
         pipelined, pipe_server, writes = run_sessions(path, counts, scripts, pipelining=True)
         self.assertEqual([summary(o) for o in pipelined], [summary(o) for o in lock_step])
@@ -332,7 +333,7 @@ class LMTPPipeliningTests(unittest.TestCase):
 
     def test_lhlo_offering_pipelining_gets_the_envelope_in_one_write(self) -> None:
         path = Path(self.mktemp())
-        path.write_bytes(b"Subject: hi\r\n\r\nbody\r\n")
+        path.write_bytes(ENTRY_LINE + b"Subject: hi\r\n\r\nbody\r\n")
         transaction = Transaction("bob@example.org", RECIPIENTS[:2], b"", path, 30, False)
         client = LMTPClientProtocol(
             transaction, ClientSettings("mx.example.test", FAST, task.Clock()), "lmtp"
@@ -391,7 +392,7 @@ class PostfixPeerTests(unittest.TestCase):
         proc = peer_postfix.start(self.inst)
         self.addCleanup(peer_postfix.stop, proc)
         self.data = directory / "message"
-        self.data.write_bytes(b"From: x@client.test\r\nSubject: piped\r\n\r\n.dot\r\n")
+        self.data.write_bytes(ENTRY_LINE + b"From: x@client.test\r\nSubject: piped\r\n\r\n.dot\r\n")
 
     def session(self, recipients: tuple[str, ...]) -> defer.Deferred:
         transaction = Transaction("x@client.test", recipients, b"", self.data, 40, False)

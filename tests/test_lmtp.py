@@ -30,7 +30,7 @@ from mailx.outbound.lmtp import LMTPClientProtocol, endpoint_of, transport_for
 from mailx.outbound.relay import ClientSettings, Timeouts, Transaction
 from mailx.service import MailxService
 from mailx.storage.queue import PENDING, Envelope, Queue
-from mailx.testing import dovecot
+from mailx.testing import ENTRY_LINE, dovecot
 from mailx.testing.server import (
     BASE_CONFIG,
     RunningServer,
@@ -88,7 +88,7 @@ class LMTPDialogueTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
         data = Path(self.mktemp())
-        data.write_bytes(b"Subject: hi\r\n\r\n.leading dot\r\n")
+        data.write_bytes(ENTRY_LINE + b"Subject: hi\r\n\r\n.leading dot\r\n")
         transaction = Transaction(
             mail_from="bob@example.org",
             recipients=("alice@example.test", "carol@example.test"),

@@ -48,7 +48,7 @@ from mailx.outbound.relay import (
 )
 from mailx.smtp.replies import Reply
 from mailx.storage.queue import DELIVERED, FAILED, PENDING, Queue
-from mailx.testing import SRS_SECRET
+from mailx.testing import ENTRY_LINE, SRS_SECRET
 from mailx.testing.dnsserver import start_dns_server
 from mailx.testing.sink import CLOSE, self_signed_certificate, start_sink
 
@@ -185,7 +185,7 @@ class ClientDialogueTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
         path = Path(self.mktemp())
-        path.write_bytes(b"Subject: x\r\n\r\n.\r\n")
+        path.write_bytes(ENTRY_LINE + b"Subject: x\r\n\r\n.\r\n")
         self.transaction = Transaction(
             "SRS0=x@example.test", ("a@outside.test", "b@outside.test"), b"", path, 16, True
         )
@@ -311,7 +311,7 @@ class WirePathTests(unittest.TestCase):
 
     def test_the_client_sends_them_quoted(self) -> None:
         path = Path(self.mktemp())
-        path.write_bytes(b"Subject: x\r\n\r\nhi\r\n")
+        path.write_bytes(ENTRY_LINE + b"Subject: x\r\n\r\nhi\r\n")
         transaction = Transaction(
             "a@b@sender.test", ('"john smith"@outside.test',), b"", path, 16, False
         )

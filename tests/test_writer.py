@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from hypothesis import given
@@ -82,7 +81,7 @@ class CommitTests(unittest.TestCase):
     def queue_with(self, *queue_ids: str) -> Path:
         queue = self.root / "queue"
         for queue_id in queue_ids:
-            writer_child.write_entry(queue, {"id": queue_id, "recipients": []}, iter([b"m\r\n"]))
+            writer_child.write_entry(queue, {"id": queue_id, "recipients": []}, lambda: iter([b"m\r\n"]))
         return queue
 
     def test_a_removal_shares_the_batch_and_its_queue_fsync_with_a_filing(self) -> None:
@@ -92,20 +91,14 @@ class CommitTests(unittest.TestCase):
         self.patch(maildir, "fsync_directory", lambda d: (synced.append(Path(d)), real(d)))
         removal = {"id": 3, "remove": {"queue": str(queue),
                                        "ids": ["65F00000000001", "65F00000000002", "65F00000000099"]}}
-        asides: list[Path] = []
         answers = decode_all(bytearray(commit([
-            self.request(1, "one", b"", b"body\r\n"), (removal, b"")], asides)))
+            self.request(1, "one", b"", b"body\r\n"), (removal, b"")])))
         self.assertEqual(answers[1][0], {"id": 3, "removed": [True, True, False]})
         self.assertIn("paths", answers[0][0])
         # The metric counts messages filed: the removal rides along uncounted.
         self.assertEqual(answers[0][0]["batch"], 1)
         self.assertEqual(synced.count(queue), 1)
-        # Renamed aside and durable before the answer; deleted by the caller after it.
-        self.assertEqual(sorted(p.name for p in queue.iterdir()),
-                         [".removed-65F00000000001", ".removed-65F00000000002", ".tmp"])
-        self.assertEqual(asides, [queue / ".removed-65F00000000001", queue / ".removed-65F00000000002"])
-        for aside in asides:
-            writer_child.clear_aside(aside)
+        # Unlinked, and durable before the answer.
         self.assertEqual([p.name for p in queue.iterdir()], [".tmp"])
 
     def test_a_failed_queue_fsync_reports_every_renamed_entry(self) -> None:
@@ -130,21 +123,6 @@ class CommitTests(unittest.TestCase):
         [(answer, _)] = decode_all(bytearray(commit([(removal, b"")])))
         self.assertTrue(all(isinstance(r, str) and "not a queue ID" in r for r in answer["removed"]))
         self.assertTrue(outside.is_dir())
-
-
-class ClearingTests(unittest.TestCase):
-    def test_asides_handed_over_are_all_deleted_by_the_end_of_input(self) -> None:
-        queue = Path(self.mktemp())
-        for queue_id in ("65F00000000001", "65F00000000002"):
-            writer_child.write_entry(queue, {"id": queue_id, "recipients": []}, iter([b"m\r\n"]))
-        _, asides = writer_child.set_aside(queue, ["65F00000000001", "65F00000000002"])
-        clearing = writer_child._clearing()
-        # Nothing to delete, no thread (a server that only files into Maildirs).
-        self.assertFalse([t for t in threading.enumerate() if t.name.startswith("clearing")])
-        for aside in asides:
-            clearing.submit(writer_child.clear_aside, aside)
-        clearing.shutdown(wait=True)
-        self.assertEqual([p.name for p in queue.iterdir()], [".tmp"])
 
 
 class ChildImportTests(unittest.TestCase):
@@ -210,21 +188,16 @@ class WriterProcessTests(unittest.TestCase):
     def test_the_child_removes_queue_entries_durably(self) -> None:
         queue = self.root / "queue"
         for queue_id in ("65F00000000001", "65F00000000002"):
-            writer_child.write_entry(queue, {"id": queue_id, "recipients": []}, iter([b"m\r\n"]))
+            writer_child.write_entry(queue, {"id": queue_id, "recipients": []}, lambda: iter([b"m\r\n"]))
         results = yield self.writer.remove_entries(queue, ["65F00000000001", "65F00000000003"])
         self.assertEqual(results, [True, False])
-        # Out of the queue at the answer: renamed aside, the rename fsynced.
-        self.assertNotIn("65F00000000001", [p.name for p in queue.iterdir()])
-        yield self.writer.file(self.filing("after", b"", b"Subject: m\r\n\r\nx\r\n"))
-        # The aside is deleted by the child's clearing thread, at the latest
-        # before the child exits once its input ends.
-        yield self.writer.stop()
+        # Out of the queue at the answer: unlinked, the unlink fsynced.
         self.assertEqual(sorted(p.name for p in queue.iterdir()), [".tmp", "65F00000000002"])
 
     @defer.inlineCallbacks
     def test_a_removal_in_flight_when_the_writer_dies_fails_and_can_be_retried(self) -> None:
         queue = self.root / "queue"
-        writer_child.write_entry(queue, {"id": "65F00000000001", "recipients": []}, iter([b"m\r\n"]))
+        writer_child.write_entry(queue, {"id": "65F00000000001", "recipients": []}, lambda: iter([b"m\r\n"]))
         os.kill(self.writer._child.transport.pid, signal.SIGSTOP)
         removal = self.writer.remove_entries(queue, ["65F00000000001"])
         os.kill(self.writer._child.transport.pid, signal.SIGKILL)

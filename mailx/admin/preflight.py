@@ -130,10 +130,15 @@ def needs(config: Any) -> list[Need]:
             found.append(Need("paths.spool", spool / sub, "write"))
     queue = spool / "queue"
     if queue.is_dir():
-        # One directory per queued message, rewritten at each attempt: a
+        # One file per queued message, read at each attempt (and one
+        # directory each, the layout start-up converts, rewritten there): a
         # sample, since ownership is all or none in practice (one chown -R).
-        sample = itertools.islice((p for p in queue.iterdir() if p.is_dir()), QUEUE_SAMPLE)
-        found.extend(Need("paths.spool", p, "write") for p in sorted(sample))
+        sample = itertools.islice(
+            (p for p in queue.iterdir() if not p.name.startswith(".")), QUEUE_SAMPLE
+        )
+        found.extend(
+            Need("paths.spool", p, "write" if p.is_dir() else "read") for p in sorted(sample)
+        )
     trace = getattr(config, "trace", None)
     if trace is not None and trace.keep_days and trace.path is not None:
         # Outside the spool: its own directory (made at start, as the server's user).

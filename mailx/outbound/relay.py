@@ -70,7 +70,7 @@ from mailx.outbound import dkimkeys, dsn, mtasts
 from mailx.outbound.srs import SRS, srs_route
 from mailx.smtp.replies import Reply, SMTPReplyError
 from mailx.storage import maildir
-from mailx.storage.queue import DELIVERED, FAILED, Envelope, Queue, Recipient
+from mailx.storage.queue import DELIVERED, FAILED, Envelope, Queue, Recipient, open_data
 from mailx.storage.writer import Filing, InlineFiler, MaildirCopy, QueueCopy, WriterGone
 from mailx.text import Logger
 
@@ -349,8 +349,8 @@ class HostFailure(Exception):
 
 
 def _open_data(path: Path) -> Any:
-    """The queued message, for reading (blocking)."""
-    return open(path, "rb")  # noqa: SIM115 - the producer closes it at EOF or when stopped
+    """The queued message, for reading (blocking); the producer closes it at EOF or when stopped."""
+    return open_data(path)
 
 
 @implementer(interfaces.IPushProducer)

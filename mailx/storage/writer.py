@@ -202,7 +202,7 @@ class _Child(ProcessProtocol):
         why = f"the Maildir writer ended: {reason.getErrorMessage()}"
         removals, self.removals = self.removals, {}
         for removal in removals.values():
-            # Nothing to take back: a removal is retried whole (renaming aside is idempotent).
+            # Nothing to take back: a removal is retried whole (an unlink is idempotent).
             removal.errback(WriterGone(why))
         gone = [self.owner._take_back(request, d, why) for d, _, request in pending.values()]
         defer.DeferredList(gone).addBoth(lambda _: self.ended.callback(None))

@@ -52,7 +52,7 @@ import select
 import shutil
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -99,20 +99,25 @@ def _body_chunks(request: dict[str, Any], payload: bytes, heads_length: int) -> 
         yield payload[heads_length:]
 
 
-# The outbound queue's on-disk names (`mailx.storage.queue` reads them).
-DATA_FILE = "message"
-ENVELOPE_FILE = "envelope.json"
+# The outbound queue's on-disk names (`mailx.storage.queue` reads them): an
+# entry is one file, ``<id>``; ``<id>.envelope`` is its envelope once changed.
+ENVELOPE_SUFFIX = ".envelope"
 STAGING = ".tmp"
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 
 
 def envelope_json(envelope: dict[str, Any]) -> bytes:
-    """An envelope's file, exactly as `mailx.storage.queue.Envelope.to_json` writes it."""
-    return json.dumps(envelope, indent=1, sort_keys=False).encode("utf-8") + b"\n"
+    """An envelope as one line, exactly as `mailx.storage.queue.Envelope.to_json` writes it.
+
+    Compact: the entry's first line ends at its first LF (JSON escapes every
+    LF inside a string), and the C encoder serves it (``indent`` would not).
+    ASCII: a trace field's undecodable octets (surrogate escapes) are escaped too.
+    """
+    return json.dumps(envelope, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 class _StagedEntry:
-    """A queue entry whole in ``<queue>/.tmp/<id>/``, fsynced, not yet in the queue."""
+    """A queue entry whole in ``<queue>/.tmp/<id>``, fsynced, not yet in the queue."""
 
     def __init__(self, queue: Path, queue_id: str) -> None:
         self.queue = queue
@@ -120,45 +125,52 @@ class _StagedEntry:
         self.final = queue / queue_id
 
     def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            os.unlink(self.staging)
+        except FileNotFoundError:
+            pass
 
 
-def _write_file(path: Path, parts: Iterator[bytes] | list[bytes]) -> tuple[int, bool]:
+def write_file(path: Path, parts: Iterator[bytes] | list[bytes]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    size, eight_bit = 0, False
     try:
         for part in parts:
-            size += len(part)
-            eight_bit = eight_bit or bool(_EIGHT_BIT.search(part))
             view = memoryview(part)
             while view:
                 view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _measure(parts: Iterator[bytes]) -> tuple[int, bool]:
+    """The data's size and whether it has 8-bit octets: the envelope, which
+    comes first in the entry, says both (a spooled body is read twice)."""
+    size, eight_bit = 0, False
+    for part in parts:
+        size += len(part)
+        eight_bit = eight_bit or bool(_EIGHT_BIT.search(part))
     return size, eight_bit
 
 
 def stage_entry(
-    queue: Path, envelope: dict[str, Any], parts: Iterator[bytes]
+    queue: Path, envelope: dict[str, Any], parts: Callable[[], Iterator[bytes]]
 ) -> tuple[_StagedEntry, int, bool]:
-    """Write a queue entry aside: the data, then the envelope with its size and 8-bit flag.
+    """Write a queue entry aside: the envelope with the data's size and 8-bit flag, then the data.
 
-    FileExistsError if an entry of that ID exists (a notice's ID derives
-    from its message's, so a notice is never queued twice).
+    ``parts`` makes the data's chunks, once to measure them and once to write
+    them.  FileExistsError if an entry of that ID exists (a notice's ID
+    derives from its message's, so a notice is never queued twice).
     """
     staged = _StagedEntry(queue, envelope["id"])
-    if staged.final.exists():
+    if os.path.lexists(staged.final):
         raise FileExistsError(f"queue entry {envelope['id']} exists")
-    if staged.staging.exists():
-        shutil.rmtree(staged.staging)
     maildir.make_directories(staged.staging.parent)
-    os.mkdir(staged.staging, 0o700)
+    staged.discard()  # a leftover of a request that failed
+    size, eight_bit = _measure(parts())
+    envelope = dict(envelope, size=size, eight_bit=eight_bit)
     try:
-        size, eight_bit = _write_file(staged.staging / DATA_FILE, parts)
-        envelope = dict(envelope, size=size, eight_bit=eight_bit)
-        _write_file(staged.staging / ENVELOPE_FILE, [envelope_json(envelope)])
-        maildir.fsync_directory(staged.staging)
+        write_file(staged.staging, _chain(envelope_json(envelope), parts()))
     except BaseException:
         staged.discard()
         raise
@@ -166,14 +178,16 @@ def stage_entry(
 
 
 def _publish_entry(staged: _StagedEntry, sync_later: Any) -> Path:
-    # rename(2) onto a non-empty directory fails: never two writers of one ID.
-    os.rename(staged.staging, staged.final)
+    # link(2), not rename(2): it fails where an entry of that ID exists, so
+    # there are never two writers of one entry.
+    os.link(staged.staging, staged.final)
+    os.unlink(staged.staging)
     sync_later(staged.queue)
     return staged.final
 
 
 def write_entry(
-    queue: Path, envelope: dict[str, Any], parts: Iterator[bytes], sync_later: Any = None
+    queue: Path, envelope: dict[str, Any], parts: Callable[[], Iterator[bytes]], sync_later: Any = None
 ) -> tuple[Path, int, bool]:
     """One queue entry on its own, durably: its path, size and 8-bit flag (blocking)."""
     staged, size, eight_bit = stage_entry(queue, envelope, parts)
@@ -185,71 +199,54 @@ def write_entry(
     return path, size, eight_bit
 
 
-def _remove_entry(path: Path) -> None:
-    aside = aside_path(path.parent, path.name)
+def _unlink_entry(path: Path) -> bool:
+    """Delete an entry (its file, then its changed envelope): False if there was none."""
     try:
-        os.rename(path, aside)
+        os.unlink(path)
     except FileNotFoundError:
-        return
-    maildir.fsync_directory(path.parent)
-    clear_aside(aside)
+        return False
+    except IsADirectoryError:
+        shutil.rmtree(path)  # an older mailx's entry, a directory, not yet migrated
+    try:
+        os.unlink(path.with_name(path.name + ENVELOPE_SUFFIX))
+    except FileNotFoundError:
+        pass  # never changed; one a crash leaves behind, `Queue.prepare` removes
+    return True
 
 
-def aside_path(queue: Path, queue_id: str) -> Path:
-    """Where an entry is renamed before it is deleted (`mailx.storage.queue`)."""
-    return queue / f".removed-{queue_id}"
+def _remove_entry(path: Path) -> None:
+    if _unlink_entry(path):
+        maildir.fsync_directory(path.parent)
 
 
-def set_aside(queue: Path, queue_ids: Sequence[str]) -> tuple[list[Any], list[Path]]:
-    """Rename each entry aside, the first half of a removal: each one's result
-    (True, False if there was none, or the error's text) and the asides.
+def unlink_entries(queue: Path, queue_ids: Sequence[str]) -> list[Any]:
+    """Delete each entry, the first half of a removal: each one's result
+    (True, False if there was none, or the error's text).
 
-    The caller fsyncs the queue directory before reporting them removed, and
-    clears the asides after (`clear_aside`); `Queue.prepare` clears any a
-    crash left.
+    An unlink is whole at once, so a reader sees an entry or none; the caller
+    fsyncs the queue directory before reporting them removed.
     """
     results: list[Any] = []
-    asides: list[Path] = []
     for queue_id in queue_ids:
         if not queue_id or "/" in queue_id or queue_id.startswith("."):
             results.append(f"not a queue ID: {queue_id!r}")
             continue
-        aside = aside_path(queue, queue_id)
         try:
-            os.rename(queue / queue_id, aside)
-        except FileNotFoundError:
-            results.append(False)
-            continue
+            results.append(_unlink_entry(queue / queue_id))
         except OSError as e:
             results.append(f"{type(e).__name__}: {e}")
-            continue
-        results.append(True)
-        asides.append(aside)
-    return results, asides
+    return results
 
 
 def remove_now(queue: Path, queue_ids: Sequence[str]) -> list[Any]:
-    """`set_aside`, the fsync, `clear_aside`: a removal on its own (blocking)."""
-    results, asides = set_aside(queue, queue_ids)
-    if asides:
+    """`unlink_entries` and the fsync: a removal on its own (blocking)."""
+    results = unlink_entries(queue, queue_ids)
+    if any(r is True for r in results):
         try:
             maildir.fsync_directory(queue)
         except OSError as e:
             results = [f"fsync {queue}: {e}" if r is True else r for r in results]
-    for aside in asides:
-        clear_aside(aside)
     return results
-
-
-def clear_aside(aside: Path) -> None:
-    """Delete an entry set aside: its two files, without rmtree's walk (it
-    costs more than the unlinks); anything else there, rmtree clears."""
-    try:
-        for name in (DATA_FILE, ENVELOPE_FILE):
-            os.unlink(aside / name)
-        os.rmdir(aside)
-    except OSError:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _sync_now(directory: Path) -> None:
@@ -272,10 +269,13 @@ def file_request(
         heads.append(payload[offset : offset + part["head"]])
         offset += part["head"]
 
-    def parts(index: int, part: dict[str, Any]) -> Iterator[bytes]:
-        yield heads[index]
-        if part.get("body", True):
-            yield from _body_chunks(request, payload, offset)
+    def parts(index: int, part: dict[str, Any]) -> Callable[[], Iterator[bytes]]:
+        def chunks() -> Iterator[bytes]:
+            yield heads[index]
+            if part.get("body", True):
+                yield from _body_chunks(request, payload, offset)
+
+        return chunks
 
     staged: list[Any] = []
     published: list[Path] = []
@@ -289,8 +289,8 @@ def file_request(
             chunks = _chain(heads[len(staged)], maildir.lf_chunks(body))
             staged.append(maildir.stage_message(box, copy["name"], chunks, copy.get("flags", "")))
         for entry in entries:
-            chunks = parts(len(staged), entry)
-            stage, size, eight_bit = stage_entry(Path(entry["queue"]), entry["envelope"], chunks)
+            made = parts(len(staged), entry)
+            stage, size, eight_bit = stage_entry(Path(entry["queue"]), entry["envelope"], made)
             staged.append(stage)
             sizes.append({"size": size, "eight_bit": eight_bit})
         for stage in staged:
@@ -337,7 +337,7 @@ def take_back(request: dict[str, Any]) -> list[str]:
                     removed.append(str(box / sub / name))
     for entry in request.get("entries", ()):
         path = Path(entry["queue"]) / entry["envelope"]["id"]
-        if (path / ENVELOPE_FILE).exists() and _written_by(path, entry):
+        if _written_by(path, entry):
             _remove_entry(path)
             removed.append(str(path))
     return removed
@@ -346,7 +346,8 @@ def take_back(request: dict[str, Any]) -> list[str]:
 def _written_by(path: Path, entry: dict[str, Any]) -> bool:
     """Is the entry at ``path`` this request's (not an older one of that ID)?"""
     try:
-        found = json.loads((path / ENVELOPE_FILE).read_bytes())
+        with open(path, "rb") as f:
+            found = json.loads(f.readline())
     except (OSError, ValueError):
         return False
     return bool(found.get("created") == entry["envelope"].get("created"))
@@ -357,29 +358,24 @@ def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-def commit(
-    frames: Sequence[tuple[dict[str, Any], bytes]], asides: list[Path] | None = None
-) -> bytes:
+def commit(frames: Sequence[tuple[dict[str, Any], bytes]]) -> bytes:
     """File a batch; the answers, once every directory is fsynced.
 
     A request with ``remove`` (``queue``, ``ids``) removes queue entries
-    instead: renamed aside, the queue directory fsynced with the batch's
-    others, answered ``removed`` (per ID: true, false if there was none, or
-    an error's text).  The asides are deleted after the answers when the
-    caller passes ``asides`` to collect them, else before returning.
+    instead: unlinked, the queue directory fsynced with the batch's others,
+    answered ``removed`` (per ID: true, false if there was none, or an
+    error's text).
 
     The first filing's answer carries how many the batch filed (``batch``),
     for the metrics; a batch of removals only carries none.
     """
     directories: dict[Path, list[int]] = {}
     removals: dict[int, list[Any]] = {}
-    set_asides: list[Path] = []
     for index, (request, _) in enumerate(frames):
         if "remove" in request:
             queue = Path(request["remove"]["queue"])
-            removals[index], renamed = set_aside(queue, request["remove"]["ids"])
-            set_asides += renamed
-            if renamed:
+            removals[index] = unlink_entries(queue, request["remove"]["ids"])
+            if True in removals[index]:
                 directories.setdefault(queue, []).append(index)
 
     def one(index: int) -> dict[str, Any]:
@@ -423,11 +419,6 @@ def commit(
     if filings:
         # Messages filed, as the metric says: removals ride along uncounted.
         answers[filings[0]]["batch"] = len(filings)
-    if asides is None:
-        for aside in set_asides:
-            clear_aside(aside)
-    else:
-        asides += set_asides
     return b"".join(encode(answer) for answer in answers)
 
 
@@ -454,29 +445,15 @@ def _take_back_quietly(request: dict[str, Any], payload: bytes) -> None:
         pass  # the answer is an error all the same; start-up cleans tmp/
 
 
-def _clearing() -> ThreadPoolExecutor:
-    """Where removed entries' asides are deleted: a thread of its own.
-
-    Once renamed aside and the rename is durable, an entry is removed; its
-    unlinks (two files and the directory: the filing process's largest
-    single cost while forwarding, py-spy) need not hold up reading and
-    filing the next batch, nor queue behind a batch's filings in the
-    filing threads.  What a crash leaves, `Queue.prepare` clears.
-    """
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearing")
-
-
 def main() -> int:
     """Serve requests on stdin until it closes."""
     buffer = bytearray()
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     eof = False
-    clearer = _clearing()
     while True:
         frames = decode_all(buffer)
         if not frames:
             if eof:
-                clearer.shutdown(wait=True)  # every aside handed over deleted
                 return 0
             data = os.read(stdin, READ_CHUNK)
             if not data:
@@ -490,13 +467,9 @@ def main() -> int:
                 eof = True
             buffer += data
         frames += decode_all(buffer)
-        asides: list[Path] = []
-        answer = memoryview(commit(frames, asides))
+        answer = memoryview(commit(frames))
         while answer:
             answer = answer[os.write(stdout, answer) :]
-        # Removed once the rename is durable; the unlinks need not hold up the answers.
-        for aside in asides:
-            clearer.submit(clear_aside, aside)
 
 
 if __name__ == "__main__":
