@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -452,6 +453,65 @@ class RecordFileTests(unittest.TestCase):
         self.record.stop()
         [kept] = trace.read_records(self.directory)
         self.assertEqual((kept["qid"], trace.text_of(kept)), ("Q3", "Q3 x"))
+
+    def count_syncs(self) -> list[int]:
+        """The fds the writer fdatasyncs, in order (the real sync still runs)."""
+        synced: list[int] = []
+        real = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            synced.append(fd)
+            real(fd)
+
+        self.patch(trace.os, "fdatasync", fdatasync)
+        return synced
+
+    def wait_for_lines(self, days_ago: int, n: int) -> None:
+        for _ in range(400):
+            path = self.day_file(days_ago)
+            if path.exists() and len(path.read_bytes().splitlines()) >= n:
+                return
+            time.sleep(0.01)
+        self.fail(f"{n} line(s) never written")
+
+    def test_written_each_flush_synced_only_each_sync_interval_and_at_stop(self) -> None:
+        synced = self.count_syncs()
+        self.record.sync_seconds = 3600.0
+        self.record.start()
+        self.record(event(self.now, "Q1"))
+        self.wait_for_lines(0, 1)  # handed to the kernel within a flush...
+        self.record(event(self.now, "Q2"))
+        self.wait_for_lines(0, 2)
+        self.assertEqual(synced, [])  # ...but not synced before the interval
+        self.record.stop()
+        self.assertEqual(len(synced), 1)  # what is left is synced at stop
+        self.assertEqual([r["qid"] for r in trace.read_records(self.directory)], ["Q1", "Q2"])
+
+    def test_a_day_s_file_is_synced_before_it_is_closed(self) -> None:
+        synced = self.count_syncs()
+        self.record.sync_seconds = 3600.0
+        self.record.start()
+        self.record(event(self.now, "Q1"))
+        self.wait_for_lines(0, 1)
+        self.record(event(self.now + 86400, "Q2"))
+        self.wait_for_lines(-1, 1)
+        self.assertEqual(len(synced), 1)
+        self.record.stop()
+        self.assertEqual(len(synced), 2)
+
+    def test_with_a_short_interval_writes_are_synced_as_they_come(self) -> None:
+        synced = self.count_syncs()
+        self.record.sync_seconds = 0.0
+        self.record.start()
+        self.addCleanup(self.record.stop)
+        for n in range(3):
+            self.record(event(self.now, f"Q{n}"))
+            self.wait_for_lines(0, n + 1)
+            for _ in range(400):
+                if len(synced) > n:
+                    break
+                time.sleep(0.01)
+        self.assertEqual(len(synced), 3)
 
     def test_the_directory_is_private(self) -> None:
         self.record.start()

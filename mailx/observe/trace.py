@@ -17,17 +17,23 @@ select on ``qid``, ``event`` or ``rcpt`` with jq.
 Cost on the reactor thread: each kept event becomes its JSON line where it
 is logged (`as_record`, `as_line`: about 3 microseconds) and joins a deque.
 A thread (``mailx-trace``) wakes every `FLUSH_SECONDS` (sooner when
-`WAKE_AT` lines wait), appends them with one ``write`` per file and fsyncs:
-work that releases the GIL, so the thread does not compete with the
-reactor for it.  (Making the JSON in that thread with the json module cost
-8% of messages per second in paired ``bench/run.py --observe`` runs: in one
-process, work in another thread is the reactor's work all the same.)  Durability: a kill -9 loses the events not
-yet handed to the kernel, a power cut those not yet fsynced: at most the
-last second or so either way.  Nothing is rewritten in place, so a crash
-can leave at most one torn last line; the next start puts a newline after
-it and the reader skips lines that are not JSON.  Memory is bounded:
-past `MAX_PENDING` waiting events (a disk that stalls for minutes) new
-ones are dropped and the drop is logged.
+`WAKE_AT` lines wait), appends them with one ``write`` per file, and
+fdatasyncs every `SYNC_SECONDS`: work that releases the GIL, so the thread
+does not compete with the reactor for it.  (Making the JSON in that thread
+with the json module cost 8% of messages per second in paired
+``bench/run.py --observe`` runs: in one process, work in another thread is
+the reactor's work all the same.)
+
+Durability: a kill -9 loses the events not yet handed to the kernel (at
+most the last second), a power cut those not yet synced (at most the last
+`SYNC_SECONDS`).  The record describes mail, it holds none, so it is
+synced less often than it is written: a sync a second of its megabyte or
+two waited in the disk's queue with the queue entries' fsyncs, which hold
+up the ``250`` (bench/README.md, session 8).  Nothing is rewritten in
+place, so a crash can leave at most one torn last line; the next start puts
+a newline after it and the reader skips lines that are not JSON.  Memory is
+bounded: past `MAX_PENDING` waiting events (a disk that stalls for minutes)
+new ones are dropped and the drop is logged.
 
 Bounded on disk too: one file per UTC day; at start-up and at each new
 day, files older than ``keep_days`` days are removed.
@@ -65,8 +71,10 @@ __all__ = ["TraceRecord", "file_name", "prune", "read_records", "render", "story
 
 log = Logger(namespace="mailx.trace")
 
-# How often the thread writes and fsyncs: the most a power cut can take.
+# How often the thread writes (the most a kill -9 can take), and how often it
+# syncs what it wrote (the most a power cut can take).
 FLUSH_SECONDS = 1.0
+SYNC_SECONDS = 10.0
 # Waiting events that wake the thread early (a burst), and the most kept.
 WAKE_AT = 2000
 MAX_PENDING = 50_000  # about 20 MiB of lines: a disk stalled for minutes
@@ -168,11 +176,15 @@ class TraceRecord:
         keep_days: int,
         clock: Callable[[], float] = time.time,
         flush_seconds: float = FLUSH_SECONDS,
+        sync_seconds: float = SYNC_SECONDS,
     ) -> None:
         self.directory = directory
         self.keep_days = keep_days
         self.clock = clock
         self.flush_seconds = flush_seconds
+        self.sync_seconds = sync_seconds
+        self._synced_at = time.monotonic()
+        self._unsynced = False  # written since the last sync
         self._pending: deque[tuple[date, bytes]] = deque()
         self._today: tuple[float, float, date] = (0.0, 0.0, date.min)  # [start, end) of a UTC day
         self._wake = threading.Event()
@@ -240,6 +252,8 @@ class TraceRecord:
                 stopping = self._stopping
                 try:
                     self._write_pending()
+                    if stopping or time.monotonic() - self._synced_at >= self.sync_seconds:
+                        self._sync()
                 except Exception:
                     log.failure("trace: writing the record failed")
                 if stopping:
@@ -265,7 +279,7 @@ class TraceRecord:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
+            self._unsynced = True
         except OSError as e:
             if not self._failing:
                 log.error(
@@ -280,10 +294,21 @@ class TraceRecord:
             log.info("trace: writing {path} again", path=str(self.directory / file_name(day)))
             self._failing = False
 
+    def _sync(self) -> None:
+        self._synced_at = time.monotonic()
+        if self._fd is None or not self._unsynced:
+            return
+        self._unsynced = False
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            log.error("trace: cannot sync {path}: {error}", path=str(self.directory), error=e)
+
     def _file_for(self, day: date) -> int:
         if self._fd is not None and self._open_day is not None and day <= self._open_day:
             # Events of an earlier day that arrive after midnight stay in today's file.
             return self._fd
+        self._sync()  # the day that ends, before its file is closed
         self._close()
         path = self.directory / file_name(day)
         created = not path.exists()
