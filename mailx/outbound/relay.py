@@ -1537,7 +1537,8 @@ class Outbound(service.Service):
             self._apply(envelope, r, outcome, now)
             changed = True
         if changed and not envelope.complete:
-            # A complete entry is removed next, which is durable by itself.
+            # A complete entry is removed next (if a power cut undoes that, the
+            # entry is sent again: at least once).
             yield self._save(entry)
 
     def _apply(self, envelope: Envelope, r: Recipient, outcome: _Outcome, now: float) -> None:

@@ -36,8 +36,11 @@ no entry or a whole one, and ``.tmp/`` is emptied at start-up (nothing in
 it was ever acknowledged).  A state change writes ``<id>.envelope`` the same
 way (write in ``.tmp/``, fsync, rename, fsync the directory), so a reader
 (``mailxctl queue``) never sees half a file.  Removal unlinks the entry,
-then its envelope, and fsyncs the directory; an envelope whose entry is
-gone (a crash in between) is removed at start-up.
+then its envelope; an envelope whose entry is gone (a crash in between) is
+removed at start-up.  The server's removals (the filing engine's) are not
+fsynced on their own: the next entry's fsync of the directory covers them,
+and a power cut before it brings a delivered entry back (sent again, as
+below); `Queue.remove` here, for tools, fsyncs.
 
 Delivery is at least once: a recipient is marked delivered only after the
 remote ``250``, so a crash in between sends it again after the restart.
